@@ -1,0 +1,54 @@
+"""The ``sd2mnn`` command line: a thin shell over the Python API.
+
+Each command lives in its own module with ``register(subparsers)``, which adds its parser and
+sets ``func`` to a function taking the parsed arguments and returning an exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from sd2mnn import __version__
+from sd2mnn.errors import Sd2MnnError
+
+# Module names under sd2mnn.cli, in the order `sd2mnn --help` lists them.
+COMMANDS = ["convert", "demo", "doctor"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sd2mnn",
+        description="Turn a Stable Diffusion ONNX pipeline into a verified MNN deployment bundle.",
+    )
+    parser.add_argument("--version", action="version", version=f"sd2mnn {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"sd2mnn.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except Sd2MnnError as err:
+        # One line that names the file and the fix; the traceback only with SD2MNN_DEBUG=1.
+        if os.environ.get("SD2MNN_DEBUG"):
+            raise
+        print(f"error: {err.message}", file=sys.stderr)
+        if err.detail:
+            print(err.detail.rstrip(), file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from sd2mnn.cli import main
+
+sys.exit(main())
