@@ -1,0 +1,175 @@
+"""Read what sd2mnn needs from an ONNX file without loading its weights.
+
+An SD1.5 text encoder is a 470 MB ONNX file with its weights inline, and a UNet's graph refers to
+3.4 GB of external data. We need only the graph's inputs and outputs and the external-data
+locations, so this walks the protobuf wire format and seeks past everything else: memory stays
+flat whatever the file's size. The small messages we do want (ValueInfoProto) are parsed with
+the onnx package.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd2mnn.errors import InputError
+
+# Field numbers from onnx.proto.
+_MODEL_IR_VERSION = 1
+_MODEL_GRAPH = 7
+_GRAPH_INITIALIZER = 5
+_GRAPH_INPUT = 11
+_GRAPH_OUTPUT = 12
+_TENSOR_NAME = 8
+_TENSOR_EXTERNAL_DATA = 13
+_ENTRY_KEY = 1
+_ENTRY_VALUE = 2
+
+_WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: its name, static shape (symbolic dims as strings) and dtype."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str  # numpy name: "float32", "int32", ...
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+@dataclass(frozen=True)
+class OnnxSummary:
+    path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # Every distinct external-data location, as written in the file (relative to its folder).
+    external_locations: tuple[str, ...]
+
+
+class _NotOnnx(Exception):
+    pass
+
+
+def _read_varint(stream: io.BufferedReader) -> int:
+    result, shift = 0, 0
+    while True:
+        byte = stream.read(1)
+        if not byte:
+            raise _NotOnnx("truncated varint")
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise _NotOnnx("varint too long")
+
+
+def _fields(stream: io.BufferedReader, end: int):
+    """Yield (field_number, wire_type, length_or_value) until ``end``; LEN payloads are left
+    unread at the current position, and skipped unless the caller reads them."""
+    while stream.tell() < end:
+        key = _read_varint(stream)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _NotOnnx("field number 0")
+        if wire == _WIRE_VARINT:
+            yield number, wire, _read_varint(stream)
+        elif wire == _WIRE_I64:
+            stream.seek(8, io.SEEK_CUR)
+        elif wire == _WIRE_I32:
+            stream.seek(4, io.SEEK_CUR)
+        elif wire == _WIRE_LEN:
+            length = _read_varint(stream)
+            start = stream.tell()
+            if start + length > end:
+                raise _NotOnnx("field runs past its message")
+            yield number, wire, length
+            stream.seek(start + length)
+        else:
+            raise _NotOnnx(f"wire type {wire}")
+
+
+def _read_text(stream: io.BufferedReader, length: int) -> str:
+    return stream.read(length).decode("utf-8", "replace")
+
+
+def _initializer_header(stream: io.BufferedReader, end: int) -> tuple[str, str | None]:
+    """A TensorProto's name and external-data ``location`` (None for inline tensors).
+    raw_data and the other payload fields are skipped by seeking."""
+    name, location = "", None
+    for number, wire, length in _fields(stream, end):
+        if wire != _WIRE_LEN:
+            continue
+        if number == _TENSOR_NAME:
+            name = _read_text(stream, length)
+        elif number == _TENSOR_EXTERNAL_DATA:
+            entry = {}
+            for entry_number, entry_wire, entry_length in _fields(stream, stream.tell() + length):
+                if entry_wire == _WIRE_LEN:
+                    entry[entry_number] = _read_text(stream, entry_length)
+            if entry.get(_ENTRY_KEY) == "location":
+                location = entry.get(_ENTRY_VALUE)
+    return name, location
+
+
+def _tensor_spec(raw: bytes) -> TensorSpec:
+    import onnx
+    from onnx import helper
+
+    info = onnx.ValueInfoProto.FromString(raw)
+    tensor_type = info.type.tensor_type
+    dims = tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim
+    )
+    dtype = str(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)) if tensor_type.elem_type else "?"
+    return TensorSpec(info.name, dims, dtype)
+
+
+def scan_onnx(path: Path) -> OnnxSummary:
+    """Summarize an ONNX file; raise InputError if it is not one."""
+    path = Path(path)
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    locations: dict[str, None] = {}
+    initializer_names: set[str] = set()
+    saw_graph = saw_ir_version = False
+    try:
+        with open(path, "rb") as stream:
+            size = stream.seek(0, io.SEEK_END)
+            stream.seek(0)
+            for number, wire, value in _fields(stream, size):
+                if number == _MODEL_IR_VERSION and wire == _WIRE_VARINT:
+                    saw_ir_version = True
+                if number != _MODEL_GRAPH or wire != _WIRE_LEN:
+                    continue
+                saw_graph = True
+                graph_end = stream.tell() + value
+                for g_number, g_wire, g_length in _fields(stream, graph_end):
+                    if g_wire != _WIRE_LEN:
+                        continue
+                    if g_number in (_GRAPH_INPUT, _GRAPH_OUTPUT):
+                        spec = _tensor_spec(stream.read(g_length))
+                        (inputs if g_number == _GRAPH_INPUT else outputs).append(spec)
+                    elif g_number == _GRAPH_INITIALIZER:
+                        name, location = _initializer_header(stream, stream.tell() + g_length)
+                        initializer_names.add(name)
+                        if location is not None:
+                            locations[location] = None
+    except (_NotOnnx, UnicodeDecodeError, ValueError) as err:  # ValueError: protobuf DecodeError
+        raise InputError(
+            f"{path} is not an ONNX model ({err}); point sd2mnn at the folder a diffusers -> ONNX export wrote"
+        ) from None
+    if not (saw_graph and saw_ir_version):
+        raise InputError(
+            f"{path} is not an ONNX model (no graph found); point sd2mnn at the folder a diffusers -> ONNX export wrote"
+        )
+    # Old exporters list initializers among the inputs; they are not inputs a runtime feeds.
+    inputs = [spec for spec in inputs if spec.name not in initializer_names]
+    return OnnxSummary(path, tuple(inputs), tuple(outputs), tuple(locations))
