@@ -1,0 +1,107 @@
+"""Child processes: output captured to a log at the file-descriptor level, peak memory measured
+per child (wait4's rusage), a timeout, and death with the parent so nothing outlives sd2mnn."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's cleanup must do
+        pass
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    returncode: int
+    wall_s: float
+    peak_rss_bytes: int
+    timed_out: bool
+
+
+class Child:
+    """One running child; ``poll()`` returns its result once it has ended."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        cwd: Path,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ):
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self._timed_out = False
+        self._result: ChildResult | None = None
+        with open(log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else dict(env),
+                preexec_fn=_die_with_parent,
+            )
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def poll(self) -> ChildResult | None:
+        if self._result is not None:
+            return self._result
+        if self.timeout is not None and not self._timed_out and self.elapsed > self.timeout:
+            self._timed_out = True
+            self.kill()
+        pid, status, usage = os.wait4(self._proc.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        return self._finish(status, usage)
+
+    def wait(self) -> ChildResult:
+        while (result := self.poll()) is None:
+            time.sleep(0.05)
+        return result
+
+    def _finish(self, status: int, usage) -> ChildResult:
+        code = os.waitstatus_to_exitcode(status)
+        self._proc.returncode = code  # reaped here; keep Popen from waiting again
+        # ru_maxrss is in KiB on Linux.
+        self._result = ChildResult(code, self.elapsed, usage.ru_maxrss * 1024, self._timed_out)
+        return self._result
+
+    def kill(self) -> None:
+        if self._result is not None:
+            return
+        try:
+            self._proc.kill()
+        except ProcessLookupError:
+            pass
+
+
+def run_child(argv: Sequence[str], cwd: Path, log_path: Path, env=None, timeout=None) -> ChildResult:
+    return Child(argv, cwd, log_path, env, timeout).wait()
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log, for error messages (read from the end: logs can be long)."""
+    try:
+        with open(path, "rb") as stream:
+            size = stream.seek(0, os.SEEK_END)
+            stream.seek(max(0, size - 16384))
+            text = stream.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

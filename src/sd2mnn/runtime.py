@@ -1,0 +1,134 @@
+"""Run one model on MNN or on ONNX Runtime behind the same small interface.
+
+``MnnModel`` and ``OrtModel`` take a dict of numpy arrays by input name and return a dict of
+numpy arrays by output name, so verification, generation and benchmarks compare runtimes
+without caring which is which. Both import their runtime lazily.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from sd2mnn.errors import InputError
+
+PRECISIONS = ("high", "normal", "low")
+MEMORY_MODES = ("low", "normal", "high")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How MNN runs a model. MNN's SD runtime itself uses CPU, 4 threads, low precision/memory."""
+
+    backend: str = "CPU"
+    threads: int = 2
+    precision: str = "high"
+    memory: str = "normal"
+    # A file where MNN keeps its backend's compiled kernels/tuning between runs (OpenCL, etc.).
+    cache_file: str | None = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.memory not in MEMORY_MODES:
+            raise InputError(f"memory mode {self.memory!r} is not one of {', '.join(MEMORY_MODES)}")
+        if self.threads < 1:
+            raise InputError(f"threads must be at least 1, got {self.threads}")
+
+
+def _mnn_dtype(F, dtype: np.dtype):
+    if dtype == np.float32:
+        return F.float
+    if dtype == np.int32:
+        return F.int
+    raise InputError(f"MNN inputs must be float32 or int32, got {dtype}")
+
+
+class MnnModel:
+    """A loaded ``.mnn`` module with fixed input and output names."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        config: RuntimeConfig = RuntimeConfig(),
+        shape_mutable: bool = False,
+    ):
+        import MNN.nn as nn
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path} is missing; convert the bundle first (sd2mnn convert)")
+        weight = self.path.with_name(self.path.name + ".weight")
+        if not weight.is_file():
+            # MNN loads a model whose external weights are missing and computes garbage.
+            raise InputError(f"{weight} is missing; reconvert {self.path.name} (sd2mnn convert --force)")
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        runtime_config = {
+            "backend": config.backend,
+            "numThread": config.threads,
+            "precision": config.precision,
+            "memory": config.memory,
+        }
+        self._runtime = nn.create_runtime_manager((runtime_config,))
+        if config.cache_file:
+            self._runtime.set_cache(str(config.cache_file))
+        try:
+            self._module = nn.load_module_from_file(
+                str(self.path),
+                self.input_names,
+                self.output_names,
+                runtime_manager=self._runtime,
+                shape_mutable=shape_mutable,
+            )
+        except Exception as err:  # MNN raises SystemError with its own text on stderr
+            raise InputError(
+                f"MNN could not load {self.path} with inputs {self.input_names} and outputs "
+                f"{self.output_names} ({err}); reconvert it, or check it with sd2mnn verify"
+            ) from None
+        if self._module is None:
+            raise InputError(f"MNN could not load {self.path}; reconvert it (sd2mnn convert --force)")
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import MNN.expr as F
+
+        args = []
+        for name in self.input_names:
+            array = np.ascontiguousarray(feeds[name])
+            if array.dtype == np.int64:
+                array = array.astype(np.int32)  # MNN refuses int64 inputs
+            args.append(F.const(array, list(array.shape), F.NCHW, _mnn_dtype(F, array.dtype)))
+        outputs = self._module.forward(args)
+        result = {}
+        for name, value in zip(self.output_names, outputs):
+            value = F.convert(value, F.NCHW)
+            result[name] = np.array(value.read(), copy=True)
+        return result
+
+
+class OrtModel:
+    """An ONNX Runtime session on one ``model.onnx``, single-threaded by default like MNN's."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 2):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:
+            raise InputError(f"ONNX Runtime could not load {self.path} ({err}); re-export it") from None
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))
