@@ -1,0 +1,357 @@
+"""``sd2mnn.convert``: an ONNX pipeline folder to an MNN bundle, checked, atomically.
+
+plan (what to convert, reuse or resume) -> run (child converters, each output loaded in MNN)
+-> commit (files into place, manifest last) -> report. See bundle.py for the on-disk protocol.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sd2mnn import __version__
+from sd2mnn.bundle import BundleDir
+from sd2mnn.children import Child, ChildResult, log_tail
+from sd2mnn.converter import Converter, find_converter
+from sd2mnn.errors import ConversionError, ConversionTimeoutError, DiskSpaceError, InputError
+from sd2mnn.layout import LOGS_DIR, MTOK_NAME, open_onnx_pipeline, parse_components
+from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
+from sd2mnn.onnx_scan import TensorSpec
+from sd2mnn.plan import (
+    OUTPUT_PER_SOURCE_BYTE,
+    ComponentJob,
+    ConversionPlan,
+    ConvertOptions,
+    converter_argv,
+    converter_identity,
+    default_jobs,
+    expected_peak,
+    plan_conversion,
+)
+from sd2mnn.progress import NullProgress, Progress
+
+
+@dataclass(frozen=True)
+class ComponentOutcome:
+    name: str
+    status: str  # "converted", "reused" (already in the bundle) or "resumed" (from an interrupted run)
+    reason: str  # why it was converted, or why not
+    record: ComponentRecord
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "status": self.status, "reason": self.reason, **self.record.to_dict()}
+
+
+@dataclass
+class ConversionReport:
+    onnx_dir: Path
+    mnn_dir: Path
+    converter: dict
+    flags: list[str]
+    jobs: int
+    components: list[ComponentOutcome]
+    wall_s: float
+    manifest_path: Path
+    verification: object | None = None  # a VerificationReport with --verify
+    files: list[FileRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "onnx_dir": str(self.onnx_dir),
+            "mnn_dir": str(self.mnn_dir),
+            "converter": self.converter,
+            "flags": self.flags,
+            "jobs": self.jobs,
+            "wall_s": round(self.wall_s, 3),
+            "manifest": str(self.manifest_path),
+            "components": [c.to_dict() for c in self.components],
+            "files": [{"path": f.path, "size": f.size} for f in self.files],
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+        }
+
+
+def convert(
+    onnx_dir: str | os.PathLike,
+    mnn_dir: str | os.PathLike,
+    options: ConvertOptions | None = None,
+    progress: Progress | None = None,
+    **overrides,
+) -> ConversionReport:
+    """Convert the ONNX pipeline in ``onnx_dir`` into an MNN bundle in ``mnn_dir``.
+
+    Options come as a ``ConvertOptions`` or as its fields by keyword
+    (``convert(src, dst, weight_quant_bits=8)``). Raises an ``Sd2MnnError`` subclass on bad
+    input or a failed conversion, leaving ``mnn_dir`` as it was.
+    """
+    if "components" in overrides:
+        overrides["components"] = parse_components(overrides["components"])
+    options = replace(options or ConvertOptions(), **overrides)
+    progress = progress or NullProgress()
+    started = time.monotonic()
+
+    onnx = open_onnx_pipeline(onnx_dir, options.components)
+    converter = find_converter(options.converter)
+    mnn_path = Path(mnn_dir)
+    previous = read_manifest(mnn_path / "manifest.json")
+    if mnn_path.resolve() == onnx.root.resolve():
+        raise InputError(f"{mnn_path} is the ONNX folder itself; write the bundle to another folder")
+
+    with BundleDir(mnn_path) as bundle:
+        plan = plan_conversion(onnx, mnn_path, converter, options, previous, bundle.pending())
+        _check_disk_space(plan, bundle)
+        jobs = options.jobs or default_jobs([expected_peak(j) for j in plan.to_convert])
+        for name in plan.reused:
+            progress.update(name, "reused", "up to date")
+        for name in plan.resumed:
+            progress.update(name, "resumed", "finished by an earlier run")
+        for job in plan.to_convert:
+            progress.update(job.name, "waiting", job.reason)
+        finished = _run_jobs(plan, bundle, jobs, progress)
+        staged, records = _stage_components(plan, bundle, finished)
+        tokenizer_files = _stage_tokenizer(plan, bundle, staged)
+        manifest = _next_manifest(plan, records, tokenizer_files)
+        bundle.commit(staged, manifest)
+    progress.close()
+
+    outcomes = [
+        ComponentOutcome(name, "reused", "up to date", rec) for name, rec in plan.reused.items()
+    ] + [
+        ComponentOutcome(name, "resumed", "finished by an earlier run", rec) for name, rec in plan.resumed.items()
+    ] + [
+        ComponentOutcome(job.name, "converted", job.reason, manifest.components[job.name]) for job in plan.to_convert
+    ]
+    order = list(options.components)
+    outcomes.sort(key=lambda o: order.index(o.name))
+    report = ConversionReport(
+        onnx_dir=onnx.root,
+        mnn_dir=mnn_path,
+        converter=converter.describe(),
+        flags=list(plan.flags),
+        jobs=jobs,
+        components=outcomes,
+        wall_s=time.monotonic() - started,
+        manifest_path=mnn_path / "manifest.json",
+        files=_bundle_files(mnn_path, manifest),
+    )
+    if options.verify:
+        from sd2mnn.verification import verify_after_convert
+
+        report.verification = verify_after_convert(onnx.root, mnn_path, options.components, progress)
+    return report
+
+
+# -- running the converters ------------------------------------------------------------------
+
+
+@dataclass
+class _Running:
+    """A component being converted, then loaded back (two children in turn)."""
+
+    job: ComponentJob
+    scratch: Path
+    log: Path
+    peak: int
+    child: Child
+    phase: str = "converting"
+    convert_result: ChildResult | None = None
+
+    @property
+    def output(self) -> Path:
+        return self.scratch / self.job.source.spec.mnn_name
+
+
+def _env_for_children() -> dict[str, str]:
+    env = dict(os.environ)
+    # The converter child must import sd2mnn even when it runs from a source checkout.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict) -> _Running:
+    scratch = bundle.new_scratch(job.name)
+    log = scratch / f"{job.name}.log"
+    output = scratch / job.source.spec.mnn_name
+    argv = plan.converter.argv(converter_argv(job.source.model, output, plan.flags))
+    log.write_text(f"$ {' '.join(argv)}\n")
+    # cwd=scratch: the converter drops .__convert_external_data.bin in its working directory.
+    child = Child(argv, scratch, log, env=env, timeout=plan.options.timeout)
+    return _Running(job, scratch, log, expected_peak(job), child)
+
+
+def _probe(running: _Running, plan: ConversionPlan, env: dict) -> Child:
+    spec = running.job.source.spec
+    argv = [
+        sys.executable, "-m", "sd2mnn._probe", str(running.output), str(running.scratch / "probe.json"),
+        "--inputs", ",".join(spec.inputs), "--outputs", ",".join(spec.outputs),
+    ]
+    return Child(argv, running.scratch, running.log, env=env, timeout=plan.options.timeout)
+
+
+def _failure(running: _Running, result: ChildResult, what: str) -> ConversionError:
+    name = running.job.name
+    tail = log_tail(running.log)
+    if result.timed_out:
+        return ConversionTimeoutError(
+            f"{name}: the {what} ran past --timeout {running.child.timeout:g}s and was killed; "
+            "raise --timeout or convert it alone with --components",
+            tail,
+        )
+    return ConversionError(
+        f"{name}: {running.job.source.model} did not convert ({what} failed); "
+        "see the converter output below, fix the model or the flags, and run again",
+        tail,
+    )
+
+
+def _run_jobs(plan: ConversionPlan, bundle: BundleDir, jobs: int, progress: Progress) -> dict[str, ComponentRecord]:
+    """Convert and load-check every job, ``jobs`` at a time within the memory budget; park each
+    finished component in the bundle's pending area. Returns name -> record."""
+    import psutil
+
+    env = _env_for_children()
+    queue = sorted(plan.to_convert, key=expected_peak, reverse=True)  # longest first overlaps best
+    budget = int(psutil.virtual_memory().available * 0.9)
+    running: list[_Running] = []
+    finished: dict[str, ComponentRecord] = {}
+    try:
+        while queue or running:
+            in_use = sum(r.peak for r in running)
+            while queue and len(running) < jobs and (not running or in_use + expected_peak(queue[0]) <= budget):
+                job = queue.pop(0)
+                running.append(_start(job, plan, bundle, env))
+                in_use += running[-1].peak
+                progress.update(job.name, "converting", job.reason)
+            for item in list(running):
+                result = item.child.poll()
+                if result is None:
+                    continue
+                if item.phase == "converting":
+                    item.convert_result = result
+                    if result.returncode != 0 or result.timed_out or not item.output.exists():
+                        raise _failure(item, result, "converter")
+                    item.phase, item.child = "loading", _probe(item, plan, env)
+                    progress.update(item.job.name, "loading", "checking the model loads in MNN")
+                    continue
+                running.remove(item)
+                if result.returncode != 0 or result.timed_out:
+                    raise _failure(item, result, "load check")
+                record = _record(item, plan)
+                bundle.park(record, item.scratch)
+                finished[record.name] = record
+                progress.update(item.job.name, "done", f"peak {record.peak_rss_bytes / 2**30:.2f} GiB")
+            progress.tick()
+            if running:
+                time.sleep(0.1)
+    except BaseException as err:
+        for item in running:
+            item.child.kill()
+            item.child.wait()
+            progress.update(item.job.name, "failed" if isinstance(err, ConversionError) and err.message.startswith(item.job.name + ":") else "cancelled")
+        for job in queue:
+            progress.update(job.name, "cancelled")
+        progress.close()
+        raise
+    return finished
+
+
+def _record(item: _Running, plan: ConversionPlan) -> ComponentRecord:
+    probe = json.loads((item.scratch / "probe.json").read_text())
+    (item.scratch / "probe.json").unlink()
+    spec = item.job.source.spec
+    outputs = tuple(
+        FileRecord.of(item.scratch / name, item.scratch)
+        for name in (spec.mnn_name, spec.weight_name)
+    )
+    converted = item.convert_result
+    return ComponentRecord(
+        name=spec.name,
+        flags=plan.flags,
+        converter=converter_identity(plan.converter),
+        sources=item.job.sources,
+        outputs=outputs,
+        inputs=tuple(TensorSpec.from_dict(t) for t in probe["inputs"]),
+        output_tensors=tuple(TensorSpec.from_dict(t) for t in probe["outputs"]),
+        wall_s=round(converted.wall_s, 3),
+        peak_rss_bytes=converted.peak_rss_bytes,
+    )
+
+
+# -- staging the commit ----------------------------------------------------------------------
+
+
+def _stage_components(
+    plan: ConversionPlan, bundle: BundleDir, finished: dict[str, ComponentRecord]
+) -> tuple[dict[str, Path], dict[str, ComponentRecord]]:
+    """Bundle-relative name -> staged file, for every converted or resumed component."""
+    staged: dict[str, Path] = {}
+    records = dict(plan.resumed)
+    records.update(finished)
+    pending = bundle.pending()
+    for name, record in records.items():
+        _, folder = pending[name]
+        for output in record.outputs:
+            staged[output.path] = folder / output.path
+        staged[f"{LOGS_DIR}/{name}.log"] = folder / f"{name}.log"
+        # The files keep their mtime through the renames, so the records stay exact.
+    return staged, records
+
+
+def _stage_tokenizer(plan: ConversionPlan, bundle: BundleDir, staged: dict[str, Path]) -> tuple[FileRecord, ...]:
+    """Copy the tokenizer files and write tokenizer.mtok into a scratch folder; stage the ones
+    whose content differs from the bundle's."""
+    from sd2mnn.mtok import write_mtok
+
+    scratch = bundle.new_scratch("tokenizer")
+    for item in sorted(plan.onnx.tokenizer_dir.iterdir()):
+        if item.is_file():
+            shutil.copy2(item, scratch / item.name)
+    write_mtok(plan.onnx.tokenizer_dir, scratch / MTOK_NAME)
+    known = {f.path: f for f in plan.previous.tokenizer} if plan.previous else {}
+    records = []
+    for path in sorted(scratch.iterdir()):
+        record = FileRecord.of(path, scratch)
+        old = known.get(record.path)
+        if old is not None and old.sha256 == record.sha256 and old.is_intact(plan.mnn_dir):
+            records.append(old)  # unchanged: leave the bundle's file (and its mtime) alone
+        else:
+            staged[record.path] = path
+            records.append(record)
+    return tuple(records)
+
+
+def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], tokenizer: tuple[FileRecord, ...]) -> Manifest:
+    components = dict(plan.previous.components) if plan.previous else {}
+    components.update(plan.reused)
+    components.update(records)
+    return Manifest(
+        sd2mnn_version=__version__,
+        converter=plan.converter.describe(),
+        converter_flags=list(plan.flags),
+        onnx_dir=str(plan.onnx.root.resolve()),
+        components=components,
+        tokenizer=tokenizer,
+    )
+
+
+def _bundle_files(root: Path, manifest: Manifest) -> list[FileRecord]:
+    files = [f for rec in manifest.components.values() for f in rec.outputs]
+    files += list(manifest.tokenizer)
+    return sorted(files, key=lambda f: f.path)
+
+
+def _check_disk_space(plan: ConversionPlan, bundle: BundleDir) -> None:
+    """Refuse to start when the outputs cannot fit next to the bundle's current files."""
+    needed = sum(int(sum(f.size for f in job.sources) * OUTPUT_PER_SOURCE_BYTE) for job in plan.to_convert)
+    if not needed:
+        return
+    free = shutil.disk_usage(bundle.root).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"{bundle.root} has {free / 2**30:.2f} GiB free but the conversion needs about "
+            f"{needed / 2**30:.2f} GiB; free {(needed - free) / 2**30:.2f} GiB or choose another folder"
+        )

@@ -1,0 +1,147 @@
+"""The bundle's ``manifest.json``: what was converted, from what, how, and with what result.
+
+It is also the memory of incremental conversion: a component is reused only when its recorded
+sources, flags and converter equal the current ones and its outputs are intact. Files whose size
+and modification time are unchanged keep their recorded sha256, so deciding to skip never
+re-hashes gigabytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from sd2mnn.errors import InputError
+from sd2mnn.onnx_scan import TensorSpec
+
+MANIFEST_FORMAT = 1
+_CHUNK = 8 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str  # relative to the folder it lives in (ONNX_DIR for sources, the bundle for outputs)
+    size: int
+    sha256: str
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path, root: Path, known: "FileRecord | None" = None) -> "FileRecord":
+        """Describe ``path``; reuse ``known``'s hash when size and mtime say it is the same file."""
+        stat = path.stat()
+        rel = path.relative_to(root).as_posix()
+        if known is not None and known.size == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
+            return replace(known, path=rel)
+        return cls(rel, stat.st_size, sha256_file(path), stat.st_mtime_ns)
+
+    def is_intact(self, root: Path) -> bool:
+        """The file at ``root/path`` still has this content (hashing only if size/mtime moved)."""
+        path = root / self.path
+        try:
+            stat = path.stat()
+        except OSError:
+            return False
+        if stat.st_size != self.size:
+            return False
+        return stat.st_mtime_ns == self.mtime_ns or sha256_file(path) == self.sha256
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    name: str
+    flags: tuple[str, ...]
+    converter: dict  # kind, path, version
+    sources: tuple[FileRecord, ...]
+    outputs: tuple[FileRecord, ...]
+    inputs: tuple[TensorSpec, ...]
+    output_tensors: tuple[TensorSpec, ...]
+    wall_s: float
+    peak_rss_bytes: int
+    verification: dict | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["inputs"] = [t.to_dict() for t in self.inputs]
+        data["output_tensors"] = [t.to_dict() for t in self.output_tensors]
+        data["flags"] = list(self.flags)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ComponentRecord":
+        return cls(
+            name=data["name"],
+            flags=tuple(data["flags"]),
+            converter=dict(data["converter"]),
+            sources=tuple(FileRecord(**f) for f in data["sources"]),
+            outputs=tuple(FileRecord(**f) for f in data["outputs"]),
+            inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            output_tensors=tuple(TensorSpec.from_dict(t) for t in data["output_tensors"]),
+            wall_s=float(data["wall_s"]),
+            peak_rss_bytes=int(data["peak_rss_bytes"]),
+            verification=data.get("verification"),
+        )
+
+
+@dataclass
+class Manifest:
+    sd2mnn_version: str
+    converter: dict
+    converter_flags: list[str]
+    onnx_dir: str
+    components: dict[str, ComponentRecord] = field(default_factory=dict)
+    tokenizer: tuple[FileRecord, ...] = ()
+    format: int = MANIFEST_FORMAT
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "sd2mnn_version": self.sd2mnn_version,
+            "converter": self.converter,
+            "converter_flags": self.converter_flags,
+            "onnx_dir": self.onnx_dir,
+            "components": {name: rec.to_dict() for name, rec in self.components.items()},
+            "tokenizer": [asdict(f) for f in self.tokenizer],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        return cls(
+            sd2mnn_version=data["sd2mnn_version"],
+            converter=data["converter"],
+            converter_flags=list(data["converter_flags"]),
+            onnx_dir=data["onnx_dir"],
+            components={n: ComponentRecord.from_dict(r) for n, r in data["components"].items()},
+            tokenizer=tuple(FileRecord(**f) for f in data.get("tokenizer", [])),
+            format=data.get("format", MANIFEST_FORMAT),
+        )
+
+    def write(self, path: Path) -> None:
+        """Write atomically: a temp file beside the target, then one rename."""
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def read_manifest(path: Path) -> Manifest | None:
+    """The manifest at ``path``, or None when there is none."""
+    if not path.exists():
+        return None
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(
+            f"{path} is not a manifest sd2mnn can read ({err}); delete it to rebuild the bundle from scratch"
+        ) from None
