@@ -1,0 +1,72 @@
+"""Shared fixtures: the tiny demo ONNX pipeline (real SD architecture, seeded random weights)
+and bundles converted from it by the real converter, built once per test session."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sd2mnn.demo import demo_pipeline_dir
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (hidden ones included) -> sha256; folders as "dir"."""
+    state = {}
+    if not root.exists():
+        return state
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir():
+            state[rel] = "dir"
+        else:
+            state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+@pytest.fixture(scope="session")
+def demo_onnx() -> Path:
+    return demo_pipeline_dir()
+
+
+@pytest.fixture
+def onnx_copy(demo_onnx, tmp_path) -> Path:
+    """A private, writable copy of the demo ONNX pipeline."""
+    target = tmp_path / "onnx"
+    shutil.copytree(demo_onnx, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(demo_onnx, tmp_path_factory) -> Path:
+    """The demo pipeline converted at fp32 (all four components). Do not modify it."""
+    import sd2mnn
+
+    out = tmp_path_factory.mktemp("fp32") / "bundle"
+    sd2mnn.convert(demo_onnx, out, components=["text_encoder", "unet", "vae_decoder", "vae_encoder"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def w8_bundle(demo_onnx, tmp_path_factory) -> Path:
+    """The demo pipeline converted with 8-bit weights. Do not modify it."""
+    import sd2mnn
+
+    out = tmp_path_factory.mktemp("w8") / "bundle"
+    sd2mnn.convert(demo_onnx, out, weight_quant_bits=8)
+    return out
+
+
+@pytest.fixture
+def bundle_copy(fp32_bundle, tmp_path) -> Path:
+    """A private, writable copy of the fp32 bundle."""
+    target = tmp_path / "bundle"
+    shutil.copytree(fp32_bundle, target)
+    return target
+
+
+@pytest.fixture(autouse=True)
+def _package_converter(monkeypatch):
+    # Tests use the MNN package's converter, whatever the developer has in $MNNCONVERT.
+    monkeypatch.delenv("MNNCONVERT", raising=False)
