@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
+import shlex
 import sys
 
 from sd2mnn import __version__
 from sd2mnn.errors import Sd2MnnError
 
 # Module names under sd2mnn.cli, in the order `sd2mnn --help` lists them.
-COMMANDS = ["convert", "demo", "doctor"]
+COMMANDS = ["convert", "verify", "demo", "doctor", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,9 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A raw MNNConvert flag given unquoted (camelCase, e.g. --weightQuantBits=8): commands that take
+# EXTRA converter flags accept these; kebab-case typos of sd2mnn's own flags still fail.
+_CONVERTER_FLAG = re.compile(r"^--?[A-Za-z][A-Za-z0-9]*(=.*)?$")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if hasattr(args, "extra") and all(_CONVERTER_FLAG.match(u) for u in unknown):
+            args.extra = " ".join(filter(None, [args.extra, *map(shlex.quote, unknown)]))
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
