@@ -304,3 +304,9 @@ def test_non_executable_converter_path(tmp_path):
         find_converter(script)
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     assert find_converter(script).kind == "executable"
+
+
+def test_relative_output_folder(demo_onnx, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["convert", str(demo_onnx), "rel/bundle", "--components", "vae_decoder", "-q"]) == 0
+    assert (tmp_path / "rel" / "bundle" / "vae_decoder.mnn.weight").stat().st_size > 0

@@ -37,6 +37,10 @@ class BundleDir:
     created: bool = False  # the run made the folder: remove it again if nothing lands
     _lock_fd: int | None = field(default=None, repr=False)
 
+    def __post_init__(self):
+        # Children run in scratch folders: every path handed to them must be absolute.
+        self.root = Path(self.root).absolute()
+
     @property
     def work_area(self) -> Path:
         return self.root / WORK_AREA
