@@ -1,0 +1,119 @@
+"""Run one model on one runtime over a list of feeds: load, run them all, free.
+
+``run_pass`` does it in this process or, with ``isolate``, in a child
+(``python -m sd2mnn._verify_pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS``): ONNX
+Runtime does not give a multi-GB model's memory back, and a child's ends with it. Feeds and
+outputs travel as .npz files; the child's peak memory comes from wait4.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sd2mnn.errors import Sd2MnnError
+
+
+@dataclass
+class RunStats:
+    runtime: str  # "onnxruntime" or "mnn"
+    wall_s: float
+    peak_rss_bytes: int | None  # of the child process; None when run in-process
+    isolated: bool
+
+
+class PassError(Exception):
+    """A runtime could not load or run a model."""
+
+
+def _load(runtime: str, model: Path, inputs: list[str], outputs: list[str], threads: int):
+    from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
+
+    if runtime == "onnxruntime":
+        return OrtModel(model, threads=threads)
+    return MnnModel(model, inputs, outputs, RuntimeConfig(threads=threads, precision="high"))
+
+
+@contextlib.contextmanager
+def _stdout_to_devnull():
+    """MNN's C++ code prints to file descriptor 1; keep it off a stdout that may carry JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _run_in_process(runtime, model, inputs, outputs, feeds, threads, quiet=True) -> list[dict[str, np.ndarray]]:
+    try:
+        with _stdout_to_devnull() if quiet else contextlib.nullcontext():
+            loaded = _load(runtime, model, inputs, outputs, threads)
+            results = [{k: v for k, v in loaded.run(f).items() if k in outputs} for f in feeds]
+    except Sd2MnnError as err:
+        raise PassError(err.message) from None
+    except Exception as err:  # MNN and ONNX Runtime raise plain exceptions for bad models
+        raise PassError(f"{model.name}: {err}") from None
+    del loaded
+    gc.collect()  # free this runtime's copy before the other one loads
+    return results
+
+
+def _run_in_child(runtime, model, inputs, outputs, feeds, threads, workdir: Path):
+    from sd2mnn.children import log_tail, run_child
+    from sd2mnn.contract import child_env
+
+    feeds_path, out_path, log = workdir / f"{runtime}-in.npz", workdir / f"{runtime}-out.npz", workdir / f"{runtime}.log"
+    np.savez(feeds_path, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
+    argv = [sys.executable, "-m", "sd2mnn._verify_pass", runtime, str(model.resolve()), str(feeds_path),
+            str(out_path), ",".join(inputs), ",".join(outputs), str(threads)]
+    result = run_child(argv, workdir, log, env=child_env())
+    if result.returncode != 0 or not out_path.is_file():
+        tail = log_tail(log, 4).strip() or f"exit status {result.returncode}"
+        raise PassError(f"{model.name}: {tail}")
+    with np.load(out_path) as data:
+        outs = [{k: data[f"{i}/{k}"] for k in outputs} for i in range(len(feeds))]
+    feeds_path.unlink()
+    out_path.unlink()
+    return outs, result.peak_rss_bytes
+
+
+def run_pass(runtime: str, model: Path, inputs: list[str], outputs: list[str], feeds: list[dict],
+             threads: int, isolate: bool, workdir: Path) -> tuple[list[dict[str, np.ndarray]], RunStats]:
+    """Load ``model`` in ``runtime`` ("onnxruntime" or "mnn"), run every feed, free it."""
+    started = time.monotonic()
+    if isolate:
+        results, peak = _run_in_child(runtime, model, inputs, outputs, feeds, threads, workdir)
+    else:
+        results, peak = _run_in_process(runtime, model, inputs, outputs, feeds, threads), None
+    return results, RunStats(runtime, round(time.monotonic() - started, 3), peak, isolate)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m sd2mnn._verify_pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS``."""
+    runtime, model, feeds_path, out_path, inputs, outputs, threads = argv
+    inputs, outputs = inputs.split(","), outputs.split(",")
+    with np.load(feeds_path) as data:
+        count = len({k.split("/")[0] for k in data.files})
+        feeds = [{n: data[f"{i}/{n}"] for n in inputs} for i in range(count)]
+    try:
+        results = _run_in_process(runtime, Path(model), inputs, outputs, feeds, int(threads), quiet=False)
+    except PassError as err:
+        print(err, file=sys.stderr)
+        return 1
+    np.savez(out_path, **{f"{i}/{k}": v for i, r in enumerate(results) for k, v in r.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

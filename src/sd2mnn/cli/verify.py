@@ -1,0 +1,133 @@
+"""sd2mnn verify ONNX_DIR MNN_DIR: compare a bundle with its ONNX pipeline and check the runtime contract."""
+from __future__ import annotations
+
+import argparse
+
+from sd2mnn.cli._common import print_json, table, terminate_as_interrupt
+from sd2mnn.errors import InputError, VerificationError
+from sd2mnn.layout import COMPONENTS
+from sd2mnn.progress import make_progress
+from sd2mnn.verification import DEFAULT_THRESHOLDS, VerificationReport, verify
+
+
+def _defaults_text() -> str:
+    lines = ["default thresholds (every output of the component must meet both):"]
+    for kind, label in (("fp32", "fp32 bundles"), ("quantized", "quantized (--weightQuantBits, --fp16, --hqq)")):
+        lines.append(f"  {label}:")
+        for name, limits in DEFAULT_THRESHOLDS[kind].items():
+            lines.append(f"    {name:<13} PSNR >= {limits.min_psnr:g} dB, cosine >= {limits.min_cosine:g}")
+    return "\n".join(lines)
+
+
+EPILOG = f"""metrics, per output, worst over the inputs: max and mean absolute error, cosine similarity,
+PSNR in dB against the ONNX output's peak-to-peak range (max - min).
+
+{_defaults_text()}
+
+examples:
+  sd2mnn verify onnx/ mnn/
+  sd2mnn verify onnx/ mnn/ --components unet --min-psnr unet=40 --json
+  sd2mnn verify onnx/ mnn/ --report out/        writes out/vae_decoder.png and out/verification.json
+"""
+
+
+def _threshold(text: str) -> tuple[str, float]:
+    """ "30" (every component) or "unet=30" -> (component or "*", value)."""
+    name, _, value = text.rpartition("=")
+    name = name or "*"
+    if name != "*" and name not in COMPONENTS:
+        raise argparse.ArgumentTypeError(f"unknown component {name!r}; choose from {', '.join(COMPONENTS)}")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="compare an MNN bundle with its ONNX pipeline and check it against MNN's runtime",
+        description="Run each component on ONNX Runtime and on MNN with the same realistic inputs, compare every "
+        "output, and check that the bundle has the files, tensor names, dtypes and shapes MNN's Stable "
+        "Diffusion runtime loads. Exits 1 when a check fails, naming the component and the metric.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("onnx_dir", metavar="ONNX_DIR", help="the ONNX pipeline folder the bundle was converted from")
+    parser.add_argument("mnn_dir", metavar="MNN_DIR", help="the MNN bundle folder")
+    parser.add_argument("--components", help="comma-separated subset (default: every component in both folders)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
+    limits = parser.add_argument_group("thresholds (repeatable; COMPONENT= limits it to one component)")
+    limits.add_argument("--min-psnr", type=_threshold, action="append", default=[], metavar="[COMPONENT=]DB",
+                        help="lowest PSNR that passes")
+    limits.add_argument("--min-cosine", type=_threshold, action="append", default=[], metavar="[COMPONENT=]X",
+                        help="lowest cosine similarity that passes")
+    out = parser.add_argument_group("output")
+    out.add_argument("--report", metavar="DIR", help="write vae_decoder.png (ONNX | MNN | error map) and verification.json here")
+    out.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    out.add_argument("--quiet", "-q", action="store_true", help="no progress, no table")
+    out.add_argument("--threads", type=int, metavar="N", help="threads per runtime (default: up to 4)")
+    parser.set_defaults(func=run_command)
+
+
+def thresholds_from_args(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    overrides: dict[str, dict[str, float]] = {}
+    for key, pairs in (("min_psnr", args.min_psnr), ("min_cosine", args.min_cosine)):
+        for name, value in pairs:
+            overrides.setdefault(name, {})[key] = value
+    return overrides
+
+
+def _g(value: float | None, spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def print_verification(report: VerificationReport) -> None:
+    rows = []
+    for c in report.components:
+        limits = f">={c.thresholds.min_psnr:g} dB, >={c.thresholds.min_cosine:g}"
+        kind = "quantized" if c.quantized else "fp32"
+        if not c.outputs:
+            rows.append([c.name, "-", kind, "-", "-", "-", "-", limits, "FAIL"])
+        for o in c.outputs:
+            verdict = "FAIL" if o.failures(c.thresholds) else "pass"
+            rows.append([c.name, o.name, kind, _g(o.max_abs, ".2e"), _g(o.mean_abs, ".2e"), _g(o.cosine, ".7f"),
+                         _g(o.psnr, ".1f"), limits, verdict])
+    print(table(["component", "output", "weights", "max abs", "mean abs", "cosine", "PSNR dB", "pass if", "result"], rows))
+    if report.contract:
+        print("\nruntime contract (what MNN's Stable Diffusion runtime loads):")
+        for issue in report.contract:
+            print(f"  - {issue.message}")
+    errors = [c for c in report.components if c.error]
+    for c in errors:
+        print(f"\n{c.name}: {c.error}")
+    files = "".join(f"\nwrote {p}" for p in report.report_files)
+    if report.passed:
+        print(f"\nPASS: {len(report.components)} component(s) match ONNX Runtime and meet the runtime contract"
+              f" (seed {report.seed}, {report.wall_s:.1f}s){files}")
+    else:
+        print(f"\nFAIL: {len(report.failures)} problem(s) (seed {report.seed}, {report.wall_s:.1f}s){files}")
+
+
+def failure_message(report: VerificationReport) -> str:
+    failures = report.failures or ["no output was compared"]
+    more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+    return "verification failed: " + "; ".join(failures[:3]) + more
+
+
+def run_command(args: argparse.Namespace) -> int:
+    terminate_as_interrupt()
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    progress = make_progress(quiet=args.quiet or args.json)
+    report = verify(args.onnx_dir, args.mnn_dir, components=args.components, seed=args.seed,
+                    thresholds=thresholds_from_args(args), report_dir=args.report, progress=progress, threads=args.threads)
+    progress.close()
+    if args.json:
+        print_json(report.to_dict())
+    elif not args.quiet:
+        print()
+        print_verification(report)
+    if not report.passed:
+        raise VerificationError(failure_message(report))
+    return 0

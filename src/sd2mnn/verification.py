@@ -1,0 +1,451 @@
+"""``sd2mnn.verification``: does the MNN bundle compute what the ONNX pipeline computes?
+
+For each component in both folders, deterministic inputs that look like the runtime's own are run
+through ONNX Runtime (the reference) and MNN, and every output is compared:
+
+    max_abs   max |mnn - ref|                 mean_abs  mean |mnn - ref|
+    cosine    <mnn, ref> / (|mnn| |ref|)      psnr      10 log10(ptp(ref)^2 / mean((mnn - ref)^2)) dB
+
+PSNR's peak is the reference's peak-to-peak range (max - min), so it means the same for an image
+in [-1, 1] and for a text embedding with outliers near 30; identical outputs read 200 dB (capped).
+Over several inputs per component the worst case counts: the highest max_abs, the lowest cosine
+and PSNR, the mean of mean_abs.
+
+The inputs (sd2mnn.verify_inputs; ``seed`` picks the random ones) look like the runtime's own:
+prompts through the pipeline's tokenizer, unet latents ~N(0,1) at timesteps over 999..1 with the
+ONNX text encoder's real embeddings, decoder latents ~N(0,1) / 0.18215, images in [-1, 1].
+
+A component passes when every output has PSNR >= min_psnr and cosine >= min_cosine. The defaults
+(DEFAULT_THRESHOLDS) are stricter for fp32 bundles than for quantized ones (flags
+--weightQuantBits, --fp16 or --hqq in the manifest; without a manifest, weights smaller than 3/4 of
+the ONNX model's). The bundle must also meet the runtime contract (sd2mnn.contract).
+
+MNN runs on the CPU at precision "high" (fp32 arithmetic): this checks the conversion, not the
+device's low-precision kernels (MNN's SD runtime itself asks for Precision_Low).
+
+Memory: one runtime holds one model at a time: load, run all inputs, free. Components whose ONNX
+files exceed ISOLATE_ABOVE_BYTES run each pass in a child process (sd2mnn._verify_pass), because
+ONNX Runtime does not give memory back; the parent only ever holds inputs and outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from sd2mnn import __version__
+from sd2mnn._verify_pass import PassError, RunStats, run_pass
+from sd2mnn.bundle import BundleDir
+from sd2mnn.contract import RUNTIME_COMPONENTS, ContractIssue, check_contract
+from sd2mnn.errors import InputError
+from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, load_component, parse_components
+from sd2mnn.manifest import read_manifest
+from sd2mnn.progress import NullProgress, Progress
+from sd2mnn.verify_inputs import build_inputs, prompt_ids, static_shape
+
+PSNR_CAP = 200.0
+ISOLATE_ABOVE_BYTES = 64 << 20
+_QUANT_FLAGS = ("--weightQuantBits", "--fp16", "--hqq")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail limits for every output of one component."""
+
+    min_psnr: float  # dB, against the reference's peak-to-peak range
+    min_cosine: float
+
+
+# A cosine c means a relative RMS error of about sqrt(2 (1 - c)): 0.99999 -> 0.45%, 0.995 -> 10%.
+# fp32: MNN and ONNX Runtime differ only by float rounding (demo pipeline: PSNR 96-143 dB, cosine
+# > 0.9999999), so 60 dB / 0.99999 flag any real conversion error (the demo's vae_decoder with
+# one conv 10% off scores 42 dB / 0.9997). Quantized: 8-bit weights score 49-58 dB / 0.9999 on the
+# demo; 30 dB / 0.995 leave room for full-size and lower-bit models while a broken layer fails.
+DEFAULT_THRESHOLDS: dict[str, dict[str, Thresholds]] = {
+    "fp32": {name: Thresholds(min_psnr=60.0, min_cosine=0.99999) for name in COMPONENTS},
+    "quantized": {name: Thresholds(min_psnr=30.0, min_cosine=0.995) for name in COMPONENTS},
+}
+
+
+def resolve_thresholds(name: str, quantized: bool, overrides: Mapping | None) -> Thresholds:
+    """The default for ``name``, then overrides["*"], then overrides[name] (each a Thresholds or
+    a dict with some of min_psnr / min_cosine)."""
+    result = DEFAULT_THRESHOLDS["quantized" if quantized else "fp32"][name]
+    for key in ("*", name):
+        change = (overrides or {}).get(key)
+        if change is not None:
+            result = replace(result, **(asdict(change) if isinstance(change, Thresholds) else dict(change)))
+    return result
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(f"{value:.9g}")
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    shape: list[int]
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    psnr: float
+    problem: str | None = None  # a shape mismatch or non-finite values
+
+    def failures(self, limits: Thresholds) -> list[str]:
+        if self.problem:
+            return [self.problem]
+        found = []
+        if not self.psnr >= limits.min_psnr:
+            found.append(f"PSNR {self.psnr:.1f} dB < {limits.min_psnr:g} dB")
+        if not self.cosine >= limits.min_cosine:
+            found.append(f"cosine {self.cosine:.8f} < {limits.min_cosine:g}")
+        return found
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": self.shape, "max_abs": _clean(self.max_abs), "mean_abs": _clean(self.mean_abs),
+                "cosine": _clean(self.cosine), "psnr": _clean(self.psnr), "problem": self.problem}
+
+
+@dataclass
+class ComponentResult:
+    name: str
+    quantized: bool
+    precision_basis: str  # why quantized or not
+    thresholds: Thresholds
+    inputs: str = ""
+    cases: int = 0
+    outputs: list[OutputMetrics] = field(default_factory=list)
+    runs: list[RunStats] = field(default_factory=list)
+    contract: list[ContractIssue] = field(default_factory=list)
+    error: str | None = None  # a runtime that failed to load or run
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per failure: "<component>.<output>: <metric>" or the contract/runtime problem."""
+        lines = [f"{self.name}: {issue.message}" for issue in self.contract]
+        if self.error:
+            lines.append(f"{self.name}: {self.error}")
+        for out in self.outputs:
+            lines += [f"{self.name}.{out.name}: {f}" for f in out.failures(self.thresholds)]
+        return lines
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outputs) and not self.failures
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "passed": self.passed, "quantized": self.quantized,
+            "precision_basis": self.precision_basis, "thresholds": asdict(self.thresholds),
+            "inputs": self.inputs, "cases": self.cases, "outputs": [o.to_dict() for o in self.outputs],
+            "runs": [asdict(r) for r in self.runs], "contract": [i.to_dict() for i in self.contract],
+            "error": self.error, "failures": self.failures,
+        }
+
+
+@dataclass
+class VerificationReport:
+    onnx_dir: Path
+    mnn_dir: Path
+    seed: int
+    components: list[ComponentResult]
+    contract: list[ContractIssue]  # every issue, the tokenizer's included
+    wall_s: float = 0.0
+    report_files: list[Path] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        lines = [line for c in self.components for line in c.failures]
+        lines += [f"{i.component}: {i.message}" for i in self.contract if i.component not in {c.name for c in self.components}]
+        return lines
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures and all(c.passed for c in self.components)
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed, "onnx_dir": str(self.onnx_dir), "mnn_dir": str(self.mnn_dir), "seed": self.seed,
+            "sd2mnn_version": __version__, "wall_s": round(self.wall_s, 3),
+            "components": [c.to_dict() for c in self.components], "contract": [i.to_dict() for i in self.contract],
+            "failures": self.failures, "report_files": [str(p) for p in self.report_files],
+        }
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float, float, float]:
+    """(max_abs, mean_abs, cosine, psnr) of ``candidate`` against ``reference`` (float64 maths)."""
+    ref = reference.astype(np.float64).ravel()
+    got = candidate.astype(np.float64).ravel()
+    diff = np.abs(got - ref)
+    norms = float(np.linalg.norm(ref) * np.linalg.norm(got))
+    if norms == 0.0:
+        cosine = 1.0 if not diff.any() else 0.0
+    else:
+        cosine = float(np.clip(np.dot(ref, got) / norms, -1.0, 1.0))  # rounding can pass 1
+    mse = float(np.mean(diff * diff))
+    peak = float(np.ptp(ref))
+    if mse == 0.0:
+        psnr = PSNR_CAP
+    elif peak == 0.0:
+        psnr = 0.0
+    else:
+        psnr = min(PSNR_CAP, 10.0 * np.log10(peak * peak / mse))
+    return float(diff.max()), float(diff.mean()), cosine, float(psnr)
+
+
+def _worst_case(name: str, references: list[np.ndarray], candidates: list[np.ndarray]) -> OutputMetrics:
+    shape = list(references[0].shape)
+    for ref, got in zip(references, candidates):
+        if ref.shape != got.shape:
+            return OutputMetrics(name, shape, np.nan, np.nan, np.nan, np.nan,
+                                 f"MNN gives shape {list(got.shape)}, ONNX Runtime {list(ref.shape)}")
+        if not np.all(np.isfinite(got)):
+            return OutputMetrics(name, shape, np.nan, np.nan, np.nan, np.nan, "MNN output has NaN or infinite values")
+    per_case = [compare(r, c) for r, c in zip(references, candidates)]
+    max_abs, mean_abs, cosine, psnr = zip(*per_case)
+    return OutputMetrics(name, shape, max(max_abs), float(np.mean(mean_abs)), min(cosine), min(psnr))
+
+
+# -- the verification ------------------------------------------------------------------------
+
+
+def _select(onnx_dir: Path, mnn_dir: Path, components) -> tuple[str, ...]:
+    """Named components (each must be in the ONNX folder), or by default every ONNX component
+    that the bundle has or the runtime needs."""
+    if components is not None:
+        names = parse_components(components)
+        for name in names:
+            if not (onnx_dir / name / "model.onnx").is_file():
+                raise InputError(f"{onnx_dir / name / 'model.onnx'} is missing, so {name} cannot be verified; "
+                                 "leave it out of --components")
+        return names
+    names = tuple(n for n, spec in COMPONENTS.items() if (onnx_dir / n / "model.onnx").is_file()
+                  and ((mnn_dir / spec.mnn_name).exists() or n in RUNTIME_COMPONENTS))
+    if not names:
+        raise InputError(f"{onnx_dir} and {mnn_dir} have no component in common; check the two folders")
+    return names
+
+
+def _precision(name: str, mnn_dir: Path, manifest, source) -> tuple[bool, str]:
+    """Whether the component's weights were quantized, and how we know."""
+    record = manifest.components.get(name) if manifest else None
+    if record is not None:
+        flags = [f for f in record.flags if f.split("=")[0] in _QUANT_FLAGS]
+        return (True, f"manifest flags {' '.join(flags)}") if flags else (False, "manifest: fp32 weights")
+    weight = mnn_dir / COMPONENTS[name].weight_name
+    if not weight.is_file():
+        return False, "unknown (no manifest, no weights)"
+    ratio = weight.stat().st_size / max(1, source.total_bytes)
+    return ratio < 0.75, f"no manifest; weights are {ratio:.2f}x the ONNX model's size"
+
+
+@dataclass
+class _Session:
+    """What one verification shares across its components."""
+
+    onnx_dir: Path
+    mnn_dir: Path
+    seed: int
+    thresholds: Mapping | None
+    threads: int
+    isolate: bool | None
+    workdir: Path
+    progress: Progress
+    contract: list[ContractIssue]
+    manifest: object
+    ids: list[np.ndarray] = field(default_factory=list)
+    ids_how: str = ""
+    embeddings: list[np.ndarray] | None = None  # the ONNX text encoder's last_hidden_state per prompt
+    decoded: tuple[np.ndarray, np.ndarray] | None = None  # the first vae_decoder output: ONNX, MNN
+
+    def run(self, runtime: str, source, model: Path, feeds: list[dict]):
+        big = source.total_bytes > ISOLATE_ABOVE_BYTES
+        return run_pass(runtime, model, list(source.spec.inputs), list(source.spec.outputs), feeds, self.threads,
+                        big if self.isolate is None else self.isolate, self.workdir)
+
+    def prepare_text(self, names: tuple[str, ...]) -> None:
+        """Token ids for the prompts and, for a unet verified without its text encoder, the
+        ONNX text encoder's embeddings of them."""
+        if not {"text_encoder", "unet"} & set(names) or not (self.onnx_dir / "text_encoder" / "model.onnx").is_file():
+            return
+        text = load_component(self.onnx_dir, "text_encoder")
+        length = static_shape("text_encoder", text.summary.inputs[0])[1]
+        self.ids, self.ids_how = prompt_ids(self.mnn_dir, self.onnx_dir, length)
+        if "unet" in names and "text_encoder" not in names:
+            self.progress.update("unet", "embedding", "running the ONNX text encoder for real text embeddings")
+            outputs, _ = self.run("onnxruntime", text, text.model, [{"input_ids": i} for i in self.ids])
+            self.embeddings = [o["last_hidden_state"] for o in outputs]
+
+    def component(self, name: str, index: int) -> ComponentResult:
+        source = load_component(self.onnx_dir, name)
+        quantized, basis = _precision(name, self.mnn_dir, self.manifest, source)
+        result = ComponentResult(name, quantized, basis, resolve_thresholds(name, quantized, self.thresholds),
+                                 contract=[i for i in self.contract if i.component == name])
+        if any(i.blocking for i in result.contract):
+            self.progress.update(name, "failed", "the bundle breaks the runtime contract")
+            return result
+        # Seeded per component, so a subset (--components) sees the same inputs as a full run.
+        rng = np.random.default_rng([self.seed, index])
+        feeds, result.inputs = build_inputs(name, source, rng, self.ids, self.embeddings)
+        if name == "text_encoder":
+            result.inputs += f", ids from {self.ids_how}"
+        result.cases = len(feeds)
+        try:
+            self.progress.update(name, "onnxruntime", f"{len(feeds)} inputs")
+            references, stats = self.run("onnxruntime", source, source.model, feeds)
+            result.runs.append(stats)
+            self.progress.update(name, "mnn", f"{len(feeds)} inputs")
+            candidates, stats = self.run("mnn", source, self.mnn_dir / source.spec.mnn_name, feeds)
+            result.runs.append(stats)
+        except PassError as err:
+            result.error = f"{'MNN' if result.runs else 'ONNX Runtime'} failed: {err}"
+            self.progress.update(name, "failed", result.error)
+            return result
+        for output in source.spec.outputs:
+            result.outputs.append(_worst_case(output, [r[output] for r in references], [c[output] for c in candidates]))
+        if name == "text_encoder":
+            self.embeddings = [r["last_hidden_state"] for r in references]
+        if name == "vae_decoder":
+            self.decoded = (references[0]["sample"], candidates[0]["sample"])
+        worst = min(o.psnr for o in result.outputs)
+        self.progress.update(name, "done" if result.passed else "failed", f"worst PSNR {worst:.1f} dB")
+        return result
+
+
+def verify(
+    onnx_dir: str | os.PathLike,
+    mnn_dir: str | os.PathLike,
+    components=None,
+    seed: int = 0,
+    thresholds: Mapping | None = None,
+    report_dir: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    *,
+    threads: int | None = None,
+    isolate: bool | None = None,
+) -> VerificationReport:
+    """Compare the bundle in ``mnn_dir`` with the ONNX pipeline in ``onnx_dir`` and check the
+    runtime contract. A failed check does not raise: see ``report.passed`` and ``.failures``.
+
+    ``components``: names or "a,b" (default: every ONNX component the bundle has or the runtime
+    needs). ``thresholds`` overrides DEFAULT_THRESHOLDS: {"*": {"min_psnr": 30}, "unet":
+    Thresholds(...)}. ``report_dir`` receives verification.json and vae_decoder.png (ONNX | MNN |
+    error map). ``isolate`` runs each runtime pass in a child process (default: for models over
+    ISOLATE_ABOVE_BYTES). Raises InputError for missing folders or unusable ONNX models.
+    """
+    started = time.monotonic()
+    onnx_dir, mnn_dir = Path(onnx_dir), Path(mnn_dir)
+    for folder, what in ((onnx_dir, "ONNX pipeline"), (mnn_dir, "MNN bundle")):
+        if not folder.is_dir():
+            raise InputError(f"{folder} is not a folder; give the {what} folder")
+    progress = progress or NullProgress()
+    names = _select(onnx_dir, mnn_dir, components)
+    for name in names:
+        progress.update(name, "waiting")
+    contract = check_contract(mnn_dir, None if components is None else names)
+    with tempfile.TemporaryDirectory(prefix="sd2mnn-verify-") as tmp:
+        session = _Session(onnx_dir, mnn_dir, seed, thresholds, threads or min(4, os.cpu_count() or 1), isolate,
+                           Path(tmp), progress, contract, read_manifest(mnn_dir / MANIFEST_NAME))
+        session.prepare_text(names)
+        results = [session.component(name, list(COMPONENTS).index(name)) for name in names]
+    report = VerificationReport(onnx_dir, mnn_dir, seed, results, contract)
+    report.wall_s = time.monotonic() - started
+    if report_dir is not None:
+        report.report_files = write_report(Path(report_dir), report, session.decoded)
+    return report
+
+
+# -- the report folder -----------------------------------------------------------------------
+
+
+def _to_image(sample: np.ndarray) -> np.ndarray:
+    """[1,3,H,W] in [-1,1] -> HxWx3 uint8, as MNN's runtime does: clamp(x*0.5+0.5)*255."""
+    return np.round(np.clip(sample[0].transpose(1, 2, 0) * 0.5 + 0.5, 0, 1) * 255).astype(np.uint8)
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """Values in [0,1] -> a black-red-yellow-white heat map (HxWx3 uint8)."""
+    x = np.clip(values, 0, 1)[..., None] * 3.0
+    return (np.clip(np.concatenate([x, x - 1, x - 2], axis=-1), 0, 1) * 255).astype(np.uint8)
+
+
+def decoder_picture(reference: np.ndarray, candidate: np.ndarray):
+    """ONNX | MNN | |error| (per pixel, scaled to the largest), captioned; a PIL image."""
+    from PIL import Image, ImageDraw
+
+    ref_img, got_img = _to_image(reference), _to_image(candidate)
+    error = np.abs(reference[0] - candidate[0]).mean(axis=0)
+    peak = float(error.max())
+    panels = [ref_img, got_img, _heat(error / peak if peak > 0 else error)]
+    height, width = ref_img.shape[:2]
+    canvas = Image.new("RGB", (3 * width, height + 20), "white")
+    draw = ImageDraw.Draw(canvas)
+    captions = ["ONNX Runtime", "MNN", f"|MNN - ONNX|, white = {peak:.3g} (output units)"]
+    for i, (panel, caption) in enumerate(zip(panels, captions)):
+        canvas.paste(Image.fromarray(panel), (i * width, 20))
+        draw.text((i * width + 4, 4), caption, fill="black")
+    return canvas
+
+
+def write_report(folder: Path, report: VerificationReport, decoded) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if decoded is not None:
+        picture = folder / "vae_decoder.png"
+        decoder_picture(*decoded).save(picture)
+        written.append(picture)
+    summary = folder / "verification.json"
+    written.append(summary)
+    report.report_files = written
+    summary.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return written
+
+
+# -- after sd2mnn convert --verify -------------------------------------------------------------
+
+
+class _Prefixed:
+    """Progress rows named "verify <component>", beside the conversion's rows."""
+
+    def __init__(self, inner: Progress, prefix: str):
+        self.inner, self.prefix = inner, prefix
+
+    def update(self, name: str, state: str, detail: str = "") -> None:
+        self.inner.update(self.prefix + name, state, detail)
+
+    def tick(self) -> None:
+        self.inner.tick()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def verify_after_convert(onnx_root: Path, mnn_path: Path, components, progress: Progress | None = None) -> VerificationReport:
+    """Verify the components just converted and record each result in manifest.json."""
+    progress = progress or NullProgress()
+    report = verify(onnx_root, mnn_path, components=components, progress=_Prefixed(progress, "verify "))
+    progress.close()
+    with BundleDir(Path(mnn_path)) as bundle:  # the bundle's lock: no other run rewrites the manifest meanwhile
+        manifest = read_manifest(bundle.manifest_path)
+        if manifest is not None:
+            for result in report.components:
+                record = manifest.components.get(result.name)
+                if record is not None:
+                    entry = {**result.to_dict(), "seed": report.seed, "sd2mnn_version": __version__}
+                    manifest.components[result.name] = replace(record, verification=entry)
+            manifest.write(bundle.manifest_path)
+    return report
+
