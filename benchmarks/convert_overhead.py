@@ -1,0 +1,105 @@
+"""What sd2mnn's safety costs: its wall time and peak memory against calling the converter
+directly, for the same three components and flags, in one run.
+
+    python benchmarks/convert_overhead.py ONNX_DIR WORK_DIR [--flags "--weightQuantBits=8"]
+
+Three measurements, each a child process tree sampled for its summed RSS every 20 ms:
+  direct       the MNN package's converter called directly for text_encoder, unet, vae_decoder
+               one after another (what MNN's convert_mnn.py does, minus its telemetry script)
+  sequential   sd2mnn convert --jobs 1 --force
+  default      sd2mnn convert --force (default --jobs)
+Targets (issue #3): sequential <= 1.03x direct wall and <= 1.05x direct peak memory;
+default --jobs <= 0.92x sequential wall.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+def measure(argv: list[str], cwd: Path) -> tuple[float, int]:
+    """(wall seconds, peak summed RSS of the process tree) of one command."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            rss = 0
+            for p in tree:
+                try:
+                    rss += p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            peak = max(peak, rss)
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.02)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[:4]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, peak
+
+
+def direct(onnx_dir: Path, out: Path, flags: list[str]) -> tuple[float, int]:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    wall, peak = 0.0, 0
+    for name in COMPONENTS:
+        argv = [sys.executable, "-c", "import sys, _tools; _tools.mnnconvert(sys.argv[1:])", "MNNConvert",
+                "-f", "ONNX", "--modelFile", str(onnx_dir / name / "model.onnx"),
+                "--MNNModel", str(out / f"{name}.mnn"), "--saveExternalData=1", *flags]
+        w, p = measure(argv, out)
+        wall, peak = wall + w, max(peak, p)
+        print(f"  direct {name}: {w:.1f}s, {p / 2**30:.2f} GiB", file=sys.stderr)
+    return wall, peak
+
+
+def sd2mnn(onnx_dir: Path, out: Path, flags: list[str], jobs: int | None) -> tuple[float, int]:
+    argv = [sys.executable, "-m", "sd2mnn.cli", "convert", str(onnx_dir), str(out), shlex.join(flags),
+            "--force", "--quiet", *(["--jobs", str(jobs)] if jobs else [])]
+    return measure(argv, out.parent)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("onnx_dir", type=Path)
+    parser.add_argument("work_dir", type=Path)
+    parser.add_argument("--flags", default="", help="converter flags for every run")
+    args = parser.parse_args()
+    flags = shlex.split(args.flags)
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+
+    results = {}
+    results["direct"] = direct(args.onnx_dir.resolve(), work / "direct", flags)
+    results["sequential"] = sd2mnn(args.onnx_dir.resolve(), work / "sequential", flags, jobs=1)
+    results["default jobs"] = sd2mnn(args.onnx_dir.resolve(), work / "default", flags, jobs=None)
+    base_wall, base_peak = results["direct"]
+    seq_wall, _ = results["sequential"]
+
+    print(f"| run | wall | peak RSS | wall vs direct | peak vs direct | wall vs sequential |")
+    print("|---|---|---|---|---|---|")
+    for name, (wall, peak) in results.items():
+        print(f"| {name} | {wall:.1f} s | {peak / 2**30:.2f} GiB | {wall / base_wall:.3f}x | "
+              f"{peak / base_peak:.3f}x | {wall / seq_wall:.3f}x |")
+    print(json.dumps({k: {"wall_s": round(w, 2), "peak_rss_bytes": p} for k, (w, p) in results.items()}))
+    ok = seq_wall <= 1.03 * base_wall and results["sequential"][1] <= 1.05 * base_peak \
+        and results["default jobs"][0] <= 0.92 * seq_wall
+    print("targets met" if ok else "targets NOT met", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
