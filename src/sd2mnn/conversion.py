@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -149,19 +150,27 @@ def convert(
 
 @dataclass
 class _Running:
-    """A component being converted, then loaded back (two children in turn)."""
+    """A component being converted, then loaded back (two children in turn). Its files are
+    hashed on a thread meanwhile: hashlib releases the GIL, so hashing a 3.4 GB UNet overlaps
+    the converter instead of adding to the wall time."""
 
     job: ComponentJob
     scratch: Path
     log: Path
-    peak: int
     child: Child
-    phase: str = "converting"
+    sources: Future
+    phase: str = "converting"  # then "loading"
     convert_result: ChildResult | None = None
+    outputs: Future | None = None
 
     @property
     def output(self) -> Path:
         return self.scratch / self.job.source.spec.mnn_name
+
+    @property
+    def peak(self) -> int:
+        # Loading a model back takes about its size; converting, about 2.2x its ONNX size.
+        return expected_peak(self.job) if self.phase == "converting" else expected_peak(self.job) // 2
 
 
 def _env_for_children() -> dict[str, str]:
@@ -172,7 +181,7 @@ def _env_for_children() -> dict[str, str]:
     return env
 
 
-def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict) -> _Running:
+def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict, hasher: ThreadPoolExecutor) -> _Running:
     scratch = bundle.new_scratch(job.name)
     log = scratch / f"{job.name}.log"
     output = scratch / job.source.spec.mnn_name
@@ -180,7 +189,8 @@ def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict
     log.write_text(f"$ {' '.join(argv)}\n")
     # cwd=scratch: the converter drops .__convert_external_data.bin in its working directory.
     child = Child(argv, scratch, log, env=env, timeout=plan.options.timeout)
-    return _Running(job, scratch, log, expected_peak(job), child)
+    sources = hasher.submit(lambda: tuple(f.hashed(plan.onnx.root) for f in job.sources))
+    return _Running(job, scratch, log, child, sources)
 
 
 def _probe(running: _Running, plan: ConversionPlan, env: dict) -> Child:
@@ -190,6 +200,13 @@ def _probe(running: _Running, plan: ConversionPlan, env: dict) -> Child:
         "--inputs", ",".join(spec.inputs), "--outputs", ",".join(spec.outputs),
     ]
     return Child(argv, running.scratch, running.log, env=env, timeout=plan.options.timeout)
+
+
+def _converted(running: _Running, result: ChildResult) -> bool:
+    if result.returncode != 0 or result.timed_out or not running.output.exists():
+        return False
+    # The converter's return value means nothing (True on failure); its log does.
+    return "Converted Failed" not in log_tail(running.log, lines=40)
 
 
 def _failure(running: _Running, result: ChildResult, what: str) -> ConversionError:
@@ -209,8 +226,9 @@ def _failure(running: _Running, result: ChildResult, what: str) -> ConversionErr
 
 
 def _run_jobs(plan: ConversionPlan, bundle: BundleDir, jobs: int, progress: Progress) -> dict[str, ComponentRecord]:
-    """Convert and load-check every job, ``jobs`` at a time within the memory budget; park each
-    finished component in the bundle's pending area. Returns name -> record."""
+    """Convert and load-check every job, ``jobs`` conversions at a time within the memory
+    budget; park each finished component in the bundle's pending area. A load check does not
+    hold a conversion slot, so it overlaps the next conversion. Returns name -> record."""
     import psutil
 
     env = _env_for_children()
@@ -218,28 +236,36 @@ def _run_jobs(plan: ConversionPlan, bundle: BundleDir, jobs: int, progress: Prog
     budget = int(psutil.virtual_memory().available * 0.9)
     running: list[_Running] = []
     finished: dict[str, ComponentRecord] = {}
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd2mnn-hash")
     try:
         while queue or running:
+            converting = sum(r.phase == "converting" for r in running)
             in_use = sum(r.peak for r in running)
-            while queue and len(running) < jobs and (not running or in_use + expected_peak(queue[0]) <= budget):
+            while queue and converting < jobs and (not running or in_use + expected_peak(queue[0]) <= budget):
                 job = queue.pop(0)
-                running.append(_start(job, plan, bundle, env))
-                in_use += running[-1].peak
+                running.append(_start(job, plan, bundle, env, hasher))
+                converting, in_use = converting + 1, in_use + running[-1].peak
                 progress.update(job.name, "converting", job.reason)
             for item in list(running):
                 result = item.child.poll()
                 if result is None:
                     continue
                 if item.phase == "converting":
-                    item.convert_result = result
-                    if result.returncode != 0 or result.timed_out or not item.output.exists():
+                    if not _converted(item, result):
                         raise _failure(item, result, "converter")
+                    item.convert_result = result
                     item.phase, item.child = "loading", _probe(item, plan, env)
+                    spec = item.job.source.spec
+                    item.outputs = hasher.submit(
+                        lambda s=item.scratch, names=(spec.mnn_name, spec.weight_name): tuple(
+                            FileRecord.of(s / n, s) for n in names))
                     progress.update(item.job.name, "loading", "checking the model loads in MNN")
                     continue
-                running.remove(item)
                 if result.returncode != 0 or result.timed_out:
                     raise _failure(item, result, "load check")
+                if not (item.outputs.done() and item.sources.done()):
+                    continue  # still hashing: poll again
+                running.remove(item)
                 record = _record(item, plan)
                 bundle.park(record, item.scratch)
                 finished[record.name] = record
@@ -251,29 +277,27 @@ def _run_jobs(plan: ConversionPlan, bundle: BundleDir, jobs: int, progress: Prog
         for item in running:
             item.child.kill()
             item.child.wait()
-            progress.update(item.job.name, "failed" if isinstance(err, ConversionError) and err.message.startswith(item.job.name + ":") else "cancelled")
+            failed = isinstance(err, ConversionError) and err.message.startswith(item.job.name + ":")
+            progress.update(item.job.name, "failed" if failed else "cancelled")
         for job in queue:
             progress.update(job.name, "cancelled")
         progress.close()
         raise
+    finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
     return finished
 
 
 def _record(item: _Running, plan: ConversionPlan) -> ComponentRecord:
     probe = json.loads((item.scratch / "probe.json").read_text())
     (item.scratch / "probe.json").unlink()
-    spec = item.job.source.spec
-    outputs = tuple(
-        FileRecord.of(item.scratch / name, item.scratch)
-        for name in (spec.mnn_name, spec.weight_name)
-    )
     converted = item.convert_result
     return ComponentRecord(
-        name=spec.name,
+        name=item.job.name,
         flags=plan.flags,
         converter=converter_identity(plan.converter),
-        sources=item.job.sources,
-        outputs=outputs,
+        sources=item.sources.result(),
+        outputs=item.outputs.result(),
         inputs=tuple(TensorSpec.from_dict(t) for t in probe["inputs"]),
         output_tensors=tuple(TensorSpec.from_dict(t) for t in probe["outputs"]),
         wall_s=round(converted.wall_s, 3),

@@ -36,13 +36,19 @@ class FileRecord:
     mtime_ns: int
 
     @classmethod
-    def of(cls, path: Path, root: Path, known: "FileRecord | None" = None) -> "FileRecord":
-        """Describe ``path``; reuse ``known``'s hash when size and mtime say it is the same file."""
+    def of(cls, path: Path, root: Path, known: "FileRecord | None" = None, hash_now: bool = True) -> "FileRecord":
+        """Describe ``path``; reuse ``known``'s hash when size and mtime say it is the same file.
+        With ``hash_now=False`` an unknown hash is left empty, for the caller to fill in later
+        (off the critical path: a UNet's weights are 3.4 GB)."""
         stat = path.stat()
         rel = path.relative_to(root).as_posix()
         if known is not None and known.size == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
             return replace(known, path=rel)
-        return cls(rel, stat.st_size, sha256_file(path), stat.st_mtime_ns)
+        return cls(rel, stat.st_size, sha256_file(path) if hash_now else "", stat.st_mtime_ns)
+
+    def hashed(self, root: Path) -> "FileRecord":
+        """This record with its hash filled in (if it was left empty)."""
+        return self if self.sha256 else replace(self, sha256=sha256_file(root / self.path))
 
     def is_intact(self, root: Path) -> bool:
         """The file at ``root/path`` still has this content (hashing only if size/mtime moved)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sd2mnn.converter import Converter
@@ -79,7 +79,7 @@ def converter_argv(source_model: Path, output_model: Path, flags: tuple[str, ...
     return [
         "-f", "ONNX",
         "--modelFile", str(source_model.resolve()),
-        "--MNNModel", str(output_model),
+        "--MNNModel", str(output_model.resolve()),
         "--saveExternalData=1",
         *flags,
     ]
@@ -115,6 +115,15 @@ class ConversionPlan:
     resumed: dict[str, ComponentRecord] = field(default_factory=dict)
 
 
+def _hash_where_needed(known: ComponentRecord | None, current: tuple[FileRecord, ...], root: Path) -> tuple[FileRecord, ...]:
+    """Hash the files only content can decide on: same size as recorded, but a new mtime. A file
+    of another size has changed whatever its content; one with the same mtime is vouched for."""
+    if known is None:
+        return current
+    sizes = {f.path: f.size for f in known.sources}
+    return tuple(f.hashed(root) if sizes.get(f.path) == f.size else f for f in current)
+
+
 def _stale_reason(
     record: ComponentRecord | None,
     sources: tuple[FileRecord, ...],
@@ -137,12 +146,13 @@ def _stale_reason(
 
 
 def source_records(source: ComponentSource, onnx_root: Path, known: ComponentRecord | None) -> tuple[FileRecord, ...]:
+    """The source files as they are now; a hash is filled in only where ``known`` vouches for it
+    (same size and mtime), the rest are hashed later, while the converter runs."""
     by_path = {f.path: f for f in known.sources} if known else {}
-    records = []
-    for path in source.files:
-        rel = path.relative_to(onnx_root).as_posix()
-        records.append(FileRecord.of(path, onnx_root, by_path.get(rel)))
-    return tuple(records)
+    return tuple(
+        FileRecord.of(path, onnx_root, by_path.get(path.relative_to(onnx_root).as_posix()), hash_now=False)
+        for path in source.files
+    )
 
 
 def plan_conversion(
@@ -165,11 +175,12 @@ def plan_conversion(
         if options.force:
             jobs.append(ComponentJob(source, "forced", sources))
             continue
+        sources = _hash_where_needed(old or waiting, sources, onnx.root)
         reason = _stale_reason(old, sources, flags, identity, mnn_dir)
         if reason is None:
-            reused[name] = old
+            reused[name] = replace(old, sources=sources)  # new mtimes: no re-hash next time
         elif waiting is not None and _stale_reason(waiting, sources, flags, identity, waiting_root) is None:
-            resumed[name] = waiting
+            resumed[name] = replace(waiting, sources=sources)
         else:
             jobs.append(ComponentJob(source, reason, sources))
     return ConversionPlan(onnx, mnn_dir, converter, flags, options, previous, tuple(jobs), reused, resumed)
