@@ -1,0 +1,635 @@
+"""Export a diffusers Stable Diffusion pipeline to the ONNX folder MNN's tools expect.
+
+Layout and tensor contract follow MNN's transformers/diffusion/export/onnx_export.py and the C++
+runtime (stable_diffusion.cpp)::
+
+    ONNX_DIR/text_encoder/model.onnx   input_ids int32 [2, L] -> last_hidden_state, pooler_output
+    ONNX_DIR/unet/model.onnx           sample f32 [2,4,h,w], timestep int32 [1],
+      + unet/weights.pb                encoder_hidden_states f32 [2,L,D] -> out_sample
+    ONNX_DIR/vae_encoder/model.onnx    sample f32 [1,3,H,W] -> latent_sample
+    ONNX_DIR/vae_decoder/model.onnx    latent_sample f32 [1,4,h,w] -> sample
+    ONNX_DIR/tokenizer/                the pipeline's tokenizer files, as they are
+
+L is 77 for SD1.5 (CLIP) and 512 for Taiyi (BERT); h, w = H/8, W/8. Shapes are static.
+
+One component is loaded, exported, freed, then checked against the PyTorch outputs it produced
+on the same inputs (ONNX Runtime runs in a child process, since it does not give memory back).
+The folder is written beside ONNX_DIR and renamed into place only when every part passed.
+
+torch, diffusers and transformers are the ``export`` extra and are imported only when needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError
+
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+UNET_WEIGHTS = "weights.pb"
+TEXT_LENGTH = {"sd15": 77, "taiyi": 512}
+# Prompts the checks feed the text encoder (runtime order: unconditional first).
+CHECK_PROMPTS = {"sd15": ["", "a photo of a cat"], "taiyi": ["", "一只猫的照片"]}
+
+
+class ExportCheckError(Sd2MnnError):
+    """An exported ONNX model disagrees with its PyTorch module beyond the tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = 18
+    components: tuple[str, ...] = COMPONENTS
+    height: int = 512
+    width: int = 512
+    # For a single-file checkpoint: a local diffusers folder with the configs and tokenizer
+    # (model_index.json, unet/config.json, vae/config.json, text_encoder/config.json,
+    # tokenizer/, scheduler/), e.g. the same model's diffusers repository without weights.
+    config: Path | None = None
+    overwrite: bool = False
+    check: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """|onnx - torch| must stay under atol * max(1, max |torch|)."""
+
+    atol: float
+
+
+# Per-component tolerances (fp32 export; ONNX Runtime's kernels differ in summation order).
+TOLERANCES = {
+    "text_encoder": Tolerance(1e-3),
+    "unet": Tolerance(1e-3),
+    "vae_encoder": Tolerance(1e-3),
+    "vae_decoder": Tolerance(1e-3),
+}
+
+
+@dataclass
+class ComponentReport:
+    name: str
+    path: Path
+    inputs: dict[str, tuple[str, tuple[int, ...]]]
+    outputs: dict[str, tuple[str, tuple[int, ...]]]
+    max_abs_error: dict[str, float] = field(default_factory=dict)
+    tolerance: float | None = None
+    seconds: float = 0.0
+    size_bytes: int = 0
+
+
+@dataclass
+class ExportReport:
+    source: Path
+    onnx_dir: Path
+    kind: str  # "sd15" or "taiyi"
+    text_length: int
+    opset: int
+    components: list[ComponentReport] = field(default_factory=list)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((e for c in self.components for e in c.max_abs_error.values()), default=0.0)
+
+
+Progress = Callable[[str, str], None]  # (component, message)
+
+
+def is_diffusers_model(path: str | Path) -> bool:
+    """True for a diffusers pipeline folder (model_index.json) or a .safetensors/.ckpt file."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "model_index.json").is_file()
+    return p.is_file() and p.suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
+def require_export_extra() -> None:
+    """Raise MissingExtraError unless torch, diffusers and transformers import."""
+    missing = []
+    for name in ("torch", "diffusers", "transformers", "safetensors"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(
+            f"export needs {', '.join(missing)}: run pip install 'sd2mnn[export]'"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Source model
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Source:
+    folder: Path  # a diffusers pipeline folder with weights
+    index: dict  # model_index.json
+    kind: str
+
+    def component_class(self, name: str) -> tuple[str, str]:
+        entry = self.index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(entry)):
+            raise InputError(f"{self.folder / 'model_index.json'}: no {name!r} component")
+        return entry[0], entry[1]
+
+
+def _read_index(folder: Path) -> dict:
+    path = folder / "model_index.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found; MODEL must be a diffusers pipeline folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable ({err}); re-download the model") from None
+    if not isinstance(index, dict):
+        raise InputError(f"{path}: not a JSON object; re-download the model")
+    return index
+
+
+def _open_source(folder: Path) -> _Source:
+    index = _read_index(folder)
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        if not (folder / name).is_dir():
+            raise InputError(f"{folder / name}: missing; a Stable Diffusion pipeline needs it")
+    for name in ("unet", "vae", "text_encoder"):
+        if not (folder / name / "config.json").is_file():
+            raise InputError(f"{folder / name / 'config.json'}: missing; re-download the model")
+    tok_cls = (index.get("tokenizer") or [None, ""])[1] or ""
+    te_cls = (index.get("text_encoder") or [None, ""])[1] or ""
+    kind = "taiyi" if tok_cls.startswith("Bert") or te_cls.startswith("Bert") else "sd15"
+    return _Source(folder, index, kind)
+
+
+def _materialize_single_file(ckpt: Path, config: Path | None, work: Path) -> Path:
+    """Load a single-file checkpoint with a local config folder; save it as a diffusers folder."""
+    if config is None:
+        raise InputError(
+            f"{ckpt}: a single-file checkpoint needs a local config: pass --config DIR, a diffusers "
+            "folder of the same model (model_index.json, */config.json, tokenizer/); no hub access"
+        )
+    _read_index(config)
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(ckpt), config=str(config), local_files_only=True, torch_dtype=torch.float32,
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except Exception as err:  # diffusers raises many types for unreadable or mismatched files
+        raise InputError(
+            f"{ckpt}: cannot load as a Stable Diffusion checkpoint with config {config} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
+    out = work / "_diffusers"
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    del pipe
+    gc.collect()
+    # The tokenizer as the config folder has it (save_pretrained rewrites its layout).
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    shutil.copytree(config / "tokenizer", out / "tokenizer")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrappers: graph inputs and outputs exactly as MNN's runtime names and types them
+# ---------------------------------------------------------------------------------------------
+def _wrappers():
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            out = self.model(input_ids=input_ids.to(torch.int64), return_dict=True)
+            return out.last_hidden_state, out.pooler_output
+
+    class Unet(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            t = timestep.to(torch.float32)
+            return self.model(sample, t, encoder_hidden_states, return_dict=False)[0]
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sample):
+            return self.model.encode(sample).latent_dist.mode()
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, latent_sample):
+            return self.model.decode(latent_sample, return_dict=False)[0]
+
+    return TextEncoder, Unet, VaeEncoder, VaeDecoder
+
+
+@dataclass
+class _Job:
+    module: object  # torch.nn.Module
+    inputs: dict  # name -> torch tensor
+    outputs: list[str]
+
+
+def _load(source: _Source, sub: str):
+    import torch
+
+    library, cls_name = source.component_class(sub)
+    if library == "transformers":
+        import transformers as lib
+    elif library == "diffusers":
+        import diffusers as lib
+    else:
+        raise InputError(f"{source.folder / 'model_index.json'}: unknown library {library!r}")
+    cls = getattr(lib, cls_name, None)
+    if cls is None:
+        raise InputError(
+            f"{source.folder / 'model_index.json'}: {library} has no class {cls_name}; "
+            f"upgrade {library}"
+        )
+    folder = source.folder / sub
+    kwargs = {"torch_dtype": torch.float32}
+    names = {p.name for p in folder.iterdir()}
+    if not any(n.split(".")[-1] in ("safetensors", "bin") and ".fp16." not in n for n in names):
+        if any(".fp16." in n for n in names):
+            kwargs["variant"] = "fp16"  # only fp16 weights shipped: load them, export in fp32
+        else:
+            raise InputError(f"{folder}: no weights (*.safetensors or *.bin); re-download the model")
+    try:
+        model = cls.from_pretrained(str(folder), **kwargs)
+    except Exception as err:  # the libraries raise many types for unreadable or mismatched files
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{folder}: cannot load {cls_name} ({first})") from err
+    return model.eval()
+
+
+def _load_tokenizer(source: _Source):
+    import transformers
+
+    _, cls_name = source.component_class("tokenizer")
+    cls = getattr(transformers, cls_name, None) or transformers.AutoTokenizer
+    try:
+        return cls.from_pretrained(str(source.folder / "tokenizer"))
+    except Exception as err:  # the libraries raise many types for unreadable files
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{source.folder / 'tokenizer'}: cannot load the tokenizer ({first})") from err
+
+
+def _text_ids(source: _Source, length: int):
+    """[uncond, prompt] ids as MNN's runtime builds them: BOS ... EOS, padded with 0."""
+    import torch
+
+    tokenizer = _load_tokenizer(source)
+    rows = []
+    for prompt in CHECK_PROMPTS[source.kind]:
+        ids = tokenizer(prompt, truncation=True, max_length=length)["input_ids"]
+        rows.append(list(ids) + [0] * (length - len(ids)))
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def _build_job(source: _Source, name: str, options: ExportOptions, text_length: int) -> _Job:
+    import torch
+
+    TextEncoder, Unet, VaeEncoder, VaeDecoder = _wrappers()
+    gen = torch.Generator().manual_seed(options.seed)
+    if name == "text_encoder":
+        model = _load(source, "text_encoder")
+        positions = getattr(model.config, "max_position_embeddings", text_length)
+        if positions < text_length:
+            raise InputError(
+                f"{source.folder / 'text_encoder' / 'config.json'}: max_position_embeddings "
+                f"{positions} < {text_length} tokens MNN's runtime feeds a {source.kind} model"
+            )
+        ids = _text_ids(source, text_length)
+        return _Job(TextEncoder(model), {"input_ids": ids}, ["last_hidden_state", "pooler_output"])
+    if name == "unet":
+        model = _load(source, "unet")
+        cfg = model.config
+        factor = _vae_factor(source)
+        h, w = options.height // factor, options.width // factor
+        te_cfg = json.loads((source.folder / "text_encoder" / "config.json").read_text())
+        hidden = int(cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int)
+                     else te_cfg["hidden_size"])
+        inputs = {
+            "sample": torch.randn(2, cfg.in_channels, h, w, generator=gen),
+            "timestep": torch.tensor([981], dtype=torch.int32),
+            "encoder_hidden_states": torch.randn(2, text_length, hidden, generator=gen),
+        }
+        return _Job(Unet(model), inputs, ["out_sample"])
+    vae = _load(source, "vae")
+    if name == "vae_encoder":
+        image = torch.rand(1, vae.config.in_channels, options.height, options.width, generator=gen)
+        return _Job(VaeEncoder(vae), {"sample": image * 2 - 1}, ["latent_sample"])
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = torch.randn(1, vae.config.latent_channels, options.height // factor,
+                         options.width // factor, generator=gen)
+    return _Job(VaeDecoder(vae), {"latent_sample": latent}, ["sample"])
+
+
+def _vae_factor(source: _Source) -> int:
+    cfg = json.loads((source.folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    return 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX writing and checking
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Silence tracer warnings, load progress bars and info logs; restore them afterwards."""
+    import diffusers
+    import transformers
+
+    d_level = diffusers.utils.logging.get_verbosity()
+    t_level = transformers.utils.logging.get_verbosity()
+    t_bars = transformers.utils.logging.is_progress_bar_enabled()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers.utils.logging.set_verbosity(d_level)
+        transformers.utils.logging.set_verbosity(t_level)
+        if t_bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _torch_export(job: _Job, path: Path, opset: int) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = tuple(job.inputs.values())
+    with torch.no_grad():
+        torch.onnx.export(
+            job.module, args, str(path), input_names=list(job.inputs), output_names=job.outputs,
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+
+
+def consolidate_external_data(model_path: Path, location: str = UNET_WEIGHTS,
+                              size_threshold: int = 1024) -> None:
+    """Move every initializer of ``size_threshold`` bytes or more into one file ``location``.
+
+    Streams tensor by tensor (a full-size UNet never sits in memory twice) and removes the
+    per-tensor files the exporter wrote for models over 2 GB.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    folder = model_path.parent
+    model = onnx.load(str(model_path), load_external_data=False)
+    old_files: set[Path] = set()
+    tmp = folder / (location + ".tmp")
+    offset = 0
+    with open(tmp, "wb") as out:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = ExternalDataInfo(tensor)
+                src = folder / info.location
+                old_files.add(src)
+                with open(src, "rb") as f:
+                    f.seek(info.offset or 0)
+                    data = f.read(info.length) if info.length else f.read()
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
+                data = tensor.raw_data
+            else:
+                continue
+            pad = (-offset) % 4096  # page-aligned, as onnx's own writer does
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(data)
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", offset), ("length", len(data))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
+            offset += len(data)
+            del data
+    for old in old_files:
+        if old.name != location:
+            old.unlink(missing_ok=True)
+    os.replace(tmp, folder / location)
+    onnx.save(model, str(model_path))
+
+
+def set_static_output_shapes(model_path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Write the known static shape of each graph output (tracing loses some, e.g. after Split)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    changed = False
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if out.name in shapes and [d.dim_value for d in dims] != list(shapes[out.name]):
+            del dims[:]
+            for size in shapes[out.name]:
+                dims.add().dim_value = int(size)
+            changed = True
+    if changed:
+        onnx.save(model, str(model_path))
+
+
+def describe_io(model_path: Path) -> tuple[dict, dict]:
+    """Graph inputs and outputs as {name: (dtype name, shape)} (shapes static; -1 if symbolic)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+
+    def info(values):
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            out[v.name] = (onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, dims)
+        return out
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    return info(inputs), info(model.graph.output)
+
+
+def _ort_max_abs_error(model_path: str, inputs: dict, expected: dict) -> dict:
+    """Run in a child process: ONNX Runtime outputs vs ``expected`` (name -> max abs error)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(os.environ.get("SD2MNN_THREADS", "0") or 0)
+    sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
+    names = list(expected)
+    got = sess.run(names, inputs)
+    errors = {}
+    for name, value in zip(names, got):
+        ref = expected[name]
+        if value.shape != ref.shape:
+            errors[name] = float("inf")
+        else:
+            errors[name] = float(np.max(np.abs(value.astype(np.float64) - ref)))
+    return errors
+
+
+def check_onnx(model_path: Path, inputs: dict, expected: dict, in_process: bool = False) -> dict:
+    """Max abs error of each ONNX output against ``expected`` numpy arrays, same inputs."""
+    if in_process:
+        return _ort_max_abs_error(str(model_path), inputs, expected)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_ort_max_abs_error, (str(model_path), inputs, expected))
+
+
+# ---------------------------------------------------------------------------------------------
+# The export
+# ---------------------------------------------------------------------------------------------
+def _validate_options(options: ExportOptions) -> None:
+    unknown = [c for c in options.components if c not in COMPONENTS]
+    if unknown or not options.components:
+        raise InputError(f"--components: unknown {unknown}; choose from {', '.join(COMPONENTS)}")
+    for name, value in (("height", options.height), ("width", options.width)):
+        if value <= 0 or value % 64:
+            raise InputError(f"--{name} {value}: must be a positive multiple of 64 (512 for MNN)")
+    if not 11 <= options.opset <= 20:
+        raise InputError(f"--opset {options.opset}: use 14..20 (MNN's docs use 18)")
+
+
+def _prepare_target(onnx_dir: Path, overwrite: bool) -> None:
+    if onnx_dir.exists() and not onnx_dir.is_dir():
+        raise InputError(f"{onnx_dir}: exists and is not a folder; choose another ONNX_DIR")
+    if onnx_dir.is_dir() and any(onnx_dir.iterdir()) and not overwrite:
+        raise InputError(f"{onnx_dir}: exists and is not empty; pass --overwrite or another ONNX_DIR")
+    onnx_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | None = None,
+           progress: Progress | None = None) -> ExportReport:
+    """Export the pipeline at ``model`` to ``onnx_dir`` and check each part; see the module doc."""
+    options = options or ExportOptions()
+    model, onnx_dir = Path(model), Path(onnx_dir)
+    _validate_options(options)
+    if not model.exists():
+        raise InputError(f"{model}: not found; give a diffusers folder or a .safetensors/.ckpt file")
+    if not is_diffusers_model(model):
+        raise InputError(
+            f"{model}: not a diffusers pipeline (no model_index.json) or a .safetensors/.ckpt file"
+        )
+    require_export_extra()
+    _prepare_target(onnx_dir, options.overwrite)
+    say = progress or (lambda component, message: None)
+
+    work = Path(tempfile.mkdtemp(prefix=f".{onnx_dir.name}.export-", dir=onnx_dir.parent))
+    try:
+        with _quiet_libraries():
+            report = _export_staged(model, work, onnx_dir, options, say)
+        staged = work / "onnx"
+        _move_into_place(staged, onnx_dir)
+        for comp in report.components:
+            comp.path = onnx_dir / comp.path.relative_to(staged)
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptions,
+                   say: Progress) -> ExportReport:
+    if model.is_dir():
+        source = _open_source(model)
+    else:
+        say("checkpoint", f"loading {model.name} with config {options.config}")
+        source = _open_source(_materialize_single_file(model, options.config, work))
+    staged = work / "onnx"
+    staged.mkdir()
+    length = TEXT_LENGTH[source.kind]
+    report = ExportReport(model, onnx_dir, source.kind, length, options.opset)
+    shutil.copytree(source.folder / "tokenizer", staged / "tokenizer")
+    for name in [c for c in COMPONENTS if c in options.components]:
+        report.components.append(_export_component(source, name, staged, options, length, say))
+    return report
+
+
+def _export_component(source: _Source, name: str, staged: Path, options: ExportOptions,
+                      length: int, say: Progress) -> ComponentReport:
+    import torch
+
+    start = time.monotonic()
+    say(name, "loading")
+    job = _build_job(source, name, options, length)
+    with torch.no_grad():
+        ref = job.module(*job.inputs.values())
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    expected = {n: t.detach().numpy().copy() for n, t in zip(job.outputs, ref)}
+    inputs = {n: t.numpy().copy() for n, t in job.inputs.items()}
+    del ref
+    path = staged / name / "model.onnx"
+    say(name, "exporting")
+    try:
+        _torch_export(job, path, options.opset)
+    except Exception as err:
+        raise Sd2MnnError(f"{source.folder}: torch.onnx.export failed for {name} "
+                          f"({type(err).__name__}: {err}); set SD2MNN_DEBUG=1 for details") from err
+    del job
+    gc.collect()
+    if name == "unet":
+        consolidate_external_data(path, UNET_WEIGHTS)
+    elif any(p.name != "model.onnx" for p in path.parent.iterdir()):
+        # Over 2 GB the exporter writes external data; keep it in one file like the unet.
+        consolidate_external_data(path, "weights.pb")
+    set_static_output_shapes(path, {n: a.shape for n, a in expected.items()})
+    ins, outs = describe_io(path)
+    comp = ComponentReport(name, path, ins, outs, tolerance=TOLERANCES[name].atol)
+    if options.check:
+        say(name, "checking against PyTorch")
+        comp.max_abs_error = check_onnx(path, inputs, expected)
+        failures = []
+        for out_name, err in comp.max_abs_error.items():
+            scale = max(1.0, float(abs(expected[out_name]).max()))
+            if not err <= comp.tolerance * scale:
+                failures.append(f"{out_name}: max abs error {err:.3g} > {comp.tolerance * scale:.3g}")
+        if failures:
+            raise ExportCheckError(
+                f"{path}: ONNX disagrees with PyTorch ({'; '.join(failures)}); "
+                f"try another --opset or report the model"
+            )
+    comp.size_bytes = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+    comp.seconds = time.monotonic() - start
+    errs = ", ".join(f"{k} {v:.2g}" for k, v in comp.max_abs_error.items())
+    say(name, f"done in {comp.seconds:.1f} s, {comp.size_bytes / 1e6:.1f} MB"
+        + (f", max abs error {errs}" if errs else ""))
+    return comp
+
+
+def _move_into_place(staged: Path, onnx_dir: Path) -> None:
+    old = None
+    if onnx_dir.exists():
+        old = staged.parent / "old"
+        os.replace(onnx_dir, old)
+    try:
+        os.replace(staged, onnx_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old, onnx_dir)
+        raise

@@ -1,0 +1,423 @@
+"""Tiny Stable Diffusion pipelines for tests and the demo bundle.
+
+The models have the real architectures (UNet2DConditionModel with cross-attention blocks,
+AutoencoderKL with four blocks so a [1,4,64,64] latent decodes to [1,3,512,512], CLIPTextModel or,
+for Taiyi, BertModel) at a few channels each, with seeded random weights. Nothing is fetched:
+the tokenizers are built here from a handful of English (or Chinese) words.
+
+Needs the export extra (torch, diffusers, transformers); import it only where they are installed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+# The ids MNN's runtime hard-codes (stable_diffusion.cpp): CLIP BOS/EOS and BERT CLS/SEP.
+CLIP_BOS_ID = 49406
+CLIP_EOS_ID = 49407
+CLIP_VOCAB_SIZE = 49408
+BERT_CLS_ID = 101
+BERT_SEP_ID = 102
+
+# Words the tiny CLIP BPE learns its merges from, so common prompts tokenize to whole words.
+CLIP_CORPUS = (
+    "a photo of a cat . a photo of a dog . an astronaut riding a horse on the moon . "
+    "a painting of a castle in the style of van gogh . a red apple on a wooden table . "
+    "a cute corgi wearing a hat . a beautiful landscape with mountains and a lake at sunset . "
+    "portrait of an old man , oil painting , high quality , detailed . city street at night"
+)
+# Characters and words for the tiny Taiyi (Chinese BERT) vocabulary.
+BERT_CHARS = "一只猫的照片狗在月亮上骑马宇航员中国山水画风格红色苹果桌子美丽湖日落城市夜晚街道高清"
+BERT_WORDS = ("a", "photo", "of", "cat", "dog", "the", "##s", "##ing", "moon", "horse")
+
+CLIP_TEXT_CONFIG = dict(
+    vocab_size=CLIP_VOCAB_SIZE,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    projection_dim=16,
+    hidden_act="quick_gelu",
+    bos_token_id=CLIP_BOS_ID,
+    eos_token_id=CLIP_EOS_ID,
+    pad_token_id=1,
+)
+BERT_TEXT_CONFIG = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    pad_token_id=0,
+)
+# Two levels: no attention at 64x64 (SD1.5 has it there, but 4096 tokens of self-attention
+# would make a "tiny" step slow), cross-attention at 32x32 and in the mid block.
+UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=16,
+    attention_head_dim=2,
+    norm_num_groups=8,
+)
+# Four blocks, like SD1.5's VAE: 8x down/upsampling, so 64x64 latents <-> 512x512 images.
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=512,
+)
+# SD1.5's scheduler config (PNDM, scaled_linear betas 0.00085..0.012, steps_offset 1).
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    skip_prk_steps=True,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+KINDS = ("sd15", "taiyi")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from the 256 bytes to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def learn_bpe_merges(corpus: str, max_merges: int = 1000) -> list[tuple[str, str]]:
+    """Learn CLIP-style BPE merges (last symbol of a word carries "</w>") from ``corpus``.
+
+    Deterministic: the most frequent pair wins, ties go to the smallest pair. Stops when every
+    word is one symbol or after ``max_merges``.
+    """
+    byte_encoder = bytes_to_unicode()
+    words = Counter(
+        "".join(byte_encoder[b] for b in word.encode("utf-8")) for word in corpus.lower().split()
+    )
+    symbols = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in words}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter = Counter()
+        for word, count in words.items():
+            syms = symbols[word]
+            for pair in zip(syms, syms[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for word, syms in symbols.items():
+            out, i = [], 0
+            while i < len(syms):
+                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == best:
+                    out.append(syms[i] + syms[i + 1])
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            symbols[word] = tuple(out)
+    return merges
+
+
+def write_clip_tokenizer(out_dir: str | Path, corpus: str = CLIP_CORPUS) -> Path:
+    """Write a tiny byte-level CLIP BPE tokenizer in SD1.5's diffusers layout.
+
+    Files: vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json (no
+    tokenizer.json, like the SD1.5 repository). Ids: the 256 byte characters, their "</w>"
+    variants, the learned merges, placeholders "<uN>" for the unused ids (MNN's loader needs
+    dense ids), then <|startoftext|>=49406 and <|endoftext|>=49407 as MNN's runtime expects.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    merges = learn_bpe_merges(corpus)
+    vocab: dict[str, int] = {}
+    for token in tokens + ["".join(m) for m in merges]:
+        vocab.setdefault(token, len(vocab))
+    # MNN's tokenizer loader stores token i in slot i of a len(vocab) array: ids must be dense.
+    # Fill the ids up to BOS with placeholders no merge can produce.
+    for i in range(len(vocab), CLIP_BOS_ID):
+        vocab[f"<u{i}>"] = i
+    vocab["<|startoftext|>"] = CLIP_BOS_ID
+    vocab["<|endoftext|>"] = CLIP_EOS_ID
+    assert sorted(vocab.values()) == list(range(CLIP_VOCAB_SIZE))
+    text = json.dumps(vocab, ensure_ascii=False, separators=(",", ":"))  # compact: 49408 entries
+    (out / "vocab.json").write_text(text + "\n", encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def special(content: str) -> dict:
+        return {"content": content, "lstrip": False, "normalized": True, "rstrip": False,
+                "single_word": False}
+
+    specials = {
+        "bos_token": special("<|startoftext|>"),
+        "eos_token": special("<|endoftext|>"),
+        "pad_token": "<|endoftext|>",
+        "unk_token": special("<|endoftext|>"),
+    }
+    _write_json(out / "special_tokens_map.json", specials)
+    config = {
+        "add_prefix_space": False,
+        "bos_token": {"__type": "AddedToken", **specials["bos_token"]},
+        "do_lower_case": True,
+        "eos_token": {"__type": "AddedToken", **specials["eos_token"]},
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": {"__type": "AddedToken", **specials["unk_token"]},
+    }
+    _write_json(out / "tokenizer_config.json", config)
+    return out
+
+
+def write_bert_tokenizer(out_dir: str | Path) -> Path:
+    """Write a tiny Chinese BERT WordPiece tokenizer in Taiyi's layout ([CLS]=101, [SEP]=102)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)]
+    vocab += ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert vocab.index("[CLS]") == BERT_CLS_ID and vocab.index("[SEP]") == BERT_SEP_ID
+    vocab += [chr(c) for c in range(ord("!"), ord("~") + 1) if not chr(c).isupper()]
+    vocab += [c for c in dict.fromkeys(BERT_CHARS)] + list(BERT_WORDS)
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    specials = {"cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]",
+                "sep_token": "[SEP]", "unk_token": "[UNK]"}
+    _write_json(out / "special_tokens_map.json", specials)
+    config = {**specials, "do_lower_case": True, "model_max_length": 512,
+              "tokenize_chinese_chars": True, "strip_accents": None,
+              "tokenizer_class": "BertTokenizer"}
+    _write_json(out / "tokenizer_config.json", config)
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+def build_tiny_components(seed: int = 0, kind: str = "sd15", tokenizer_dir: str | Path = None):
+    """The tiny pipeline's components as a dict (unet, vae, text_encoder, tokenizer, scheduler).
+
+    ``tokenizer_dir`` must hold the files written by write_clip_tokenizer (sd15) or
+    write_bert_tokenizer (taiyi).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+
+    if kind == "sd15":
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        text_config = CLIPTextConfig(**CLIP_TEXT_CONFIG)
+        text_cls = CLIPTextModel
+    else:
+        from transformers import BertConfig, BertModel, BertTokenizer
+
+        tokenizer = BertTokenizer.from_pretrained(str(tokenizer_dir))
+        text_config = BertConfig(vocab_size=len(tokenizer.get_vocab()), **BERT_TEXT_CONFIG)
+        text_cls = BertModel
+
+    # One generator per component, so changing one config leaves the others' weights alone.
+    torch.manual_seed(seed)
+    text_encoder = text_cls(text_config).eval()
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    # Random init leaves some parameters at exact constants (norm weights 1, some biases 0);
+    # jitter everything so every weight matters in the PyTorch-vs-ONNX/MNN checks.
+    with torch.no_grad():
+        for i, model in enumerate((text_encoder, unet, vae)):
+            gen = torch.Generator().manual_seed(seed + 10 + i)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    scheduler = PNDMScheduler(**SCHEDULER_CONFIG)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": scheduler}
+
+
+def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, kind: str = "sd15") -> Path:
+    """Save a tiny diffusers StableDiffusionPipeline folder at ``out_dir`` and return it.
+
+    Layout as on the hub: model_index.json, unet/, vae/, text_encoder/ (safetensors), tokenizer/
+    (SD1.5's file set, or Taiyi's BERT vocab.txt), scheduler/. Deterministic for a given seed.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tok_dir = out / "tokenizer"
+    if kind == "taiyi":
+        write_bert_tokenizer(tok_dir)
+    else:
+        write_clip_tokenizer(tok_dir)
+    parts = build_tiny_components(seed=seed, kind=kind, tokenizer_dir=tok_dir)
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    # save_pretrained rewrites the tokenizer in the library's current layout (tokenizer.json,
+    # a long tokenizer_config.json): put back the hub layout written above.
+    shutil.rmtree(tok_dir)
+    if kind == "taiyi":
+        write_bert_tokenizer(tok_dir)
+    else:
+        write_clip_tokenizer(tok_dir)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-file (original LDM / CompVis layout) checkpoints
+# ---------------------------------------------------------------------------------------------
+_RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+                  ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"),
+                  ("conv_shortcut", "skip_connection"))
+_UNET_FIXED_TO_LDM = {
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+}
+
+
+def _resnet_to_ldm(rest: str) -> str:
+    for new, old in _RESNET_TO_LDM:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def _unet_key_to_ldm(key: str, config: dict) -> str:
+    """A diffusers UNet2DConditionModel key as the original SD checkpoint names it."""
+    import re
+
+    per = config["layers_per_block"] + 1
+    up_types = config["up_block_types"]
+    for new, old in _UNET_FIXED_TO_LDM.items():
+        if key.startswith(new + "."):
+            return old + key[len(new):]
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)
+    if m:
+        side, i, part, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        index = per * i + j + (1 if side == "down" else 0)
+        block = "input_blocks" if side == "down" else "output_blocks"
+        if part == "resnets":
+            return f"{block}.{index}.0.{_resnet_to_ldm(rest)}"
+        return f"{block}.{index}.1.{rest}"
+    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key)
+    if m:
+        return f"input_blocks.{per * (int(m.group(1)) + 1)}.0.op.{m.group(2)}"
+    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key)
+    if m:
+        i = int(m.group(1))
+        slot = 2 if up_types[i].startswith("CrossAttn") else 1
+        return f"output_blocks.{per * i + per - 1}.{slot}.{m.group(2)}"
+    m = re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key)
+    if m:
+        return f"middle_block.{2 * int(m.group(1))}.{_resnet_to_ldm(m.group(2))}"
+    if key.startswith("mid_block.attentions.0."):
+        return "middle_block.1." + key[len("mid_block.attentions.0."):]
+    raise ValueError(f"no LDM name for UNet key {key}")
+
+
+def _vae_key_to_ldm(key: str, config: dict) -> str:
+    """A diffusers AutoencoderKL key as the original SD checkpoint names it."""
+    import re
+
+    last = len(config["block_out_channels"]) - 1
+    key = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+    m = re.match(r"encoder\.down_blocks\.(\d+)\.(resnets\.(\d+)|downsamplers\.0)\.(.*)", key)
+    if m:
+        part = f"block.{m.group(3)}" if m.group(3) is not None else "downsample"
+        return f"encoder.down.{m.group(1)}.{part}.{m.group(4)}"
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)", key)
+    if m:
+        part = f"block.{m.group(3)}" if m.group(3) is not None else "upsample"
+        return f"decoder.up.{last - int(m.group(1))}.{part}.{m.group(4)}"
+    m = re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", key)
+    if m:
+        return f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{m.group(3)}"
+    m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key)
+    if m:
+        rest = m.group(2)
+        for new, old in (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."),
+                         ("to_v.", "v."), ("to_out.0.", "proj_out.")):
+            if rest.startswith(new):
+                rest = old + rest[len(new):]
+        return f"{m.group(1)}.mid.attn_1.{rest}"
+    return key
+
+
+def save_single_file(pipeline_dir: str | Path, out_file: str | Path) -> Path:
+    """Write an SD1.5 diffusers folder as one original-layout (CompVis/LDM) checkpoint.
+
+    The keys single-file SD1.5 checkpoints use (``model.diffusion_model.*``,
+    ``first_stage_model.*``, ``cond_stage_model.transformer.*``), attention projections of the
+    VAE as 1x1 convolutions. ``.safetensors`` or, for any other suffix, a torch ``.ckpt``
+    (``{"state_dict": ...}``). CLIP text encoders only (Taiyi's BERT has no single-file layout).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(pipeline_dir), Path(out_file)
+    state: dict = {}
+    unet_cfg = json.loads((src / "unet" / "config.json").read_text(encoding="utf-8"))
+    for key, value in load_file(src / "unet" / "diffusion_pytorch_model.safetensors").items():
+        state["model.diffusion_model." + _unet_key_to_ldm(key, unet_cfg)] = value
+    vae_cfg = json.loads((src / "vae" / "config.json").read_text(encoding="utf-8"))
+    for key, value in load_file(src / "vae" / "diffusion_pytorch_model.safetensors").items():
+        ldm = _vae_key_to_ldm(key, vae_cfg)
+        if ".mid.attn_1." in ldm and ldm.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        state["first_stage_model." + ldm] = value
+    for key, value in load_file(src / "text_encoder" / "model.safetensors").items():
+        # transformers 5 saves CLIPTextModel keys without the "text_model." of the module tree
+        key = key if key.startswith("text_model.") else "text_model." + key
+        state["cond_stage_model.transformer." + key] = value
+    state = {k: v.contiguous() for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        save_file(state, str(out))
+    else:
+        torch.save({"state_dict": state}, str(out))
+    return out
+
+
+def make_config_folder(pipeline_dir: str | Path, out_dir: str | Path) -> Path:
+    """A copy of a diffusers folder without weights: the local config a single file needs."""
+    src, out = Path(pipeline_dir), Path(out_dir)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return out

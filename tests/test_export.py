@@ -1,0 +1,417 @@
+"""sd2mnn export: tiny diffusers pipelines on disk -> the ONNX folder MNN's tools expect.
+
+One module-scoped export per layout (diffusers folder, single file, Taiyi); each contract point
+of issue 6 is asserted on the ONNX files themselves.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import sd2mnn
+from sd2mnn.errors import InputError, MissingExtraError
+from sd2mnn.export import (
+    COMPONENTS,
+    TOLERANCES,
+    ExportCheckError,
+    ExportOptions,
+    Tolerance,
+    describe_io,
+    export,
+    is_diffusers_model,
+    require_export_extra,
+)
+
+CLIP_TOKENIZER_FILES = {"vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"}
+
+
+def _needs_torch():
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+
+
+# -- fixtures: built and exported once per module --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd15_dir(tmp_path_factory) -> Path:
+    _needs_torch()
+    from sd2mnn.testing import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("sd15") / "pipeline", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd15_export(sd15_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sd15_onnx") / "onnx"
+    events = []
+    report = export(sd15_dir, out, ExportOptions(), progress=lambda c, m: events.append((c, m)))
+    return out, report, events
+
+
+@pytest.fixture(scope="module")
+def single_file(sd15_dir, tmp_path_factory):
+    from sd2mnn.testing import make_config_folder, save_single_file
+
+    root = tmp_path_factory.mktemp("single")
+    ckpt = save_single_file(sd15_dir, root / "tiny-sd15.safetensors")
+    config = make_config_folder(sd15_dir, root / "config")
+    return ckpt, config
+
+
+@pytest.fixture(scope="module")
+def single_file_export(single_file, tmp_path_factory):
+    ckpt, config = single_file
+    out = tmp_path_factory.mktemp("single_onnx") / "onnx"
+    return out, export(ckpt, out, ExportOptions(config=config))
+
+
+@pytest.fixture(scope="module")
+def taiyi_export(tmp_path_factory):
+    _needs_torch()
+    from sd2mnn.testing import make_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("taiyi")
+    pipeline = make_tiny_pipeline(root / "pipeline", seed=0, kind="taiyi")
+    options = ExportOptions(components=("text_encoder", "unet"))
+    return root / "onnx", export(pipeline, root / "onnx", options)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def assert_contract(onnx_dir: Path, length: int, hidden: int, components=COMPONENTS) -> None:
+    """Issue 6, point 2, on the files: names, dtypes, static shapes, the unet's weights.pb."""
+    expected = {
+        "text_encoder": (
+            {"input_ids": ("int32", (2, length))},
+            {"last_hidden_state": ("float32", (2, length, hidden)), "pooler_output": ("float32", (2, hidden))},
+        ),
+        "unet": (
+            {
+                "sample": ("float32", (2, 4, 64, 64)),
+                "timestep": ("int32", (1,)),
+                "encoder_hidden_states": ("float32", (2, length, hidden)),
+            },
+            {"out_sample": ("float32", (2, 4, 64, 64))},
+        ),
+        "vae_encoder": ({"sample": ("float32", (1, 3, 512, 512))}, {"latent_sample": ("float32", (1, 4, 64, 64))}),
+        "vae_decoder": ({"latent_sample": ("float32", (1, 4, 64, 64))}, {"sample": ("float32", (1, 3, 512, 512))}),
+    }
+    for name in components:
+        inputs, outputs = describe_io(onnx_dir / name / "model.onnx")
+        assert inputs == expected[name][0], name
+        assert outputs == expected[name][1], name
+        assert list(inputs) == list(expected[name][0]), f"{name}: input order"
+    if "unet" in components:
+        unet = onnx_dir / "unet"
+        assert sorted(p.name for p in unet.iterdir()) == ["model.onnx", "weights.pb"]
+        model = onnx.load(str(unet / "model.onnx"), load_external_data=False)
+        external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert external, "unet weights must be external"
+        for tensor in external:
+            location = {e.key: e.value for e in tensor.external_data}["location"]
+            assert location == "weights.pb"
+        inline = sum(len(t.raw_data) for t in model.graph.initializer)
+        assert inline < 0.05 * (unet / "weights.pb").stat().st_size
+    for name in set(components) - {"unet"}:
+        assert sorted(p.name for p in (onnx_dir / name).iterdir()) == ["model.onnx"], name
+
+
+def ort_run(model: Path, feeds: dict) -> list:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+# -- the diffusers folder ------------------------------------------------------------------------
+
+
+def test_layout_and_contract(sd15_export):
+    onnx_dir, report, _ = sd15_export
+    assert sorted(p.name for p in onnx_dir.iterdir()) == ["text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder"]
+    assert {p.name for p in (onnx_dir / "tokenizer").iterdir()} == CLIP_TOKENIZER_FILES
+    assert_contract(onnx_dir, 77, 16)
+    assert report.kind == "sd15" and report.text_length == 77 and report.opset == 18
+    assert [c.name for c in report.components] == list(COMPONENTS)
+    assert all(c.path == onnx_dir / c.name / "model.onnx" for c in report.components)
+
+
+def test_opset(sd15_export):
+    onnx_dir, _, _ = sd15_export
+    model = onnx.load(str(onnx_dir / "vae_decoder" / "model.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}.get("", None) == 18
+
+
+def test_every_part_checked_against_pytorch(sd15_export):
+    _, report, events = sd15_export
+    for comp in report.components:
+        assert comp.max_abs_error, comp.name
+        for name, err in comp.max_abs_error.items():
+            assert 0 <= err < TOLERANCES[comp.name].atol, (comp.name, name, err)
+    # Progress per component, in order.
+    started = [c for c, m in events if m == "loading"]
+    assert started == list(COMPONENTS)
+    assert [c for c, m in events if m.startswith("done")] == list(COMPONENTS)
+
+
+def test_text_encoder_matches_pytorch_on_a_real_prompt(sd15_dir, sd15_export):
+    """An independent check: the tokenizer's ids for a prompt, PyTorch vs ONNX Runtime."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(sd15_export[0] / "tokenizer"))
+    ids = tokenizer(["", "an astronaut riding a horse"], padding="max_length", max_length=77).input_ids
+    assert ids[1][:3] == [49406, tokenizer.convert_tokens_to_ids("an</w>"), tokenizer.convert_tokens_to_ids("astronaut</w>")]
+    ids = np.array(ids, dtype=np.int32)
+    model = CLIPTextModel.from_pretrained(str(sd15_dir / "text_encoder")).eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids).long())
+    hidden, pooled = ort_run(sd15_export[0] / "text_encoder" / "model.onnx", {"input_ids": ids})
+    assert np.abs(hidden - ref.last_hidden_state.numpy()).max() < 1e-4
+    assert np.abs(pooled - ref.pooler_output.numpy()).max() < 1e-4
+
+
+def test_unet_timestep_is_used(sd15_export):
+    rng = np.random.default_rng(0)
+    feeds = {
+        "sample": rng.standard_normal((2, 4, 64, 64)).astype(np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, 16)).astype(np.float32),
+    }
+    path = sd15_export[0] / "unet" / "model.onnx"
+    a = ort_run(path, {**feeds, "timestep": np.array([1], np.int32)})[0]
+    b = ort_run(path, {**feeds, "timestep": np.array([981], np.int32)})[0]
+    assert np.abs(a - b).max() > 1e-3
+
+
+# -- single file and Taiyi -----------------------------------------------------------------------
+
+
+def test_single_file_export_matches_folder_export(single_file_export, sd15_export):
+    onnx_dir, report = single_file_export
+    assert report.kind == "sd15"
+    assert_contract(onnx_dir, 77, 16)
+    # The same weights give the same ONNX bytes.
+    for rel in ("unet/weights.pb", "vae_decoder/model.onnx", "text_encoder/model.onnx"):
+        assert (onnx_dir / rel).read_bytes() == (sd15_export[0] / rel).read_bytes(), rel
+    assert {p.name for p in (onnx_dir / "tokenizer").iterdir()} == CLIP_TOKENIZER_FILES
+
+
+def test_single_file_needs_config(single_file, tmp_path):
+    ckpt, _ = single_file
+    with pytest.raises(InputError, match="--config"):
+        export(ckpt, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_ckpt_single_file(sd15_dir, single_file, sd15_export, tmp_path):
+    from sd2mnn.testing import save_single_file
+
+    ckpt = save_single_file(sd15_dir, tmp_path / "tiny.ckpt")
+    report = export(ckpt, tmp_path / "onnx", ExportOptions(components=("unet",), config=single_file[1]))
+    assert (tmp_path / "onnx" / "unet" / "weights.pb").read_bytes() == (sd15_export[0] / "unet" / "weights.pb").read_bytes()
+    assert report.components[0].max_abs_error["out_sample"] < 1e-3
+
+
+def test_taiyi_detected(taiyi_export):
+    onnx_dir, report = taiyi_export
+    assert report.kind == "taiyi" and report.text_length == 512
+    assert_contract(onnx_dir, 512, 16, components=("text_encoder", "unet"))
+    assert (onnx_dir / "tokenizer" / "vocab.txt").is_file()
+    vocab = (onnx_dir / "tokenizer" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert vocab[101] == "[CLS]" and vocab[102] == "[SEP]"
+    assert sorted(p.name for p in onnx_dir.iterdir()) == ["text_encoder", "tokenizer", "unet"]
+
+
+# -- errors and atomicity ------------------------------------------------------------------------
+
+
+def _no_leftovers(parent: Path) -> None:
+    assert [p.name for p in parent.iterdir() if ".export-" in p.name] == []
+
+
+def test_missing_model(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        export(tmp_path / "nope", tmp_path / "onnx")
+
+
+def test_not_a_pipeline(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model.bin").write_bytes(b"x")
+    for bad in (tmp_path / "model", tmp_path / "model.bin"):
+        with pytest.raises(InputError, match="model_index.json"):
+            export(bad, tmp_path / "onnx")
+    assert not is_diffusers_model(tmp_path / "model")
+
+
+def test_corrupt_model_index(sd15_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd15_dir, broken)
+    (broken / "model_index.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"model_index\.json: unreadable"):
+        export(broken, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_missing_component_config(sd15_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd15_dir, broken)
+    (broken / "unet" / "config.json").unlink()
+    with pytest.raises(InputError, match=r"unet/config\.json: missing"):
+        export(broken, tmp_path / "onnx")
+
+
+def test_missing_weights(sd15_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd15_dir, broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(InputError, match=r"broken/vae: no weights"):
+        export(broken, tmp_path / "onnx", ExportOptions(components=("vae_decoder",)))
+    assert not (tmp_path / "onnx").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_corrupt_weights_leave_nothing(sd15_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd15_dir, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(InputError, match=r"broken/unet: cannot load"):
+        export(broken, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_corrupt_single_file(single_file, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\0" * 64)
+    with pytest.raises(InputError, match="bad.safetensors: cannot load"):
+        export(bad, tmp_path / "onnx", ExportOptions(config=single_file[1]))
+    assert not (tmp_path / "onnx").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_failed_check_is_an_error_and_leaves_nothing(sd15_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(TOLERANCES, "vae_decoder", Tolerance(0.0))
+    with pytest.raises(ExportCheckError, match="vae_decoder.*max abs error"):
+        export(sd15_dir, tmp_path / "onnx", ExportOptions(components=("vae_decoder",)))
+    assert not (tmp_path / "onnx").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_existing_output(sd15_dir, tmp_path):
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="--overwrite"):
+        export(sd15_dir, out, ExportOptions(components=("vae_decoder",)))
+    assert (out / "keep.txt").read_text() == "mine"
+    export(sd15_dir, out, ExportOptions(components=("vae_decoder",), overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer", "vae_decoder"]
+    _no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (ExportOptions(components=("unet", "refiner")), "refiner"),
+        (ExportOptions(height=500), "multiple of 64"),
+        (ExportOptions(opset=7), "opset"),
+    ],
+)
+def test_bad_options(options, match, tmp_path):
+    with pytest.raises(InputError, match=match):
+        export(tmp_path, tmp_path / "onnx", options)
+
+
+# -- the optional extra --------------------------------------------------------------------------
+
+
+def test_import_does_not_need_torch():
+    code = "import sys, sd2mnn.export, sd2mnn.cli.export; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_extra_names_the_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install 'sd2mnn\[export\]'"):
+        require_export_extra()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text("{}")
+    with pytest.raises(MissingExtraError, match="diffusers"):
+        export(tmp_path / "m", tmp_path / "onnx")
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_export(sd15_dir, tmp_path, capsys):
+    from sd2mnn.cli import main
+
+    code = main(["export", str(sd15_dir), str(tmp_path / "onnx"), "--components", "vae_decoder,unet"])
+    out = capsys.readouterr()
+    assert code == 0
+    assert "exported sd15" in out.out and "max abs error" in out.out
+    assert "[export] unet: exporting" in out.err
+    assert_contract(tmp_path / "onnx", 77, 16, components=("unet", "vae_decoder"))
+
+
+def test_cli_errors(tmp_path, capsys):
+    from sd2mnn.cli import main
+
+    assert main(["export", str(tmp_path / "nope"), str(tmp_path / "onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path), str(tmp_path / "o"), "--components", "refiner"])
+
+
+# -- the packaged demo pipeline (made by scripts/make_demo_pipeline.py) ----------------------------
+
+
+def test_demo_pipeline_meets_contract():
+    from sd2mnn.demo import demo_pipeline_dir
+
+    demo = demo_pipeline_dir()
+    assert_contract(demo, 77, 16)
+    assert {p.name for p in (demo / "tokenizer").iterdir()} == CLIP_TOKENIZER_FILES
+    vocab = json.loads((demo / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    assert sum(p.stat().st_size for p in demo.rglob("*") if p.is_file()) <= 6_000_000
+
+
+# -- end to end: export, convert, verify ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["folder", "single_file"])
+def test_export_then_convert(layout, request, tmp_path):
+    if not hasattr(sd2mnn, "convert"):
+        pytest.skip("sd2mnn.convert does not exist yet")
+    fixture = "sd15_export" if layout == "folder" else "single_file_export"
+    onnx_dir = request.getfixturevalue(fixture)[0]
+    verify = importlib.util.find_spec("sd2mnn.verification") is not None
+    report = sd2mnn.convert(onnx_dir, tmp_path / "mnn", verify=verify)
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert (tmp_path / "mnn" / f"{name}.mnn").is_file()
+        assert (tmp_path / "mnn" / f"{name}.mnn.weight").is_file()
+    if not verify:
+        pytest.skip("converted; sd2mnn.verification does not exist yet, so nothing was verified")
+    # TODO(lead): assert on the verification result's fields once its API settles.
+    assert report.verification is not None
