@@ -310,3 +310,14 @@ def test_relative_output_folder(demo_onnx, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli_main(["convert", str(demo_onnx), "rel/bundle", "--components", "vae_decoder", "-q"]) == 0
     assert (tmp_path / "rel" / "bundle" / "vae_decoder.mnn.weight").stat().st_size > 0
+
+
+def test_extra_after_options(demo_onnx, tmp_path):
+    """EXTRA may follow the options, as one string of several flags."""
+    out = tmp_path / "b"
+    assert cli_main(["convert", str(demo_onnx), str(out), "--components", "vae_decoder", "-q",
+                     "--fp16 --weightQuantBits=4"]) == 0
+    flags = json.loads((out / "manifest.json").read_text())["converter_flags"]
+    assert flags == ["--fp16", "--weightQuantBits=4"]
+    with pytest.raises(SystemExit):  # a misspelt sd2mnn flag is not taken for a converter flag
+        cli_main(["convert", str(demo_onnx), str(out), "--weight-quant-bitz", "8"])

@@ -401,17 +401,25 @@ def test_demo_pipeline_meets_contract():
 
 
 @pytest.mark.parametrize("layout", ["folder", "single_file"])
-def test_export_then_convert(layout, request, tmp_path):
-    if not hasattr(sd2mnn, "convert"):
-        pytest.skip("sd2mnn.convert does not exist yet")
+def test_export_then_convert_then_verify(layout, request, tmp_path):
     fixture = "sd15_export" if layout == "folder" else "single_file_export"
     onnx_dir = request.getfixturevalue(fixture)[0]
-    verify = importlib.util.find_spec("sd2mnn.verification") is not None
-    report = sd2mnn.convert(onnx_dir, tmp_path / "mnn", verify=verify)
+    report = sd2mnn.convert(onnx_dir, tmp_path / "mnn", verify=True)
     for name in ("text_encoder", "unet", "vae_decoder"):
         assert (tmp_path / "mnn" / f"{name}.mnn").is_file()
         assert (tmp_path / "mnn" / f"{name}.mnn.weight").is_file()
-    if not verify:
-        pytest.skip("converted; sd2mnn.verification does not exist yet, so nothing was verified")
-    # TODO(lead): assert on the verification result's fields once its API settles.
-    assert report.verification is not None
+    assert report.verification.passed, report.verification.failures
+    assert {c.name for c in report.verification.components} >= {"text_encoder", "unet", "vae_decoder"}
+
+
+def test_convert_exports_a_diffusers_folder_first(sd15_dir, tmp_path):
+    """`sd2mnn convert MODEL MNN_DIR`: the diffusers folder is exported, then converted."""
+    from sd2mnn.cli import main
+
+    keep = tmp_path / "kept-onnx"
+    code = main(["convert", str(sd15_dir), str(tmp_path / "mnn"), "--keep-onnx", str(keep),
+                 "--components", "text_encoder,vae_decoder", "-q"])
+    assert code == 0
+    assert (tmp_path / "mnn" / "vae_decoder.mnn.weight").stat().st_size > 0
+    assert (keep / "vae_decoder" / "model.onnx").is_file() and not (keep / "unet").exists()
+    assert not list(tmp_path.glob(".sd2mnn-export-*"))

@@ -80,6 +80,8 @@ def convert(
     mnn_dir: str | os.PathLike,
     options: ConvertOptions | None = None,
     progress: Progress | None = None,
+    export_options=None,
+    keep_onnx: str | os.PathLike | None = None,
     **overrides,
 ) -> ConversionReport:
     """Convert the ONNX pipeline in ``onnx_dir`` into an MNN bundle in ``mnn_dir``.
@@ -87,11 +89,19 @@ def convert(
     Options come as a ``ConvertOptions`` or as its fields by keyword
     (``convert(src, dst, weight_quant_bits=8)``). Raises an ``Sd2MnnError`` subclass on bad
     input or a failed conversion, leaving ``mnn_dir`` as it was.
+
+    ``onnx_dir`` may also be a diffusers pipeline folder or single-file checkpoint: it is then
+    exported first (``sd2mnn.export``, with ``export_options``) into a temporary folder, or into
+    ``keep_onnx`` to keep it.
     """
     if "components" in overrides:
         overrides["components"] = parse_components(overrides["components"])
     options = replace(options or ConvertOptions(), **overrides)
     progress = progress or NullProgress()
+    from sd2mnn.export import is_diffusers_model
+
+    if is_diffusers_model(onnx_dir):
+        return _export_then_convert(Path(onnx_dir), Path(mnn_dir), options, progress, export_options, keep_onnx)
     started = time.monotonic()
 
     onnx = open_onnx_pipeline(onnx_dir, options.components)
@@ -113,7 +123,9 @@ def convert(
             progress.update(job.name, "waiting", job.reason)
         finished = _run_jobs(plan, bundle, jobs, progress)
         staged, records = _stage_components(plan, bundle, finished)
+        progress.update("tokenizer", "writing", MTOK_NAME)
         tokenizer_files = _stage_tokenizer(plan, bundle, staged)
+        progress.update("tokenizer", "done", MTOK_NAME)
         manifest = _next_manifest(plan, records, tokenizer_files)
         bundle.commit(staged, manifest)
     progress.close()
@@ -143,6 +155,21 @@ def convert(
 
         report.verification = verify_after_convert(onnx.root, mnn_path, options.components, progress)
     return report
+
+
+def _export_then_convert(model: Path, mnn_dir: Path, options: ConvertOptions, progress: Progress,
+                         export_options, keep_onnx) -> ConversionReport:
+    import tempfile
+
+    from sd2mnn.export import ExportOptions, export
+
+    export_options = replace(export_options or ExportOptions(), components=options.components, overwrite=True)
+    scratch_parent = mnn_dir.absolute().parent
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".sd2mnn-export-", dir=scratch_parent) as tmp:
+        onnx_dir = Path(keep_onnx) if keep_onnx else Path(tmp) / "onnx"
+        export(model, onnx_dir, export_options, progress=lambda name, message: progress.update(name, "exporting", message))
+        return convert(onnx_dir, mnn_dir, options, progress)
 
 
 # -- running the converters ------------------------------------------------------------------

@@ -16,7 +16,7 @@ from sd2mnn import __version__
 from sd2mnn.errors import Sd2MnnError
 
 # Module names under sd2mnn.cli, in the order `sd2mnn --help` lists them.
-COMMANDS = ["convert", "verify", "demo", "doctor", "export"]
+COMMANDS = ["convert", "verify", "bench", "sweep", "demo", "doctor", "export", "generate", "compare"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        if hasattr(args, "extra") and all(_CONVERTER_FLAG.match(u) for u in unknown):
-            args.extra = " ".join(filter(None, [args.extra, *map(shlex.quote, unknown)]))
+        # argparse hands an EXTRA string given after the options here too ("--a=1 --b").
+        if hasattr(args, "extra") and all(_CONVERTER_FLAG.match(t) for u in unknown for t in shlex.split(u)):
+            args.extra = " ".join(filter(None, [args.extra, *unknown]))
         else:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not hasattr(args, "func"):

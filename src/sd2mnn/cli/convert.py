@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   sd2mnn convert onnx/ mnn/ --weight-quant-bits 8        8-bit weights (about 4x smaller)
   sd2mnn convert onnx/ mnn/ "--weightQuantBits=8 --transformerFuse"   raw MNNConvert flags
   sd2mnn convert onnx/ mnn/ --components unet,vae_encoder --jobs 1
+  sd2mnn convert my-diffusers-model/ mnn/ --keep-onnx onnx/   export first (sd2mnn[export])
 """
 
 
@@ -38,7 +39,8 @@ def register(subparsers) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("onnx_dir", metavar="ONNX_DIR", help="folder of a diffusers -> ONNX export")
+    parser.add_argument("onnx_dir", metavar="ONNX_DIR",
+                        help="folder of a diffusers -> ONNX export; a diffusers folder or .safetensors/.ckpt is exported first")
     parser.add_argument("mnn_dir", metavar="MNN_DIR", help="bundle folder to create or update")
     parser.add_argument("extra", metavar="EXTRA", nargs="?", default="", help="raw MNNConvert flags, passed through verbatim")
     parser.add_argument(
@@ -53,6 +55,9 @@ def register(subparsers) -> None:
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="kill a component's conversion after this long")
     run.add_argument("--force", action="store_true", help="reconvert every component, even if up to date")
     run.add_argument("--verify", action="store_true", help="verify the bundle against the ONNX models afterwards")
+    source = parser.add_argument_group("when ONNX_DIR is a diffusers model (exported first; needs sd2mnn[export])")
+    source.add_argument("--config", metavar="DIR", help="local diffusers folder with the configs, for a single-file checkpoint")
+    source.add_argument("--keep-onnx", metavar="DIR", help="keep the exported ONNX folder here (default: a temporary folder)")
     out = parser.add_argument_group("output")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     out.add_argument("--json", action="store_true", help="print the run's report as JSON on stdout")
@@ -94,7 +99,13 @@ def run_command(args: argparse.Namespace) -> int:
     terminate_as_interrupt()
     options = options_from_args(args)
     progress = make_progress(quiet=args.quiet)
-    report = convert(args.onnx_dir, args.mnn_dir, options, progress=progress)
+    export_options = None
+    if args.config:
+        from sd2mnn.export import ExportOptions
+
+        export_options = ExportOptions(config=args.config)
+    report = convert(args.onnx_dir, args.mnn_dir, options, progress=progress,
+                     export_options=export_options, keep_onnx=args.keep_onnx)
     if args.json:
         print_json(report.to_dict())
     elif not args.quiet:
