@@ -2,7 +2,11 @@
 
 ``python -m sd2mnn._probe MODEL.mnn RESULT.json --inputs a,b --outputs c`` writes the inputs'
 and outputs' names, shapes and dtypes to RESULT.json, or exits non-zero with the reason on
-stderr. It runs apart from sd2mnn so a multi-GB model's memory goes back when it ends.
+stderr. It runs apart from sd2mnn so a crash in MNN cannot take sd2mnn down.
+
+Both MNN calls here read the graph, not the weights: a full-size UNet checks in 0.3 s and 45 MB.
+(Loading it with shape_mutable=False, as the C++ runtime does, prepares every kernel: 45 s and
+9.8 GB here; that belongs to `sd2mnn verify`, which runs the model for real.)
 """
 import argparse
 import json
@@ -43,7 +47,7 @@ def main(argv=None) -> int:
         print(f"probe: {args.model} has no tensor named {', '.join(missing)}", file=sys.stderr)
         return 1
     try:
-        module = nn.load_module_from_file(str(args.model), inputs, outputs, shape_mutable=False)
+        module = nn.load_module_from_file(str(args.model), inputs, outputs)
     except Exception as err:
         print(f"probe: MNN cannot load {args.model}: {err}", file=sys.stderr)
         return 1
