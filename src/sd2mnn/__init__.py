@@ -2,6 +2,7 @@
 
     import sd2mnn
     report = sd2mnn.convert("onnx/", "mnn/", weight_quant_bits=8)
+    image = sd2mnn.Pipeline("mnn/").generate("a photo of a cat", seed=42)
 """
 from __future__ import annotations
 
@@ -11,4 +12,13 @@ from sd2mnn.conversion import ConversionReport, convert
 from sd2mnn.errors import Sd2MnnError
 from sd2mnn.plan import ConvertOptions
 
-__all__ = ["__version__", "convert", "ConvertOptions", "ConversionReport", "Sd2MnnError"]
+__all__ = ["__version__", "convert", "ConvertOptions", "ConversionReport", "Pipeline", "Sd2MnnError"]
+
+
+def __getattr__(name: str):
+    # Pipeline is imported on first use, so `import sd2mnn` stays light.
+    if name == "Pipeline":
+        from sd2mnn.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'sd2mnn' has no attribute {name!r}")

@@ -34,6 +34,8 @@ class RuntimeConfig:
     # MNN's Winograd 3x3 convolutions are fast but add ~1e-3 abs error on an SD VAE decoder at
     # 512x512 (measured here); MNN's own SD runtime turns them off in its low-memory mode 0.
     winograd: bool = True
+    # Further MNN::Interpreter::HintMode settings, (hint, value) pairs, set on the runtime manager.
+    hints: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -52,6 +54,26 @@ def _mnn_dtype(F, dtype: np.dtype):
     raise InputError(f"MNN inputs must be float32 or int32, got {dtype}")
 
 
+def mnn_runtime_manager(config: RuntimeConfig):
+    """An MNN RuntimeManager for ``config``. Its cache file, if any, is written when it is freed."""
+    import MNN.nn as nn
+
+    runtime_config = {
+        "backend": config.backend,
+        "numThread": config.threads,  # GPU backends read this field as their mode bits
+        "precision": config.precision,
+        "memory": config.memory,
+    }
+    runtime = nn.create_runtime_manager((runtime_config,))
+    if config.cache_file:
+        runtime.set_cache(str(config.cache_file))
+    if not config.winograd:
+        runtime.set_hint(_WINOGRAD_MEMORY_LEVEL, 0)
+    for hint, value in config.hints:
+        runtime.set_hint(hint, value)
+    return runtime
+
+
 class MnnModel:
     """A loaded ``.mnn`` module with fixed input and output names."""
 
@@ -62,7 +84,10 @@ class MnnModel:
         output_names: Sequence[str],
         config: RuntimeConfig = RuntimeConfig(),
         shape_mutable: bool = False,
+        runtime_manager=None,
     ):
+        """``runtime_manager``: one from ``mnn_runtime_manager`` to share between models (as MNN's
+        SD runtime shares one across its three: one cache file, one set of hints); else a new one."""
         import MNN.nn as nn
 
         self.path = Path(path)
@@ -74,17 +99,7 @@ class MnnModel:
             raise InputError(f"{weight} is missing; reconvert {self.path.name} (sd2mnn convert --force)")
         self.input_names = list(input_names)
         self.output_names = list(output_names)
-        runtime_config = {
-            "backend": config.backend,
-            "numThread": config.threads,
-            "precision": config.precision,
-            "memory": config.memory,
-        }
-        self._runtime = nn.create_runtime_manager((runtime_config,))
-        if config.cache_file:
-            self._runtime.set_cache(str(config.cache_file))
-        if not config.winograd:
-            self._runtime.set_hint(_WINOGRAD_MEMORY_LEVEL, 0)
+        self._runtime = runtime_manager or mnn_runtime_manager(config)
         try:
             self._module = nn.load_module_from_file(
                 str(self.path),
@@ -135,7 +150,10 @@ class OrtModel:
             raise InputError(f"ONNX Runtime could not load {self.path} ({err}); re-export it") from None
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        # Exports differ in integer widths (timestep int32 or int64): feed what the model declares.
+        self._int64_inputs = {i.name for i in self._session.get_inputs() if i.type == "tensor(int64)"}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        feeds = {n: feeds[n].astype(np.int64) if n in self._int64_inputs else feeds[n] for n in self.input_names}
+        outputs = self._session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outputs))

@@ -1,7 +1,9 @@
-"""Helpers shared by the command modules: output formatting and signal handling."""
+"""Helpers shared by the command modules: output formatting, signals, native output."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sys
 from typing import Iterable, Sequence
@@ -44,3 +46,20 @@ def terminate_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr(discard: bool = False):
+    """MNN's C++ code prints ("MNN use low precision") to file descriptor 1: send it to stderr
+    (or nowhere, for --quiet) while MNN runs, so stdout carries only the command's own output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    target = os.open(os.devnull, os.O_WRONLY) if discard else os.dup(2)
+    try:
+        os.dup2(target, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(target)

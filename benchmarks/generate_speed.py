@@ -1,0 +1,142 @@
+"""Text-to-image speed: MNN bundle vs the ONNX pipeline it came from, on ONNX Runtime.
+
+    python benchmarks/generate_speed.py ONNX_DIR BUNDLE [--steps 20] [--threads 2] [--json out.json]
+
+Each runtime runs in a child process of its own (so its peak RSS is its own), from the same
+prompt and seed (the same initial latents), through sd2mnn.Pipeline: load, text encoder, N UNet
+steps, VAE decoder, PNG. Reported per runtime: tokenizer and model load, first and steady
+(median of the others) UNet step, text encoder, VAE decoder, end to end (model load + generate +
+PNG, in the child; not the tokenizer) and peak RSS; then MNN end to end / ONNX Runtime end to end against the target (<= 0.8) and the PSNR of
+the two images. A markdown table, then JSON on stdout.
+
+Full size is SD1.5 at 512x512 with 20 steps and 2 threads (issue 5); the demo pipeline
+(sd2mnn.demo.demo_pipeline_dir() and a bundle converted from it) runs it in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_RATIO = 0.8
+RUNTIMES = ("onnxruntime", "mnn")
+
+
+def child(args: argparse.Namespace) -> int:
+    """Run one generation on one runtime; write the measurements to args.result as JSON."""
+    started = time.perf_counter()
+    from sd2mnn.pipeline import GenerationParams, Pipeline, mnn_runtime_config
+    from sd2mnn.runtime import RuntimeConfig
+
+    imported = time.perf_counter()
+    if args.child == "mnn":
+        config = mnn_runtime_config(threads=args.threads, precision=args.precision, memory_mode=args.memory_mode)
+        pipeline = Pipeline(args.source, "mnn", config)
+    else:
+        pipeline = Pipeline(args.source, "onnxruntime", RuntimeConfig(threads=args.threads))
+    generation = pipeline.run(GenerationParams(args.prompt, steps=args.steps, seed=args.seed))
+    generation.save(args.image)
+    done = time.perf_counter()
+    result = {
+        "runtime": args.child,
+        "source": str(args.source),
+        "import_s": imported - started,
+        # Models load + generate + PNG. Not the tokenizer: the ONNX side builds its .mtok from
+        # tokenizer/ (about a second) where a real ONNX pipeline would load its HF tokenizer.
+        "end_to_end_s": done - imported - generation.timings.tokenizer_s,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        **generation.timings.to_dict(),
+        "config": generation.metadata.get("mnn_config") or f"threads={args.threads}",
+    }
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+def run_child(runtime: str, source: Path, args: argparse.Namespace, work: Path) -> dict:
+    result, image = work / f"{runtime}.json", work / f"{runtime}.png"
+    argv = [sys.executable, __file__, "--child", runtime, "--source", str(source), "--result", str(result),
+            "--image", str(image), "--steps", str(args.steps), "--threads", str(args.threads),
+            "--seed", str(args.seed), "--prompt", args.prompt, "--precision", args.precision,
+            "--memory-mode", str(args.memory_mode)]
+    started = time.perf_counter()
+    # The child's own output (MNN prints to stdout) goes to stderr: stdout is the report.
+    done = subprocess.run(argv, stdout=sys.stderr, stderr=sys.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"{runtime} run failed (exit {done.returncode}); see the output above")
+    data = json.loads(result.read_text())
+    data["process_wall_s"] = time.perf_counter() - started
+    data["image"] = str(image)
+    return data
+
+
+def markdown(results: dict[str, dict]) -> str:
+    head = ("| runtime | tokenizer | model load | first step | steady step | first/steady | text encoder "
+            "| VAE decoder | end to end | peak RSS |")
+    lines = [head, "|" + "---|" * 10]
+    for name, r in results.items():
+        ratio = r["first_step_s"] / r["steady_step_s"] if r["steady_step_s"] else float("nan")
+        lines.append(
+            f"| {name} | {r['tokenizer_s']:.2f} s | {r['load_s']:.2f} s | {r['first_step_s']:.3f} s | {r['steady_step_s']:.3f} s | {ratio:.2f}x "
+            f"| {r['text_encoder_s']:.3f} s | {r['vae_decoder_s']:.2f} s | {r['end_to_end_s']:.2f} s "
+            f"| {r['peak_rss_bytes'] / 2**20:.0f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("onnx_dir", nargs="?", type=Path, help="ONNX pipeline folder (ONNX Runtime side)")
+    parser.add_argument("bundle", nargs="?", type=Path, help="MNN bundle converted from it (MNN side)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
+    parser.add_argument("--precision", choices=("high", "low"), default="low", help="MNN precision (MNN's runtime: low)")
+    parser.add_argument("--memory-mode", type=int, choices=(0, 1, 2), default=1, help="diffusion_demo's memory_mode")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the JSON report here")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the two PNGs in this folder")
+    # Internal: one measured run.
+    parser.add_argument("--child", choices=RUNTIMES, help=argparse.SUPPRESS)
+    parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--image", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+    if args.onnx_dir is None or args.bundle is None:
+        parser.error("give ONNX_DIR and BUNDLE")
+
+    with tempfile.TemporaryDirectory(prefix="sd2mnn-bench-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        results = {name: run_child(name, src, args, work)
+                   for name, src in (("onnxruntime", args.onnx_dir), ("mnn", args.bundle))}
+        from sd2mnn.images import compare
+
+        comparison = compare(results["mnn"]["image"], results["onnxruntime"]["image"])
+    ratio = results["mnn"]["end_to_end_s"] / results["onnxruntime"]["end_to_end_s"]
+    report = {
+        "steps": args.steps, "threads": args.threads, "seed": args.seed, "prompt": args.prompt,
+        "cpu_count": os.cpu_count(), "results": results,
+        "mnn_over_onnxruntime_end_to_end": ratio, "target": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO,
+        "psnr_db": None if comparison.identical else comparison.psnr_db, "ssim": comparison.ssim,
+    }
+    print(f"{args.steps} steps, {args.threads} threads, seed {args.seed}, {os.cpu_count()} CPUs\n")
+    print(markdown(results))
+    psnr = "identical" if comparison.identical else f"{comparison.psnr_db:.1f} dB"
+    print(f"\nMNN end to end = {ratio:.2f}x ONNX Runtime (target <= {TARGET_RATIO}: "
+          f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}); images: PSNR {psnr}, SSIM {comparison.ssim:.4f}\n")
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

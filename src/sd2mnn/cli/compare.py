@@ -1,0 +1,51 @@
+"""sd2mnn compare A.png B.png [--diff DIFF.png] [--min-psnr DB]"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from sd2mnn.cli._common import native_stdout_to_stderr, print_json, table
+from sd2mnn.images import compare, read_image
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="PSNR/SSIM of two images and a picture of where they differ",
+        description="Compare two images of the same size: PSNR, SSIM, largest and mean pixel difference, "
+        "and a grey picture of |A - B| stretched so the largest difference is white. Metadata that differs "
+        "between the two (sd2mnn generate's prompt, seed, runtime...) is listed.",
+    )
+    parser.add_argument("a", metavar="A", help="first image (PNG)")
+    parser.add_argument("b", metavar="B", help="second image (PNG)")
+    parser.add_argument("--diff", metavar="DIFF.png", help="where to write the diff picture (default: A_vs_B.diff.png beside A)")
+    parser.add_argument("--no-diff", action="store_true", help="write no diff picture")
+    parser.add_argument("--min-psnr", type=float, metavar="DB", help="exit 1 if PSNR is below this")
+    parser.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout")
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    a, b = Path(args.a), Path(args.b)
+    diff = None if args.no_diff else Path(args.diff or a.with_name(f"{a.stem}_vs_{b.stem}.diff.png"))
+    with native_stdout_to_stderr():  # MNN's PNG encoder prints on import
+        result = compare(a, b, diff)
+    failed = args.min_psnr is not None and result.psnr_db < args.min_psnr
+    if args.json:
+        print_json({**result.to_dict(), "min_psnr": args.min_psnr, "passed": not failed})
+        return 1 if failed else 0
+    psnr = "inf (identical)" if math.isinf(result.psnr_db) else f"{result.psnr_db:.2f} dB"
+    print(f"{a} vs {b} ({result.width}x{result.height})")
+    print(f"  PSNR {psnr}   SSIM {result.ssim:.5f}   max |diff| {result.max_abs_diff}   "
+          f"mean |diff| {result.mean_abs_diff:.4f}   pixels differing {100 * result.differing_pixels:.2f}%")
+    meta_a, meta_b = read_image(a)[1], read_image(b)[1]
+    rows = [[k, meta_a.get(k, "-"), meta_b.get(k, "-")] for k in sorted(set(meta_a) | set(meta_b))
+            if meta_a.get(k) != meta_b.get(k)]
+    if rows:
+        print(table(["metadata", "A", "B"], rows))
+    if diff is not None:
+        print(f"  diff picture: {diff} (x{result.diff_gain:.1f})" if not result.identical else f"  diff picture: {diff} (all black)")
+    if failed:
+        print(f"PSNR {result.psnr_db:.2f} dB is below --min-psnr {args.min_psnr}")
+    return 1 if failed else 0

@@ -1,0 +1,172 @@
+"""sd2mnn generate BUNDLE PROMPT -o OUT.png   |   sd2mnn generate --onnx ONNX_DIR PROMPT -o OUT.png"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from sd2mnn.cli._common import native_stdout_to_stderr, print_json, terminate_as_interrupt
+from sd2mnn.errors import InputError
+from sd2mnn.images import check_png_path
+from sd2mnn.noise import METHODS
+from sd2mnn.scheduler import MAX_STEPS, MIN_STEPS
+
+EXAMPLES = """examples:
+  sd2mnn generate mnn/ "a photo of a cat" -o cat.png --seed 42
+  sd2mnn generate mnn/ a photo of a cat -o cat.png              words are joined, as diffusion_demo does
+  sd2mnn generate --onnx onnx/ "a photo of a cat" -o ref.png --seed 42
+  sd2mnn compare cat.png ref.png
+
+The defaults are those of MNN's C++ runtime (diffusion_demo <bundle> 0 <memory_mode> 0 <steps> <seed>
+out.png <prompt>): the image is the one it draws, given the same MNN version, CPU backend, thread count
+and noise build (--noise mnn: a Linux/GCC build; mnn-libc++: Android, iOS, macOS). These depart from it
+on purpose and say so in a note and in the PNG's metadata: --negative-prompt (MNN always uses ""),
+--guidance other than 7.5, --noise numpy/torch, --latents. Steps outside 1..50 are refused: MNN would
+silently use 50 for more and 10 for fewer than 1.
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="text to image from an MNN bundle (or its ONNX pipeline) as MNN's C++ runtime does it",
+        usage="sd2mnn generate [options] BUNDLE PROMPT -o OUT.png\n"
+        "       sd2mnn generate [options] --onnx ONNX_DIR PROMPT -o OUT.png",
+        description="Draw an image from a prompt with an MNN bundle, following MNN's C++ SD runtime step\n"
+        "for step (tokenizer, std::mt19937 noise, PLMS, guidance 7.5, rounding, PNG file). With --onnx,\n"
+        "run the ONNX pipeline on ONNX Runtime with the same recipe, to compare the two.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("words", nargs="+", metavar="BUNDLE PROMPT",
+                        help="the bundle folder (left out with --onnx), then the prompt")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.png", help="PNG file to write")
+    parser.add_argument("--onnx", metavar="ONNX_DIR", help="run this ONNX pipeline folder on ONNX Runtime instead")
+    draw = parser.add_argument_group("what to draw")
+    draw.add_argument("--steps", type=int, default=20, help=f"denoising steps, {MIN_STEPS}..{MAX_STEPS} (default: %(default)s)")
+    draw.add_argument("--seed", type=int, default=0, help="noise seed, >= 0 (default: %(default)s)")
+    draw.add_argument("--noise", choices=METHODS, default="mnn",
+                      help="how the seed becomes noise: mnn = MNN's runtime built with libstdc++ (Linux), "
+                      "mnn-libc++ = built with libc++ (Android/iOS/macOS), numpy, torch (default: %(default)s)")
+    draw.add_argument("--latents", metavar="FILE", help="start from these latents (.npy, or a .txt of 16384 numbers "
+                      "like MNN_DUMP_DATA's random.txt) instead of drawing noise")
+    draw.add_argument("--save-latents", metavar="FILE.npy", help="also save the initial latents used")
+    draw.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s, MNN's; "
+                      "others no longer match MNN's runtime)")
+    draw.add_argument("--negative-prompt", default="", metavar="TEXT",
+                      help='unconditional prompt (default: "", MNN\'s; others no longer match MNN\'s runtime)')
+    run = parser.add_argument_group("how to run")
+    run.add_argument("--threads", type=int, default=4, help="CPU threads (default: %(default)s, MNN's; MNN "
+                     "picks kernels by thread count, so pixels can move with it)")
+    run.add_argument("--precision", choices=("high", "low"), default="low", help="MNN precision (default: %(default)s, MNN's)")
+    run.add_argument("--backend", default="CPU", help="MNN backend: CPU, OPENCL, VULKAN, METAL... (default: %(default)s)")
+    run.add_argument("--memory-mode", type=int, choices=(0, 1, 2), default=1,
+                     help="diffusion_demo's memory_mode: its Winograd setting (0 off, 1 default, 2 level 1) (default: %(default)s)")
+    run.add_argument("--cache-file", metavar="PATH", help="MNN cache file for GPU backends' tuned kernels")
+    out = parser.add_argument_group("output")
+    out.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
+    out.add_argument("--json", action="store_true", help="print timings and metadata as JSON on stdout")
+    parser.set_defaults(func=run_command)
+
+
+class StepProgress:
+    """Per-step times on stderr: one redrawn line on a terminal, a line per step otherwise."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.live = stream.isatty()
+        self.step_times: list[float] = []
+
+    def __call__(self, event) -> None:
+        if event.stage != "unet":
+            self._line(f"{event.stage}: {event.seconds:.2f}s")
+            return
+        self.step_times.append(event.seconds)
+        done, total = event.index + 1, event.total
+        steady = self.step_times[1:] or self.step_times
+        eta = (total - done) * sorted(steady)[len(steady) // 2]
+        bar = "#" * (20 * done // total) + "." * (20 - 20 * done // total)
+        text = f"unet step {done:>2}/{total} [{bar}] {event.seconds:.2f}s  eta {eta:.0f}s"
+        if self.live:
+            self.stream.write(f"\r\x1b[2K{text}" + ("\n" if done == total else ""))
+            self.stream.flush()
+        else:
+            self._line(text)
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def abort(self) -> None:
+        if self.live and self.step_times:
+            self.stream.write("\n")
+
+
+def split_words(args: argparse.Namespace) -> tuple[Path, str]:
+    words = list(args.words)
+    if args.onnx is None:
+        if len(words) < 2:
+            raise InputError("give the bundle folder and the prompt: sd2mnn generate BUNDLE \"a prompt\" -o out.png")
+        source = Path(words.pop(0))
+    else:
+        source = Path(args.onnx)
+    return source, " ".join(words)  # diffusion_demo joins argv[8:] with spaces
+
+
+def run_command(args: argparse.Namespace) -> int:
+    terminate_as_interrupt()
+    source, prompt = split_words(args)
+    output = check_png_path(args.output)
+    if args.save_latents:
+        check_npy_path(args.save_latents)
+    progress = None if args.quiet else StepProgress(sys.stderr)
+    with native_stdout_to_stderr(discard=args.quiet):
+        pipeline, generation = _generate(args, source, prompt, output, progress)
+    if not args.quiet:
+        for note in generation.notes:
+            print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print_json({"output": str(output), "metadata": generation.metadata,
+                    "timings": generation.timings.to_dict(), "notes": generation.notes})
+    elif not args.quiet:
+        t = generation.timings
+        print(f"wrote {output} ({generation.pixels.shape[1]}x{generation.pixels.shape[0]}) with {pipeline.runtime} "
+              f"in {t.total_s:.1f}s (+{t.load_s:.1f}s load): text encoder {t.text_encoder_s:.2f}s, "
+              f"{len(t.step_s)} steps (first {t.first_step_s:.2f}s, then {t.steady_step_s:.2f}s/step), "
+              f"VAE decoder {t.vae_decoder_s:.2f}s")
+    return 0
+
+
+def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path, progress: StepProgress | None):
+    from sd2mnn.pipeline import GenerationParams, Pipeline, load_latents, mnn_runtime_config
+    from sd2mnn.runtime import RuntimeConfig
+
+    latents = load_latents(args.latents) if args.latents else None
+    params = GenerationParams(prompt, args.negative_prompt, args.steps, args.seed, args.guidance, args.noise,
+                              latents, args.latents)
+    params.validate()  # before minutes of loading
+    if args.onnx is None:
+        config = mnn_runtime_config(args.backend, args.threads, args.precision, args.memory_mode, args.cache_file)
+        pipeline = Pipeline(source, "mnn", config)
+    else:
+        pipeline = Pipeline(source, "onnxruntime", RuntimeConfig(threads=args.threads))
+    if args.save_latents:
+        np.save(args.save_latents, params.initial_latents())
+    try:
+        generation = pipeline.run(params, progress)
+    except KeyboardInterrupt:
+        if progress:
+            progress.abort()
+        raise  # nothing written: the PNG only appears once the image is complete
+    generation.save(output)
+    return pipeline, generation
+
+
+def check_npy_path(path: str) -> None:
+    target = Path(path)
+    if target.suffix != ".npy":
+        raise InputError(f"{target} does not end in .npy; --save-latents writes a numpy file")
+    if not target.parent.is_dir():
+        raise InputError(f"{target.parent} does not exist; create it first")

@@ -1,0 +1,446 @@
+"""Text to image from an MNN bundle, step for step as MNN's C++ runtime does it; or from the ONNX
+pipeline on ONNX Runtime with the same recipe, so the two can be compared.
+
+Read against MNN ``transformers/diffusion/engine/src/stable_diffusion.cpp`` (commit 4d40bdbd7):
+``StableDiffusion::run()`` -> ``text_encoder()`` -> ``unet()`` (noise, PLMS loop, guidance) ->
+``vae_decoder()`` -> ``imwrite()``. tests/test_runtime_recipe.py holds every choice here against
+the C++ line it mirrors. The pieces live where they are tested: tokenizer.py (ids), noise.py
+(std::mt19937 latents), scheduler.py (PLMS), images.py (the PNG file).
+
+    import sd2mnn
+    image = sd2mnn.Pipeline("mnn/").generate("a cat", steps=20, seed=42)    # a PIL image
+    ref = sd2mnn.Pipeline.from_onnx("onnx/").generate("a cat", steps=20, seed=42)
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sd2mnn import __version__
+from sd2mnn.errors import InputError
+from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME
+from sd2mnn.manifest import read_manifest, sha256_file
+from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
+from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig, mnn_runtime_manager
+from sd2mnn.scheduler import MAX_STEPS, MIN_STEPS, PLMSScheduler, clamp_steps
+from sd2mnn.tokenizer import PromptTokenizer
+
+GUIDANCE_SCALE = 7.5  # unet(): "scaleptr[0] = 7.5"
+LATENT_SCALE = np.float32(1 / 0.18215)  # vae_decoder(): "latent * _Const(1 / 0.18215)", a float
+DEFAULT_STEPS = 20
+RUNTIMES = ("mnn", "onnxruntime")
+PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# MNN::Interpreter::HintMode values set by StableDiffusion::load().
+WINOGRAD_MEMORY_LEVEL = 3
+DYNAMIC_QUANT_OPTIONS = 5
+MNN_GPU_TUNING_FAST = 1 << 4  # MNNForwardType.h
+MNN_GPU_MEMORY_BUFFER = 1 << 6
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime's arithmetic, one function per C++ expression
+# ---------------------------------------------------------------------------------------------
+def unet_feeds(latent: np.ndarray, timestep: int, text_embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """``mSampleVar = _Concat({plms, plms}, 0)``; the timestep goes through a float and
+    ``_Cast<int>`` into an int32 tensor of shape [1]."""
+    return {
+        "sample": np.concatenate([latent, latent], axis=0),
+        "timestep": np.array([timestep], dtype=np.float32).astype(np.int32),
+        "encoder_hidden_states": text_embeddings,
+    }
+
+
+def guide(noise_pred: np.ndarray, scale: float = GUIDANCE_SCALE) -> np.ndarray:
+    """``_Split(noise_pred, {2}, 0)`` (row 0 unconditional, row 1 text), then
+    ``scalevar * (noise_pred_text - noise_pred_uncond) + noise_pred_uncond`` in float32."""
+    uncond, text = noise_pred[0:1], noise_pred[1:2]
+    return np.float32(scale) * (text - uncond) + uncond
+
+
+def scale_latents(latent: np.ndarray) -> np.ndarray:
+    """``latent * _Const(1 / 0.18215)``: a multiply by the float nearest 1/0.18215, not a divide."""
+    return latent * LATENT_SCALE
+
+
+def decoded_to_pixels(sample: np.ndarray) -> np.ndarray:
+    """The VAE output [1, 3, H, W] -> uint8 RGB [H, W, 3], as ``vae_decoder()`` does it:
+
+    ``_Relu6(image * 0.5 + 0.5, 0, 1)``, ``_Squeeze(_Transpose(image, {0, 2, 3, 1}))``,
+    ``_Cast<uint8>(_Round(image * 255.0))``. MNN's Round is C's ``roundf`` (halves away from
+    zero, not numpy's halves to even); its x86 Relu6 kernel turns NaN into 1.
+    """
+    image = np.asarray(sample, dtype=np.float32) * np.float32(0.5) + np.float32(0.5)
+    image = np.where(np.isnan(image), np.float32(1), np.clip(image, np.float32(0), np.float32(1)))
+    image = np.squeeze(np.transpose(image, (0, 2, 3, 1)))
+    scaled = image * np.float32(255.0)
+    floor = np.floor(scaled)
+    return (floor + (scaled - floor >= np.float32(0.5))).astype(np.uint8)  # roundf; x - floor(x) is exact
+
+
+def mnn_runtime_config(
+    backend: str = "CPU",
+    threads: int = 4,
+    precision: str = "low",
+    memory_mode: int = 1,
+    cache_file: str | None = None,
+) -> RuntimeConfig:
+    """The runtime settings of ``StableDiffusion::load()``: CPU with 4 threads, precision and
+    memory Low, DYNAMIC_QUANT_OPTIONS 2 on CPU (int8 weights), and the Winograd level of
+    diffusion_demo's ``memory_mode`` (0: off, 1: MNN's default, 2: level 1). MNN picks kernels by
+    thread count, so other thread counts can move a few pixels. On OpenCL, buffer memory with fast
+    tuning, as load() sets; a ``cache_file`` keeps the tuning between runs (load(): ".tempcache")."""
+    if memory_mode not in (0, 1, 2):
+        raise InputError(f"memory mode must be 0, 1 or 2 (diffusion_demo's memory_mode), got {memory_mode}")
+    hints = []
+    if memory_mode == 2:
+        hints.append((WINOGRAD_MEMORY_LEVEL, 1))
+    backend = backend.upper()
+    if backend == "CPU":
+        hints.append((DYNAMIC_QUANT_OPTIONS, 2))
+    elif backend == "OPENCL":
+        threads = MNN_GPU_MEMORY_BUFFER | MNN_GPU_TUNING_FAST  # load(): config.mode for OpenCL
+    else:
+        threads = 1  # load(): "config.numThread = 1" for the other backends
+    return RuntimeConfig(
+        backend=backend,
+        threads=threads,
+        precision=precision,
+        memory="low",
+        cache_file=cache_file,
+        winograd=memory_mode != 0,
+        hints=tuple(hints),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What to draw
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class GenerationParams:
+    """One request. The defaults are MNN's runtime's; ``divergences()`` lists what departs from it."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = DEFAULT_STEPS
+    seed: int = 0
+    guidance: float = GUIDANCE_SCALE
+    noise: str = "mnn"  # how latents are drawn from the seed (noise.py)
+    latents: np.ndarray | None = None  # given initial latents: seed and noise are then unused
+    latents_source: str | None = None  # where they came from, for the metadata
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise InputError(f"the prompt must be text, got {type(self.prompt).__name__}")
+        if not self.prompt.strip():
+            raise InputError('the prompt is empty; say what to draw, e.g. "a photo of a cat"')
+        for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"the {name} is not valid text (undecodable bytes); pass it as UTF-8") from None
+        if not _whole(self.steps) or not MIN_STEPS <= self.steps <= MAX_STEPS:
+            mnn = f" (MNN's runtime would quietly use {clamp_steps(self.steps)})" if _whole(self.steps) else ""
+            raise InputError(f"steps must be a whole number from {MIN_STEPS} to {MAX_STEPS}, got {self.steps!r}{mnn}")
+        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
+            raise InputError(f"guidance must be a finite number, got {self.guidance!r}")
+        if self.latents is not None:
+            check_latents(self.latents, self.latents_source or "the given latents")
+            return
+        if self.noise not in METHODS:
+            raise InputError(f"unknown noise {self.noise!r}; choose one of {', '.join(METHODS)}")
+        limit = 2**32 if self.noise.startswith("mnn") else 2**63  # std::mt19937 seeds are 32-bit
+        if not _whole(self.seed) or not 0 <= self.seed < limit:
+            raise InputError(f"seed must be a whole number from 0 to {limit - 1}, got {self.seed!r}"
+                             " (MNN's runtime takes a negative seed to mean a random one)")
+
+    def divergences(self) -> list[str]:
+        """Why the image will not be the one MNN's C++ runtime draws for this prompt and seed."""
+        out = []
+        if self.negative_prompt:
+            out.append('a negative prompt (MNN\'s runtime always uses "" as the unconditional prompt)')
+        if self.guidance != GUIDANCE_SCALE:
+            out.append(f"guidance {self.guidance:g} (MNN's runtime uses {GUIDANCE_SCALE:g})")
+        if self.latents is not None:
+            out.append("given latents (the same image only if they are the ones MNN's runtime draws)")
+        elif not self.noise.startswith("mnn"):
+            out.append(f"{self.noise} noise (MNN's runtime draws std::mt19937 noise: --noise mnn)")
+        elif self.seed >= 2**31:
+            out.append(f"seed {self.seed} (diffusion_demo reads its seed with atoi: below 2**31)")
+        return out
+
+    def initial_latents(self) -> np.ndarray:
+        if self.latents is not None:
+            return np.ascontiguousarray(self.latents, dtype=np.float32)
+        return initial_noise(int(self.seed), LATENT_SHAPE, self.noise)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_latents(latents, source: str) -> np.ndarray:
+    array = np.asarray(latents)
+    if array.shape != LATENT_SHAPE or array.dtype.kind != "f":
+        raise InputError(f"{source} holds {array.dtype} {list(array.shape)}; the runtime starts from "
+                         f"float32 {list(LATENT_SHAPE)} latents")
+    if not np.isfinite(array).all():
+        raise InputError(f"{source} holds NaN or infinite values; give finite latents")
+    return array.astype(np.float32)
+
+
+def load_latents(path: str | os.PathLike) -> np.ndarray:
+    """Initial latents from a .npy file, or a .txt of 16384 numbers (the random.txt that MNN's
+    runtime reads instead of drawing noise when built with MNN_DUMP_DATA)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; give a .npy file of float32 {list(LATENT_SHAPE)} latents")
+    try:
+        if path.suffix.lower() == ".txt":
+            array = np.loadtxt(path, dtype=np.float32).reshape(-1)
+            if array.size != math.prod(LATENT_SHAPE):
+                raise ValueError(f"{array.size} numbers, not {math.prod(LATENT_SHAPE)}")
+            array = array.reshape(LATENT_SHAPE)
+        else:
+            array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"{path} is not a latents file sd2mnn can read ({err}); save one with numpy.save") from None
+    return check_latents(array, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepEvent:
+    """Progress: ``stage`` is text_encoder, unet or vae_decoder; ``index`` counts from 0."""
+
+    stage: str
+    index: int
+    total: int
+    seconds: float
+
+
+@dataclass
+class Timings:
+    load_s: float  # loading the three models
+    tokenizer_s: float = 0.0  # loading (ONNX side: building) the tokenizer
+    text_encoder_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    vae_decoder_s: float = 0.0
+    total_s: float = 0.0  # tokenizing to pixels, not counting load_s
+
+    @property
+    def first_step_s(self) -> float:
+        return self.step_s[0] if self.step_s else 0.0
+
+    @property
+    def steady_step_s(self) -> float:
+        """The median of the steps after the first (the first when there is one step)."""
+        return statistics.median(self.step_s[1:]) if len(self.step_s) > 1 else self.first_step_s
+
+    def to_dict(self) -> dict:
+        return {"load_s": self.load_s, "tokenizer_s": self.tokenizer_s, "text_encoder_s": self.text_encoder_s,
+                "step_s": list(self.step_s), "first_step_s": self.first_step_s,
+                "steady_step_s": self.steady_step_s, "vae_decoder_s": self.vae_decoder_s, "total_s": self.total_s}
+
+
+@dataclass
+class Generation:
+    pixels: np.ndarray  # uint8 RGB [H, W, 3]
+    latents: np.ndarray  # the final latents, before 1/0.18215 scaling
+    params: GenerationParams
+    timings: Timings
+    metadata: dict[str, str]
+
+    @property
+    def notes(self) -> list[str]:
+        return [f"the image will not match MNN's C++ runtime: {d}" for d in self.params.divergences()]
+
+    def image(self):
+        """A PIL image whose ``info`` holds the metadata (``images.write_png`` writes it)."""
+        from PIL import Image
+
+        image = Image.fromarray(self.pixels, "RGB")
+        image.info.update(self.metadata)
+        return image
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from sd2mnn.images import write_png
+
+        return write_png(path, self.pixels, self.metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+class Pipeline:
+    """Three models and a tokenizer, loaded once; ``generate``/``run`` as often as wanted.
+
+    ``Pipeline(bundle)`` runs an MNN bundle with MNN's runtime settings (``mnn_runtime_config``);
+    ``Pipeline(onnx_dir, runtime="onnxruntime")`` or ``Pipeline.from_onnx(onnx_dir)`` runs the
+    ONNX pipeline it was converted from, on ONNX Runtime, with the same recipe.
+    """
+
+    def __init__(self, source: str | os.PathLike, runtime: str = "mnn", config: RuntimeConfig | None = None):
+        if runtime not in RUNTIMES:
+            raise InputError(f"unknown runtime {runtime!r}; choose {' or '.join(RUNTIMES)}")
+        self.source = Path(source)
+        self.runtime = runtime
+        self.config = config or mnn_runtime_config()
+        kind = "MNN bundle" if runtime == "mnn" else "ONNX pipeline folder"
+        if not self.source.is_dir():
+            what = "does not exist" if not self.source.exists() else "is not a folder"
+            fix = "convert one with sd2mnn convert ONNX_DIR BUNDLE" if runtime == "mnn" else "export one with sd2mnn export"
+            raise InputError(f"{self.source} {what}; give an {kind} ({fix})")
+        load = self._load_mnn if runtime == "mnn" else self._load_onnx
+        self.tokenizer_s, self.load_s, files = load()
+        self.model_hash, self.model_hash_exact = content_hash(self.source, files)
+
+    def _load_mnn(self) -> tuple[float, float, list[str]]:
+        mtok = self.source / MTOK_NAME
+        if not mtok.is_file():
+            raise InputError(f"{mtok} is missing (MNN's runtime reads only this tokenizer file); "
+                             "reconvert the bundle with sd2mnn convert")
+        start = time.perf_counter()
+        self.tokenizer = PromptTokenizer.from_dir(mtok)
+        loaded = time.perf_counter()
+        # As load(): one runtime manager for the three modules, and shapeMutable = false, so MNN
+        # resizes each module (plans memory, packs weights) as it loads, not in the first step.
+        manager = mnn_runtime_manager(self.config)
+        self._models = {
+            name: MnnModel(self.source / COMPONENTS[name].mnn_name, COMPONENTS[name].inputs,
+                           COMPONENTS[name].outputs, self.config, shape_mutable=False, runtime_manager=manager)
+            for name in PIPELINE_COMPONENTS
+        }
+        files = [MTOK_NAME] + [f for n in PIPELINE_COMPONENTS for f in (COMPONENTS[n].mnn_name, COMPONENTS[n].weight_name)]
+        return loaded - start, time.perf_counter() - loaded, files
+
+    def _load_onnx(self) -> tuple[float, float, list[str]]:
+        for name in PIPELINE_COMPONENTS:
+            if not (self.source / name / "model.onnx").is_file():
+                raise InputError(f"{self.source / name / 'model.onnx'} is missing; export the pipeline with sd2mnn export")
+        start = time.perf_counter()
+        self.tokenizer = PromptTokenizer.from_dir(self.source)  # writes a .mtok from tokenizer/ first
+        loaded = time.perf_counter()
+        self._models = {name: OrtModel(self.source / name / "model.onnx", threads=self.config.threads)
+                        for name in PIPELINE_COMPONENTS}
+        files = sorted(p.relative_to(self.source).as_posix() for n in (*PIPELINE_COMPONENTS, "tokenizer")
+                       for p in (self.source / n).rglob("*") if p.is_file())
+        return loaded - start, time.perf_counter() - loaded, files
+
+    @classmethod
+    def from_onnx(cls, onnx_dir: str | os.PathLike, threads: int = 4) -> "Pipeline":
+        return cls(onnx_dir, runtime="onnxruntime", config=RuntimeConfig(threads=threads))
+
+    def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = DEFAULT_STEPS, seed: int = 0,
+                 guidance: float = GUIDANCE_SCALE, noise: str = "mnn", latents=None,
+                 on_step: Callable[[StepEvent], None] | None = None):
+        """A PIL image (512x512 RGB for SD1.5); its ``info`` holds the metadata.
+
+        ``latents``: initial latents (an array, or a .npy/.txt path) instead of drawing noise.
+        """
+        source = None
+        if latents is not None and not isinstance(latents, np.ndarray):
+            source, latents = str(latents), load_latents(latents)
+        params = GenerationParams(prompt, negative_prompt, steps, seed, guidance, noise, latents, source)
+        return self.run(params, on_step).image()
+
+    def run(self, params: GenerationParams, on_step: Callable[[StepEvent], None] | None = None) -> Generation:
+        params.validate()
+        report = on_step or (lambda event: None)
+        timings = Timings(load_s=self.load_s, tokenizer_s=self.tokenizer_s)
+        started = time.perf_counter()
+
+        # run(): "auto ids = mTokenizer->encode(prompt, mMaxTextLen)" -> [uncond "", prompt].
+        ids = self.tokenizer.encode_pair(params.prompt, self.tokenizer.format.max_length, params.negative_prompt)
+        t = time.perf_counter()
+        # text_encoder(): outputs[0] of {"last_hidden_state", "pooler_output"}.
+        text_embeddings = self._models["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+        timings.text_encoder_s = time.perf_counter() - t
+        report(StepEvent("text_encoder", 0, 1, timings.text_encoder_s))
+
+        latent = params.initial_latents()
+        scheduler = PLMSScheduler(params.steps)
+        for i, timestep in enumerate(scheduler.timesteps):
+            t = time.perf_counter()
+            out = self._models["unet"].run(unet_feeds(latent, int(timestep), text_embeddings))["out_sample"]
+            latent = scheduler.step(guide(out, params.guidance), i, latent)
+            timings.step_s.append(time.perf_counter() - t)
+            report(StepEvent("unet", i, params.steps, timings.step_s[-1]))
+
+        t = time.perf_counter()
+        decoded = self._models["vae_decoder"].run({"latent_sample": scale_latents(latent)})["sample"]
+        pixels = decoded_to_pixels(decoded)
+        timings.vae_decoder_s = time.perf_counter() - t
+        report(StepEvent("vae_decoder", 0, 1, timings.vae_decoder_s))
+        timings.total_s = time.perf_counter() - started
+        return Generation(pixels, latent, params, timings, self.metadata(params))
+
+    def metadata(self, params: GenerationParams) -> dict[str, str]:
+        """What the PNG records: enough to redo the image and to know what made it."""
+        meta = {"Software": f"sd2mnn {__version__}", "prompt": params.prompt}
+        if params.negative_prompt:
+            meta["negative_prompt"] = params.negative_prompt
+        meta["steps"] = str(params.steps)
+        if params.latents is None:
+            meta["seed"] = str(params.seed)
+            meta["noise"] = params.noise
+        else:
+            digest = hashlib.sha256(np.ascontiguousarray(params.latents, dtype=np.float32).tobytes()).hexdigest()
+            meta["noise"] = f"latents {Path(params.latents_source).name if params.latents_source else 'array'}"
+            meta["latents_sha256"] = digest
+        meta["guidance"] = f"{params.guidance:g}"
+        meta["runtime"] = self.runtime
+        if self.runtime == "mnn":
+            c = self.config
+            hints = ",".join(f"{hint}:{value}" for hint, value in c.hints)
+            meta["mnn_config"] = (f"backend={c.backend} threads={c.threads} precision={c.precision} memory={c.memory} "
+                                  f"winograd={'on' if c.winograd else 'off'} hints={hints or '-'}")
+        else:
+            meta["onnxruntime_threads"] = str(self.config.threads)
+        meta["bundle" if self.runtime == "mnn" else "onnx_dir"] = self.source.resolve().name
+        meta["bundle_hash" if self.runtime == "mnn" else "onnx_hash"] = self.model_hash
+        if not self.model_hash_exact:
+            meta["hash_note"] = "files over 64 MiB not recorded in manifest.json are identified by size and mtime"
+        divergences = params.divergences()
+        meta["matches_mnn_runtime"] = "yes" if not divergences else "no: " + "; ".join(divergences)
+        return meta
+
+
+_HASH_LIMIT = 64 << 20  # hash smaller files on every run; bigger ones only via manifest.json
+
+
+def content_hash(root: Path, files: list[str]) -> tuple[str, bool]:
+    """A short id of the model files: sha256 over each file's sha256, taken from manifest.json when
+    its recorded size and mtime still hold (never re-hashing gigabytes). Returns (id, exact)."""
+    recorded = {}
+    try:
+        manifest = read_manifest(root / MANIFEST_NAME)
+    except InputError:
+        manifest = None
+    if manifest is not None:
+        for record in [*manifest.tokenizer, *(f for c in manifest.components.values() for f in c.outputs)]:
+            recorded[record.path] = record
+    digest, exact = hashlib.sha256(), True
+    for rel in files:
+        path = root / rel
+        if not path.is_file():
+            continue
+        stat = path.stat()
+        record = recorded.get(rel)
+        if record is not None and record.size == stat.st_size and record.mtime_ns == stat.st_mtime_ns:
+            file_id = record.sha256
+        elif stat.st_size <= _HASH_LIMIT:
+            file_id = sha256_file(path)
+        else:
+            file_id, exact = f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}", False
+        digest.update(f"{rel} {file_id}\n".encode())
+    return digest.hexdigest()[:16], exact
