@@ -3,7 +3,9 @@ directly, for the same three components and flags, in one run.
 
     python benchmarks/convert_overhead.py ONNX_DIR WORK_DIR [--flags "--weightQuantBits=8"]
 
-Three measurements, each a child process tree sampled for its summed RSS every 20 ms:
+Three measurements, each a child process tree sampled for its summed RSS every 20 ms, each
+started on an empty output folder after a sync (so no run pays for another's writeback), all
+repeated --repeat times in turn; the best wall time and the worst peak of each are reported:
   direct       the MNN package's converter called directly for text_encoder, unet, vae_decoder
                one after another (what MNN's convert_mnn.py does, minus its telemetry script)
   sequential   sd2mnn convert --jobs 1 --force
@@ -15,41 +17,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
+from _measure import measure
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
-def measure(argv: list[str], cwd: Path) -> tuple[float, int]:
+def run(argv: list[str], cwd: Path) -> tuple[float, int]:
     """(wall seconds, peak summed RSS of the process tree) of one command."""
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    root = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            rss = 0
-            for p in tree:
-                try:
-                    rss += p.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-            peak = max(peak, rss)
-        except psutil.NoSuchProcess:
-            pass
-        time.sleep(0.02)
-    wall = time.monotonic() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{argv[:4]} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, peak
+    os.sync()
+    result = measure(argv, cwd=cwd)
+    if result["returncode"] != 0:
+        raise SystemExit(f"{argv[:5]} failed with exit code {result['returncode']}")
+    return result["wall_s"], result["tree_peak_bytes"]
 
 
 def direct(onnx_dir: Path, out: Path, flags: list[str]) -> tuple[float, int]:
@@ -60,16 +46,19 @@ def direct(onnx_dir: Path, out: Path, flags: list[str]) -> tuple[float, int]:
         argv = [sys.executable, "-c", "import sys, _tools; _tools.mnnconvert(sys.argv[1:])", "MNNConvert",
                 "-f", "ONNX", "--modelFile", str(onnx_dir / name / "model.onnx"),
                 "--MNNModel", str(out / f"{name}.mnn"), "--saveExternalData=1", *flags]
-        w, p = measure(argv, out)
+        w, p = run(argv, out)
         wall, peak = wall + w, max(peak, p)
         print(f"  direct {name}: {w:.1f}s, {p / 2**30:.2f} GiB", file=sys.stderr)
     return wall, peak
 
 
 def sd2mnn(onnx_dir: Path, out: Path, flags: list[str], jobs: int | None) -> tuple[float, int]:
+    # Start from an empty folder, as the direct run does: replacing an earlier bundle would add
+    # the unlinking of its 4 GB of files (about 6 s here) to sd2mnn's time alone.
+    shutil.rmtree(out, ignore_errors=True)
     argv = [sys.executable, "-m", "sd2mnn.cli", "convert", str(onnx_dir), str(out), shlex.join(flags),
             "--force", "--quiet", *(["--jobs", str(jobs)] if jobs else [])]
-    return measure(argv, out.parent)
+    return run(argv, out.parent)
 
 
 def main() -> int:
@@ -77,15 +66,24 @@ def main() -> int:
     parser.add_argument("onnx_dir", type=Path)
     parser.add_argument("work_dir", type=Path)
     parser.add_argument("--flags", default="", help="converter flags for every run")
+    parser.add_argument("--repeat", type=int, default=2, help="rounds of the three runs (default: 2)")
     args = parser.parse_args()
     flags = shlex.split(args.flags)
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
-    results = {}
-    results["direct"] = direct(args.onnx_dir.resolve(), work / "direct", flags)
-    results["sequential"] = sd2mnn(args.onnx_dir.resolve(), work / "sequential", flags, jobs=1)
-    results["default jobs"] = sd2mnn(args.onnx_dir.resolve(), work / "default", flags, jobs=None)
+    onnx_dir = args.onnx_dir.resolve()
+    runs = {
+        "direct": lambda: direct(onnx_dir, work / "direct", flags),
+        "sequential": lambda: sd2mnn(onnx_dir, work / "sequential", flags, jobs=1),
+        "default jobs": lambda: sd2mnn(onnx_dir, work / "default", flags, jobs=None),
+    }
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in runs}
+    for round_ in range(args.repeat):
+        for name, run_once in runs.items():
+            samples[name].append(run_once())
+            print(f"round {round_ + 1} {name}: {samples[name][-1][0]:.1f}s", file=sys.stderr)
+    results = {name: (min(w for w, _ in got), max(p for _, p in got)) for name, got in samples.items()}
     base_wall, base_peak = results["direct"]
     seq_wall, _ = results["sequential"]
 
@@ -94,7 +92,8 @@ def main() -> int:
     for name, (wall, peak) in results.items():
         print(f"| {name} | {wall:.1f} s | {peak / 2**30:.2f} GiB | {wall / base_wall:.3f}x | "
               f"{peak / base_peak:.3f}x | {wall / seq_wall:.3f}x |")
-    print(json.dumps({k: {"wall_s": round(w, 2), "peak_rss_bytes": p} for k, (w, p) in results.items()}))
+    print(json.dumps({k: {"wall_s": round(w, 2), "peak_rss_bytes": p, "walls": [round(x, 2) for x, _ in samples[k]]}
+                      for k, (w, p) in results.items()}))
     ok = seq_wall <= 1.03 * base_wall and results["sequential"][1] <= 1.05 * base_peak \
         and results["default jobs"][0] <= 0.92 * seq_wall
     print("targets met" if ok else "targets NOT met", file=sys.stderr)

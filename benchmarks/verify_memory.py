@@ -17,50 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from _measure import measure
+
 TARGET_RATIO = 1.2
-
-
-def _tree_rss(pid: int) -> int:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def measure(argv: list[str], stdout_path: Path, interval: float = 0.02) -> dict:
-    """Run ``argv``; its wall time, sampled process-tree peak and wait4 ru_maxrss (bytes)."""
-    started = time.monotonic()
-    with open(stdout_path, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    tree_peak = 0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        tree_peak = max(tree_peak, _tree_rss(proc.pid))
-        time.sleep(interval)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {
-        "returncode": proc.returncode,
-        "wall_s": round(time.monotonic() - started, 2),
-        "tree_peak_bytes": tree_peak,
-        "maxrss_bytes": usage.ru_maxrss * 1024,  # KiB on Linux; the largest single process
-    }
 
 
 def baseline_child(runtime: str, onnx_dir: str, mnn_dir: str, threads: int) -> int:
