@@ -46,10 +46,26 @@ def statuses(report) -> dict[str, str]:
     return {c.name: c.status for c in report.components}
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_runs():
+    """A failed test must not leave its sd2mnn run behind to disturb the next one."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def start_cli(args, tmp_path) -> subprocess.Popen:
     log = open(tmp_path / "cli.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "sd2mnn.cli", "convert", *map(str, args)],
+    proc = subprocess.Popen([sys.executable, "-m", "sd2mnn.cli", "convert", *map(str, args)],
                             stdout=log, stderr=subprocess.STDOUT)
+    _started.append(proc)
+    return proc
 
 
 def wait_for(condition, timeout=120.0, what="condition"):
@@ -321,8 +337,6 @@ def test_timeout_kills_a_hung_converter(bundle_copy, demo_onnx, tmp_path):
     visible = {k: v for k, v in tree_state(bundle_copy).items() if not k.startswith(".sd2mnn")}
     assert visible == before
     assert not (bundle_copy / ".sd2mnn" / "work").exists()
-    leftovers = []
-    for process in psutil.process_iter(["cmdline"]):
-        if "MNNConvert-stalling" in " ".join(process.info["cmdline"] or []):
-            leftovers.append(process)
-    assert not leftovers
+    # The hung converter was converted in this process: none of its children may live on.
+    alive = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]

@@ -85,8 +85,10 @@ class Child:
     def kill(self) -> None:
         if self._result is not None:
             return
+        # os.kill, not Popen.kill: that polls first, and a child it reaps there is lost to wait4.
+        # Until wait4 reaps it the pid stays ours (a zombie at worst), so this cannot hit another.
         try:
-            self._proc.kill()
+            os.kill(self._proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 

@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -175,20 +175,45 @@ def _export_then_convert(model: Path, mnn_dir: Path, options: ConvertOptions, pr
 # -- running the converters ------------------------------------------------------------------
 
 
+class _Background:
+    """A function run on a daemon thread: hashlib releases the GIL, so hashing a 3.4 GB UNet
+    overlaps the converter instead of adding to the wall time. (Not a ThreadPoolExecutor: a
+    Ctrl-C landing inside its submit() leaves its lock held, and its shutdown() then hangs.)"""
+
+    def __init__(self, fn):
+        self._result = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name="sd2mnn-hash")
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._result = fn()
+        except BaseException as err:  # re-raised in result()
+            self._error = err
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 @dataclass
 class _Running:
-    """A component being converted, then loaded back (two children in turn). Its files are
-    hashed on a thread meanwhile: hashlib releases the GIL, so hashing a 3.4 GB UNet overlaps
-    the converter instead of adding to the wall time."""
+    """A component being converted, then loaded back (two children in turn), its files hashed
+    in the background meanwhile."""
 
     job: ComponentJob
     scratch: Path
     log: Path
     child: Child
-    sources: Future
+    sources: _Background
     phase: str = "converting"  # then "loading"
     convert_result: ChildResult | None = None
-    outputs: Future | None = None
+    outputs: _Background | None = None
 
     @property
     def output(self) -> Path:
@@ -208,7 +233,7 @@ def _env_for_children() -> dict[str, str]:
     return env
 
 
-def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict, hasher: ThreadPoolExecutor) -> _Running:
+def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict) -> _Running:
     scratch = bundle.new_scratch(job.name)
     log = scratch / f"{job.name}.log"
     output = scratch / job.source.spec.mnn_name
@@ -216,7 +241,7 @@ def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict
     log.write_text(f"$ {' '.join(argv)}\n")
     # cwd=scratch: the converter drops .__convert_external_data.bin in its working directory.
     child = Child(argv, scratch, log, env=env, timeout=plan.options.timeout)
-    sources = hasher.submit(lambda: tuple(f.hashed(plan.onnx.root) for f in job.sources))
+    sources = _Background(lambda: tuple(f.hashed(plan.onnx.root) for f in job.sources))
     return _Running(job, scratch, log, child, sources)
 
 
@@ -263,14 +288,13 @@ def _run_jobs(plan: ConversionPlan, bundle: BundleDir, jobs: int, progress: Prog
     budget = int(psutil.virtual_memory().available * 0.9)
     running: list[_Running] = []
     finished: dict[str, ComponentRecord] = {}
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd2mnn-hash")
     try:
         while queue or running:
             converting = sum(r.phase == "converting" for r in running)
             in_use = sum(r.peak for r in running)
             while queue and converting < jobs and (not running or in_use + expected_peak(queue[0]) <= budget):
                 job = queue.pop(0)
-                running.append(_start(job, plan, bundle, env, hasher))
+                running.append(_start(job, plan, bundle, env))
                 converting, in_use = converting + 1, in_use + running[-1].peak
                 progress.update(job.name, "converting", job.reason)
             for item in list(running):
@@ -283,7 +307,7 @@ def _run_jobs(plan: ConversionPlan, bundle: BundleDir, jobs: int, progress: Prog
                     item.convert_result = result
                     item.phase, item.child = "loading", _probe(item, plan, env)
                     spec = item.job.source.spec
-                    item.outputs = hasher.submit(
+                    item.outputs = _Background(
                         lambda s=item.scratch, names=(spec.mnn_name, spec.weight_name): tuple(
                             FileRecord.of(s / n, s) for n in names))
                     progress.update(item.job.name, "loading", "checking the model loads in MNN")
@@ -310,8 +334,6 @@ def _run_jobs(plan: ConversionPlan, bundle: BundleDir, jobs: int, progress: Prog
             progress.update(job.name, "cancelled")
         progress.close()
         raise
-    finally:
-        hasher.shutdown(wait=True, cancel_futures=True)
     return finished
 
 
