@@ -21,7 +21,6 @@ import os
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from _measure import measure
@@ -87,7 +86,7 @@ def main() -> int:
     base_wall, base_peak = results["direct"]
     seq_wall, _ = results["sequential"]
 
-    print(f"| run | wall | peak RSS | wall vs direct | peak vs direct | wall vs sequential |")
+    print("| run | wall | peak RSS | wall vs direct | peak vs direct | wall vs sequential |")
     print("|---|---|---|---|---|---|")
     for name, (wall, peak) in results.items():
         print(f"| {name} | {wall:.1f} s | {peak / 2**30:.2f} GiB | {wall / base_wall:.3f}x | "

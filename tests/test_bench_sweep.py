@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import sd2mnn.conversion
 from sd2mnn.bench import bench
 from sd2mnn.cli import main as cli_main
 from sd2mnn.errors import InputError

@@ -5,7 +5,6 @@ of issue 6 is asserted on the ONNX files themselves.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys

@@ -29,7 +29,6 @@ from sd2mnn.pipeline import (
     decoded_to_pixels,
     guide,
     mnn_runtime_config,
-    scale_latents,
 )
 from sd2mnn.errors import InputError
 from sd2mnn.scheduler import PLMSScheduler, clamp_steps

@@ -17,7 +17,7 @@ from pathlib import Path
 from sd2mnn import __version__
 from sd2mnn.bundle import BundleDir
 from sd2mnn.children import Child, ChildResult, log_tail
-from sd2mnn.converter import Converter, find_converter
+from sd2mnn.converter import find_converter
 from sd2mnn.errors import ConversionError, ConversionTimeoutError, DiskSpaceError, InputError
 from sd2mnn.layout import LOGS_DIR, MTOK_NAME, open_onnx_pipeline, parse_components
 from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
