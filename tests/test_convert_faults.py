@@ -62,8 +62,11 @@ def _no_leftover_runs():
 
 def start_cli(args, tmp_path) -> subprocess.Popen:
     log = open(tmp_path / "cli.log", "wb")
+    # A shell without job control starts background commands with SIGINT ignored, and Python
+    # keeps it ignored: give the run the default disposition so Ctrl-C (SIGINT) reaches it.
     proc = subprocess.Popen([sys.executable, "-m", "sd2mnn.cli", "convert", *map(str, args)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _started.append(proc)
     return proc
 
