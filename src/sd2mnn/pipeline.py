@@ -27,7 +27,7 @@ import numpy as np
 from sd2mnn import __version__
 from sd2mnn.errors import InputError
 from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME
-from sd2mnn.manifest import read_manifest, sha256_file
+from sd2mnn.manifest import FileRecord, read_manifest
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
 from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig, mnn_runtime_manager
 from sd2mnn.scheduler import MAX_STEPS, MIN_STEPS, PLMSScheduler, clamp_steps
@@ -434,13 +434,9 @@ def content_hash(root: Path, files: list[str]) -> tuple[str, bool]:
         path = root / rel
         if not path.is_file():
             continue
-        stat = path.stat()
-        record = recorded.get(rel)
-        if record is not None and record.size == stat.st_size and record.mtime_ns == stat.st_mtime_ns:
-            file_id = record.sha256
-        elif stat.st_size <= _HASH_LIMIT:
-            file_id = sha256_file(path)
-        else:
-            file_id, exact = f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}", False
+        record = FileRecord.of(path, root, recorded.get(rel), hash_now=path.stat().st_size <= _HASH_LIMIT)
+        file_id = record.sha256
+        if not file_id:
+            file_id, exact = f"size={record.size} mtime_ns={record.mtime_ns}", False
         digest.update(f"{rel} {file_id}\n".encode())
     return digest.hexdigest()[:16], exact

@@ -14,6 +14,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from sd2mnn.tokenizer import BYTE_TO_CHAR
+
 # The ids MNN's runtime hard-codes (stable_diffusion.cpp): CLIP BOS/EOS and BERT CLS/SEP.
 CLIP_BOS_ID = 49406
 CLIP_EOS_ID = 49407
@@ -97,18 +99,6 @@ KINDS = ("sd15", "taiyi")
 # ---------------------------------------------------------------------------------------------
 # Tokenizers
 # ---------------------------------------------------------------------------------------------
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from the 256 bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def learn_bpe_merges(corpus: str, max_merges: int = 1000) -> list[tuple[str, str]]:
@@ -117,9 +107,8 @@ def learn_bpe_merges(corpus: str, max_merges: int = 1000) -> list[tuple[str, str
     Deterministic: the most frequent pair wins, ties go to the smallest pair. Stops when every
     word is one symbol or after ``max_merges``.
     """
-    byte_encoder = bytes_to_unicode()
     words = Counter(
-        "".join(byte_encoder[b] for b in word.encode("utf-8")) for word in corpus.lower().split()
+        "".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8")) for word in corpus.lower().split()
     )
     symbols = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in words}
     merges: list[tuple[str, str]] = []
@@ -156,7 +145,8 @@ def write_clip_tokenizer(out_dir: str | Path, corpus: str = CLIP_CORPUS) -> Path
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    byte_chars = list(bytes_to_unicode().values())
+    # Printable bytes first, as CLIP's vocab lists them: the characters in code point order.
+    byte_chars = sorted(BYTE_TO_CHAR)
     tokens = byte_chars + [c + "</w>" for c in byte_chars]
     merges = learn_bpe_merges(corpus)
     vocab: dict[str, int] = {}
