@@ -216,13 +216,13 @@ def test_bundle_hash_uses_the_manifest_and_follows_content(bundle_copy, monkeypa
     files = ["tokenizer.mtok", "unet.mnn", "unet.mnn.weight"]
     reference, exact = content_hash(bundle_copy, files)
     assert exact
-    import sd2mnn.pipeline as pipeline
+    import sd2mnn.manifest as manifest  # content_hash hashes through FileRecord.of
 
     def no_hashing(path):
         raise AssertionError(f"re-hashed {path}")
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "sha256_file", no_hashing)
+        patch.setattr(manifest, "sha256_file", no_hashing)
         assert content_hash(bundle_copy, files)[0] == reference  # all from manifest.json
     weight = bundle_copy / "unet.mnn.weight"
     os.utime(weight, ns=(0, 0))  # touched, same bytes: hashed again, same id
