@@ -1,13 +1,17 @@
 """Text-to-image speed: MNN bundle vs the ONNX pipeline it came from, on ONNX Runtime.
 
-    python benchmarks/generate_speed.py ONNX_DIR BUNDLE [--steps 20] [--threads 2] [--json out.json]
+    python benchmarks/generate_speed.py ONNX_DIR BUNDLE [--steps 20] [--threads 2] [--memory-mode 1,2]
+                                        [--json out.json]
 
 Each runtime runs in a child process of its own (so its peak RSS is its own), from the same
 prompt and seed (the same initial latents), through sd2mnn.Pipeline: load, text encoder, N UNet
 steps, VAE decoder, PNG. Reported per runtime: tokenizer and model load, first and steady
 (median of the others) UNet step, text encoder, VAE decoder, end to end (model load + generate +
-PNG, in the child; not the tokenizer) and peak RSS; then MNN end to end / ONNX Runtime end to end against the target (<= 0.8) and the PSNR of
-the two images. A markdown table, then JSON on stdout.
+PNG, in the child; not the tokenizer) and peak RSS; then MNN end to end / ONNX Runtime end to end
+against the target (<= 0.8) and the PSNR of the two images. ``--memory-mode`` takes a list: one MNN
+run per diffusion_demo memory mode (0: no Winograd, cheap load, small memory, slower steps; 1:
+MNN's default Winograd; 2: Winograd at memory level 1), each against the same ONNX Runtime run.
+A markdown table, then JSON on stdout.
 
 Full size is SD1.5 at 512x512 with 20 steps and 2 threads (issue 5); the demo pipeline
 (sd2mnn.demo.demo_pipeline_dir() and a bundle converted from it) runs it in seconds.
@@ -58,12 +62,13 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_child(runtime: str, source: Path, args: argparse.Namespace, work: Path) -> dict:
-    result, image = work / f"{runtime}.json", work / f"{runtime}.png"
+def run_child(runtime: str, source: Path, args: argparse.Namespace, work: Path, memory_mode: int = 1) -> dict:
+    label = runtime if runtime == "onnxruntime" else f"mnn-mode{memory_mode}"
+    result, image = work / f"{label}.json", work / f"{label}.png"
     argv = [sys.executable, __file__, "--child", runtime, "--source", str(source), "--result", str(result),
             "--image", str(image), "--steps", str(args.steps), "--threads", str(args.threads),
             "--seed", str(args.seed), "--prompt", args.prompt, "--precision", args.precision,
-            "--memory-mode", str(args.memory_mode)]
+            "--memory-mode", str(memory_mode)]
     started = time.perf_counter()
     # The child's own output (MNN prints to stdout) goes to stderr: stdout is the report.
     done = subprocess.run(argv, stdout=sys.stderr, stderr=sys.stderr)
@@ -89,6 +94,13 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _memory_modes(text: str) -> list[int]:
+    modes = [int(part) for part in text.split(",")]
+    if any(mode not in (0, 1, 2) for mode in modes):
+        raise argparse.ArgumentTypeError(f"memory modes are 0, 1 or 2, got {text}")
+    return modes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("onnx_dir", nargs="?", type=Path, help="ONNX pipeline folder (ONNX Runtime side)")
@@ -98,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
     parser.add_argument("--precision", choices=("high", "low"), default="low", help="MNN precision (MNN's runtime: low)")
-    parser.add_argument("--memory-mode", type=int, choices=(0, 1, 2), default=1, help="diffusion_demo's memory_mode")
+    parser.add_argument("--memory-mode", type=_memory_modes, default=[1],
+                        help="diffusion_demo's memory_mode for MNN, or a comma-separated list of them (default: 1)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the JSON report here")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the two PNGs in this folder")
     # Internal: one measured run.
@@ -108,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
+        args.memory_mode = args.memory_mode[0]
         return child(args)
     if args.onnx_dir is None or args.bundle is None:
         parser.error("give ONNX_DIR and BUNDLE")
@@ -115,23 +129,34 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sd2mnn-bench-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        results = {name: run_child(name, src, args, work)
-                   for name, src in (("onnxruntime", args.onnx_dir), ("mnn", args.bundle))}
+        results = {"onnxruntime": run_child("onnxruntime", args.onnx_dir, args, work)}
+        for mode in args.memory_mode:
+            results[f"mnn (memory mode {mode})"] = run_child("mnn", args.bundle, args, work, mode)
         from sd2mnn.images import compare
 
-        comparison = compare(results["mnn"]["image"], results["onnxruntime"]["image"])
-    ratio = results["mnn"]["end_to_end_s"] / results["onnxruntime"]["end_to_end_s"]
+        baseline = results["onnxruntime"]
+        mnn_runs = {}
+        for name, result in results.items():
+            if name == "onnxruntime":
+                continue
+            comparison = compare(result["image"], baseline["image"])
+            ratio = result["end_to_end_s"] / baseline["end_to_end_s"]
+            mnn_runs[name] = {"mnn_over_onnxruntime_end_to_end": ratio, "target_met": ratio <= TARGET_RATIO,
+                              "psnr_db": None if comparison.identical else comparison.psnr_db,
+                              "ssim": comparison.ssim}
     report = {
         "steps": args.steps, "threads": args.threads, "seed": args.seed, "prompt": args.prompt,
-        "cpu_count": os.cpu_count(), "results": results,
-        "mnn_over_onnxruntime_end_to_end": ratio, "target": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO,
-        "psnr_db": None if comparison.identical else comparison.psnr_db, "ssim": comparison.ssim,
+        "cpu_count": os.cpu_count(), "results": results, "target": TARGET_RATIO, "mnn_vs_onnxruntime": mnn_runs,
     }
     print(f"{args.steps} steps, {args.threads} threads, seed {args.seed}, {os.cpu_count()} CPUs\n")
     print(markdown(results))
-    psnr = "identical" if comparison.identical else f"{comparison.psnr_db:.1f} dB"
-    print(f"\nMNN end to end = {ratio:.2f}x ONNX Runtime (target <= {TARGET_RATIO}: "
-          f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}); images: PSNR {psnr}, SSIM {comparison.ssim:.4f}\n")
+    print()
+    for name, got in mnn_runs.items():
+        psnr = "identical" if got["psnr_db"] is None else f"{got['psnr_db']:.1f} dB"
+        verdict = "met" if got["target_met"] else "NOT met"
+        print(f"{name}: end to end = {got['mnn_over_onnxruntime_end_to_end']:.2f}x ONNX Runtime "
+              f"(target <= {TARGET_RATIO}: {verdict}); image vs ONNX Runtime: PSNR {psnr}, SSIM {got['ssim']:.4f}")
+    print()
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
