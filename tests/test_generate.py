@@ -250,3 +250,16 @@ def test_compare_identical_different_and_mismatched(tmp_path, capsys):
     assert diff[15, 15].max() == 255 and diff[0, 0].max() == 0
     assert main(["compare", str(tmp_path / "a.png"), str(tmp_path / "small.png"), "--no-diff"]) == 2
     assert "compare images of the same size" in capsys.readouterr().err
+
+
+def test_compare_into_a_closed_pipe_is_quiet(tmp_path):
+    """`sd2mnn compare a b | head -1`: the reader leaves early; no traceback, exit 0."""
+    write_png(tmp_path / "a.png", np.zeros((32, 32, 3), dtype=np.uint8))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write the child makes now fails with EPIPE
+    done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "compare", str(tmp_path / "a.png"),
+                           str(tmp_path / "a.png"), "--no-diff"], stdout=write_end, stderr=subprocess.PIPE,
+                          text=True, timeout=60)
+    os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr

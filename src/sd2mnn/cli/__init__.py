@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`sd2mnn compare a b | head`): not an error of ours. Point stdout
+        # at /dev/null so Python's exit-time flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Sd2MnnError as err:
         # One line that names the file and the fix; the traceback only with SD2MNN_DEBUG=1.
         if os.environ.get("SD2MNN_DEBUG"):
