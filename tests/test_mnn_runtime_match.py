@@ -1,0 +1,42 @@
+"""The real thing: MNN's own C++ runtime (`diffusion_demo`) and `sd2mnn generate --noise mnn`
+draw the same pixels from the same bundle, seed, prompt and steps.
+
+Opt-in: it needs a diffusion_demo built from MNN's source (README, "Checking against MNN's own
+runtime"; about 25 minutes on 2 cores), so CI does not build one. Point SD2MNN_DIFFUSION_DEMO at
+the binary to run it:
+
+    SD2MNN_DIFFUSION_DEMO=~/MNN/build/diffusion_demo pytest tests/test_mnn_runtime_match.py
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sd2mnn.cli import main
+from sd2mnn.images import compare
+
+DIFFUSION_DEMO = os.environ.get("SD2MNN_DIFFUSION_DEMO")
+pytestmark = pytest.mark.skipif(
+    not DIFFUSION_DEMO,
+    reason="set SD2MNN_DIFFUSION_DEMO to a diffusion_demo built from MNN's source to compare against it",
+)
+
+
+@pytest.mark.parametrize("seed, steps", [(42, 3), (7, 5)])
+def test_generate_matches_diffusion_demo_pixel_for_pixel(fp32_bundle, tmp_path, seed, steps):
+    prompt = "a photo of a cat"
+    demo = Path(DIFFUSION_DEMO).expanduser()
+    assert demo.is_file(), f"SD2MNN_DIFFUSION_DEMO={DIFFUSION_DEMO} is not a file"
+    # diffusion_demo <resource_path> <model_type 0: SD1.5> <memory_mode 1> <backend 0: CPU>
+    #                <iteration_num> <random_seed> <output_image_name> <prompt_text>
+    done = subprocess.run([str(demo), str(fp32_bundle), "0", "1", "0", str(steps), str(seed), "cpp.png", prompt],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and (tmp_path / "cpp.png").is_file(), done.stdout[-2000:] + done.stderr[-2000:]
+    # The C++ always runs 4 threads; MNN picks kernels by thread count.
+    assert main(["generate", str(fp32_bundle), prompt, "-o", str(tmp_path / "py.png"), "--steps", str(steps),
+                 "--seed", str(seed), "--noise", "mnn", "--memory-mode", "1", "--threads", "4", "--quiet"]) == 0
+    result = compare(tmp_path / "cpp.png", tmp_path / "py.png")
+    assert result.identical, f"PSNR {result.psnr_db:.1f} dB, max diff {result.max_abs_diff}"
