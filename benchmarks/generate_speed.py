@@ -36,14 +36,13 @@ def child(args: argparse.Namespace) -> int:
     """Run one generation on one runtime; write the measurements to args.result as JSON."""
     started = time.perf_counter()
     from sd2mnn.pipeline import GenerationParams, Pipeline, mnn_runtime_config
-    from sd2mnn.runtime import RuntimeConfig
 
     imported = time.perf_counter()
     if args.child == "mnn":
         config = mnn_runtime_config(threads=args.threads, precision=args.precision, memory_mode=args.memory_mode)
         pipeline = Pipeline(args.source, "mnn", config)
     else:
-        pipeline = Pipeline(args.source, "onnxruntime", RuntimeConfig(threads=args.threads))
+        pipeline = Pipeline.from_onnx(args.source, threads=args.threads)
     generation = pipeline.run(GenerationParams(args.prompt, steps=args.steps, seed=args.seed))
     generation.save(args.image)
     done = time.perf_counter()

@@ -29,7 +29,7 @@ from sd2mnn.errors import InputError
 from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME
 from sd2mnn.manifest import FileRecord, read_manifest
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
-from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig, mnn_runtime_manager
+from sd2mnn.runtime import WINOGRAD_MEMORY_LEVEL, MnnModel, OrtModel, RuntimeConfig, mnn_runtime_manager
 from sd2mnn.scheduler import MAX_STEPS, MIN_STEPS, PLMSScheduler, clamp_steps
 from sd2mnn.tokenizer import PromptTokenizer
 
@@ -38,8 +38,7 @@ LATENT_SCALE = np.float32(1 / 0.18215)  # vae_decoder(): "latent * _Const(1 / 0.
 DEFAULT_STEPS = 20
 RUNTIMES = ("mnn", "onnxruntime")
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-# MNN::Interpreter::HintMode values set by StableDiffusion::load().
-WINOGRAD_MEMORY_LEVEL = 3
+# MNN::Interpreter::HintMode value set by StableDiffusion::load() (WINOGRAD_MEMORY_LEVEL: runtime.py).
 DYNAMIC_QUANT_OPTIONS = 5
 MNN_GPU_TUNING_FAST = 1 << 4  # MNNForwardType.h
 MNN_GPU_MEMORY_BUFFER = 1 << 6

@@ -17,7 +17,7 @@ from sd2mnn.errors import InputError
 
 PRECISIONS = ("high", "normal", "low")
 # MNN::Interpreter::HintMode::WINOGRAD_MEMORY_LEVEL; 0 turns Winograd convolutions off.
-_WINOGRAD_MEMORY_LEVEL = 3
+WINOGRAD_MEMORY_LEVEL = 3
 MEMORY_MODES = ("low", "normal", "high")
 
 
@@ -68,7 +68,7 @@ def mnn_runtime_manager(config: RuntimeConfig):
     if config.cache_file:
         runtime.set_cache(str(config.cache_file))
     if not config.winograd:
-        runtime.set_hint(_WINOGRAD_MEMORY_LEVEL, 0)
+        runtime.set_hint(WINOGRAD_MEMORY_LEVEL, 0)
     for hint, value in config.hints:
         runtime.set_hint(hint, value)
     return runtime

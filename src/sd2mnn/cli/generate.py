@@ -143,7 +143,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path, progress: StepProgress | None):
     from sd2mnn.pipeline import GenerationParams, Pipeline, load_latents, mnn_runtime_config
-    from sd2mnn.runtime import RuntimeConfig
 
     latents = load_latents(args.latents) if args.latents else None
     params = GenerationParams(prompt, args.negative_prompt, args.steps, args.seed, args.guidance, args.noise,
@@ -153,7 +152,7 @@ def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path,
         config = mnn_runtime_config(args.backend, args.threads, args.precision, args.memory_mode, args.cache_file)
         pipeline = Pipeline(source, "mnn", config)
     else:
-        pipeline = Pipeline(source, "onnxruntime", RuntimeConfig(threads=args.threads))
+        pipeline = Pipeline.from_onnx(source, threads=args.threads)
     if args.save_latents:
         np.save(args.save_latents, params.initial_latents())
     try:
