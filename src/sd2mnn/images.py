@@ -209,9 +209,13 @@ class Comparison:
 
 
 def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, diff_path: str | os.PathLike | None = None) -> Comparison:
-    """Compare two images of the same size; write the diff picture to ``diff_path`` if given."""
-    a, _ = read_image(a_path)
-    b, _ = read_image(b_path)
+    """Compare two image files of the same size; write the diff picture to ``diff_path`` if given."""
+    return compare_pixels(read_image(a_path)[0], read_image(b_path)[0], a_path, b_path, diff_path)
+
+
+def compare_pixels(a: np.ndarray, b: np.ndarray, a_path: str | os.PathLike, b_path: str | os.PathLike,
+                   diff_path: str | os.PathLike | None = None) -> Comparison:
+    """``compare`` on pixels already read (``read_image``); the paths name them in the result."""
     if a.shape != b.shape:
         raise InputError(
             f"{a_path} is {a.shape[1]}x{a.shape[0]} but {b_path} is {b.shape[1]}x{b.shape[0]}; "

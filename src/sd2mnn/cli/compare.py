@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from sd2mnn.cli._common import native_stdout_to_stderr, print_json, table
-from sd2mnn.images import compare, read_image
+from sd2mnn.images import compare_pixels, read_image
 
 
 def register(subparsers) -> None:
@@ -29,8 +29,9 @@ def register(subparsers) -> None:
 def run_command(args: argparse.Namespace) -> int:
     a, b = Path(args.a), Path(args.b)
     diff = None if args.no_diff else Path(args.diff or a.with_name(f"{a.stem}_vs_{b.stem}.diff.png"))
+    (pixels_a, meta_a), (pixels_b, meta_b) = read_image(a), read_image(b)
     with native_stdout_to_stderr():  # MNN's PNG encoder prints on import
-        result = compare(a, b, diff)
+        result = compare_pixels(pixels_a, pixels_b, a, b, diff)
     failed = args.min_psnr is not None and result.psnr_db < args.min_psnr
     if args.json:
         print_json({**result.to_dict(), "min_psnr": args.min_psnr, "passed": not failed})
@@ -39,7 +40,6 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"{a} vs {b} ({result.width}x{result.height})")
     print(f"  PSNR {psnr}   SSIM {result.ssim:.5f}   max |diff| {result.max_abs_diff}   "
           f"mean |diff| {result.mean_abs_diff:.4f}   pixels differing {100 * result.differing_pixels:.2f}%")
-    meta_a, meta_b = read_image(a)[1], read_image(b)[1]
     rows = [[k, meta_a.get(k, "-"), meta_b.get(k, "-")] for k in sorted(set(meta_a) | set(meta_b))
             if meta_a.get(k) != meta_b.get(k)]
     if rows:
