@@ -20,12 +20,20 @@ _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5
 _GRAPH_INPUT = 11
 _GRAPH_OUTPUT = 12
+_TENSOR_DIMS = 1
+_TENSOR_DATA_TYPE = 2
 _TENSOR_NAME = 8
 _TENSOR_EXTERNAL_DATA = 13
 _ENTRY_KEY = 1
 _ENTRY_VALUE = 2
 
 _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
+
+# Bits per element of TensorProto.DataType (onnx.proto); STRING (8) is never external data.
+_DTYPE_BITS = {
+    1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64,
+    14: 64, 15: 128, 16: 16, 17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4, 23: 4,
+}
 
 
 @dataclass(frozen=True)
@@ -45,12 +53,24 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class ExternalTensor:
+    """Where an initializer's bytes live outside the model file, as the file states it."""
+
+    name: str
+    location: str
+    offset: str  # as written: validated by check_external_data
+    length: str | None
+    nbytes: int | None  # what its dtype and shape need; None for a dtype we do not size
+
+
+@dataclass(frozen=True)
 class OnnxSummary:
     path: Path
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     # Every distinct external-data location, as written in the file (relative to its folder).
     external_locations: tuple[str, ...]
+    external_tensors: tuple[ExternalTensor, ...] = ()
 
 
 class _NotOnnx(Exception):
@@ -100,23 +120,45 @@ def _read_text(stream: io.BufferedReader, length: int) -> str:
     return stream.read(length).decode("utf-8", "replace")
 
 
-def _initializer_header(stream: io.BufferedReader, end: int) -> tuple[str, str | None]:
-    """A TensorProto's name and external-data ``location`` (None for inline tensors).
-    raw_data and the other payload fields are skipped by seeking."""
-    name, location = "", None
-    for number, wire, length in _fields(stream, end):
-        if wire != _WIRE_LEN:
+def _packed_varints(stream: io.BufferedReader, length: int) -> list[int]:
+    end = stream.tell() + length
+    values = []
+    while stream.tell() < end:
+        values.append(_read_varint(stream))
+    return values
+
+
+def _initializer_header(stream: io.BufferedReader, end: int) -> tuple[str, ExternalTensor | None]:
+    """A TensorProto's name and, for external data, where its bytes are (None for inline
+    tensors). raw_data and the other payload fields are skipped by seeking."""
+    name, data_type, dims, external = "", None, [], {}
+    for number, wire, value in _fields(stream, end):
+        if number == _TENSOR_DATA_TYPE and wire == _WIRE_VARINT:
+            data_type = value
+        elif number == _TENSOR_DIMS and wire == _WIRE_VARINT:
+            dims.append(value)
+        elif number == _TENSOR_DIMS and wire == _WIRE_LEN:
+            dims += _packed_varints(stream, value)  # proto2 writes them one by one; packed is legal too
+        elif wire != _WIRE_LEN:
             continue
-        if number == _TENSOR_NAME:
-            name = _read_text(stream, length)
+        elif number == _TENSOR_NAME:
+            name = _read_text(stream, value)
         elif number == _TENSOR_EXTERNAL_DATA:
             entry = {}
-            for entry_number, entry_wire, entry_length in _fields(stream, stream.tell() + length):
+            for entry_number, entry_wire, entry_length in _fields(stream, stream.tell() + value):
                 if entry_wire == _WIRE_LEN:
                     entry[entry_number] = _read_text(stream, entry_length)
-            if entry.get(_ENTRY_KEY) == "location":
-                location = entry.get(_ENTRY_VALUE)
-    return name, location
+            if _ENTRY_KEY in entry:
+                external[entry[_ENTRY_KEY]] = entry.get(_ENTRY_VALUE, "")
+    if "location" not in external:
+        return name, None
+    nbytes = None
+    if data_type in _DTYPE_BITS:
+        count = 1
+        for dim in dims:
+            count *= dim
+        nbytes = (count * _DTYPE_BITS[data_type] + 7) // 8
+    return name, ExternalTensor(name, external["location"], external.get("offset", "0"), external.get("length"), nbytes)
 
 
 def _tensor_spec(raw: bytes) -> TensorSpec:
@@ -138,6 +180,7 @@ def scan_onnx(path: Path) -> OnnxSummary:
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
     locations: dict[str, None] = {}
+    external: list[ExternalTensor] = []
     initializer_names: set[str] = set()
     saw_graph = saw_ir_version = False
     try:
@@ -158,10 +201,11 @@ def scan_onnx(path: Path) -> OnnxSummary:
                         spec = _tensor_spec(stream.read(g_length))
                         (inputs if g_number == _GRAPH_INPUT else outputs).append(spec)
                     elif g_number == _GRAPH_INITIALIZER:
-                        name, location = _initializer_header(stream, stream.tell() + g_length)
+                        name, tensor = _initializer_header(stream, stream.tell() + g_length)
                         initializer_names.add(name)
-                        if location is not None:
-                            locations[location] = None
+                        if tensor is not None:
+                            locations[tensor.location] = None
+                            external.append(tensor)
     except (_NotOnnx, UnicodeDecodeError, ValueError) as err:  # ValueError: protobuf DecodeError
         raise InputError(
             f"{path} is not an ONNX model ({err}); point sd2mnn at the folder a diffusers -> ONNX export wrote"
@@ -172,4 +216,47 @@ def scan_onnx(path: Path) -> OnnxSummary:
         )
     # Old exporters list initializers among the inputs; they are not inputs a runtime feeds.
     inputs = [spec for spec in inputs if spec.name not in initializer_names]
-    return OnnxSummary(path, tuple(inputs), tuple(outputs), tuple(locations))
+    return OnnxSummary(path, tuple(inputs), tuple(outputs), tuple(locations), tuple(external))
+
+
+def check_external_data(summary: OnnxSummary) -> None:
+    """Check that every external tensor's bytes lie inside its data file, and that each data
+    file is a plain file other than the model, before a converter reads them. The converter
+    itself reads past a short file without a word and writes a model of garbage. Only sizes are
+    read: nothing is loaded."""
+    model = summary.path
+    folder = model.parent
+    sizes: dict[str, int] = {}
+    for location in summary.external_locations:
+        target = folder / location
+        refit = "re-export the model, or copy its data file again"
+        if target.resolve() == model.resolve():
+            raise InputError(f"{model} names itself as its external data file ({location!r}); {refit}")
+        if not target.is_file():
+            what = "a folder" if target.is_dir() else "not a regular file"
+            raise InputError(f"{model} names {target} as its external data file, but that is {what}; {refit}")
+        sizes[location] = target.stat().st_size
+    for tensor in summary.external_tensors:
+        target = folder / tensor.location
+        try:
+            offset = int(tensor.offset)
+            length = None if tensor.length is None else int(tensor.length)
+        except ValueError:
+            offset = length = -1
+        if offset < 0 or (length is not None and length < 0):
+            raise InputError(
+                f"{model}: tensor {tensor.name!r} has external-data offset {tensor.offset!r} and length "
+                f"{tensor.length!r}, which are not byte counts; re-export the model"
+            )
+        if length is not None and tensor.nbytes is not None and length != tensor.nbytes:
+            raise InputError(
+                f"{model}: tensor {tensor.name!r} says its external data is {length} bytes, but its dtype "
+                f"and shape need {tensor.nbytes}; re-export the model"
+            )
+        need = length if length is not None else (tensor.nbytes or 0)
+        if offset + need > sizes[tensor.location]:
+            raise InputError(
+                f"{target} is too short for tensor {tensor.name!r} of {model}: it needs bytes "
+                f"{offset}..{offset + need}, the file has {sizes[tensor.location]}; the file is truncated "
+                "or not this model's: copy it again or re-export"
+            )
