@@ -2,8 +2,13 @@
 it is converted (and why) or reused from the bundle or from an interrupted run."""
 from __future__ import annotations
 
+import difflib
+import functools
+import math
 import os
+import re
 import shlex
+import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,6 +19,39 @@ from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest
 
 # Flags sd2mnn sets itself for every component; EXTRA may not override them.
 _RESERVED_FLAGS = ("-f", "--framework", "--modelFile", "--MNNModel", "--saveExternalData", "--prototxt")
+
+# Converter flags that sd2mnn also offers as named options: EXTRA's values are held to the same
+# ranges (the converter takes --weightQuantBits=99 or =abc without a word).
+_FLAG_RANGES = {
+    "--weightQuantBits": (2, 8, "--weight-quant-bits"),
+    "--weightQuantBlock": (1, None, "--weight-quant-block"),
+}
+
+
+def _extra_flags(extra: str, takes_value: dict[str, bool] | None = None) -> list[tuple[str, str | None, str]]:
+    """EXTRA as (flag, value or None, as written) triples. A flag's value is ``--flag=V`` or
+    the next word; ``takes_value`` (from the converter's --help) says which flags have one,
+    and without it any word that is not a flag is taken as the previous flag's value."""
+    try:
+        words = shlex.split(extra)
+    except ValueError as err:
+        raise InputError(f"cannot parse the extra converter flags {extra!r}: {err}") from None
+    flags: list[tuple[str, str | None, str]] = []
+    for word in words:
+        name, equals, value = word.partition("=")
+        if re.match(r"^--?[A-Za-z]", word):
+            flags.append((name, value if equals else None, word))
+            continue
+        previous = flags[-1] if flags else None
+        wants = previous is not None and previous[1] is None and (
+            takes_value is None or takes_value.get(previous[0], False))
+        if not wants:
+            raise InputError(
+                f"{word!r} in the extra converter flags {extra!r} is not a converter flag; "
+                "give flags like --weightQuantBits=8"
+            )
+        flags[-1] = (previous[0], word, f"{previous[2]} {word}")
+    return flags
 
 
 @dataclass(frozen=True)
@@ -44,20 +82,25 @@ class ConvertOptions:
             raise InputError("--weight-quant-block, --weight-quant-asymmetric and --hqq need --weight-quant-bits N")
         if self.jobs is not None and self.jobs < 1:
             raise InputError(f"--jobs must be at least 1, got {self.jobs}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise InputError(f"--timeout must be positive, got {self.timeout}")
-        try:
-            extra = shlex.split(self.extra)
-        except ValueError as err:
-            raise InputError(f"cannot parse the extra converter flags {self.extra!r}: {err}") from None
-        for token in extra:
-            if token.split("=", 1)[0] in _RESERVED_FLAGS:
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise InputError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        for name, value, token in _extra_flags(self.extra):
+            if name in _RESERVED_FLAGS:
                 raise InputError(
                     f"extra converter flag {token!r} is set by sd2mnn itself; leave it out of EXTRA"
                 )
+            if name in _FLAG_RANGES and value is not None:
+                low, high, option = _FLAG_RANGES[name]
+                number = int(value) if re.fullmatch(r"[+-]?\d+", value.strip()) else None
+                if number is None or number < low or (high is not None and number > high):
+                    allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
+                    raise InputError(
+                        f"extra converter flag {token!r}: {name} must be a whole number {allowed} "
+                        f"(as {option}), got {value!r}"
+                    )
 
-    def converter_flags(self) -> tuple[str, ...]:
-        """The flags every component is converted with, after sd2mnn's own file arguments."""
+    def named_flags(self) -> tuple[str, ...]:
+        """The converter flags sd2mnn's own options stand for."""
         flags: list[str] = []
         if self.weight_quant_bits is not None:
             flags.append(f"--weightQuantBits={self.weight_quant_bits}")
@@ -71,7 +114,54 @@ class ConvertOptions:
             flags.append("--transformerFuse")
         if self.fp16:
             flags.append("--fp16")
-        return (*flags, *shlex.split(self.extra))
+        return tuple(flags)
+
+    def converter_flags(self) -> tuple[str, ...]:
+        """The flags every component is converted with, after sd2mnn's own file arguments."""
+        return (*self.named_flags(), *shlex.split(self.extra))
+
+
+@functools.lru_cache(maxsize=None)
+def converter_options(converter: Converter) -> dict[str, bool]:
+    """The converter's own flags (``--long`` and ``-s``) -> whether each takes a value, as its
+    ``--help`` lists them (cxxopts: "  -f, --framework arg   model type"). Empty when the help
+    cannot be read: then only the converter's log can tell an unknown flag."""
+    try:
+        done = subprocess.run(converter.argv(["--help"]), capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    options: dict[str, bool] = {}
+    for short, long, arg in re.findall(r"^ {1,8}(?:-(\w), )?--(\w+)( arg)?", done.stdout + done.stderr, re.MULTILINE):
+        options[f"--{long}"] = bool(arg)
+        if short:
+            options[f"-{short}"] = bool(arg)
+    return options
+
+
+def check_extra_flags(options: ConvertOptions, converter: Converter) -> list[str]:
+    """Refuse EXTRA flags the converter does not have (it ignores them, and the bundle comes
+    out fp32 where --weightQuantBit=8 meant 8 bits). Returns warnings for flags that EXTRA and
+    a named option both set (the converter takes the later one: EXTRA's)."""
+    known = converter_options(converter)
+    flags = _extra_flags(options.extra, known or None)
+    for name, value, token in flags:
+        if known and name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            lister = " ".join(converter.argv(["--help"]))
+            raise InputError(
+                f"the converter has no flag {name} (in EXTRA {options.extra!r}); {hint}"
+                f"'{lister}' lists its flags"
+            )
+        if known and known[name] and value is None:
+            raise InputError(f"extra converter flag {name} needs a value ({name}=VALUE)")
+    named = {flag.split("=", 1)[0]: flag for flag in options.named_flags()}
+    return [
+        f"{named[name]} (from sd2mnn's options) and {token} (from EXTRA) both set {name}; "
+        f"the converter takes EXTRA's {token}"
+        for name, _, token in flags if name in named
+    ]
 
 
 def converter_argv(source_model: Path, output_model: Path, flags: tuple[str, ...]) -> list[str]:
