@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sd2mnn.errors import BundleLockedError, InputError
+from sd2mnn.errors import BundleLockedError, DiskSpaceError, InputError, Sd2MnnError
 from sd2mnn.layout import LOGS_DIR, MANIFEST_NAME
 from sd2mnn.manifest import ComponentRecord, Manifest
 
@@ -64,7 +64,8 @@ class BundleDir:
         try:
             self.work_area.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise InputError(f"cannot create {self.root} ({err.strerror}); choose a writable output folder") from None
+            action = f"cannot create {self.root}" if self.created else f"cannot write into {self.root}"
+            raise InputError(f"{action} ({err.strerror}); choose a writable output folder") from None
         fd = os.open(self.work_area / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,16 +129,79 @@ class BundleDir:
     # -- the commit ----------------------------------------------------------------------
 
     def commit(self, staged: dict[str, Path], manifest: Manifest) -> None:
-        """Move staged files (bundle-relative name -> file) into place, then the manifest."""
-        for rel, path in staged.items():
-            target = self.root / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-        manifest.write(self.manifest_path)
+        """Move staged files (bundle-relative name -> file) into place, then the manifest: all
+        or nothing. Everything that needs disk space is written first (the manifest into the
+        work area); the commit itself is renames. Each file it replaces is first moved aside into
+        the work area, so a failure at any step is undone rename by rename: the bundle is as it
+        was, and the staged files are back where the next run resumes from."""
+        aside = self.work_area / "replaced"
+        shutil.rmtree(aside, ignore_errors=True)
+        new_manifest = self.work_area / MANIFEST_NAME
+        moves: list[tuple[Path, Path]] = []  # (from, to), in the order done
+        made: list[Path] = []  # folders the commit created
+        current = self.work_area
+        try:
+            aside.mkdir()
+            manifest.write(new_manifest)
+            for index, (rel, path) in enumerate([*staged.items(), (MANIFEST_NAME, new_manifest)]):
+                for folder in reversed(Path(rel).parents[:-1]):
+                    current = self.root / folder
+                    if not current.is_dir():
+                        current.mkdir()
+                        made.append(current)
+                current = self.root / rel
+                # A folder in a file's place is not ours to move aside: the rename below fails.
+                if current.is_symlink() or current.is_file():
+                    _move(current, aside / str(index), moves)
+                _move(path, current, moves)
+        except BaseException as err:
+            left = _undo(moves, made)
+            new_manifest.unlink(missing_ok=True)
+            _rmdir_if_empty(aside)
+            if not isinstance(err, OSError):
+                raise
+            raise _commit_error(self.root, current, err, left) from None
+        new_manifest.unlink(missing_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
         shutil.rmtree(self.pending_dir, ignore_errors=True)
 
     def logs_dir(self) -> Path:
         return self.root / LOGS_DIR
+
+
+def _move(source: Path, target: Path, moves: list[tuple[Path, Path]]) -> None:
+    os.rename(source, target)
+    moves.append((source, target))
+
+
+def _undo(moves: list[tuple[Path, Path]], made: list[Path]) -> list[Path]:
+    """Reverse the renames newest first; the files that could not go back."""
+    left = []
+    for source, target in reversed(moves):
+        try:
+            os.rename(target, source)
+        except OSError:
+            left.append(target)
+    for folder in reversed(made):
+        _rmdir_if_empty(folder)
+    return left
+
+
+def _commit_error(root: Path, where: Path, err: OSError, left: list[Path]) -> Sd2MnnError:
+    """The one-line error for a commit that failed at ``where`` (and was undone, unless
+    ``left`` names what could not be put back)."""
+    if err.errno == errno.ENOSPC:
+        message = f"{root} ran out of disk space while the bundle was written; free some space and run again"
+        error = DiskSpaceError
+    else:
+        message = (f"cannot put the new files into {root}: {where}: {err.strerror or err}; "
+                   "move it out of the way or make it writable, and run again")
+        error = InputError
+    if left:
+        message += f" (could not restore {', '.join(map(str, left))}: run again to finish the bundle)"
+    else:
+        message += " (the bundle is unchanged; finished components wait in .sd2mnn/ for the next run)"
+    return error(message)
 
 
 def _rmdir_if_empty(path: Path) -> None:
