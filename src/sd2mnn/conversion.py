@@ -5,8 +5,12 @@ plan (what to convert, reuse or resume) -> run (child converters, each output lo
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -18,15 +22,16 @@ from sd2mnn import __version__
 from sd2mnn.bundle import BundleDir
 from sd2mnn.children import Child, ChildResult, log_tail
 from sd2mnn.converter import find_converter
-from sd2mnn.errors import ConversionError, ConversionTimeoutError, DiskSpaceError, InputError
-from sd2mnn.layout import LOGS_DIR, MTOK_NAME, open_onnx_pipeline, parse_components
+from sd2mnn.errors import ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError
+from sd2mnn.layout import LOGS_DIR, MANIFEST_NAME, MTOK_NAME, open_onnx_pipeline, parse_components
 from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
-from sd2mnn.onnx_scan import TensorSpec
+from sd2mnn.onnx_scan import TensorSpec, check_external_data
 from sd2mnn.plan import (
     OUTPUT_PER_SOURCE_BYTE,
     ComponentJob,
     ConversionPlan,
     ConvertOptions,
+    check_extra_flags,
     converter_argv,
     converter_identity,
     default_jobs,
@@ -34,6 +39,8 @@ from sd2mnn.plan import (
     plan_conversion,
 )
 from sd2mnn.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,16 +112,27 @@ def convert(
     started = time.monotonic()
 
     onnx = open_onnx_pipeline(onnx_dir, options.components)
+    for source in onnx.components.values():
+        check_external_data(source.summary)
     converter = find_converter(options.converter)
+    for warning in check_extra_flags(options, converter):
+        log.warning("warning: %s", warning)
     mnn_path = Path(mnn_dir)
+    _check_output_folder(mnn_path)
     previous = read_manifest(mnn_path / "manifest.json")
     if mnn_path.resolve() == onnx.root.resolve():
         raise InputError(f"{mnn_path} is the ONNX folder itself; write the bundle to another folder")
 
-    with BundleDir(mnn_path) as bundle:
+    with _os_errors_as_one_line(mnn_path), BundleDir(mnn_path) as bundle:
         plan = plan_conversion(onnx, mnn_path, converter, options, previous, bundle.pending())
+        _check_foreign_files(plan)
         _check_disk_space(plan, bundle)
         jobs = options.jobs or default_jobs([expected_peak(j) for j in plan.to_convert])
+        # The tokenizer first: a tokenizer sd2mnn cannot write must fail before any converter runs.
+        progress.update("tokenizer", "writing", MTOK_NAME)
+        tokenizer_staged: dict[str, Path] = {}
+        tokenizer_files = _stage_tokenizer(plan, bundle, tokenizer_staged)
+        progress.update("tokenizer", "done", MTOK_NAME)
         for name in plan.reused:
             progress.update(name, "reused", "up to date")
         for name in plan.resumed:
@@ -123,9 +141,7 @@ def convert(
             progress.update(job.name, "waiting", job.reason)
         finished = _run_jobs(plan, bundle, jobs, progress)
         staged, records = _stage_components(plan, bundle, finished)
-        progress.update("tokenizer", "writing", MTOK_NAME)
-        tokenizer_files = _stage_tokenizer(plan, bundle, staged)
-        progress.update("tokenizer", "done", MTOK_NAME)
+        staged.update(tokenizer_staged)
         manifest = _next_manifest(plan, records, tokenizer_files)
         bundle.commit(staged, manifest)
     progress.close()
@@ -261,9 +277,28 @@ def _converted(running: _Running, result: ChildResult) -> bool:
     return "Converted Failed" not in log_tail(running.log, lines=40)
 
 
-def _failure(running: _Running, result: ChildResult, what: str) -> ConversionError:
+def _check_no_ignored_flags(running: _Running) -> None:
+    """The converter skips a flag it does not know with a line in its log and converts anyway;
+    EXTRA was checked against its --help, but a converter whose help sd2mnn cannot read is
+    caught here."""
+    with open(running.log, "rb") as stream:
+        head = stream.read(65536).decode("utf-8", "replace")
+    ignored = re.findall(r"^Not support option: (\S+)", head, re.MULTILINE)
+    if ignored:
+        raise ConversionError(
+            f"{running.job.name}: the converter ignored the flag(s) {', '.join('--' + f for f in ignored)} "
+            "it does not know; fix their spelling in EXTRA and run again"
+        )
+
+
+def _failure(running: _Running, result: ChildResult, what: str) -> Sd2MnnError:
     name = running.job.name
     tail = log_tail(running.log)
+    if "No space left on device" in tail:
+        return DiskSpaceError(
+            f"{name}: the disk ran out of space during the {what} in {running.scratch.parents[2]}; "
+            "free some space and run again"
+        )
     if result.timed_out:
         return ConversionTimeoutError(
             f"{name}: the {what} ran past --timeout {running.child.timeout:g}s and was killed; "
@@ -304,6 +339,7 @@ def _run_jobs(plan: ConversionPlan, bundle: BundleDir, jobs: int, progress: Prog
                 if item.phase == "converting":
                     if not _converted(item, result):
                         raise _failure(item, result, "converter")
+                    _check_no_ignored_flags(item)
                     item.convert_result = result
                     item.phase, item.child = "loading", _probe(item, plan, env)
                     spec = item.job.source.spec
@@ -417,14 +453,95 @@ def _bundle_files(root: Path, manifest: Manifest) -> list[FileRecord]:
     return sorted(files, key=lambda f: f.path)
 
 
-def _check_disk_space(plan: ConversionPlan, bundle: BundleDir) -> None:
-    """Refuse to start when the outputs cannot fit next to the bundle's current files."""
-    needed = sum(int(sum(f.size for f in job.sources) * OUTPUT_PER_SOURCE_BYTE) for job in plan.to_convert)
-    if not needed:
+# -- checks before anything is written -------------------------------------------------------
+
+
+def _check_output_folder(mnn_dir: Path) -> None:
+    """Refuse an output path that cannot be a folder: a link to nothing or a link loop."""
+    try:
+        os.stat(mnn_dir)
+    except FileNotFoundError:
+        if not mnn_dir.is_symlink():
+            return  # a new folder
+        raise InputError(f"{mnn_dir} is a link to nothing; remove the link or choose another output folder") from None
+    except OSError as err:
+        what = {errno.ELOOP: "is a symbolic link loop", errno.ENOTDIR: "has a file where a folder should be"}.get(
+            err.errno, f"cannot be reached ({err.strerror})")
+        raise InputError(f"{mnn_dir} {what}; choose another output folder") from None
+
+
+def _bundle_targets(plan: ConversionPlan) -> list[str]:
+    """Every bundle-relative file this run may write."""
+    targets = []
+    for name in [*(job.name for job in plan.to_convert), *plan.resumed]:
+        spec = plan.onnx.components[name].spec
+        targets += [spec.mnn_name, spec.weight_name, f"{LOGS_DIR}/{name}.log"]
+    targets += sorted(p.name for p in plan.onnx.tokenizer_dir.iterdir() if p.is_file())
+    return [*targets, MTOK_NAME, MANIFEST_NAME]
+
+
+def _check_foreign_files(plan: ConversionPlan) -> None:
+    """Refuse to replace files that sd2mnn did not write (no manifest records them) unless
+    --force: a folder that is not a bundle may hold someone's own vocab.json or unet.mnn."""
+    if plan.options.force:
         return
+    ours = {MANIFEST_NAME} if plan.previous else set()
+    if plan.previous:
+        for name, record in plan.previous.components.items():
+            ours.update(f.path for f in record.outputs)
+            ours.add(f"{LOGS_DIR}/{name}.log")
+        ours.update(f.path for f in plan.previous.tokenizer)
+    foreign = [rel for rel in _bundle_targets(plan)
+               if rel not in ours and (os.path.lexists(plan.mnn_dir / rel))]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        what = "an sd2mnn bundle whose manifest does not list them" if plan.previous else "not an sd2mnn bundle (no manifest.json)"
+        raise InputError(
+            f"{plan.mnn_dir} is {what}, and the conversion would replace {shown}; "
+            "choose an empty folder, or pass --force to replace them"
+        )
+
+
+# The manifest, the logs and other small files: a generous bound.
+_SMALL_FILES_BYTES = 1 << 20
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def _check_disk_space(plan: ConversionPlan, bundle: BundleDir) -> None:
+    """Refuse to start when everything the run writes cannot fit next to the bundle's current
+    files: the converted outputs, the tokenizer files and tokenizer.mtok (about as big as the
+    vocabulary and merges it is written from), the manifest and the logs."""
+    tokenizer = sum(p.stat().st_size for p in plan.onnx.tokenizer_dir.iterdir() if p.is_file())
+    needed = sum(int(sum(f.size for f in job.sources) * OUTPUT_PER_SOURCE_BYTE) for job in plan.to_convert)
+    needed += 2 * tokenizer + _SMALL_FILES_BYTES
     free = shutil.disk_usage(bundle.root).free
     if free < needed:
         raise DiskSpaceError(
-            f"{bundle.root} has {free / 2**30:.2f} GiB free but the conversion needs about "
-            f"{needed / 2**30:.2f} GiB; free {(needed - free) / 2**30:.2f} GiB or choose another folder"
+            f"{bundle.root} has {_size(free)} free but the conversion needs about "
+            f"{_size(needed)}; free {_size(needed - free)} or choose another folder"
         )
+
+
+@contextlib.contextmanager
+def _os_errors_as_one_line(mnn_dir: Path):
+    """A full disk or an unwritable file met while the bundle is written: a one-line error.
+    The bundle is left as it was (the commit undoes itself; scratch files are removed)."""
+    try:
+        yield
+    except OSError as err:
+        where = err.filename or mnn_dir
+        if err.errno == errno.ENOSPC:
+            raise DiskSpaceError(
+                f"{mnn_dir} ran out of disk space ({where}); the bundle is unchanged: free some space and run again"
+            ) from err
+        raise InputError(
+            f"cannot write {where} ({err.strerror or err}); the bundle is unchanged: "
+            "make the output folder writable, or choose another, and run again"
+        ) from err

@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if err.detail:
             print(err.detail.rstrip(), file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("interrupted", file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 130)  # 128 + SIGINT; SIGTERM's is 143
 
 
 if __name__ == "__main__":

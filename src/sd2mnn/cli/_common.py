@@ -39,11 +39,17 @@ def print_json(data: object) -> None:
     sys.stdout.write("\n")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C; the exit status is the shell's for it (128 + 15)."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
 def terminate_as_interrupt() -> None:
     """Make SIGTERM unwind like Ctrl-C so every command cleans up the same way."""
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     signal.signal(signal.SIGTERM, handler)
 

@@ -53,7 +53,8 @@ def register(subparsers) -> None:
     run.add_argument("--converter", metavar="PATH", help="MNNConvert executable (default: $MNNCONVERT, PATH, then the MNN package)")
     run.add_argument("--jobs", "-j", type=int, metavar="N", help="components converted at once (default: from cores and free memory)")
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="kill a component's conversion after this long")
-    run.add_argument("--force", action="store_true", help="reconvert every component, even if up to date")
+    run.add_argument("--force", action="store_true",
+                     help="reconvert every component, even if up to date, and replace files in MNN_DIR that sd2mnn did not write")
     run.add_argument("--verify", action="store_true", help="verify the bundle against the ONNX models afterwards")
     source = parser.add_argument_group("when ONNX_DIR is a diffusers model (exported first; needs sd2mnn[export])")
     source.add_argument("--config", metavar="DIR", help="local diffusers folder with the configs, for a single-file checkpoint")

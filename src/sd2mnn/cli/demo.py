@@ -7,6 +7,9 @@ from sd2mnn.cli._common import terminate_as_interrupt
 from sd2mnn.cli.convert import print_report
 from sd2mnn.conversion import convert
 from sd2mnn.demo import demo_pipeline_dir
+from sd2mnn.errors import InputError
+from sd2mnn.layout import MANIFEST_NAME
+from sd2mnn.manifest import read_manifest
 from sd2mnn.progress import make_progress
 
 
@@ -18,14 +21,33 @@ def register(subparsers) -> None:
     )
     parser.add_argument("out_dir", metavar="DIR", nargs="?", default="sd2mnn-demo", help="bundle folder (default: %(default)s)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    parser.add_argument("--force", action="store_true", help="replace what DIR holds (another bundle, other files)")
     parser.set_defaults(func=run)
+
+
+def _check_replaces_nothing(out: Path, source: Path) -> None:
+    """DIR may be new, empty, or an earlier demo bundle (then the run reuses it): anything else
+    would be replaced, so it needs --force."""
+    if not out.is_dir():
+        return  # new; or not a folder, which convert refuses
+    entries = sorted(p.name for p in out.iterdir() if p.name != ".sd2mnn")
+    if not entries:
+        return
+    manifest = read_manifest(out / MANIFEST_NAME) if (out / MANIFEST_NAME).is_file() else None
+    if manifest is not None and Path(manifest.onnx_dir) == source.resolve():
+        return
+    what = f"a bundle converted from {manifest.onnx_dir}" if manifest else f"{len(entries)} entries ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})"
+    raise InputError(f"{out} already holds {what}; the demo would replace it: choose another folder, or pass --force")
 
 
 def run(args) -> int:
     terminate_as_interrupt()
     source = demo_pipeline_dir()
+    out = Path(args.out_dir)
+    if not args.force:
+        _check_replaces_nothing(out, source)
     print(f"converting the demo pipeline {source}")
-    report = convert(source, Path(args.out_dir), progress=make_progress(args.quiet))
+    report = convert(source, out, progress=make_progress(args.quiet), force=args.force)
     print_report(report)
     print()
     for record in report.files:
