@@ -174,21 +174,21 @@ def _assert_same(ours: Path, reference: bytes) -> None:
 
 def test_clip_folder_without_tokenizer_json(tiny_clip, reference_mtok, tmp_path):
     assert not (tiny_clip / "tokenizer.json").exists()
-    _assert_same(write_mtok(tiny_clip, tmp_path / "tokenizer.mtok"), reference_mtok(tiny_clip))
+    _assert_same(write_mtok(tiny_clip, tmp_path / "tokenizer.mtok", "mnn"), reference_mtok(tiny_clip))
 
 
 def test_clip_folder_with_tokenizer_json(tiny_clip, reference_mtok, tmp_path):
     folder = _with_tokenizer_json(tiny_clip, tmp_path / "tok")
-    _assert_same(write_mtok(folder, tmp_path / "tokenizer.mtok"), reference_mtok(folder))
+    _assert_same(write_mtok(folder, tmp_path / "tokenizer.mtok", "mnn"), reference_mtok(folder))
 
 
 def test_bert_folder(tiny_bert, reference_mtok, tmp_path):
-    _assert_same(write_mtok(tiny_bert, tmp_path / "tokenizer.mtok"), reference_mtok(tiny_bert))
+    _assert_same(write_mtok(tiny_bert, tmp_path / "tokenizer.mtok", "mnn"), reference_mtok(tiny_bert))
 
 
 def test_bert_folder_with_tokenizer_json(tiny_bert, reference_mtok, tmp_path):
     folder = _with_tokenizer_json(tiny_bert, tmp_path / "tok")
-    _assert_same(write_mtok(folder, tmp_path / "tokenizer.mtok"), reference_mtok(folder))
+    _assert_same(write_mtok(folder, tmp_path / "tokenizer.mtok", "mnn"), reference_mtok(folder))
 
 
 def test_config_fields_and_extra_special_tokens(tiny_clip, reference_mtok, tmp_path):
@@ -200,12 +200,12 @@ def test_config_fields_and_extra_special_tokens(tiny_clip, reference_mtok, tmp_p
     config.update(clean_up_tokenization_spaces=True, chat_template="{{ messages }}",
                   additional_special_tokens=["<|im_end|>"])
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    _assert_same(write_mtok(folder, tmp_path / "tokenizer.mtok"), reference_mtok(folder))
+    _assert_same(write_mtok(folder, tmp_path / "tokenizer.mtok", "mnn"), reference_mtok(folder))
 
 
 @pytest.mark.skipif(not DEMO_TOKENIZER.is_dir(), reason="the demo pipeline has no tokenizer yet")
 def test_demo_pipeline_tokenizer(reference_mtok, tmp_path):
-    _assert_same(write_mtok(DEMO_TOKENIZER, tmp_path / "tokenizer.mtok"), reference_mtok(DEMO_TOKENIZER))
+    _assert_same(write_mtok(DEMO_TOKENIZER, tmp_path / "tokenizer.mtok", "mnn"), reference_mtok(DEMO_TOKENIZER))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_missing_vocab_names_the_file(tiny_clip, tmp_path):
     shutil.copytree(tiny_clip, folder)
     (folder / "merges.txt").unlink()
     with pytest.raises(InputError, match=r"merges\.txt: missing"):
-        write_mtok(folder, tmp_path / "tokenizer.mtok")
+        write_mtok(folder, tmp_path / "tokenizer.mtok", "mnn")
 
 
 def test_unknown_tokenizer_class(tiny_clip, tmp_path):
@@ -227,7 +227,7 @@ def test_unknown_tokenizer_class(tiny_clip, tmp_path):
     config["tokenizer_class"] = "T5Tokenizer"
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(InputError, match=r"tokenizer_config\.json: tokenizer_class 'T5Tokenizer'"):
-        write_mtok(folder, tmp_path / "tokenizer.mtok")
+        write_mtok(folder, tmp_path / "tokenizer.mtok", "mnn")
 
 
 def test_sparse_ids_are_refused(tiny_clip, tmp_path):
@@ -239,9 +239,9 @@ def test_sparse_ids_are_refused(tiny_clip, tmp_path):
     vocab = {t: i for t, i in vocab.items() if not t.startswith("<|unused")}
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     with pytest.raises(InputError, match="fill the unused ids"):
-        write_mtok(folder, tmp_path / "tokenizer.mtok")
+        write_mtok(folder, tmp_path / "tokenizer.mtok", "mnn")
 
 
 def test_not_a_folder(tmp_path):
     with pytest.raises(InputError, match="no tokenizer folder"):
-        write_mtok(tmp_path / "absent", tmp_path / "tokenizer.mtok")
+        write_mtok(tmp_path / "absent", tmp_path / "tokenizer.mtok", "mnn")

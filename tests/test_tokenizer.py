@@ -48,14 +48,14 @@ BERT_IDS = [
 def clip_bundle(tmp_path_factory):
     """A folder laid out like a bundle: the tokenizer files plus tokenizer.mtok."""
     folder = build_tiny_clip(tmp_path_factory.mktemp("clip_bundle") / "bundle")
-    write_mtok(folder, folder / "tokenizer.mtok")
+    write_mtok(folder, folder / "tokenizer.mtok", "mnn")
     return folder
 
 
 @pytest.fixture(scope="session")
 def bert_bundle(tmp_path_factory):
     folder = build_tiny_bert(tmp_path_factory.mktemp("bert_bundle") / "bundle")
-    write_mtok(folder, folder / "tokenizer.mtok")
+    write_mtok(folder, folder / "tokenizer.mtok", "mnn")
     return folder
 
 
@@ -125,7 +125,7 @@ def test_from_tokenizer_folder_writes_the_mtok_first(clip_bundle, tmp_path):
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
         (folder / name).write_bytes((clip_bundle / name).read_bytes())
     for target in (folder, tmp_path):  # the folder itself, or a pipeline folder holding tokenizer/
-        assert PromptTokenizer.from_dir(target).encode("a photo of a cat") == [64, 560, 78, 69, 64, 561]
+        assert PromptTokenizer.from_dir(target, "mnn").encode("a photo of a cat") == [64, 560, 78, 69, 64, 561]
     assert PromptTokenizer.from_dir(clip_bundle / "tokenizer.mtok").format == SD15
 
 

@@ -123,15 +123,17 @@ def convert(
     if mnn_path.resolve() == onnx.root.resolve():
         raise InputError(f"{mnn_path} is the ONNX folder itself; write the bundle to another folder")
 
+    scheme, prefixes = _conditioning(onnx, options, previous)
+
     with _os_errors_as_one_line(mnn_path), BundleDir(mnn_path) as bundle:
-        plan = plan_conversion(onnx, mnn_path, converter, options, previous, bundle.pending())
+        plan = plan_conversion(onnx, mnn_path, converter, options, previous, bundle.pending(), prefixes)
         _check_foreign_files(plan)
         _check_disk_space(plan, bundle)
         jobs = options.jobs or default_jobs([expected_peak(j) for j in plan.to_convert])
         # The tokenizer first: a tokenizer sd2mnn cannot write must fail before any converter runs.
         progress.update("tokenizer", "writing", MTOK_NAME)
         tokenizer_staged: dict[str, Path] = {}
-        tokenizer_files = _stage_tokenizer(plan, bundle, tokenizer_staged)
+        tokenizer_files = _stage_tokenizer(plan, bundle, tokenizer_staged, scheme)
         progress.update("tokenizer", "done", MTOK_NAME)
         for name in plan.reused:
             progress.update(name, "reused", "up to date")
@@ -142,7 +144,7 @@ def convert(
         finished = _run_jobs(plan, bundle, jobs, progress)
         staged, records = _stage_components(plan, bundle, finished)
         staged.update(tokenizer_staged)
-        manifest = _next_manifest(plan, records, tokenizer_files)
+        manifest = _next_manifest(plan, records, tokenizer_files, scheme)
         bundle.commit(staged, manifest)
     progress.close()
 
@@ -249,11 +251,29 @@ def _env_for_children() -> dict[str, str]:
     return env
 
 
+def _conditioning(onnx, options: ConvertOptions, previous: Manifest | None) -> tuple[str, dict]:
+    """The tokenizer scheme of the bundle and the text encoder's prefix graph, if it needs one.
+    The scheme follows the text encoder: a run that leaves the bundle's text encoder alone keeps
+    the .mtok that goes with it."""
+    from sd2mnn.conditioning import TextEncoderPrefix, load_rewrite
+
+    scheme = options.tokenizer
+    if "text_encoder" not in options.components and previous and "text_encoder" in previous.components:
+        scheme = previous.tokenizer_scheme
+    rewrite = load_rewrite(onnx.tokenizer_dir, scheme)
+    if rewrite is None or "text_encoder" not in options.components:
+        return scheme, {}
+    return scheme, {"text_encoder": TextEncoderPrefix(rewrite)}
+
+
 def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict) -> _Running:
     scratch = bundle.new_scratch(job.name)
     log = scratch / f"{job.name}.log"
     output = scratch / job.source.spec.mnn_name
-    argv = plan.converter.argv(converter_argv(job.source.model, output, plan.flags))
+    model = job.source.model
+    if job.name in plan.prefixes:
+        model = plan.prefixes[job.name].prepend(model, scratch / "model.onnx")
+    argv = plan.converter.argv(converter_argv(model, output, plan.flags))
     log.write_text(f"$ {' '.join(argv)}\n")
     # cwd=scratch: the converter drops .__convert_external_data.bin in its working directory.
     child = Child(argv, scratch, log, env=env, timeout=plan.options.timeout)
@@ -387,6 +407,7 @@ def _record(item: _Running, plan: ConversionPlan) -> ComponentRecord:
         output_tensors=tuple(TensorSpec.from_dict(t) for t in probe["outputs"]),
         wall_s=round(converted.wall_s, 3),
         peak_rss_bytes=converted.peak_rss_bytes,
+        prefix=plan.prefix_id(item.job.name),
     )
 
 
@@ -410,7 +431,7 @@ def _stage_components(
     return staged, records
 
 
-def _stage_tokenizer(plan: ConversionPlan, bundle: BundleDir, staged: dict[str, Path]) -> tuple[FileRecord, ...]:
+def _stage_tokenizer(plan: ConversionPlan, bundle: BundleDir, staged: dict[str, Path], scheme: str) -> tuple[FileRecord, ...]:
     """Copy the tokenizer files and write tokenizer.mtok into a scratch folder; stage the ones
     whose content differs from the bundle's."""
     from sd2mnn.mtok import write_mtok
@@ -419,7 +440,7 @@ def _stage_tokenizer(plan: ConversionPlan, bundle: BundleDir, staged: dict[str, 
     for item in sorted(plan.onnx.tokenizer_dir.iterdir()):
         if item.is_file():
             shutil.copy2(item, scratch / item.name)
-    write_mtok(plan.onnx.tokenizer_dir, scratch / MTOK_NAME)
+    write_mtok(plan.onnx.tokenizer_dir, scratch / MTOK_NAME, scheme)
     known = {f.path: f for f in plan.previous.tokenizer} if plan.previous else {}
     records = []
     for path in sorted(scratch.iterdir()):
@@ -433,7 +454,8 @@ def _stage_tokenizer(plan: ConversionPlan, bundle: BundleDir, staged: dict[str, 
     return tuple(records)
 
 
-def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], tokenizer: tuple[FileRecord, ...]) -> Manifest:
+def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], tokenizer: tuple[FileRecord, ...],
+                   scheme: str) -> Manifest:
     components = dict(plan.previous.components) if plan.previous else {}
     components.update(plan.reused)
     components.update(records)
@@ -444,6 +466,7 @@ def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], to
         onnx_dir=str(plan.onnx.root.resolve()),
         components=components,
         tokenizer=tokenizer,
+        tokenizer_scheme=scheme,
     )
 
 

@@ -74,6 +74,9 @@ class ComponentRecord:
     wall_s: float
     peak_rss_bytes: int
     verification: dict | None = None
+    # What sd2mnn put in front of the model before converting it ("" for nothing): the text
+    # encoder's id rewrite (sd2mnn.conditioning), by its version and tables' digest.
+    prefix: str = ""
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -95,6 +98,7 @@ class ComponentRecord:
             wall_s=float(data["wall_s"]),
             peak_rss_bytes=int(data["peak_rss_bytes"]),
             verification=data.get("verification"),
+            prefix=data.get("prefix", ""),
         )
 
 
@@ -107,6 +111,9 @@ class Manifest:
     components: dict[str, ComponentRecord] = field(default_factory=dict)
     tokenizer: tuple[FileRecord, ...] = ()
     format: int = MANIFEST_FORMAT
+    # How the runtime's ids reach the text encoder: "diffusers" (tokenizer.mtok + text encoder
+    # rewritten to condition as diffusers does) or "mnn" (MNN's own flow, byte for byte).
+    tokenizer_scheme: str = "mnn"
 
     def to_dict(self) -> dict:
         return {
@@ -117,6 +124,7 @@ class Manifest:
             "onnx_dir": self.onnx_dir,
             "components": {name: rec.to_dict() for name, rec in self.components.items()},
             "tokenizer": [asdict(f) for f in self.tokenizer],
+            "tokenizer_scheme": self.tokenizer_scheme,
         }
 
     @classmethod
@@ -129,6 +137,7 @@ class Manifest:
             components={n: ComponentRecord.from_dict(r) for n, r in data["components"].items()},
             tokenizer=tuple(FileRecord(**f) for f in data.get("tokenizer", [])),
             format=data.get("format", MANIFEST_FORMAT),
+            tokenizer_scheme=data.get("tokenizer_scheme", "mnn"),
         )
 
     def write(self, path: Path) -> None:
@@ -151,3 +160,19 @@ def read_manifest(path: Path) -> Manifest | None:
         raise InputError(
             f"{path} is not a manifest sd2mnn can read ({err}); delete it to rebuild the bundle from scratch"
         ) from None
+
+
+def record_mismatch(record: FileRecord, root: Path, content: bool = False) -> str | None:
+    """How ``root/record.path`` differs from what the manifest recorded: its size, or with
+    ``content`` its sha256 (hashed only when the mtime moved). None when it matches or is gone
+    (a missing file is reported by whoever needs it)."""
+    path = root / record.path
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    if stat.st_size != record.size:
+        return f"{stat.st_size} bytes where manifest.json records {record.size}"
+    if content and stat.st_mtime_ns != record.mtime_ns and sha256_file(path) != record.sha256:
+        return f"content changed (sha256 differs from manifest.json's {record.sha256[:12]}...)"
+    return None

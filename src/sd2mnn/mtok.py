@@ -56,12 +56,22 @@ class TokenizerSource:
     special_ids: list[int]
     stop_ids: list[int]
     prefix_ids: list[int]
+    pad_id: int | None = None  # what Hugging Face pads with (not written: MNN's runtime pads with 0)
 
 
-def write_mtok(tokenizer_dir: Path, out_path: Path) -> Path:
-    """Write ``out_path`` (tokenizer.mtok) for the tokenizer in ``tokenizer_dir``."""
+def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -> Path:
+    """Write ``out_path`` (tokenizer.mtok) for the tokenizer in ``tokenizer_dir``.
+
+    ``scheme="mnn"`` writes exactly what MNN's own flow writes; ``"diffusers"`` (for CLIP BPE
+    tokenizers; others are written as MNN writes them) the end-of-word scheme of
+    ``sd2mnn.conditioning``, which with the rewritten text encoder conditions as diffusers does.
+    """
+    from sd2mnn.conditioning import clip_end_of_word_json, uses_end_of_word_scheme
+
     src = load_tokenizer_source(Path(tokenizer_dir))
     tj = src.tokenizer_json
+    if uses_end_of_word_scheme(tj, scheme):
+        tj = clip_end_of_word_json(tj)
     out_path = Path(out_path)
     with open(out_path, "wb") as fp:
         ids = src.special_ids + src.stop_ids + src.prefix_ids
@@ -193,7 +203,7 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
         tokenizer_json=tj, chat_template=chat_template, eos_token=eos, bos_token=bos,
         clean_up_spaces=config.get("clean_up_tokenization_spaces", False) is True,
         special_ids=special_ids, stop_ids=_stop_ids(tok, to_id(_content(named["eos_token"]))),
-        prefix_ids=_prefix_ids(tok, decode))
+        prefix_ids=_prefix_ids(tok, decode), pad_id=to_id(_content(named["pad_token"])))
 
 
 def _check_dense_ids(tj: dict, source: Path) -> None:

@@ -71,8 +71,13 @@ class ConvertOptions:
     jobs: int | None = None  # None: from the cores and the free memory
     timeout: float | None = None  # seconds per component
     verify: bool = False
+    # "diffusers": tokenizer.mtok + text encoder that make MNN's runtime condition as diffusers
+    # does (sd2mnn.conditioning); "mnn": MNN's own flow, byte for byte.
+    tokenizer: str = "diffusers"
 
     def __post_init__(self):
+        if self.tokenizer not in ("diffusers", "mnn"):
+            raise InputError(f"--tokenizer must be diffusers or mnn, got {self.tokenizer!r}")
         if self.weight_quant_bits is not None and not 2 <= self.weight_quant_bits <= 8:
             raise InputError(f"--weight-quant-bits must be between 2 and 8, got {self.weight_quant_bits}")
         if self.weight_quant_block is not None and self.weight_quant_block <= 0:
@@ -143,6 +148,8 @@ def check_extra_flags(options: ConvertOptions, converter: Converter) -> list[str
     """Refuse EXTRA flags the converter does not have (it ignores them, and the bundle comes
     out fp32 where --weightQuantBit=8 meant 8 bits). Returns warnings for flags that EXTRA and
     a named option both set (the converter takes the later one: EXTRA's)."""
+    if not options.extra.strip():
+        return []
     known = converter_options(converter)
     flags = _extra_flags(options.extra, known or None)
     for name, value, token in flags:
@@ -203,6 +210,13 @@ class ConversionPlan:
     reused: dict[str, ComponentRecord] = field(default_factory=dict)
     # Finished by an earlier, interrupted run and still valid: name -> its record.
     resumed: dict[str, ComponentRecord] = field(default_factory=dict)
+    # Graphs put in front of a component before converting it: name -> an object with
+    # ``prefix_id`` (recorded) and ``prepend(source, target)`` (sd2mnn.conditioning.TextEncoderPrefix).
+    prefixes: dict[str, object] = field(default_factory=dict)
+
+    def prefix_id(self, name: str) -> str:
+        prefix = self.prefixes.get(name)
+        return prefix.prefix_id if prefix is not None else ""
 
 
 def _hash_where_needed(known: ComponentRecord | None, current: tuple[FileRecord, ...], root: Path) -> tuple[FileRecord, ...]:
@@ -220,12 +234,15 @@ def _stale_reason(
     flags: tuple[str, ...],
     converter: dict,
     outputs_root: Path,
+    prefix: str = "",
 ) -> str | None:
     """Why ``record`` cannot stand for a conversion with these inputs, or None if it can."""
     if record is None:
         return "new"
     if record.flags != flags:
         return "flags changed"
+    if record.prefix != prefix:
+        return "tokenizer scheme changed"
     if record.converter != converter:
         return "converter changed"
     if [(f.path, f.sha256) for f in record.sources] != [(f.path, f.sha256) for f in sources]:
@@ -252,8 +269,11 @@ def plan_conversion(
     options: ConvertOptions,
     previous: Manifest | None,
     pending: dict[str, tuple[ComponentRecord, Path]],
+    prefixes: dict[str, object] | None = None,
 ) -> ConversionPlan:
-    """Decide per component: reuse the bundle's, resume an interrupted run's, or convert."""
+    """Decide per component: reuse the bundle's, resume an interrupted run's, or convert.
+    ``prefixes``: graphs put in front of components before converting (see ConversionPlan)."""
+    prefixes = prefixes or {}
     flags = options.converter_flags()
     identity = converter_identity(converter)
     jobs, reused, resumed = [], {}, {}
@@ -266,14 +286,15 @@ def plan_conversion(
             jobs.append(ComponentJob(source, "forced", sources))
             continue
         sources = _hash_where_needed(old or waiting, sources, onnx.root)
-        reason = _stale_reason(old, sources, flags, identity, mnn_dir)
+        prefix = prefixes[name].prefix_id if name in prefixes else ""
+        reason = _stale_reason(old, sources, flags, identity, mnn_dir, prefix)
         if reason is None:
             reused[name] = replace(old, sources=sources)  # new mtimes: no re-hash next time
-        elif waiting is not None and _stale_reason(waiting, sources, flags, identity, waiting_root) is None:
+        elif waiting is not None and _stale_reason(waiting, sources, flags, identity, waiting_root, prefix) is None:
             resumed[name] = replace(waiting, sources=sources)
         else:
             jobs.append(ComponentJob(source, reason, sources))
-    return ConversionPlan(onnx, mnn_dir, converter, flags, options, previous, tuple(jobs), reused, resumed)
+    return ConversionPlan(onnx, mnn_dir, converter, flags, options, previous, tuple(jobs), reused, resumed, prefixes)
 
 
 def default_jobs(expected_peaks: list[int], cpu_count: int | None = None, available: int | None = None) -> int:

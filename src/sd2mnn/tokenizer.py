@@ -67,9 +67,9 @@ class PromptTokenizer:
         self.format = prompt_format(mtok.model.kind)
 
     @classmethod
-    def from_dir(cls, path: Path) -> "PromptTokenizer":
+    def from_dir(cls, path: Path, scheme: str = "diffusers") -> "PromptTokenizer":
         """A bundle (tokenizer.mtok), a .mtok file, or a tokenizer folder (its .mtok is written
-        to a temporary file first, exactly as a conversion would write it)."""
+        to a temporary file first, exactly as a conversion with ``--tokenizer scheme`` would)."""
         path = Path(path)
         for candidate in (path, path / MTOK_NAME, path / "tokenizer" / MTOK_NAME):
             if candidate.is_file():
@@ -80,7 +80,12 @@ class PromptTokenizer:
         from sd2mnn.mtok import write_mtok
 
         with tempfile.TemporaryDirectory(prefix="sd2mnn-mtok-") as tmp:
-            return cls(_read_mtok(write_mtok(source, Path(tmp) / MTOK_NAME)))
+            return cls(_read_mtok(write_mtok(source, Path(tmp) / MTOK_NAME, scheme)))
+
+    def model_ids(self, piece: str) -> list[int]:
+        """The model's ids for one pre-token as the runtime hands it over (after normalization
+        and pre-tokenization; byte-level characters for CLIP)."""
+        return self._mtok.model.tokenize(piece)
 
     def encode(self, text: str) -> list[int]:
         """MNN's Tokenizer::encode: the ids of ``text``, no BOS/EOS added unless the file says so."""
@@ -167,9 +172,9 @@ def _read_normalizer(r: _Reader):
         return lambda text: prefix + text
     if kind == 3:
         pattern, content = r.string(), r.string()
-        return lambda text: text.replace(pattern, content) if pattern else text
+        return _Replace(pattern, content) if pattern else None
     if kind == 4:
-        steps = [n for n in (_read_normalizer(r) for _ in range(r.take("<I"))) if n]
+        steps = _fuse_replacements([n for n in (_read_normalizer(r) for _ in range(r.take("<I"))) if n])
 
         def sequence(text):
             for step in steps:
@@ -184,6 +189,44 @@ def _read_normalizer(r: _Reader):
         left, right = (bool(b) for b in r.raw(2))
         return lambda text: _strip_whitespace(text, left, right)
     raise ValueError(f"unknown normalizer type {kind}")
+
+
+@dataclass(frozen=True)
+class _Replace:
+    """MNN's literal Replace normalizer (left to right, no overlaps)."""
+
+    pattern: str
+    content: str
+
+    def __call__(self, text: str) -> str:
+        return text.replace(self.pattern, self.content)
+
+
+def _fuse_replacements(steps: list) -> list:
+    """Runs of one-character Replace steps as one str.translate: the same result as one after
+    the other when no content holds a later step's pattern (sd2mnn's .mtok has thousands)."""
+    fused, run = [], {}
+
+    def flush():
+        if len(run) > 1:
+            table = str.maketrans(dict(run))
+            fused.append(lambda text: text.translate(table))
+        else:
+            fused.extend(_Replace(p, c) for p, c in run.items())
+        run.clear()
+
+    for step in steps:
+        single = isinstance(step, _Replace) and len(step.pattern) == 1
+        if single and step.pattern not in run and not any(step.pattern in c for c in run.values()):
+            run[step.pattern] = step.content
+            continue
+        flush()
+        if single:
+            run[step.pattern] = step.content
+        else:
+            fused.append(step)
+    flush()
+    return fused
 
 
 def _read_pre_tokenizer(r: _Reader):

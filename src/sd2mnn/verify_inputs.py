@@ -42,12 +42,16 @@ def static_shape(name: str, tensor) -> list[int]:
 def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int) -> tuple[list[np.ndarray], str]:
     """One int32 [2, length] array ([uncond "", prompt]) per prompt in PROMPTS, made as MNN's
     runtime makes them: from the bundle's tokenizer.mtok, else from the ONNX tokenizer folder."""
-    from sd2mnn.tokenizer import PromptTokenizer
+    from sd2mnn.conditioning import PromptIds
 
-    source = mnn_dir if (mnn_dir / MTOK_NAME).is_file() else onnx_dir / TOKENIZER_DIR
-    tokenizer = PromptTokenizer.from_dir(source)
-    how = "the bundle's tokenizer.mtok" if source == mnn_dir else f"the tokenizer in {source}"
-    return [np.asarray(tokenizer.encode_pair(p, length), dtype=np.int32).reshape(2, length) for p in PROMPTS], how
+    # The ids the CLIP model inside the bundle's text encoder sees, so that the ONNX source (which
+    # has no id rewrite in front) gets the same; the bundle's rewrite leaves them as they are.
+    if (mnn_dir / MTOK_NAME).is_file():
+        tokenizer, how = PromptIds.for_bundle(mnn_dir), "the bundle's tokenizer.mtok"
+    else:
+        tokenizer = PromptIds.for_tokenizer(onnx_dir / TOKENIZER_DIR)
+        how = f"the tokenizer in {onnx_dir / TOKENIZER_DIR}"
+    return [np.asarray(tokenizer.model_pair(p, length), dtype=np.int32).reshape(2, length) for p in PROMPTS], how
 
 
 def _smooth_image(rng: np.random.Generator, shape: list[int]) -> np.ndarray:

@@ -1,0 +1,472 @@
+"""Bundles whose MNN runtime feeds the CLIP text encoder the ids diffusers would.
+
+MNN 3.6.1's runtime tokenizes with its pipeline tokenizer (``tokenizer.mtok``), whose BPE has no
+end-of-word suffix, and pads with 0. Hugging Face's CLIPTokenizer (diffusers) gives the last
+symbol of every pre-token its ``</w>`` form ("cat" -> ``cat</w>``, 2368) and pads SD1.5 with
+``<|endoftext|>``. Two parts, both written by ``sd2mnn convert``, make the device condition as
+diffusers does:
+
+1. **The .mtok** (``clip_end_of_word_json``). The C++ pipeline has no step that appends to a
+   pre-token, but it can *keep* one whitespace character at a pre-token's end:
+   * literal Replace normalizers put a space at every boundary CLIP's split regex makes without
+     one: around each digit (every digit is a pre-token of its own), and around each run of
+     punctuation/symbols (``\\x01`` placeholders around every such character, adjacent
+     placeholders removed so that runs like "((" stay one pre-token, then placeholders to spaces);
+     contractions ("'s", "'t", ...) are protected first, as CLIP's regex matches them first;
+   * the split regex is CLIP's with `` ?`` after each alternative, so a pre-token keeps one
+     following space; after the byte-level step that space is ``Ġ``;
+   * the vocabulary is CLIP's with every ``</w>`` suffix spelt ``Ġ`` (ids unchanged), and rank-0
+     merges ``(c, Ġ) -> cĠ`` for the 256 byte characters. A pre-token then starts exactly as
+     Hugging Face starts it (last character in its end-of-word form) and the same merges follow.
+   Every pre-token followed by anything gets its end-of-word ids; only the prompt's last
+   pre-token, when nothing follows it, cannot (the runtime adds nothing after the text).
+2. **The text encoder** (``rewrite_graph``): int32 operations in front of the CLIP model, inside
+   ``text_encoder.mnn`` (interface unchanged: ``input_ids`` int32 [2,77]), that take the ids
+   after the last end-of-word token, look them up in a table of last-word rewrites (every
+   whole-word token of the vocabulary, from the runtime's ids to Hugging Face's; where the table
+   has no entry, the last token becomes its end-of-word twin), and pad with the tokenizer's pad
+   id instead of 0. ``rewrite_ids`` is the same function in numpy, for ONNX Runtime and tests.
+
+What stays different is listed by kind in the README (prompts that overflow 77 tokens by
+exactly their last word, contractions after punctuation, decomposed accents, control and
+zero-width characters, combining marks).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sd2mnn.errors import InputError
+
+SCHEMES = ("diffusers", "mnn")  # the .mtok + text encoder a bundle gets; "mnn" is MNN's own flow
+DEFAULT_SCHEME = "diffusers"
+SCHEME_VERSION = "clip-eow-1"  # bump when the .mtok or the graph this module writes changes
+
+END_OF_WORD = "</w>"
+MARKER = "\u0120"  # "Ġ": the byte-level character of " ", the end-of-word mark in the .mtok
+PLACEHOLDER = "\x01"  # around punctuation while normalizing; user controls became spaces first
+APOSTROPHE = "\x04"  # a protected contraction's apostrophe while normalizing
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+KEY_LENGTH = 8  # the longest last word (in runtime tokens) the rewrite table holds
+
+# CLIP's pre-tokenizer split with one optional trailing space kept in each pre-token.
+CLIP_SPLIT_KEEPING_SPACE = "|".join(
+    alt + " ?" for alt in (r"<\|startoftext\|>", r"<\|endoftext\|>", *CONTRACTIONS,
+                           r"[\p{L}]+", r"[\p{N}]", r"[^\s\p{L}\p{N}]+"))
+
+
+def uses_end_of_word_scheme(tokenizer_json: dict, scheme: str) -> bool:
+    """Whether ``scheme`` changes this tokenizer: only CLIP's BPE (an end-of-word suffix) needs it."""
+    if scheme not in SCHEMES:
+        raise InputError(f"--tokenizer must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    model = tokenizer_json.get("model", {})
+    return (scheme == "diffusers" and model.get("type", "BPE") == "BPE"
+            and model.get("end_of_word_suffix") == END_OF_WORD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 1: the .mtok
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _codepoints(*categories: str) -> list[str]:
+    return [chr(cp) for cp in range(0x110000)
+            if unicodedata.category(chr(cp))[0] in categories and not 0xD800 <= cp <= 0xDFFF]
+
+
+def _literal(pattern: str, content: str) -> dict:
+    return {"type": "Replace", "pattern": {"String": pattern}, "content": content}
+
+
+def _normalizer_steps() -> list[dict]:
+    """Literal replacements after NFC (which turns control characters into spaces in MNN, so the
+    placeholders cannot come from the prompt) and lowercasing. Order matters; see above."""
+    steps = [_literal(c, " ") for c in "\t\n\r\x0b\x0c\u2028\u2029" + "".join(_codepoints("Z"))
+             if c != " "]
+    steps += [_literal(c, APOSTROPHE + c[1:]) for c in CONTRACTIONS]
+    # What CLIP's regex calls [^\s\p{L}\p{N}]: punctuation, symbols, marks, format characters.
+    others = _codepoints("P", "S", "M") + [c for c in _codepoints("C") if unicodedata.category(c) == "Cf"]
+    steps += [_literal(c, PLACEHOLDER + c + PLACEHOLDER) for c in others]
+    steps.append(_literal(PLACEHOLDER * 2, ""))  # adjacent punctuation stays one pre-token
+    steps += [_literal(c, f" {c} ") for c in _codepoints("N")]
+    steps.append(_literal(PLACEHOLDER, " "))
+    steps.append(_literal(APOSTROPHE, " '"))
+    return steps
+
+
+def clip_end_of_word_json(tokenizer_json: dict) -> dict:
+    """``tokenizer_json`` (a CLIP tokenizer.json) rewritten for the .mtok writer as above."""
+    tj = json.loads(json.dumps(tokenizer_json))
+    model = tj["model"]
+    vocab: dict[str, int] = model["vocab"]
+    renamed = {(t[:-len(END_OF_WORD)] + MARKER if t.endswith(END_OF_WORD) else t): i for t, i in vocab.items()}
+    if len(renamed) != len(vocab) or MARKER not in renamed:
+        raise InputError("tokenizer.json: this CLIP vocabulary cannot take the end-of-word scheme (a token "
+                         f"already ends in {MARKER!r}); convert with --tokenizer mnn")
+    # The byte character "Ġ" keeps its id only as the marker; its own end-of-word twin is unused.
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    merges = [[a, b[:-len(END_OF_WORD)] + MARKER if b.endswith(END_OF_WORD) else b] for a, b in merges]
+    base = [t for t in vocab if len(t) == 1 and t + END_OF_WORD in vocab and t != MARKER]
+    # A contraction followed by letters ("'moody") reaches the BPE without its mark; give each
+    # one a token of its own (new ids after the vocabulary), which the text encoder maps to the
+    # marked one. Only a contraction pre-token can hold an apostrophe next to a letter.
+    extra = []
+    for contraction in CONTRACTIONS:
+        for end in range(2, len(contraction) + 1):
+            piece = contraction[:end]
+            if piece not in renamed:
+                renamed[piece] = len(renamed)
+                extra.append([contraction[:end - 1], contraction[end - 1]])
+    model["vocab"] = renamed
+    model["merges"] = [[c, MARKER] for c in base] + merges + extra
+    model["end_of_word_suffix"] = None
+    norm = tj.get("normalizer") or {"type": "Sequence", "normalizers": []}
+    children = norm["normalizers"] if norm.get("type") == "Sequence" else [norm]
+    kept = [n for n in children if n.get("type") != "Replace"]  # CLIP's regex \s+ collapse: ours below
+    # After NFC and lowercasing: contractions are matched in lower case, as CLIP's regex sees them.
+    tj["normalizer"] = {"type": "Sequence", "normalizers": kept + _normalizer_steps()}
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": CLIP_SPLIT_KEEPING_SPACE}, "behavior": "Removed", "invert": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    return tj
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 2: the last word and the padding, rewritten in front of the text encoder
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class IdRewrite:
+    """Everything the id rewrite needs; the same arrays feed the ONNX graph and ``rewrite_ids``."""
+
+    bos: int
+    eos: int
+    pad: int
+    always: np.ndarray  # int32 [V]: applied to every id first (runtime-only spellings of contractions)
+    boundary: np.ndarray  # int32 [V]: 1 for end-of-word tokens and BOS: a pre-token ends there
+    final: np.ndarray  # int32 [V]: a token's end-of-word twin (itself where it has none)
+    keys: np.ndarray  # int32 [E, K]: the runtime's ids of a last word, -1 padded
+    values: np.ndarray  # int32 [E, K]: Hugging Face's ids of that word, -1 padded
+    lengths: np.ndarray  # int32 [E]: how many of ``values`` count
+
+    @functools.cached_property
+    def lookup(self) -> dict[tuple[int, ...], int]:
+        return {tuple(int(t) for t in key if t >= 0): i for i, key in enumerate(self.keys)}
+
+    def digest(self) -> str:
+        h = hashlib.sha256(SCHEME_VERSION.encode())
+        for part in (self.always, self.boundary, self.final, self.keys, self.values, self.lengths,
+                     np.array([self.bos, self.eos, self.pad], np.int32)):
+            h.update(part.tobytes())
+        return h.hexdigest()[:16]
+
+
+def build_id_rewrite(tokenizer_json: dict, runtime_bpe, bos: int, eos: int, pad: int) -> IdRewrite:
+    """The tables for a CLIP ``tokenizer_json``. ``runtime_bpe(word) -> ids`` is how the runtime
+    tokenizes ``word`` (byte-level characters) as a prompt's last pre-token."""
+    from tokenizers import Tokenizer
+
+    vocab: dict[str, int] = tokenizer_json["model"]["vocab"]
+    runtime_vocab = clip_end_of_word_json(tokenizer_json)["model"]["vocab"]
+    size = max(runtime_vocab.values()) + 1
+    boundary = np.zeros(size, np.int32)
+    final = np.arange(size, dtype=np.int32)
+    for token, token_id in vocab.items():
+        if token.endswith(END_OF_WORD):
+            boundary[token_id] = 1
+            twin = vocab.get(token[:-len(END_OF_WORD)])
+            if twin is not None:
+                final[twin] = token_id
+    boundary[bos] = 1
+    # A contraction is one CLIP pre-token ("'s" -> 's</w>); the runtime leaves it without its end
+    # mark when letters follow ("'moody" -> 'm + oody). Hugging Face never emits the unmarked
+    # token, so it can be mapped to the marked one wherever it stands.
+    always = np.arange(size, dtype=np.int32)
+    for contraction in CONTRACTIONS:
+        plain, marked = runtime_vocab.get(contraction), vocab.get(contraction + END_OF_WORD)
+        if plain is not None and marked is not None:
+            always[plain] = marked
+            boundary[plain] = 1
+
+    # Whole-word tokens whose text is one pre-token that ends a prompt without a marker: letter
+    # runs and contractions (a prompt ending in a digit or punctuation is already exact).
+    hf = Tokenizer.from_str(json.dumps(tokenizer_json))
+    decoder = _byte_decoder()
+    words = []
+    for token in vocab:
+        if not token.endswith(END_OF_WORD):
+            continue
+        core = token[:-len(END_OF_WORD)]
+        try:
+            text = bytes(decoder[c] for c in core).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            continue
+        if (text.isalpha() and text == text.lower()) or text in CONTRACTIONS:
+            words.append((core, text))
+    expected = hf.encode_batch([text for _, text in words], add_special_tokens=False)
+    keys, values = [], []
+    for (core, _), encoding in zip(words, expected):
+        key, value = runtime_bpe(core), encoding.ids
+        fallback = key[:-1] + [int(final[key[-1]])] if key else []
+        if key and value != fallback and len(key) <= KEY_LENGTH and len(value) <= KEY_LENGTH:
+            keys.append(key + [-1] * (KEY_LENGTH - len(key)))
+            values.append(value + [-1] * (KEY_LENGTH - len(value)))
+    if not keys:  # one entry that no key matches keeps the graph's shapes non-empty
+        keys, values = [[-2] * KEY_LENGTH], [[-2] * KEY_LENGTH]
+    lengths = np.array([sum(v >= 0 for v in row) for row in values], np.int32)
+    return IdRewrite(bos, eos, pad, always, boundary, final,
+                     np.array(keys, np.int32).reshape(-1, KEY_LENGTH),
+                     np.array(values, np.int32).reshape(-1, KEY_LENGTH), lengths)
+
+
+def _byte_decoder() -> dict[str, int]:
+    from sd2mnn.tokenizer import CHAR_TO_BYTE
+
+    return CHAR_TO_BYTE
+
+
+def rewrite_ids(ids: np.ndarray, rw: IdRewrite) -> np.ndarray:
+    """int32 [B, L] runtime ids -> the ids Hugging Face's tokenizer gives (numpy twin of the graph)."""
+    out = rw.always[np.asarray(ids, np.int32)]
+    length = out.shape[1]
+    table = rw.lookup
+    for row in out:
+        eos_at = np.flatnonzero(row == rw.eos)
+        e = int(eos_at[0]) if eos_at.size else length - 1
+        ends = np.flatnonzero(rw.boundary[row[:e]] == 1)
+        s = int(ends[-1]) + 1 if ends.size else 0
+        if e == s or e == length - 1:  # nothing to rewrite, or cut at 77 tokens: keep
+            row[e + 1:] = rw.pad
+            continue
+        # The longest run of trailing ids that spells a word of the table, else the last id's twin.
+        hit = next(((j, table[key]) for j in range(max(s, e - KEY_LENGTH), e)
+                    if (key := tuple(int(t) for t in row[j:e])) in table), None)
+        if hit is not None:
+            j, entry = hit
+            word = rw.values[entry, :rw.lengths[entry]]
+        else:
+            j, word = e - 1, rw.final[row[e - 1:e]]
+        tail = np.concatenate([word, [rw.eos]])[:length - j]
+        row[j:j + len(tail)] = tail
+        row[j + len(tail):] = rw.pad
+        if j + len(word) > length - 1:
+            row[-1] = rw.eos
+    return out
+
+
+def rewrite_graph(rw: IdRewrite, length: int, input_name: str = "input_ids", output_name: str = "input_ids_rewritten",
+                  opset: int = 18):
+    """ONNX nodes and initializers computing ``rewrite_ids`` on ``input_name`` (int32 [B, length]).
+    Only int32 Gather/GatherElements, comparisons, Where, arithmetic and reductions: operations
+    MNN's converter and CPU backend run exactly."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    K = KEY_LENGTH
+    nodes, inits = [], []
+
+    def const(name, value, dtype=np.int32):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype), "rw_" + name))
+        return "rw_" + name
+
+    def op(kind, inputs, name, **attrs):
+        nodes.append(helper.make_node(kind, inputs, ["rw_" + name], name="rw_" + name, **attrs))
+        return "rw_" + name
+
+    def as_int(x, name):
+        return op("Cast", [x], name, to=TensorProto.INT32)
+
+    def reduce(kind, x, axis, name, keepdims=1):
+        if kind == "ReduceSum" and opset >= 13 or opset >= 18:  # axes became an input
+            return op(kind, [x, const(name + "_axes", [axis], np.int64)], name, keepdims=keepdims)
+        return op(kind, [x], name, axes=[axis], keepdims=keepdims)
+
+    def argmax(x, axis, name):
+        return as_int(op("ArgMax", [x], name + "64", axis=axis, keepdims=1), name)
+
+    pos = const("pos", np.arange(length).reshape(1, length))
+    zero, one, last = const("zero", 0), const("one", 1), const("last", length - 1)
+    eos, pad, minus1 = const("eos", rw.eos), const("pad", rw.pad), const("minus1", -1)
+    ids = op("Gather", [const("always", rw.always), input_name], "ids", axis=0)
+    # e: the first EOS; s: one past the last end-of-word id before it (the last word's start)
+    e = argmax(as_int(op("Equal", [ids, eos], "is_eos_b"), "is_eos"), 1, "e")
+    ended = op("Mul", [op("Gather", [const("boundary", rw.boundary), ids], "bnd", axis=0),
+                       as_int(op("Less", [pos, e], "before_e_b"), "before_e")], "ended")
+    s = reduce("ReduceMax", op("Mul", [ended, op("Add", [pos, one], "pos1")], "ended_at"), 1, "s")
+    # candidate c: the last c+1 ids (starting at j_c), valid when j_c >= s
+    j_c = op("Sub", [op("Sub", [e, one], "e1"), const("c", np.arange(K).reshape(1, K))], "j_c")
+    valid = as_int(op("Greater", [op("Add", [j_c, one], "j_c1"), s], "valid_b"), "valid")
+    at = op("Add", [op("Unsqueeze", [j_c, const("axis2", [2], np.int64)], "j_c3"),
+                    const("t", np.arange(K).reshape(1, 1, K))], "at")
+    flat = op("Reshape", [op("Clip", [at, zero, last], "at_c"), const("flat", [0, K * K], np.int64)], "at_flat")
+    gathered = op("Reshape", [op("GatherElements", [ids, flat], "key_flat", axis=1),
+                              const("cube", [0, K, K], np.int64)], "key_raw")
+    in_key = const("in_key", (np.arange(K)[None, :] <= np.arange(K)[:, None]).reshape(1, K, K), np.bool_)
+    key = op("Where", [in_key, gathered, minus1], "key")
+    same = as_int(op("Equal", [op("Unsqueeze", [key, const("axis2b", [2], np.int64)], "key4"),
+                               const("keys", rw.keys[None, None])], "same_b"), "same")
+    hit = as_int(op("Equal", [reduce("ReduceSum", same, 3, "score", keepdims=0), const("klen", K)], "hit_b"), "hit")
+    found_c = op("Squeeze", [reduce("ReduceMax", hit, 2, "found_c3"), const("axis2c", [2], np.int64)], "found_c")
+    entry_c = op("Squeeze", [argmax(hit, 2, "entry_c3"), const("axis2d", [2], np.int64)], "entry_c")
+    score = op("Mul", [op("Mul", [found_c, valid], "usable"), const("c1", np.arange(1, K + 1).reshape(1, K))], "pick")
+    best = reduce("ReduceMax", score, 1, "best")  # the longest suffix found (0: none)
+    entry = op("GatherElements", [entry_c, argmax(score, 1, "best_c")], "entry", axis=1)  # [B,1]
+    found = op("Greater", [best, zero], "found")
+    j = op("Where", [found, op("Sub", [e, best], "e_best"), op("Sub", [e, one], "e_one")], "j")
+    value = op("Reshape", [op("Gather", [const("values", rw.values), entry], "value3", axis=0),
+                           const("rows", [-1, K], np.int64)], "value")
+    m = op("Where", [found, op("Gather", [const("lengths", rw.lengths), entry], "m_table", axis=0), one], "m")
+    rel = op("Clip", [op("Sub", [pos, j], "rel"), zero, const("kmax", K - 1)], "rel_c")
+    body = op("Where", [found, op("GatherElements", [value, rel], "from_table", axis=1),
+                        op("Gather", [const("final", rw.final), ids], "twin", axis=0)], "body")
+    end = op("Add", [j, m], "end")
+    tail = op("Where", [op("Equal", [pos, end], "at_end"), eos, pad], "tail")
+    word = op("Where", [op("Less", [pos, end], "in_word"), body, tail], "word")
+    rewritten = op("Where", [op("Less", [pos, j], "in_head"), ids, word], "rewritten")
+    cut = op("Where", [op("Equal", [pos, last], "at_cut"), eos, rewritten], "cut")
+    rewritten = op("Where", [op("Greater", [end, last], "overflow"), cut, rewritten], "rewritten_cut")
+    plain = op("Where", [op("Greater", [pos, e], "after_e"), pad, ids], "plain")
+    # keep the ids where there is no last word to rewrite (e == s) or the prompt was cut at 77
+    skip = op("Greater", [op("Add", [as_int(op("Equal", [e, s], "empty_b"), "empty"),
+                                     as_int(op("Equal", [e, last], "full_b"), "full")], "skip_n"), zero], "skip")
+    nodes.append(helper.make_node("Where", [skip, plain, rewritten], [output_name], name="rw_out"))
+    return nodes, inits
+
+
+def load_rewrite(tokenizer_dir: Path, scheme: str) -> IdRewrite | None:
+    """The id rewrite a bundle of the tokenizer in ``tokenizer_dir`` gets under ``scheme``
+    (None where the scheme leaves the tokenizer as MNN writes it)."""
+    import tempfile
+
+    from sd2mnn.mtok import load_tokenizer_source, write_mtok
+    from sd2mnn.tokenizer import MTOK_NAME, PromptTokenizer
+
+    source = load_tokenizer_source(Path(tokenizer_dir))
+    if not uses_end_of_word_scheme(source.tokenizer_json, scheme):
+        return None
+    with tempfile.TemporaryDirectory(prefix="sd2mnn-mtok-") as tmp:
+        runtime = PromptTokenizer.from_dir(write_mtok(Path(tokenizer_dir), Path(tmp) / MTOK_NAME, scheme))
+    fmt = runtime.format
+    pad = source.pad_id if source.pad_id is not None else fmt.eos_id
+    return build_id_rewrite(source.tokenizer_json, runtime.model_ids, fmt.bos_id, fmt.eos_id, pad)
+
+
+@dataclass(frozen=True)
+class TextEncoderPrefix:
+    """The id rewrite as conversion uses it: recorded by ``prefix_id``, applied by ``prepend``."""
+
+    rewrite: IdRewrite
+
+    @property
+    def prefix_id(self) -> str:
+        return f"{SCHEME_VERSION}:{self.rewrite.digest()}"
+
+    def prepend(self, source: Path, target: Path) -> Path:
+        return prepend_rewrite(source, target, self.rewrite)
+
+
+def prepend_rewrite(source: Path, target: Path, rw: IdRewrite, input_name: str = "input_ids") -> Path:
+    """Write ``target``: the ONNX model ``source`` with the id rewrite in front of ``input_name``."""
+    import onnx
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    spec = next((i for i in graph.input if i.name == input_name), None)
+    if spec is None:
+        raise InputError(f"{source}: no input named {input_name!r}; the text encoder must take input_ids")
+    dims = [d.dim_value for d in spec.type.tensor_type.shape.dim]
+    if len(dims) != 2 or dims[1] <= 0 or spec.type.tensor_type.elem_type != onnx.TensorProto.INT32:
+        raise InputError(f"{source}: input_ids must be int32 [batch, length] with a fixed length; "
+                         "export it with sd2mnn export, or convert with --tokenizer mnn")
+    rewritten = "sd2mnn_" + input_name
+    for n in graph.node:
+        n.input[:] = [rewritten if i == input_name else i for i in n.input]
+    for out in graph.output:
+        if out.name == input_name:  # an identity passthrough: keep it the runtime's ids
+            raise InputError(f"{source}: input_ids is also an output; convert with --tokenizer mnn")
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 13:
+        raise InputError(f"{source}: opset {opset} < 13; re-export the text encoder with opset 13 or newer, "
+                         "or convert with --tokenizer mnn")
+    nodes, inits = rewrite_graph(rw, dims[1], input_name, rewritten, opset)
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + existing)
+    graph.initializer.extend(inits)
+    # Weights beside the model only where protobuf's 2 GB limit forces it (CLIP is ~0.5 GB).
+    large = model.ByteSize() > 1_800_000_000
+    onnx.save_model(model, str(target), save_as_external_data=large, location=target.name + ".data")
+    return target
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt -> ids, three ways: what the runtime feeds, what the CLIP model inside sees, diffusers'
+# ---------------------------------------------------------------------------------------------
+
+def _is_end_of_word_mtok(runtime) -> bool:
+    """A .mtok of this scheme: its BPE joins a character and the marker into one (end-of-word) id."""
+    return len(runtime.model_ids("a" + MARKER)) == 1
+
+
+class PromptIds:
+    """The ids of ``[negative, prompt]`` for a bundle (its tokenizer.mtok and tokenizer files) or
+    a tokenizer folder converted with ``scheme``."""
+
+    def __init__(self, tokenizer_dir: Path, runtime, rewrite: IdRewrite | None):
+        self.tokenizer_dir, self.runtime, self.rewrite = Path(tokenizer_dir), runtime, rewrite
+        self.scheme = "diffusers" if rewrite is not None else "mnn"
+        self._hf = None
+
+    @classmethod
+    def for_bundle(cls, bundle_dir: Path) -> "PromptIds":
+        from sd2mnn.tokenizer import MTOK_NAME, PromptTokenizer
+
+        runtime = PromptTokenizer.from_dir(Path(bundle_dir) / MTOK_NAME)
+        rewrite = None
+        if runtime.format.model_type == 0 and _is_end_of_word_mtok(runtime):
+            rewrite = load_rewrite(bundle_dir, "diffusers")
+        return cls(bundle_dir, runtime, rewrite)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer_dir: Path, scheme: str = DEFAULT_SCHEME) -> "PromptIds":
+        from sd2mnn.tokenizer import PromptTokenizer
+
+        return cls(tokenizer_dir, PromptTokenizer.from_dir(tokenizer_dir, scheme), load_rewrite(tokenizer_dir, scheme))
+
+    @property
+    def max_length(self) -> int:
+        return self.runtime.format.max_length
+
+    def runtime_pair(self, prompt: str, length: int | None = None, negative: str = "") -> np.ndarray:
+        """int32 [2, L]: what MNN's runtime feeds ``text_encoder.mnn``."""
+        return self.runtime.encode_pair(prompt, length, negative)
+
+    def model_pair(self, prompt: str, length: int | None = None, negative: str = "") -> np.ndarray:
+        """int32 [2, L]: what the CLIP/BERT model inside the bundle's text encoder sees."""
+        ids = self.runtime_pair(prompt, length, negative)
+        return rewrite_ids(ids, self.rewrite) if self.rewrite is not None else ids
+
+    def hf_pair(self, prompt: str, length: int | None = None, negative: str = "") -> np.ndarray:
+        """int32 [2, L]: Hugging Face's ids (diffusers' conditioning), from the tokenizer files."""
+        length = length or self.max_length
+        if self._hf is None:
+            from tokenizers import Tokenizer
+
+            from sd2mnn.mtok import load_tokenizer_source
+
+            source = load_tokenizer_source(self.tokenizer_dir)
+            self._hf = Tokenizer.from_str(json.dumps(source.tokenizer_json))
+            self._hf_pad = source.pad_id if source.pad_id is not None else 0
+        rows = []
+        for text in (negative, prompt):
+            ids = self._hf.encode(text).ids  # with the post-processor's BOS/EOS
+            if len(ids) > length:
+                ids = ids[:length - 1] + ids[-1:]  # truncation keeps the closing special token
+            rows.append(ids + [self._hf_pad] * (length - len(ids)))
+        return np.array(rows, dtype=np.int32)
