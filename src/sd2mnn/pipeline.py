@@ -25,18 +25,20 @@ from typing import Callable
 import numpy as np
 
 from sd2mnn import __version__
-from sd2mnn.errors import InputError
-from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME
-from sd2mnn.manifest import FileRecord, read_manifest
+from sd2mnn.conditioning import DEFAULT_SCHEME, PromptIds
+from sd2mnn.errors import InputError, MissingExtraError
+from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME, TOKENIZER_DIR
+from sd2mnn.manifest import FileRecord, read_manifest, record_mismatch
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
 from sd2mnn.runtime import WINOGRAD_MEMORY_LEVEL, MnnModel, OrtModel, RuntimeConfig, mnn_runtime_manager
 from sd2mnn.scheduler import MAX_STEPS, MIN_STEPS, PLMSScheduler, clamp_steps
-from sd2mnn.tokenizer import PromptTokenizer
 
 GUIDANCE_SCALE = 7.5  # unet(): "scaleptr[0] = 7.5"
+MAX_GUIDANCE = 100.0  # published pipelines use 1..20; beyond this only blank or noise images come out
 LATENT_SCALE = np.float32(1 / 0.18215)  # vae_decoder(): "latent * _Const(1 / 0.18215)", a float
 DEFAULT_STEPS = 20
 RUNTIMES = ("mnn", "onnxruntime")
+TOKENIZERS = ("runtime", "hf")  # whose ids feed the text encoder (GenerationParams.tokenizer)
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 # MNN::Interpreter::HintMode value set by StableDiffusion::load() (WINOGRAD_MEMORY_LEVEL: runtime.py).
 DYNAMIC_QUANT_OPTIONS = 5
@@ -134,6 +136,9 @@ class GenerationParams:
     noise: str = "mnn"  # how latents are drawn from the seed (noise.py)
     latents: np.ndarray | None = None  # given initial latents: seed and noise are then unused
     latents_source: str | None = None  # where they came from, for the metadata
+    # "runtime": the ids MNN's runtime feeds (from tokenizer.mtok); "hf": Hugging Face's, as in
+    # diffusers, to see the image diffusers' conditioning gives on the same models.
+    tokenizer: str = "runtime"
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str):
@@ -150,11 +155,22 @@ class GenerationParams:
             raise InputError(f"steps must be a whole number from {MIN_STEPS} to {MAX_STEPS}, got {self.steps!r}{mnn}")
         if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
             raise InputError(f"guidance must be a finite number, got {self.guidance!r}")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise InputError(f"guidance must be from 0 to {MAX_GUIDANCE:g}, got {self.guidance:g} (MNN's runtime uses "
+                             f"{GUIDANCE_SCALE:g}; far larger values overflow the latents into a blank image)")
+        if self.tokenizer not in TOKENIZERS:
+            raise InputError(f"unknown tokenizer {self.tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
         if self.latents is not None:
             check_latents(self.latents, self.latents_source or "the given latents")
             return
         if self.noise not in METHODS:
             raise InputError(f"unknown noise {self.noise!r}; choose one of {', '.join(METHODS)}")
+        if self.noise == "torch":
+            try:
+                import torch  # noqa: F401  (here, not after minutes of loading)
+            except ImportError:
+                raise MissingExtraError("noise 'torch' needs PyTorch, which is not installed: pip install "
+                                        "'sd2mnn[export]', or use --noise mnn (MNN's runtime) or numpy") from None
         limit = 2**32 if self.noise.startswith("mnn") else 2**63  # std::mt19937 seeds are 32-bit
         if not _whole(self.seed) or not 0 <= self.seed < limit:
             raise InputError(f"seed must be a whole number from 0 to {limit - 1}, got {self.seed!r}"
@@ -167,6 +183,8 @@ class GenerationParams:
             out.append('a negative prompt (MNN\'s runtime always uses "" as the unconditional prompt)')
         if self.guidance != GUIDANCE_SCALE:
             out.append(f"guidance {self.guidance:g} (MNN's runtime uses {GUIDANCE_SCALE:g})")
+        if self.tokenizer == "hf":
+            out.append("Hugging Face's token ids (MNN's runtime feeds the ids of tokenizer.mtok: --tokenizer runtime)")
         if self.latents is not None:
             out.append("given latents (the same image only if they are the ones MNN's runtime draws)")
         elif not self.noise.startswith("mnn"):
@@ -200,7 +218,8 @@ def load_latents(path: str | os.PathLike) -> np.ndarray:
     runtime reads instead of drawing noise when built with MNN_DUMP_DATA)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path} does not exist; give a .npy file of float32 {list(LATENT_SHAPE)} latents")
+        state = "is a folder" if path.is_dir() else "does not exist"
+        raise InputError(f"{path} {state}; give a .npy file of float32 {list(LATENT_SHAPE)} latents")
     try:
         if path.suffix.lower() == ".txt":
             array = np.loadtxt(path, dtype=np.float32).reshape(-1)
@@ -288,7 +307,11 @@ class Pipeline:
     ONNX pipeline it was converted from, on ONNX Runtime, with the same recipe.
     """
 
-    def __init__(self, source: str | os.PathLike, runtime: str = "mnn", config: RuntimeConfig | None = None):
+    def __init__(self, source: str | os.PathLike, runtime: str = "mnn", config: RuntimeConfig | None = None,
+                 tokenizer_scheme: str = DEFAULT_SCHEME):
+        """``tokenizer_scheme`` (ONNX Runtime only): the ``sd2mnn convert --tokenizer`` whose
+        bundle to imitate; a bundle's own tokenizer.mtok says what it is."""
+        self.tokenizer_scheme = tokenizer_scheme
         if runtime not in RUNTIMES:
             raise InputError(f"unknown runtime {runtime!r}; choose {' or '.join(RUNTIMES)}")
         self.source = Path(source)
@@ -308,8 +331,9 @@ class Pipeline:
         if not mtok.is_file():
             raise InputError(f"{mtok} is missing (MNN's runtime reads only this tokenizer file); "
                              "reconvert the bundle with sd2mnn convert")
+        check_bundle_sizes(self.source, PIPELINE_COMPONENTS)
         start = time.perf_counter()
-        self.tokenizer = PromptTokenizer.from_dir(mtok)
+        self.tokenizer = PromptIds.for_bundle(self.source)
         loaded = time.perf_counter()
         # As load(): one runtime manager for the three modules, and shapeMutable = false, so MNN
         # resizes each module (plans memory, packs weights) as it loads, not in the first step.
@@ -327,7 +351,8 @@ class Pipeline:
             if not (self.source / name / "model.onnx").is_file():
                 raise InputError(f"{self.source / name / 'model.onnx'} is missing; export the pipeline with sd2mnn export")
         start = time.perf_counter()
-        self.tokenizer = PromptTokenizer.from_dir(self.source)  # writes a .mtok from tokenizer/ first
+        # As a conversion would write tokenizer.mtok, and the text encoder's id rewrite in numpy.
+        self.tokenizer = PromptIds.for_tokenizer(self.source / TOKENIZER_DIR, self.tokenizer_scheme)
         loaded = time.perf_counter()
         self._models = {name: OrtModel(self.source / name / "model.onnx", threads=self.config.threads)
                         for name in PIPELINE_COMPONENTS}
@@ -336,11 +361,12 @@ class Pipeline:
         return loaded - start, time.perf_counter() - loaded, files
 
     @classmethod
-    def from_onnx(cls, onnx_dir: str | os.PathLike, threads: int = 4) -> "Pipeline":
-        return cls(onnx_dir, runtime="onnxruntime", config=RuntimeConfig(threads=threads))
+    def from_onnx(cls, onnx_dir: str | os.PathLike, threads: int = 4, tokenizer_scheme: str = DEFAULT_SCHEME) -> "Pipeline":
+        return cls(onnx_dir, runtime="onnxruntime", config=RuntimeConfig(threads=threads),
+                   tokenizer_scheme=tokenizer_scheme)
 
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = DEFAULT_STEPS, seed: int = 0,
-                 guidance: float = GUIDANCE_SCALE, noise: str = "mnn", latents=None,
+                 guidance: float = GUIDANCE_SCALE, noise: str = "mnn", latents=None, tokenizer: str = "runtime",
                  on_step: Callable[[StepEvent], None] | None = None):
         """A PIL image (512x512 RGB for SD1.5); its ``info`` holds the metadata.
 
@@ -349,17 +375,24 @@ class Pipeline:
         source = None
         if latents is not None and not isinstance(latents, np.ndarray):
             source, latents = str(latents), load_latents(latents)
-        params = GenerationParams(prompt, negative_prompt, steps, seed, guidance, noise, latents, source)
+        params = GenerationParams(prompt, negative_prompt, steps, seed, guidance, noise, latents, source, tokenizer)
         return self.run(params, on_step).image()
 
+    @np.errstate(over="ignore", invalid="ignore")  # overflow is caught below, with one clear error
     def run(self, params: GenerationParams, on_step: Callable[[StepEvent], None] | None = None) -> Generation:
         params.validate()
         report = on_step or (lambda event: None)
         timings = Timings(load_s=self.load_s, tokenizer_s=self.tokenizer_s)
         started = time.perf_counter()
 
-        # run(): "auto ids = mTokenizer->encode(prompt, mMaxTextLen)" -> [uncond "", prompt].
-        ids = self.tokenizer.encode_pair(params.prompt, self.tokenizer.format.max_length, params.negative_prompt)
+        # run(): "auto ids = mTokenizer->encode(prompt, mMaxTextLen)" -> [uncond "", prompt]. A
+        # bundle's text encoder rewrites them itself; on ONNX Runtime the rewrite runs in numpy.
+        if params.tokenizer == "hf":
+            ids = self.tokenizer.hf_pair(params.prompt, None, params.negative_prompt)
+        elif self.runtime == "mnn":
+            ids = self.tokenizer.runtime_pair(params.prompt, None, params.negative_prompt)
+        else:
+            ids = self.tokenizer.model_pair(params.prompt, None, params.negative_prompt)
         t = time.perf_counter()
         # text_encoder(): outputs[0] of {"last_hidden_state", "pooler_output"}.
         text_embeddings = self._models["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
@@ -376,7 +409,10 @@ class Pipeline:
             report(StepEvent("unet", i, params.steps, timings.step_s[-1]))
 
         t = time.perf_counter()
-        decoded = self._models["vae_decoder"].run({"latent_sample": scale_latents(latent)})["sample"]
+        scaled = scale_latents(latent)
+        _check_finite(scaled, "the latents", params)
+        decoded = self._models["vae_decoder"].run({"latent_sample": scaled})["sample"]
+        _check_finite(decoded, "the VAE decoder's output", params)
         pixels = decoded_to_pixels(decoded)
         timings.vae_decoder_s = time.perf_counter() - t
         report(StepEvent("vae_decoder", 0, 1, timings.vae_decoder_s))
@@ -397,6 +433,7 @@ class Pipeline:
             meta["noise"] = f"latents {Path(params.latents_source).name if params.latents_source else 'array'}"
             meta["latents_sha256"] = digest
         meta["guidance"] = f"{params.guidance:g}"
+        meta["tokenizer"] = f"{params.tokenizer} (scheme {self.tokenizer.scheme})"
         meta["runtime"] = self.runtime
         if self.runtime == "mnn":
             c = self.config
@@ -412,6 +449,32 @@ class Pipeline:
         divergences = params.divergences()
         meta["matches_mnn_runtime"] = "yes" if not divergences else "no: " + "; ".join(divergences)
         return meta
+
+
+def _check_finite(values: np.ndarray, what: str, params: GenerationParams) -> None:
+    """MNN's Relu6 turns NaN into 1 and clamps infinity: the image would be silently white."""
+    if not np.isfinite(values).all():
+        raise InputError(f"{what} overflowed to NaN or infinity ({params.steps} steps, guidance {params.guidance:g}); "
+                         f"no image written. Start from noise of normal size, keep guidance near {GUIDANCE_SCALE:g}, "
+                         "and check the bundle with sd2mnn verify")
+
+
+def check_bundle_sizes(root: Path, names) -> None:
+    """Refuse a bundle whose model or tokenizer files no longer have the sizes manifest.json
+    records (a truncated copy, an interrupted download): MNN would load them and draw garbage.
+    Sizes only, so a 3.4 GB unet costs nothing; ``sd2mnn verify`` also compares hashes."""
+    try:
+        manifest = read_manifest(root / MANIFEST_NAME)
+    except InputError:
+        manifest = None  # an unreadable manifest is convert's business; generate needs none
+    if manifest is None:
+        return
+    records = [*manifest.tokenizer, *(f for n in names if n in manifest.components for f in manifest.components[n].outputs)]
+    for record in records:
+        mismatch = record_mismatch(record, root)
+        if mismatch:
+            raise InputError(f"{root / record.path} is damaged: {mismatch}; reconvert the bundle "
+                             f"(sd2mnn convert ONNX_DIR {root}) or copy the file again")
 
 
 _HASH_LIMIT = 64 << 20  # hash smaller files on every run; bigger ones only via manifest.json

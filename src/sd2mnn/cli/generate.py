@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -10,7 +11,7 @@ import numpy as np
 
 from sd2mnn.cli._common import native_stdout_to_stderr, print_json, terminate_as_interrupt
 from sd2mnn.errors import InputError
-from sd2mnn.images import check_png_path
+from sd2mnn.images import check_png_path, write_failure
 from sd2mnn.noise import METHODS
 from sd2mnn.scheduler import MAX_STEPS, MIN_STEPS
 
@@ -56,6 +57,12 @@ def register(subparsers) -> None:
     draw.add_argument("--save-latents", metavar="FILE.npy", help="also save the initial latents used")
     draw.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s, MNN's; "
                       "others no longer match MNN's runtime)")
+    draw.add_argument("--tokenizer", choices=("runtime", "hf"), default="runtime",
+                      help="whose token ids condition the image: runtime (default): the ids MNN's runtime feeds, "
+                           "from the bundle's tokenizer.mtok; hf: Hugging Face's, as diffusers would")
+    draw.add_argument("--tokenizer-scheme", choices=("diffusers", "mnn"), default="diffusers",
+                      help="with --onnx: imitate a bundle converted with sd2mnn convert --tokenizer SCHEME "
+                           "(default: %(default)s)")
     draw.add_argument("--negative-prompt", default="", metavar="TEXT",
                       help='unconditional prompt (default: "", MNN\'s; others no longer match MNN\'s runtime)')
     run = parser.add_argument_group("how to run")
@@ -123,6 +130,8 @@ def run_command(args: argparse.Namespace) -> int:
     output = check_png_path(args.output)
     if args.save_latents:
         check_npy_path(args.save_latents)
+    if args.cache_file:
+        check_file_beside(Path(args.cache_file), "--cache-file")
     progress = None if args.quiet else StepProgress(sys.stderr)
     with native_stdout_to_stderr(discard=args.quiet):
         pipeline, generation = _generate(args, source, prompt, output, progress)
@@ -146,15 +155,15 @@ def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path,
 
     latents = load_latents(args.latents) if args.latents else None
     params = GenerationParams(prompt, args.negative_prompt, args.steps, args.seed, args.guidance, args.noise,
-                              latents, args.latents)
+                              latents, args.latents, args.tokenizer)
     params.validate()  # before minutes of loading
     if args.onnx is None:
         config = mnn_runtime_config(args.backend, args.threads, args.precision, args.memory_mode, args.cache_file)
         pipeline = Pipeline(source, "mnn", config)
     else:
-        pipeline = Pipeline.from_onnx(source, threads=args.threads)
+        pipeline = Pipeline.from_onnx(source, threads=args.threads, tokenizer_scheme=args.tokenizer_scheme)
     if args.save_latents:
-        np.save(args.save_latents, params.initial_latents())
+        save_npy(Path(args.save_latents), params.initial_latents())
     try:
         generation = pipeline.run(params, progress)
     except KeyboardInterrupt:
@@ -165,9 +174,30 @@ def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path,
     return pipeline, generation
 
 
+def save_npy(target: Path, array: np.ndarray) -> None:
+    """np.save through a temporary file beside ``target``: a full disk leaves no partial file."""
+    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.npy")
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, target)
+    except OSError as err:
+        raise write_failure(target, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def check_npy_path(path: str) -> None:
     target = Path(path)
     if target.suffix != ".npy":
         raise InputError(f"{target} does not end in .npy; --save-latents writes a numpy file")
+    check_file_beside(target, "--save-latents")
+
+
+def check_file_beside(target: Path, flag: str) -> None:
+    """A file to write: not a folder, in a folder that exists."""
+    if target.is_dir():
+        raise InputError(f"{flag} {target} is a folder; give a file name")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise InputError(f"{flag} {target}: {target.parent} is a file, not a folder; give a path inside a folder")
     if not target.parent.is_dir():
-        raise InputError(f"{target.parent} does not exist; create it first")
+        raise InputError(f"{flag} {target}: {target.parent} does not exist; create it first")
