@@ -11,6 +11,7 @@ byte the C++ runtime's (same MNN version). Without ``MNN.cv`` it falls back to P
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import struct
@@ -21,9 +22,10 @@ from typing import Mapping
 
 import numpy as np
 
-from sd2mnn.errors import InputError
+from sd2mnn.errors import DiskSpaceError, InputError, Sd2MnnError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\0\0\0\0IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,11 +39,21 @@ def check_png_path(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a file name such as {path / 'out.png'}")
     parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{parent} is a file, not a folder; give a path inside a folder (e.g. out/{path.name})")
     if not parent.is_dir():
         raise InputError(f"{parent} does not exist; create it first (mkdir -p {parent})")
     if not os.access(parent, os.W_OK):
         raise InputError(f"{parent} is not writable; choose another output folder")
     return path
+
+
+def write_failure(path: Path, err: OSError) -> Sd2MnnError:
+    """A one-line error for an output that could not be written (disk full, no permission...)."""
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskSpaceError(f"cannot write {path}: {reason}; free some space there or write to another folder")
+    return InputError(f"cannot write {path}: {reason}; choose another output path")
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -83,7 +95,10 @@ def encode_png_like_mnn(pixels: np.ndarray, scratch: Path) -> bytes | None:
     try:
         if not cv.imwrite(str(scratch), image):  # imgcodecs.cpp imwrite(): swaps again, stb encodes
             return None
-        return scratch.read_bytes()
+        png = scratch.read_bytes()
+        # stb does not check its writes: on a full disk the file ends early. The caller then
+        # writes with Pillow, which reports the real error.
+        return png if png.endswith(PNG_END) else None
     finally:
         scratch.unlink(missing_ok=True)
 
@@ -92,7 +107,8 @@ def write_png(path: str | os.PathLike, pixels, metadata: Mapping[str, str] | Non
     """Write uint8 RGB ``pixels`` [H, W, 3] (or a PIL image) to ``path`` with ``metadata``.
 
     Atomic: the image is written to a temporary file beside ``path`` and renamed into place, so an
-    interrupted run leaves no partial PNG.
+    interrupted run or a full disk leaves no partial PNG (and an existing ``path`` as it was).
+    Raises DiskSpaceError or InputError when the file cannot be written.
     """
     path = check_png_path(path)
     if not isinstance(pixels, np.ndarray):  # a PIL image: its info carries the metadata
@@ -115,6 +131,8 @@ def write_png(path: str | os.PathLike, pixels, metadata: Mapping[str, str] | Non
                 info.add_text(key, value)
             Image.fromarray(pixels, "RGB").save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
+    except OSError as err:
+        raise write_failure(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -128,6 +146,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, str]]:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give an image file (PNG)")
     if not path.is_file():
         raise InputError(f"{path} does not exist; give an image file (PNG)")
     try:
@@ -208,6 +228,20 @@ class Comparison:
         return data
 
 
+def check_diff_path(diff_path: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """Refuse a diff picture path that would overwrite one of the images compared."""
+    diff = check_png_path(diff_path)
+    for source in inputs:
+        try:
+            same = diff.exists() and os.path.samefile(diff, source)
+        except OSError:
+            same = False
+        if same:
+            raise InputError(f"--diff {diff} is the input image {source}; writing the diff there would destroy it. "
+                             "Give another --diff path or --no-diff")
+    return diff
+
+
 def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, diff_path: str | os.PathLike | None = None) -> Comparison:
     """Compare two image files of the same size; write the diff picture to ``diff_path`` if given."""
     return compare_pixels(read_image(a_path)[0], read_image(b_path)[0], a_path, b_path, diff_path)
@@ -223,6 +257,7 @@ def compare_pixels(a: np.ndarray, b: np.ndarray, a_path: str | os.PathLike, b_pa
         )
     gain = None
     if diff_path is not None:
+        check_diff_path(diff_path, a_path, b_path)
         picture, gain = diff_picture(a, b)
         write_png(diff_path, picture, {"Software": "sd2mnn compare", "sd2mnn_diff_of": f"{a_path} {b_path}",
                                        "sd2mnn_diff_gain": f"{gain:.3f}"})

@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 
 from sd2mnn.cli._common import native_stdout_to_stderr, print_json, table
-from sd2mnn.images import compare_pixels, read_image
+from sd2mnn.errors import InputError
+from sd2mnn.images import check_diff_path, compare_pixels, read_image
 
 
 def register(subparsers) -> None:
@@ -28,7 +29,11 @@ def register(subparsers) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     a, b = Path(args.a), Path(args.b)
+    if args.min_psnr is not None and math.isnan(args.min_psnr):
+        raise InputError("--min-psnr nan is not a number; give a PSNR in dB, e.g. --min-psnr 40")
     diff = None if args.no_diff else Path(args.diff or a.with_name(f"{a.stem}_vs_{b.stem}.diff.png"))
+    if diff is not None:
+        check_diff_path(diff, a, b)  # before reading: a bad --diff costs nothing
     (pixels_a, meta_a), (pixels_b, meta_b) = read_image(a), read_image(b)
     with native_stdout_to_stderr():  # MNN's PNG encoder prints on import
         result = compare_pixels(pixels_a, pixels_b, a, b, diff)
