@@ -7,6 +7,8 @@ without caring which is which. Both import their runtime lazily.
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -19,6 +21,8 @@ PRECISIONS = ("high", "normal", "low")
 # MNN::Interpreter::HintMode::WINOGRAD_MEMORY_LEVEL; 0 turns Winograd convolutions off.
 WINOGRAD_MEMORY_LEVEL = 3
 MEMORY_MODES = ("low", "normal", "high")
+# The backend names MNN's create_runtime_manager takes (MNNForwardType); a build has only some.
+BACKENDS = ("CPU", "OPENCL", "VULKAN", "METAL", "CUDA", "OPENGL", "NN", "HIAI", "TRT")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class RuntimeConfig:
     hints: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise InputError(f"unknown MNN backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
             raise InputError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.memory not in MEMORY_MODES:
@@ -64,7 +70,19 @@ def mnn_runtime_manager(config: RuntimeConfig):
         "precision": config.precision,
         "memory": config.memory,
     }
-    runtime = nn.create_runtime_manager((runtime_config,))
+    if config.backend == "CPU":
+        runtime = nn.create_runtime_manager((runtime_config,))
+    else:
+        # A build without the backend says "Can't Find type=N backend, use 0 instead" on stdout and
+        # runs on the CPU: refuse instead, so nothing records a backend that did not run.
+        with _native_stdout_captured() as said:
+            runtime = nn.create_runtime_manager((runtime_config,))
+        if "Can't Find type=" in said():
+            import MNN
+
+            raise InputError(f"this MNN build (MNN {getattr(MNN, 'version', lambda: '?')()}) has no {config.backend} "
+                             "backend (MNN would quietly run on the CPU); use --backend CPU, or install an MNN "
+                             f"built with {config.backend}")
     if config.cache_file:
         runtime.set_cache(str(config.cache_file))
     if not config.winograd:
@@ -72,6 +90,27 @@ def mnn_runtime_manager(config: RuntimeConfig):
     for hint, value in config.hints:
         runtime.set_hint(hint, value)
     return runtime
+
+
+class _native_stdout_captured:
+    """Capture what native code writes to file descriptor 1 (MNN prints there), then pass it on."""
+
+    def __enter__(self):
+        sys.stdout.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(1)
+        os.dup2(self._file.fileno(), 1)
+        self._text = ""
+        return lambda: self._text
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+        self._file.seek(0)
+        data = self._file.read()
+        self._file.close()
+        self._text = data.decode("utf-8", "replace")
+        os.write(1, data)
 
 
 class MnnModel:
@@ -116,6 +155,11 @@ class MnnModel:
         if self._module is None:
             raise InputError(f"MNN could not load {self.path}; reconvert it (sd2mnn convert --force)")
 
+    def input_shapes(self) -> dict[str, list[int]]:
+        """The shape the model was converted with, per input (-1 where it is dynamic)."""
+        info = self._module.get_info()
+        return {name: [int(d) for d in var.shape] for name, var in zip(info["inputNames"], info["inputs"])}
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import MNN.expr as F
 
@@ -152,6 +196,10 @@ class OrtModel:
         self.output_names = [o.name for o in self._session.get_outputs()]
         # Exports differ in integer widths (timestep int32 or int64): feed what the model declares.
         self._int64_inputs = {i.name for i in self._session.get_inputs() if i.type == "tensor(int64)"}
+
+    def input_shapes(self) -> dict[str, list[int]]:
+        """The graph's shape per input (-1 where it is symbolic)."""
+        return {i.name: [d if isinstance(d, int) else -1 for d in i.shape] for i in self._session.get_inputs()}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {n: feeds[n].astype(np.int64) if n in self._int64_inputs else feeds[n] for n in self.input_names}
