@@ -45,12 +45,13 @@ from sd2mnn.bundle import BundleDir
 from sd2mnn.contract import RUNTIME_COMPONENTS, ContractIssue, check_contract
 from sd2mnn.errors import InputError
 from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, load_component, parse_components
-from sd2mnn.manifest import read_manifest
+from sd2mnn.manifest import read_manifest, record_mismatch
 from sd2mnn.progress import NullProgress, Progress
 from sd2mnn.verify_inputs import build_inputs, prompt_ids, static_shape
 
 PSNR_CAP = 200.0
 ISOLATE_ABOVE_BYTES = 64 << 20
+DAMAGED = "damaged file"  # a ContractIssue kind: the file differs from manifest.json's record
 _QUANT_FLAGS = ("--weightQuantBits", "--fp16", "--hqq")
 
 
@@ -239,6 +240,22 @@ def _select(onnx_dir: Path, mnn_dir: Path, components) -> tuple[str, ...]:
     return names
 
 
+def damaged_files(mnn_dir: Path, manifest, names) -> list[ContractIssue]:
+    """A "damaged file" issue for each of the components' files (and the tokenizer's) whose size
+    or content no longer is what manifest.json recorded; hashes only files whose mtime moved."""
+    if manifest is None:
+        return []
+    owned = [(n, f) for n in names if n in manifest.components for f in manifest.components[n].outputs]
+    owned += [("tokenizer", f) for f in manifest.tokenizer]
+    issues = []
+    for name, record in owned:
+        mismatch = record_mismatch(record, mnn_dir, content=True)
+        if mismatch:
+            issues.append(ContractIssue(name, record.path, DAMAGED, "the file manifest.json records",
+                                        f"{mismatch}: reconvert it (sd2mnn convert)"))
+    return issues
+
+
 def _precision(name: str, mnn_dir: Path, manifest, source) -> tuple[bool, str]:
     """Whether the component's weights were quantized, and how we know."""
     record = manifest.components.get(name) if manifest else None
@@ -294,7 +311,7 @@ class _Session:
         quantized, basis = _precision(name, self.mnn_dir, self.manifest, source)
         result = ComponentResult(name, quantized, basis, resolve_thresholds(name, quantized, self.thresholds),
                                  contract=[i for i in self.contract if i.component == name])
-        if any(i.blocking for i in result.contract):
+        if any(i.blocking or i.kind == DAMAGED for i in result.contract):
             self.progress.update(name, "failed", "the bundle breaks the runtime contract")
             return result
         # Seeded per component, so a subset (--components) sees the same inputs as a full run.
@@ -350,15 +367,21 @@ def verify(
     onnx_dir, mnn_dir = Path(onnx_dir), Path(mnn_dir)
     for folder, what in ((onnx_dir, "ONNX pipeline"), (mnn_dir, "MNN bundle")):
         if not folder.is_dir():
-            raise InputError(f"{folder} is not a folder; give the {what} folder")
+            state = "it is a file" if folder.exists() else "it does not exist"
+            raise InputError(f"{folder} is not a folder ({state}); give the {what} folder")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise InputError(f"seed must be a whole number >= 0, got {seed!r}")
+    if report_dir is not None:
+        check_report_dir(Path(report_dir))  # before minutes of work, not after
     progress = progress or NullProgress()
     names = _select(onnx_dir, mnn_dir, components)
     for name in names:
         progress.update(name, "waiting")
-    contract = check_contract(mnn_dir, None if components is None else names)
+    manifest = read_manifest(mnn_dir / MANIFEST_NAME)
+    contract = check_contract(mnn_dir, None if components is None else names) + damaged_files(mnn_dir, manifest, names)
     with tempfile.TemporaryDirectory(prefix="sd2mnn-verify-") as tmp:
         session = _Session(onnx_dir, mnn_dir, seed, thresholds, threads or min(4, os.cpu_count() or 1), isolate,
-                           Path(tmp), progress, contract, read_manifest(mnn_dir / MANIFEST_NAME))
+                           Path(tmp), progress, contract, manifest)
         session.prepare_text(names)
         results = [session.component(name, list(COMPONENTS).index(name)) for name in names]
     report = VerificationReport(onnx_dir, mnn_dir, seed, results, contract)
@@ -400,17 +423,45 @@ def decoder_picture(reference: np.ndarray, candidate: np.ndarray):
     return canvas
 
 
+REPORT_FILES = ("vae_decoder.png", "verification.json")
+
+
+def check_report_dir(folder: Path) -> None:
+    """Refuse a --report folder that cannot receive the report, before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--report {folder} is a file, not a folder; give a folder for the report")
+    parent = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise InputError(f"--report {folder}: {parent} is a file, not a folder; give another report folder")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--report {folder}: {parent} is not writable; give another report folder")
+    for name in REPORT_FILES:
+        if (folder / name).is_dir():
+            raise InputError(f"--report {folder}: {folder / name} is a folder; remove it or give another report folder")
+
+
 def write_report(folder: Path, report: VerificationReport, decoded) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
+    from sd2mnn.images import write_failure, write_png
+
     written = []
-    if decoded is not None:
-        picture = folder / "vae_decoder.png"
-        decoder_picture(*decoded).save(picture)
-        written.append(picture)
-    summary = folder / "verification.json"
-    written.append(summary)
-    report.report_files = written
-    summary.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    target = folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if decoded is not None:
+            target = folder / REPORT_FILES[0]
+            write_png(target, decoder_picture(*decoded), {})  # atomic, like every PNG sd2mnn writes
+            written.append(target)
+        target = folder / REPORT_FILES[1]
+        written.append(target)
+        report.report_files = written
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as err:
+        raise write_failure(target, err) from None
     return written
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from sd2mnn.bench import BenchReport, Timing, bench
+from sd2mnn.cli._checks import check_at_least, check_folder, check_positive, check_seed
 from sd2mnn.cli._common import human_bytes, print_json, table, terminate_as_interrupt
 from sd2mnn.progress import make_progress
 from sd2mnn.runtime import PRECISIONS
@@ -83,6 +84,13 @@ def print_bench(report: BenchReport) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     terminate_as_interrupt()
+    check_folder(args.bundle, "MNN bundle")
+    if args.onnx is not None:
+        check_folder(args.onnx, "ONNX pipeline", "--onnx")
+    check_seed(args.seed)
+    check_at_least(args.threads, 1, "--threads")
+    check_at_least(args.runs, 1, "--runs")
+    check_positive(args.timeout, "--timeout")
     progress = make_progress(quiet=args.quiet or args.json)
     report = bench(args.bundle, args.onnx, components=args.components, threads=args.threads,
                    precision=args.precision, runs=args.runs, seed=args.seed, timeout=args.timeout, progress=progress)

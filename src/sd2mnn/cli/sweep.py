@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from sd2mnn.cli._checks import (check_at_least, check_finite, check_folder, check_output_folder, check_png_output,
+                                check_positive, check_seed)
 from sd2mnn.cli._common import print_json, table, terminate_as_interrupt
 from sd2mnn.errors import InputError
+from sd2mnn.images import write_failure
 from sd2mnn.layout import COMPONENTS, DEFAULT_COMPONENTS
 from sd2mnn.progress import make_progress
 from sd2mnn.runtime import PRECISIONS
@@ -83,11 +87,26 @@ def run_command(args: argparse.Namespace) -> int:
     terminate_as_interrupt()
     if args.threads < 1 or args.runs < 1:
         raise InputError(f"--threads and --runs must be at least 1, got {args.threads} and {args.runs}")
+    # Each variant's conversion reports its own failure; bad arguments fail every variant alike,
+    # so refuse them here, before the first conversion.
+    check_folder(args.onnx_dir, "ONNX pipeline")
+    check_output_folder(args.out_dir, "OUT_DIR")
+    check_finite(args.min_psnr, "--min-psnr", "30")
+    check_seed(args.seed)
+    check_at_least(args.jobs, 1, "--jobs")
+    check_positive(args.timeout, "--timeout")
+    if args.plot:
+        check_png_output(args.plot, "--plot")
     progress = make_progress(quiet=args.quiet or args.json)
     report = sweep(args.onnx_dir, args.out_dir, args.variants, args.min_psnr, components=args.components,
                    threads=args.threads, precision=args.precision, runs=args.runs, seed=args.seed,
                    converter=args.converter, jobs=args.jobs, timeout=args.timeout, progress=progress)
-    picture = plot(report, args.plot) if args.plot else None
+    picture = None
+    if args.plot:
+        try:
+            picture = plot(report, args.plot)
+        except OSError as err:
+            raise write_failure(Path(args.plot), err) from None
     if args.json:
         print_json({**report.to_dict(), "plot": str(picture) if picture else None})
     else:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from sd2mnn.cli._common import print_json, table, terminate_as_interrupt
 from sd2mnn.errors import InputError, VerificationError
-from sd2mnn.layout import COMPONENTS
+from sd2mnn.layout import COMPONENTS, MANIFEST_NAME
 from sd2mnn.progress import make_progress
 from sd2mnn.verification import DEFAULT_THRESHOLDS, VerificationReport, verify
 
@@ -31,16 +32,29 @@ examples:
 """
 
 
-def _threshold(text: str) -> tuple[str, float]:
-    """ "30" (every component) or "unet=30" -> (component or "*", value)."""
-    name, _, value = text.rpartition("=")
-    name = name or "*"
-    if name != "*" and name not in COMPONENTS:
-        raise argparse.ArgumentTypeError(f"unknown component {name!r}; choose from {', '.join(COMPONENTS)}")
+def _threshold(text: str, low: float = -math.inf, high: float = math.inf) -> tuple[str, float]:
+    """ "30" (every component) or "unet=30" -> (component or "*", value), a finite number in
+    [low, high]."""
+    name, equals, value = text.rpartition("=")
+    if equals and name not in COMPONENTS:
+        raise argparse.ArgumentTypeError(f"unknown component {name!r} before '='; choose from {', '.join(COMPONENTS)}, "
+                                         "or give the number alone for every component")
     try:
-        return name, float(value)
+        number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number) or not low <= number <= high:
+        bounds = "a finite number" if math.isinf(low) else f"a number from {low:g} to {high:g}"
+        raise argparse.ArgumentTypeError(f"{value!r} is not {bounds}")
+    return name or "*", number
+
+
+def psnr_threshold(text: str) -> tuple[str, float]:
+    return _threshold(text)
+
+
+def cosine_threshold(text: str) -> tuple[str, float]:
+    return _threshold(text, -1.0, 1.0)
 
 
 def register(subparsers) -> None:
@@ -58,9 +72,9 @@ def register(subparsers) -> None:
     parser.add_argument("--components", help="comma-separated subset (default: every component in both folders)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
     limits = parser.add_argument_group("thresholds (repeatable; COMPONENT= limits it to one component)")
-    limits.add_argument("--min-psnr", type=_threshold, action="append", default=[], metavar="[COMPONENT=]DB",
+    limits.add_argument("--min-psnr", type=psnr_threshold, action="append", default=[], metavar="[COMPONENT=]DB",
                         help="lowest PSNR that passes")
-    limits.add_argument("--min-cosine", type=_threshold, action="append", default=[], metavar="[COMPONENT=]X",
+    limits.add_argument("--min-cosine", type=cosine_threshold, action="append", default=[], metavar="[COMPONENT=]X",
                         help="lowest cosine similarity that passes")
     out = parser.add_argument_group("output")
     out.add_argument("--report", metavar="DIR", help="write vae_decoder.png (ONNX | MNN | error map) and verification.json here")
@@ -112,7 +126,19 @@ def print_verification(report: VerificationReport) -> None:
 def failure_message(report: VerificationReport) -> str:
     failures = report.failures or ["no output was compared"]
     more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
-    return "verification failed: " + "; ".join(failures[:3]) + more
+    return "verification failed: " + "; ".join(failures[:3]) + more + _no_manifest_hint(report)
+
+
+def _no_manifest_hint(report: VerificationReport) -> str:
+    """Without manifest.json the weights' size decides fp32 or quantized; say so when an
+    fp32-judged component fails on a metric, since a quantized bundle's weights can be big."""
+    judged = [c for c in report.components if not c.quantized and c.precision_basis.startswith("no manifest")
+              and any(o.failures(c.thresholds) for o in c.outputs)]
+    if not judged:
+        return ""
+    loose = DEFAULT_THRESHOLDS["quantized"][judged[0].name]
+    return (f" ({report.mnn_dir / MANIFEST_NAME} is missing, so {', '.join(c.name for c in judged)} got the fp32 "
+            f"thresholds; if the bundle is quantized, pass --min-psnr {loose.min_psnr:g} --min-cosine {loose.min_cosine:g})")
 
 
 def run_command(args: argparse.Namespace) -> int:
