@@ -49,6 +49,7 @@ BAD_ARGUMENTS = [
     (["verify", "{onnx}", "{bundle}", "--components", "refiner"], "unknown component 'refiner'"),
     (["verify", "{onnx}", "{bundle}", "--threads", "0"], "--threads must be at least 1"),
     (["verify", "{onnx}", "{bundle}", "--report", "{tmp}/file.txt"], "--report"),
+    (["verify", "{onnx}", "{bundle}", "--report", "/proc/sd2mnn-report"], "/proc"),  # access() says yes
     (["verify", "{onnx}", "{bundle}", "--min-psnr", "nan"], "not a finite number"),
     (["verify", "{onnx}", "{bundle}", "--min-psnr", "=5"], "unknown component ''"),
     (["verify", "{onnx}", "{bundle}", "--min-psnr", "unet=x"], "'x' is not a number"),
@@ -65,6 +66,8 @@ BAD_ARGUMENTS = [
     # sweep
     (["sweep", "{tmp}/file.txt", "{tmp}/out"], "is not a folder (it is a file)"),
     (["sweep", "{onnx}", "{tmp}/file.txt"], "OUT_DIR"),
+    (["sweep", "{onnx}", "/proc/sd2mnn-sweep"], "/proc"),
+    (["sweep", "{onnx}", "{tmp}/out", "--converter", "{tmp}/file.txt"], "is not an executable MNNConvert"),
     (["sweep", "{onnx}", "{tmp}/out", "--variants", "w99"], "unknown variant 'w99'"),
     (["sweep", "{onnx}", "{tmp}/out", "--min-psnr", "nan"], "--min-psnr must be a finite number"),
     (["sweep", "{onnx}", "{tmp}/out", "--seed", "-1"], "--seed must be a whole number >= 0"),
@@ -77,6 +80,8 @@ BAD_ARGUMENTS = [
     (["generate", "{tmp}/file.txt", PROMPT, "-o", "{tmp}/x.png"], "is not a folder"),
     (["generate", "{bundle}", PROMPT, "-o", "{tmp}/file.txt/x.png"], "file.txt is a file, not a folder"),
     (["generate", "{bundle}", PROMPT, "-o", "{tmp}"], "does not end in .png"),
+    (["generate", "{bundle}", PROMPT, "-o", "/proc/sd2mnn.png"], "/proc"),
+    (["generate", "{bundle}", PROMPT, "-o", "{tmp}/x.png", "--save-latents", "/proc/sd2mnn.npy"], "/proc"),
     (["generate", "{bundle}", PROMPT, "-o", "{tmp}/x.png", "--backend", "FOO"], "unknown MNN backend 'FOO'"),
     (["generate", "{bundle}", PROMPT, "-o", "{tmp}/x.png", "--guidance", "1e38"], "guidance must be from 0 to 100"),
     (["generate", "{bundle}", PROMPT, "-o", "{tmp}/x.png", "--guidance", "-3"], "guidance must be from 0 to 100"),

@@ -65,7 +65,7 @@ class BundleDir:
             self.work_area.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             action = f"cannot create {self.root}" if self.created else f"cannot write into {self.root}"
-            raise InputError(f"{action} ({err.strerror}); choose a writable output folder") from None
+            raise InputError(f"{action} ({err.strerror}: {err.filename}); choose a writable output folder") from None
         fd = os.open(self.work_area / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -111,6 +111,9 @@ def convert(
         return _export_then_convert(Path(onnx_dir), Path(mnn_dir), options, progress, export_options, keep_onnx)
     started = time.monotonic()
 
+    for path, what in ((onnx_dir, "ONNX_DIR"), (mnn_dir, "MNN_DIR")):
+        if not str(path).strip():  # Path("") is ".": an unset shell variable must not mean here
+            raise InputError(f"{what} is an empty string; give a folder")
     onnx = open_onnx_pipeline(onnx_dir, options.components)
     for source in onnx.components.values():
         check_external_data(source.summary)
@@ -119,7 +122,7 @@ def convert(
         log.warning("warning: %s", warning)
     mnn_path = Path(mnn_dir)
     _check_output_folder(mnn_path)
-    previous = read_manifest(mnn_path / "manifest.json")
+    previous = _read_previous_manifest(mnn_path / MANIFEST_NAME)
     if mnn_path.resolve() == onnx.root.resolve():
         raise InputError(f"{mnn_path} is the ONNX folder itself; write the bundle to another folder")
 
@@ -491,6 +494,13 @@ def _check_output_folder(mnn_dir: Path) -> None:
         what = {errno.ELOOP: "is a symbolic link loop", errno.ENOTDIR: "has a file where a folder should be"}.get(
             err.errno, f"cannot be reached ({err.strerror})")
         raise InputError(f"{mnn_dir} {what}; choose another output folder") from None
+
+
+def _read_previous_manifest(path: Path) -> Manifest | None:
+    try:
+        return read_manifest(path)
+    except OSError as err:  # a folder in its place, unreadable
+        raise InputError(f"cannot read {path} ({err.strerror}); move it out of the way and run again") from None
 
 
 def _bundle_targets(plan: ConversionPlan) -> list[str]:

@@ -15,6 +15,7 @@ import errno
 import math
 import os
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,17 @@ def check_png_path(path: str | os.PathLike) -> Path:
         raise InputError(f"{parent} does not exist; create it first (mkdir -p {parent})")
     if not os.access(parent, os.W_OK):
         raise InputError(f"{parent} is not writable; choose another output folder")
+    probe_folder(parent, path)
     return path
+
+
+def probe_folder(folder: Path, target: Path | None = None) -> None:
+    """Make and remove a scratch entry in ``folder``: some folders refuse writes that access()
+    allows (a read-only mount, /proc). Raises write_failure's error for ``target`` (or the folder)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sd2mnn-probe-", dir=folder))
+    except OSError as err:
+        raise write_failure(target or folder, err) from None
 
 
 def write_failure(path: Path, err: OSError) -> Sd2MnnError:

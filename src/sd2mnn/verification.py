@@ -428,6 +428,8 @@ REPORT_FILES = ("vae_decoder.png", "verification.json")
 
 def check_report_dir(folder: Path) -> None:
     """Refuse a --report folder that cannot receive the report, before any work."""
+    from sd2mnn.images import probe_folder
+
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--report {folder} is a file, not a folder; give a folder for the report")
     parent = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
@@ -435,6 +437,7 @@ def check_report_dir(folder: Path) -> None:
         raise InputError(f"--report {folder}: {parent} is a file, not a folder; give another report folder")
     if not os.access(parent, os.W_OK):
         raise InputError(f"--report {folder}: {parent} is not writable; give another report folder")
+    probe_folder(parent, folder)
     for name in REPORT_FILES:
         if (folder / name).is_dir():
             raise InputError(f"--report {folder}: {folder / name} is a folder; remove it or give another report folder")

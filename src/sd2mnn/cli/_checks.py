@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from sd2mnn.errors import InputError
+from sd2mnn.images import probe_folder
 
 
 def check_folder(path: str | Path, what: str, flag: str = "") -> Path:
@@ -24,6 +25,7 @@ def check_output_folder(path: str | Path, flag: str) -> Path:
     if not existing.is_dir():
         which = "" if existing == folder else f" ({existing} is a file)"
         raise InputError(f"{flag} {folder} is not a folder{which}; give a folder to write into")
+    probe_folder(existing, folder)
     return folder
 
 

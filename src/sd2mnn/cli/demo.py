@@ -43,6 +43,8 @@ def _check_replaces_nothing(out: Path, source: Path) -> None:
 def run(args) -> int:
     terminate_as_interrupt()
     source = demo_pipeline_dir()
+    if not args.out_dir.strip():  # Path("") is ".": an unset shell variable must not mean here
+        raise InputError("DIR is an empty string; give a folder for the demo bundle")
     out = Path(args.out_dir)
     if not args.force:
         _check_replaces_nothing(out, source)

@@ -11,7 +11,7 @@ import numpy as np
 
 from sd2mnn.cli._common import native_stdout_to_stderr, print_json, terminate_as_interrupt
 from sd2mnn.errors import InputError
-from sd2mnn.images import check_png_path, write_failure
+from sd2mnn.images import check_png_path, probe_folder, write_failure
 from sd2mnn.noise import METHODS
 from sd2mnn.scheduler import MAX_STEPS, MIN_STEPS
 
@@ -201,3 +201,4 @@ def check_file_beside(target: Path, flag: str) -> None:
         raise InputError(f"{flag} {target}: {target.parent} is a file, not a folder; give a path inside a folder")
     if not target.parent.is_dir():
         raise InputError(f"{flag} {target}: {target.parent} does not exist; create it first")
+    probe_folder(target.parent, target)

@@ -7,6 +7,7 @@ from pathlib import Path
 from sd2mnn.cli._checks import (check_at_least, check_finite, check_folder, check_output_folder, check_png_output,
                                 check_positive, check_seed)
 from sd2mnn.cli._common import print_json, table, terminate_as_interrupt
+from sd2mnn.converter import find_converter
 from sd2mnn.errors import InputError
 from sd2mnn.images import write_failure
 from sd2mnn.layout import COMPONENTS, DEFAULT_COMPONENTS
@@ -97,6 +98,7 @@ def run_command(args: argparse.Namespace) -> int:
     check_positive(args.timeout, "--timeout")
     if args.plot:
         check_png_output(args.plot, "--plot")
+    find_converter(args.converter)  # a bad --converter would fail every variant the same way
     progress = make_progress(quiet=args.quiet or args.json)
     report = sweep(args.onnx_dir, args.out_dir, args.variants, args.min_psnr, components=args.components,
                    threads=args.threads, precision=args.precision, runs=args.runs, seed=args.seed,
