@@ -86,8 +86,10 @@ def converting(proc: subprocess.Popen, name: str) -> bool:
 
 def converter_children(proc: subprocess.Popen) -> list[psutil.Process]:
     try:
+        # Conversions only: sd2mnn also runs the converter for its --version and --help.
         return [p for p in psutil.Process(proc.pid).children(recursive=True)
-                if "sd2mnn._mnnconvert" in " ".join(p.cmdline()) or "MNNConvert-stalling" in " ".join(p.cmdline())]
+                if ("sd2mnn._mnnconvert" in " ".join(p.cmdline()) or "MNNConvert-stalling" in " ".join(p.cmdline()))
+                and "--MNNModel" in p.cmdline()]
     except psutil.NoSuchProcess:
         return []
 
@@ -249,7 +251,7 @@ def test_sigterm_cleans_up(bundle_copy, demo_onnx, tmp_path):
     wait_for(lambda: converter_children(proc), what="a conversion to start")
     children = converter_children(proc)
     proc.terminate()
-    assert proc.wait(timeout=60) == 130
+    assert proc.wait(timeout=60) == 143  # 128 + SIGTERM
     psutil.wait_procs(children, timeout=10)
     assert tree_state(bundle_copy) == before
 
@@ -304,18 +306,42 @@ def test_symlink_escaping_the_folder_is_refused(onnx_copy, tmp_path):
         sd2mnn.convert(onnx_copy, tmp_path / "b", components=["vae_decoder"])
 
 
+_PROBE_TOOLS = """\
+# Stands in front of the MNN package's _tools: the converter's child imports it after it set up
+# (or not) the network guard, so a connection attempt here shows what the conversion ran under.
+import importlib.machinery, importlib.util, os, socket
+
+try:
+    socket.create_connection(("127.0.0.1", 9), timeout=1).close()
+    outcome = "connected"
+except OSError as err:
+    outcome = f"refused: {err}"
+with open(os.environ["SD2MNN_TEST_PROBE"], "a") as log:
+    log.write(outcome + "\\n")
+here = os.path.dirname(os.path.abspath(__file__))
+spec = importlib.machinery.PathFinder.find_spec(
+    "_tools", [p for p in __import__("sys").path if os.path.abspath(p or ".") != here])
+real = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(real)
+mnnconvert = real.mnnconvert
+"""
+
+
 def test_conversion_needs_no_network(demo_onnx, tmp_path, monkeypatch):
+    # Each converter child records whether a socket connection was possible inside it: with
+    # SD2MNN_NO_NETWORK=1 every one must have met sd2mnn's guard (not merely a closed port).
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "_tools.py").write_text(_PROBE_TOOLS)
+    probe = tmp_path / "probe.log"
+    monkeypatch.setenv("PYTHONPATH", str(shim))
+    monkeypatch.setenv("SD2MNN_TEST_PROBE", str(probe))
     monkeypatch.setenv("SD2MNN_NO_NETWORK", "1")
-    # The guard is real: with it, a socket connection from the converter's process fails.
-    probe = subprocess.run(
-        [sys.executable, "-c",
-         "import sd2mnn._mnnconvert as m, socket; m._forbid_network()\n"
-         "try:\n socket.create_connection(('127.0.0.1', 9)); print('connected')\n"
-         "except OSError as e: print('refused', e)"],
-        capture_output=True, text=True)
-    assert probe.stdout.startswith("refused")
     report = sd2mnn.convert(demo_onnx, tmp_path / "b")
     assert set(statuses(report).values()) == {"converted"}
+    outcomes = probe.read_text().splitlines()
+    assert len(outcomes) >= len(statuses(report))  # one per component, and the version query
+    assert all("network access is disabled" in line for line in outcomes), outcomes
 
 
 # -- 6. disk space, 7. timeout -----------------------------------------------------------------
@@ -327,7 +353,7 @@ def test_not_enough_disk_space(demo_onnx, tmp_path, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(conversion.shutil, "disk_usage",
                         lambda p: real(p)._replace(free=1_000_000))
-    with pytest.raises(DiskSpaceError, match=r"has 0.00 GiB free but the conversion needs about .* free 0.00 GiB"):
+    with pytest.raises(DiskSpaceError, match=r"has 976.6 KiB free but the conversion needs about .*MiB; free .*MiB"):
         sd2mnn.convert(demo_onnx, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
