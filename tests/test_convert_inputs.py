@@ -335,7 +335,8 @@ def test_read_only_output_folder_is_named_as_such(demo_onnx, tmp_path):
 # -- many bad arguments: never a traceback -------------------------------------------------------
 
 
-def bad_inputs(root: Path, demo_onnx: Path) -> list[list[str]]:
+def bad_inputs(root: Path, demo_onnx: Path) -> list[tuple[list, str]]:
+    """(arguments, what the error line must say) for inputs that must fail before any work."""
     out = root / "out"
     (root / "loop").symlink_to(root / "loop")
     (root / "a-file").write_text("x\n")
@@ -361,51 +362,51 @@ def bad_inputs(root: Path, demo_onnx: Path) -> list[list[str]]:
     (work_area_file / ".sd2mnn").write_text("x\n")
     d = str(demo_onnx)
     return [
-        ["convert", d, ""],
-        ["convert", "", out],
-        ["convert", d, manifest_folder],
-        ["convert", d, work_area_file],
-        ["convert", d, out, "--timeout", "nan"],
-        ["convert", d, out, "--timeout", "inf"],
-        ["convert", d, out, "--timeout", "-1"],
-        ["convert", d, out, "--timeout", "0"],
-        ["convert", d, out, "--jobs", "0"],
-        ["convert", d, out, "--weight-quant-bits", "9"],
-        ["convert", d, out, "--weight-quant-block", "64"],
-        ["convert", d, out, "--weightQuantBit=8"],
-        ["convert", d, out, "--weightQuantBits=99"],
-        ["convert", d, out, "--weightQuantBits"],
-        ["convert", d, out, "--fp16 stray"],
-        ["convert", d, out, "--MNNModel=x.mnn"],
-        ["convert", d, out, "--components", "nope"],
-        ["convert", d, out, "--converter", root],
-        ["convert", d, root / "loop"],
-        ["convert", d, root / "loop" / "sub"],
-        ["convert", d, dangling],
-        ["convert", d, root / "a-file"],
-        ["convert", d, root / "a-file" / "sub"],
-        ["convert", d, d],
-        ["convert", d, foreign],
-        ["convert", root / "missing", out],
-        ["convert", root / "a-file", out],
-        ["convert", root / "loop", out],
-        ["convert", dir_model, out],
-        ["convert", truncated, out],
-        ["convert", dot, out],
-        ["demo", ""],
-        ["demo", foreign],
-        ["demo", root / "a-file"],
-        ["demo", root / "loop"],
+        (["convert", d, ""], 'MNN_DIR is an empty string'),
+        (["convert", "", out], 'ONNX_DIR is an empty string'),
+        (["convert", d, manifest_folder], 'cannot read'),
+        (["convert", d, work_area_file], 'cannot write into'),
+        (["convert", d, out, "--timeout", "nan"], '--timeout must be a positive number'),
+        (["convert", d, out, "--timeout", "inf"], '--timeout must be a positive number'),
+        (["convert", d, out, "--timeout", "-1"], '--timeout must be a positive number'),
+        (["convert", d, out, "--timeout", "0"], '--timeout must be a positive number'),
+        (["convert", d, out, "--jobs", "0"], '--jobs must be at least 1'),
+        (["convert", d, out, "--weight-quant-bits", "9"], 'between 2 and 8'),
+        (["convert", d, out, "--weight-quant-block", "64"], 'need --weight-quant-bits'),
+        (["convert", d, out, "--weightQuantBit=8"], 'has no flag --weightQuantBit '),
+        (["convert", d, out, "--weightQuantBits=99"], 'must be a whole number between 2 and 8'),
+        (["convert", d, out, "--weightQuantBits"], 'needs a value'),
+        (["convert", d, out, "--fp16 stray"], 'is not a converter flag'),
+        (["convert", d, out, "--MNNModel=x.mnn"], 'set by sd2mnn itself'),
+        (["convert", d, out, "--components", "nope"], 'unknown component'),
+        (["convert", d, out, "--converter", root], 'is not an executable MNNConvert'),
+        (["convert", d, root / "loop"], 'is a symbolic link loop'),
+        (["convert", d, root / "loop" / "sub"], 'is a symbolic link loop'),
+        (["convert", d, dangling], 'is a link to nothing'),
+        (["convert", d, root / "a-file"], 'exists and is not a folder'),
+        (["convert", d, root / "a-file" / "sub"], 'has a file where a folder should be'),
+        (["convert", d, d], 'is the ONNX folder itself'),
+        (["convert", d, foreign], 'not an sd2mnn bundle'),
+        (["convert", root / "missing", out], 'does not exist'),
+        (["convert", root / "a-file", out], 'is not a folder'),
+        (["convert", root / "loop", out], ''),
+        (["convert", dir_model, out], 'is a folder, not an ONNX file'),
+        (["convert", truncated, out], 'is too short for tensor'),
+        (["convert", dot, out], 'but that is a folder'),
+        (["demo", ""], 'DIR is an empty string'),
+        (["demo", foreign], 'already holds'),
+        (["demo", root / "a-file"], 'exists and is not a folder'),
+        (["demo", root / "loop"], 'is a symbolic link loop'),
     ]
 
 
 def test_bad_arguments_never_end_in_a_traceback(demo_onnx, tmp_path):
     failures = []
-    for args in bad_inputs(tmp_path, demo_onnx):
+    for args, expected in bad_inputs(tmp_path, demo_onnx):
         done = sd2mnn_cli(*args, timeout=300)
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-        if done.returncode == 0 or "Traceback" in done.stderr or len(errors) != 1:
-            failures.append(f"{' '.join(map(str, args))}: exit {done.returncode}\n{done.stderr[-2000:]}")
+        if done.returncode == 0 or "Traceback" in done.stderr or len(errors) != 1 or expected not in errors[0]:
+            failures.append(f"{' '.join(map(str, args))}: exit {done.returncode}, wanted {expected!r}\n{done.stderr[-2000:]}")
     assert not failures, "\n\n".join(failures)
     assert not (tmp_path / "out").exists()
     assert (tmp_path / "foreign" / "unet.mnn").read_text() == "mine\n"

@@ -550,10 +550,15 @@ def _size(n: float) -> str:
 def _check_disk_space(plan: ConversionPlan, bundle: BundleDir) -> None:
     """Refuse to start when everything the run writes cannot fit next to the bundle's current
     files: the converted outputs, the tokenizer files and tokenizer.mtok (about as big as the
-    vocabulary and merges it is written from), the manifest and the logs."""
+    vocabulary and merges it is written from), the manifest and the logs, and the rewritten copy
+    of a source that gets a graph put in front of it."""
     tokenizer = sum(p.stat().st_size for p in plan.onnx.tokenizer_dir.iterdir() if p.is_file())
-    needed = sum(int(sum(f.size for f in job.sources) * OUTPUT_PER_SOURCE_BYTE) for job in plan.to_convert)
-    needed += 2 * tokenizer + _SMALL_FILES_BYTES
+    needed = 2 * tokenizer + _SMALL_FILES_BYTES
+    for job in plan.to_convert:
+        source_bytes = sum(f.size for f in job.sources)
+        needed += int(source_bytes * OUTPUT_PER_SOURCE_BYTE)
+        if job.name in plan.prefixes:
+            needed += source_bytes
     free = shutil.disk_usage(bundle.root).free
     if free < needed:
         raise DiskSpaceError(

@@ -141,6 +141,8 @@ def load_component(onnx_dir: Path, name: str) -> ComponentSource:
     spec = COMPONENTS[name]
     folder = onnx_dir / name
     model = folder / "model.onnx"
+    if model.is_dir():
+        raise InputError(f"{model} is a folder, not an ONNX file; put the {name}'s model.onnx there")
     if not model.is_file():
         raise InputError(
             f"{model} is missing; export the {name} (sd2mnn export) or leave it out with --components"
