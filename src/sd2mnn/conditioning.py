@@ -113,18 +113,28 @@ def clip_end_of_word_json(tokenizer_json: dict) -> dict:
     merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
     merges = [[a, b[:-len(END_OF_WORD)] + MARKER if b.endswith(END_OF_WORD) else b] for a, b in merges]
     base = [t for t in vocab if len(t) == 1 and t + END_OF_WORD in vocab and t != MARKER]
-    # A contraction followed by letters ("'moody") reaches the BPE without its mark; give each
-    # one a token of its own (new ids after the vocabulary), which the text encoder maps to the
-    # marked one. Only a contraction pre-token can hold an apostrophe next to a letter.
-    extra = []
+    merges = [[c, MARKER] for c in base] + merges
+    model["vocab"], model["merges"] = renamed, merges
+    # A contraction followed by letters ("'moody": 'm + oody) reaches the BPE without its mark.
+    # Where Hugging Face makes the contraction one token ('m</w>), the runtime's unmarked pieces
+    # are folded into one token too (merges ranked after all others, new ids after the
+    # vocabulary), which the text encoder maps to the marked one. Only a contraction pre-token
+    # holds an apostrophe next to a letter, so these merges change nothing else.
+    from tokenizers import Tokenizer
+
+    from sd2mnn.tokenizer import _Bpe
+
+    hf = Tokenizer.from_str(json.dumps(tokenizer_json))
+    runtime = _Bpe(renamed, {(renamed[a], renamed[b]): r for r, (a, b) in enumerate(merges)}, byte_level=False)
     for contraction in CONTRACTIONS:
-        for end in range(2, len(contraction) + 1):
-            piece = contraction[:end]
-            if piece not in renamed:
-                renamed[piece] = len(renamed)
-                extra.append([contraction[:end - 1], contraction[end - 1]])
-    model["vocab"] = renamed
-    model["merges"] = [[c, MARKER] for c in base] + merges + extra
+        if hf.encode(contraction, add_special_tokens=False).ids != [vocab.get(contraction + END_OF_WORD)]:
+            continue
+        pieces = [runtime.id_to_token(i) for i in runtime.tokenize(contraction)]
+        folded = pieces[0]
+        for piece in pieces[1:]:
+            merges.append([folded, piece])
+            folded += piece
+            renamed.setdefault(folded, len(renamed))
     model["end_of_word_suffix"] = None
     norm = tj.get("normalizer") or {"type": "Sequence", "normalizers": []}
     children = norm["normalizers"] if norm.get("type") == "Sequence" else [norm]
@@ -190,24 +200,25 @@ def build_id_rewrite(tokenizer_json: dict, runtime_bpe, bos: int, eos: int, pad:
     always = np.arange(size, dtype=np.int32)
     for contraction in CONTRACTIONS:
         plain, marked = runtime_vocab.get(contraction), vocab.get(contraction + END_OF_WORD)
-        if plain is not None and marked is not None:
+        if plain is not None and marked is not None and runtime_bpe(contraction) == [plain]:
             always[plain] = marked
             boundary[plain] = 1
 
-    # Whole-word tokens whose text is one pre-token that ends a prompt without a marker: letter
-    # runs and contractions (a prompt ending in a digit or punctuation is already exact).
+    # The words a prompt can end in without a marker (letter runs and contractions; a prompt
+    # ending in a digit or punctuation is already exact): the text of every token, whole-word
+    # (cat</w>) or not (cat), so that a last word's final tokens are found whole or, failing
+    # that, for its longest tail that is a token's text.
     hf = Tokenizer.from_str(json.dumps(tokenizer_json))
     decoder = _byte_decoder()
-    words = []
+    words, seen = [], set()
     for token in vocab:
-        if not token.endswith(END_OF_WORD):
-            continue
-        core = token[:-len(END_OF_WORD)]
+        core = token[:-len(END_OF_WORD)] if token.endswith(END_OF_WORD) else token
         try:
             text = bytes(decoder[c] for c in core).decode("utf-8")
         except (KeyError, UnicodeDecodeError):
             continue
-        if (text.isalpha() and text == text.lower()) or text in CONTRACTIONS:
+        if ((text.isalpha() and text == text.lower()) or text in CONTRACTIONS) and text not in seen:
+            seen.add(text)
             words.append((core, text))
     expected = hf.encode_batch([text for _, text in words], add_special_tokens=False)
     keys, values = [], []
@@ -418,9 +429,8 @@ class PromptIds:
     """The ids of ``[negative, prompt]`` for a bundle (its tokenizer.mtok and tokenizer files) or
     a tokenizer folder converted with ``scheme``."""
 
-    def __init__(self, tokenizer_dir: Path, runtime, rewrite: IdRewrite | None):
-        self.tokenizer_dir, self.runtime, self.rewrite = Path(tokenizer_dir), runtime, rewrite
-        self.scheme = "diffusers" if rewrite is not None else "mnn"
+    def __init__(self, tokenizer_dir: Path, runtime, rewrite: IdRewrite | None, scheme: str):
+        self.tokenizer_dir, self.runtime, self.rewrite, self.scheme = Path(tokenizer_dir), runtime, rewrite, scheme
         self._hf = None
 
     @classmethod
@@ -428,16 +438,18 @@ class PromptIds:
         from sd2mnn.tokenizer import MTOK_NAME, PromptTokenizer
 
         runtime = PromptTokenizer.from_dir(Path(bundle_dir) / MTOK_NAME)
-        rewrite = None
-        if runtime.format.model_type == 0 and _is_end_of_word_mtok(runtime):
-            rewrite = load_rewrite(bundle_dir, "diffusers")
-        return cls(bundle_dir, runtime, rewrite)
+        if runtime.format.model_type != 0:  # BERT (Taiyi): one .mtok for both schemes
+            return cls(bundle_dir, runtime, None, DEFAULT_SCHEME)
+        if _is_end_of_word_mtok(runtime):
+            return cls(bundle_dir, runtime, load_rewrite(bundle_dir, "diffusers"), "diffusers")
+        return cls(bundle_dir, runtime, None, "mnn")
 
     @classmethod
     def for_tokenizer(cls, tokenizer_dir: Path, scheme: str = DEFAULT_SCHEME) -> "PromptIds":
         from sd2mnn.tokenizer import PromptTokenizer
 
-        return cls(tokenizer_dir, PromptTokenizer.from_dir(tokenizer_dir, scheme), load_rewrite(tokenizer_dir, scheme))
+        return cls(tokenizer_dir, PromptTokenizer.from_dir(tokenizer_dir, scheme), load_rewrite(tokenizer_dir, scheme),
+                   scheme)
 
     @property
     def max_length(self) -> int:
@@ -449,8 +461,11 @@ class PromptIds:
 
     def model_pair(self, prompt: str, length: int | None = None, negative: str = "") -> np.ndarray:
         """int32 [2, L]: what the CLIP/BERT model inside the bundle's text encoder sees."""
-        ids = self.runtime_pair(prompt, length, negative)
-        return rewrite_ids(ids, self.rewrite) if self.rewrite is not None else ids
+        return self.rewrite_pair(self.runtime_pair(prompt, length, negative))
+
+    def rewrite_pair(self, runtime_ids: np.ndarray) -> np.ndarray:
+        """The bundle's text encoder's id rewrite (none for MNN's own scheme), in numpy."""
+        return rewrite_ids(runtime_ids, self.rewrite) if self.rewrite is not None else runtime_ids
 
     def hf_pair(self, prompt: str, length: int | None = None, negative: str = "") -> np.ndarray:
         """int32 [2, L]: Hugging Face's ids (diffusers' conditioning), from the tokenizer files."""

@@ -42,12 +42,13 @@ import numpy as np
 from sd2mnn import __version__
 from sd2mnn._verify_pass import PassError, RunStats, run_pass
 from sd2mnn.bundle import BundleDir
-from sd2mnn.contract import RUNTIME_COMPONENTS, ContractIssue, check_contract
+from sd2mnn.contract import RUNTIME_COMPONENTS, ContractIssue, check_contract, onnx_vocabulary
 from sd2mnn.errors import InputError
-from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, load_component, parse_components
+from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME, load_component, parse_components
 from sd2mnn.manifest import read_manifest, record_mismatch
 from sd2mnn.progress import NullProgress, Progress
-from sd2mnn.verify_inputs import build_inputs, prompt_ids, static_shape
+from sd2mnn.verify_conditioning import ConditioningReport, check_conditioning
+from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static_shape
 
 PSNR_CAP = 200.0
 ISOLATE_ABOVE_BYTES = 64 << 20
@@ -163,10 +164,12 @@ class VerificationReport:
     contract: list[ContractIssue]  # every issue, the tokenizer's included
     wall_s: float = 0.0
     report_files: list[Path] = field(default_factory=list)
+    conditioning: ConditioningReport | None = None  # with the text encoder: the prompts' check
 
     @property
     def failures(self) -> list[str]:
         lines = [line for c in self.components for line in c.failures]
+        lines += self.conditioning.failures if self.conditioning is not None else []
         lines += [f"{i.component}: {i.message}" for i in self.contract if i.component not in {c.name for c in self.components}]
         return lines
 
@@ -180,6 +183,7 @@ class VerificationReport:
             "sd2mnn_version": __version__, "wall_s": round(self.wall_s, 3),
             "components": [c.to_dict() for c in self.components], "contract": [i.to_dict() for i in self.contract],
             "failures": self.failures, "report_files": [str(p) for p in self.report_files],
+            "conditioning": self.conditioning.to_dict() if self.conditioning is not None else None,
         }
 
 
@@ -300,13 +304,14 @@ class _Session:
             return
         text = load_component(self.onnx_dir, "text_encoder")
         length = static_shape("text_encoder", text.summary.inputs[0])[1]
-        self.ids, self.ids_how = prompt_ids(self.mnn_dir, self.onnx_dir, length)
+        # Ids the text encoder cannot take are a one-line error here, before either runtime runs.
+        self.ids, self.ids_how = prompt_ids(self.mnn_dir, self.onnx_dir, length, onnx_vocabulary(text.model), text.model)
         if "unet" in names and "text_encoder" not in names:
             self.progress.update("unet", "embedding", "running the ONNX text encoder for real text embeddings")
             outputs, _ = self.run("onnxruntime", text, text.model, [{"input_ids": i} for i in self.ids])
             self.embeddings = [o["last_hidden_state"] for o in outputs]
 
-    def component(self, name: str, index: int) -> ComponentResult:
+    def component(self, name: str) -> ComponentResult:
         source = load_component(self.onnx_dir, name)
         quantized, basis = _precision(name, self.mnn_dir, self.manifest, source)
         result = ComponentResult(name, quantized, basis, resolve_thresholds(name, quantized, self.thresholds),
@@ -314,8 +319,7 @@ class _Session:
         if any(i.blocking or i.kind == DAMAGED for i in result.contract):
             self.progress.update(name, "failed", "the bundle breaks the runtime contract")
             return result
-        # Seeded per component, so a subset (--components) sees the same inputs as a full run.
-        rng = np.random.default_rng([self.seed, index])
+        rng = component_rng(self.seed, name)
         feeds, result.inputs = build_inputs(name, source, rng, self.ids, self.embeddings)
         if name == "text_encoder":
             result.inputs += f", ids from {self.ids_how}"
@@ -353,6 +357,7 @@ def verify(
     *,
     threads: int | None = None,
     isolate: bool | None = None,
+    prompts: list[str] | None = None,
 ) -> VerificationReport:
     """Compare the bundle in ``mnn_dir`` with the ONNX pipeline in ``onnx_dir`` and check the
     runtime contract. A failed check does not raise: see ``report.passed`` and ``.failures``.
@@ -361,7 +366,9 @@ def verify(
     needs). ``thresholds`` overrides DEFAULT_THRESHOLDS: {"*": {"min_psnr": 30}, "unet":
     Thresholds(...)}. ``report_dir`` receives verification.json and vae_decoder.png (ONNX | MNN |
     error map). ``isolate`` runs each runtime pass in a child process (default: for models over
-    ISOLATE_ABOVE_BYTES). Raises InputError for missing folders or unusable ONNX models.
+    ISOLATE_ABOVE_BYTES). With the text encoder, ``prompts`` (default: the built-in set) go
+    through the conditioning check (sd2mnn.verify_conditioning). Raises InputError for missing
+    folders or unusable ONNX models.
     """
     started = time.monotonic()
     onnx_dir, mnn_dir = Path(onnx_dir), Path(mnn_dir)
@@ -383,8 +390,16 @@ def verify(
         session = _Session(onnx_dir, mnn_dir, seed, thresholds, threads or min(4, os.cpu_count() or 1), isolate,
                            Path(tmp), progress, contract, manifest)
         session.prepare_text(names)
-        results = [session.component(name, list(COMPONENTS).index(name)) for name in names]
-    report = VerificationReport(onnx_dir, mnn_dir, seed, results, contract)
+        results = [session.component(name) for name in names]
+        conditioning = None
+        # The runtime's ids come from the bundle's tokenizer.mtok: without it, the contract says so.
+        if any(r.name == "text_encoder" and r.outputs for r in results) and (mnn_dir / MTOK_NAME).is_file():
+            progress.update("conditioning", "running", "prompts through both tokenizers and text encoders")
+            big = load_component(onnx_dir, "text_encoder").total_bytes > ISOLATE_ABOVE_BYTES
+            conditioning = check_conditioning(onnx_dir, mnn_dir, prompts, session.threads,
+                                              big if isolate is None else isolate, Path(tmp))
+            progress.update("conditioning", "done", conditioning.summary())
+    report = VerificationReport(onnx_dir, mnn_dir, seed, results, contract, conditioning=conditioning)
     report.wall_s = time.monotonic() - started
     if report_dir is not None:
         report.report_files = write_report(Path(report_dir), report, session.decoded)

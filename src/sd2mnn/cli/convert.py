@@ -27,6 +27,10 @@ def add_conversion_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hqq", action="store_true", help="HQQ weight quantization (with --weight-quant-bits)")
     group.add_argument("--transformer-fuse", action="store_true", help="fuse attention (MNN documents it for OpenCL/Metal)")
     group.add_argument("--fp16", action="store_true", help="store float weights as fp16")
+    group.add_argument("--tokenizer", choices=("diffusers", "mnn"), default="diffusers",
+                       help="diffusers (default): tokenizer.mtok and a text encoder that make MNN's runtime feed "
+                            "the ids diffusers would (CLIP end-of-word tokens, CLIP padding); mnn: MNN's own "
+                            "tokenizer.mtok and text encoder, byte for byte")
 
 
 def register(subparsers) -> None:
@@ -80,6 +84,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         jobs=args.jobs,
         timeout=args.timeout,
         verify=args.verify,
+        tokenizer=args.tokenizer,
     )
 
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from sd2mnn.cli._common import print_json, table, terminate_as_interrupt
 from sd2mnn.errors import InputError, VerificationError
 from sd2mnn.layout import COMPONENTS, MANIFEST_NAME
 from sd2mnn.progress import make_progress
 from sd2mnn.verification import DEFAULT_THRESHOLDS, VerificationReport, verify
+from sd2mnn.verify_conditioning import read_prompts
 
 
 def _defaults_text() -> str:
@@ -76,6 +78,8 @@ def register(subparsers) -> None:
                         help="lowest PSNR that passes")
     limits.add_argument("--min-cosine", type=cosine_threshold, action="append", default=[], metavar="[COMPONENT=]X",
                         help="lowest cosine similarity that passes")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="prompts for the conditioning check, one per line (default: sd2mnn's built-in set of 660)")
     out = parser.add_argument_group("output")
     out.add_argument("--report", metavar="DIR", help="write vae_decoder.png (ONNX | MNN | error map) and verification.json here")
     out.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -115,6 +119,8 @@ def print_verification(report: VerificationReport) -> None:
     errors = [c for c in report.components if c.error]
     for c in errors:
         print(f"\n{c.name}: {c.error}")
+    if report.conditioning is not None:
+        print(f"\n{report.conditioning.summary()}")
     files = "".join(f"\nwrote {p}" for p in report.report_files)
     if report.passed:
         print(f"\nPASS: {len(report.components)} component(s) match ONNX Runtime and meet the runtime contract"
@@ -145,9 +151,11 @@ def run_command(args: argparse.Namespace) -> int:
     terminate_as_interrupt()
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
+    prompts = read_prompts(Path(args.prompts)) if args.prompts else None
     progress = make_progress(quiet=args.quiet or args.json)
     report = verify(args.onnx_dir, args.mnn_dir, components=args.components, seed=args.seed,
-                    thresholds=thresholds_from_args(args), report_dir=args.report, progress=progress, threads=args.threads)
+                    thresholds=thresholds_from_args(args), report_dir=args.report, progress=progress, threads=args.threads,
+                    prompts=prompts)
     progress.close()
     if args.json:
         print_json(report.to_dict())

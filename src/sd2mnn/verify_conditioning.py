@@ -1,0 +1,131 @@
+"""verify's conditioning check: does MNN's runtime, with this bundle, condition as diffusers does?
+
+Two chains per prompt: the ids MNN's runtime feeds (the bundle's tokenizer.mtok) through the
+bundle's text encoder on MNN, against Hugging Face's ids (the bundle's tokenizer files, as
+diffusers tokenizes) through the original ONNX text encoder on ONNX Runtime. It reports the share
+of prompts whose ids (as the CLIP model sees them) equal Hugging Face's, the share of token
+positions, and the worst cosine between the two chains' ``last_hidden_state``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from sd2mnn.errors import InputError
+from sd2mnn.layout import COMPONENTS
+
+# Below what a default bundle reaches on the built-in prompts (README: "Conditioning": 98.5% of
+# prompts with SD1.5's tokenizer, 97.7% with the demo's 130-merge one); a bundle converted with
+# --tokenizer mnn is reported, not judged: it conditions as MNN's own flow does (0%).
+MIN_PROMPT_SHARE = 0.95
+MIN_POSITION_SHARE = 0.99
+# Where the ids agree, the two chains differ only by the conversion (and the id rewrite on MNN).
+MIN_MATCHING_COSINE = 0.999
+EMBEDDED_MATCHES = 8  # prompts with identical ids whose embeddings are compared too
+
+
+def builtin_prompts() -> list[str]:
+    text = resources.files("sd2mnn").joinpath("data/prompts.txt").read_text(encoding="utf-8")
+    return [line for line in text.split("\n") if line]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line (kept as written, trailing spaces included); blank lines skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read the prompts ({err}); give a UTF-8 text file, one prompt per line") from None
+    prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if not prompts:
+        raise InputError(f"{path}: no prompts; write one prompt per line")
+    return prompts
+
+
+@dataclass
+class ConditioningReport:
+    scheme: str  # the bundle's: "diffusers" or "mnn"
+    prompts: int
+    identical_prompts: int
+    positions: int
+    identical_positions: int
+    worst_cosine: float | None  # over every prompt compared
+    worst_prompt: str | None
+    matching_cosine: float | None  # the worst over prompts whose ids agree
+    differing: list[str] = field(default_factory=list)  # prompts whose ids differ
+
+    @property
+    def prompt_share(self) -> float:
+        return self.identical_prompts / self.prompts if self.prompts else 1.0
+
+    @property
+    def position_share(self) -> float:
+        return self.identical_positions / self.positions if self.positions else 1.0
+
+    @property
+    def failures(self) -> list[str]:
+        if self.scheme != "diffusers":
+            return []
+        out = []
+        if self.prompt_share < MIN_PROMPT_SHARE:
+            out.append(f"conditioning: {self.prompt_share:.1%} of prompts get diffusers' ids < {MIN_PROMPT_SHARE:.0%}")
+        if self.position_share < MIN_POSITION_SHARE:
+            out.append(f"conditioning: {self.position_share:.2%} of token positions agree < {MIN_POSITION_SHARE:.0%}")
+        if self.matching_cosine is not None and self.matching_cosine < MIN_MATCHING_COSINE:
+            out.append(f"conditioning: the text encoder on MNN gives cosine {self.matching_cosine:.6f} < "
+                       f"{MIN_MATCHING_COSINE} against ONNX Runtime for the same ids; reconvert the text encoder")
+        return out
+
+    def summary(self) -> str:
+        cosine = f"{self.worst_cosine:.6f}" if self.worst_cosine is not None else "-"
+        note = "" if self.scheme == "diffusers" else " (bundle converted with --tokenizer mnn: not judged)"
+        return (f"conditioning ({self.scheme}): {self.identical_prompts}/{self.prompts} prompts "
+                f"({self.prompt_share:.1%}) and {self.position_share:.2%} of token positions get diffusers' ids; "
+                f"worst text-embedding cosine {cosine} (for {self.worst_prompt!r}){note}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(prompt_share=self.prompt_share, position_share=self.position_share, failures=self.failures)
+        return data
+
+
+def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None = None, threads: int = 2,
+                       isolate: bool = False, workdir: Path | None = None) -> ConditioningReport:
+    """``isolate``: run each runtime in a child process (in ``workdir``), as verify does for big models."""
+    import tempfile
+
+    from sd2mnn._verify_pass import run_pass
+    from sd2mnn.conditioning import PromptIds
+
+    prompts = prompts if prompts is not None else builtin_prompts()
+    ids = PromptIds.for_bundle(Path(mnn_dir))
+    length = ids.max_length
+    runtime = [ids.runtime_pair(p, length) for p in prompts]
+    seen = [ids.rewrite_pair(r) for r in runtime]
+    expected = [ids.hf_pair(p, length) for p in prompts]
+    same = [bool((s[1] == e[1]).all()) for s, e in zip(seen, expected)]
+    positions = sum(int((s[1] == e[1]).sum()) for s, e in zip(seen, expected))
+
+    # Embeddings where the ids differ (what the difference costs), plus a few where they agree.
+    chosen = [i for i, ok in enumerate(same) if not ok] + [i for i, ok in enumerate(same) if ok][:EMBEDDED_MATCHES]
+    spec = COMPONENTS["text_encoder"]
+    names = (list(spec.inputs), list(spec.outputs))
+    with tempfile.TemporaryDirectory(prefix="sd2mnn-conditioning-", dir=workdir) as tmp:
+        reference, _ = run_pass("onnxruntime", Path(onnx_dir) / "text_encoder" / "model.onnx", *names,
+                                [{"input_ids": expected[i]} for i in chosen], threads, isolate, Path(tmp))
+        device, _ = run_pass("mnn", Path(mnn_dir) / spec.mnn_name, *names,
+                             [{"input_ids": runtime[i]} for i in chosen], threads, isolate, Path(tmp))
+    worst, worst_prompt, matching = None, None, None
+    for i, ref, got in zip(chosen, reference, device):
+        a = ref["last_hidden_state"][1].ravel().astype(np.float64)
+        b = got["last_hidden_state"][1].ravel().astype(np.float64)
+        cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
+        if worst is None or cosine < worst:
+            worst, worst_prompt = cosine, prompts[i]
+        if same[i]:
+            matching = cosine if matching is None else min(matching, cosine)
+    return ConditioningReport(ids.scheme, len(prompts), sum(same), len(prompts) * length, positions, worst,
+                              worst_prompt, matching, [p for p, ok in zip(prompts, same) if not ok])
+

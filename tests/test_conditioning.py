@@ -1,0 +1,235 @@
+"""Bundles that make MNN's runtime condition as diffusers does (sd2mnn.conditioning).
+
+The real CLIP ViT-L/14 tokenizer (SD1.x's, tests/clip_tokenizer.py) against transformers'
+CLIPTokenizer, which diffusers uses, on the built-in corpus of 660 prompts; the id rewrite as ONNX
+graph on ONNX Runtime and, converted by the real converter, on MNN; and whole conversions.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clip_tokenizer import write_clip_tokenizer
+from sd2mnn.conditioning import KEY_LENGTH, PromptIds, rewrite_graph, rewrite_ids
+from sd2mnn.mtok import write_mtok
+from sd2mnn.verify_conditioning import builtin_prompts
+
+PROMPTS = builtin_prompts()
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    return write_clip_tokenizer(tmp_path_factory.mktemp("clip") / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def clip_ids(clip_dir) -> PromptIds:
+    return PromptIds.for_tokenizer(clip_dir, "diffusers")
+
+
+@pytest.fixture(scope="session")
+def diffusers_tokenizer(clip_dir):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(clip_dir)
+
+    def encode(prompt: str) -> list[int]:
+        return tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    return encode
+
+
+@pytest.fixture(scope="session")
+def diffusers_ids(diffusers_tokenizer) -> dict[str, list[int]]:
+    return {p: diffusers_tokenizer(p) for p in PROMPTS}
+
+
+def _exact(ids: PromptIds, expected: dict[str, list[int]]) -> list[str]:
+    return [p for p in expected if ids.model_pair(p)[1].tolist() == expected[p]]
+
+
+def test_the_corpus_has_what_people_write(diffusers_ids):
+    assert len(PROMPTS) >= 500 and len(set(PROMPTS)) == len(PROMPTS)
+    kinds = {
+        "digits": lambda p: any(c.isdigit() for c in p), "hyphens": lambda p: "-" in p,
+        "apostrophes": lambda p: "'" in p, "non-ASCII": lambda p: not p.isascii(),
+        "comma lists": lambda p: p.count(",") >= 5, "77-token overflows": lambda p: diffusers_ids[p][-1] != 49407
+        or diffusers_ids[p][-2] != 49407,
+    }
+    for kind, has in kinds.items():
+        assert sum(map(has, PROMPTS)) >= 10, kind
+
+
+def test_mnns_own_tokenizer_conditions_differently_for_nearly_every_prompt(clip_dir, diffusers_ids):
+    mnn = PromptIds.for_tokenizer(clip_dir, "mnn")
+    assert mnn.rewrite is None
+    assert len(_exact(mnn, diffusers_ids)) <= len(PROMPTS) // 50
+
+
+def test_the_default_bundle_conditions_like_diffusers(clip_ids, diffusers_ids):
+    exact = _exact(clip_ids, diffusers_ids)
+    assert len(exact) / len(PROMPTS) >= 0.98, sorted(set(PROMPTS) - set(exact))[:20]
+    # Where they differ, only the last word does (rare words; see the README's list), or a
+    # character MNN's normalizer turns into a space (a zero-width joiner).
+    for prompt in set(PROMPTS) - set(exact):
+        got, want = clip_ids.model_pair(prompt)[1].tolist(), diffusers_ids[prompt]
+        first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        assert first >= want.index(49407) - KEY_LENGTH or "\u200d" in prompt, prompt
+
+
+def test_every_prompt_ending_in_a_whole_word_token_is_exact(clip_dir, clip_ids, diffusers_tokenizer, diffusers_ids):
+    vocab = json.loads((clip_dir / "vocab.json").read_text())
+    words = sorted(t[:-4] for t in vocab if t.endswith("</w>") and t[:-4].isascii() and t[:-4].isalpha())
+    sample = random.Random(0).sample(words, 1500)
+    prompts = {f"a photo of {w}": diffusers_tokenizer(f"a photo of {w}") for w in sample}
+    # Of the corpus: every prompt whose last pre-token is one whole-word token in diffusers' ids
+    # (but for a zero-width joiner, which MNN's normalizer turns into a space wherever it stands).
+    for prompt, ids in diffusers_ids.items():
+        if "\u200d" in prompt:
+            continue
+        end = ids.index(49407)
+        if prompt.rstrip()[-1:].isalpha() and end < 76 and prompt.rstrip().lower().split()[-1].isalpha():
+            if diffusers_tokenizer(prompt.rstrip().split()[-1])[1:3] == [ids[end - 1], 49407]:
+                prompts[prompt] = ids
+    assert len(prompts) > 1800
+    assert sorted(set(prompts) - set(_exact(clip_ids, prompts))) == []
+
+
+def test_hugging_face_ids_are_diffusers_ids(clip_ids, diffusers_ids):
+    assert [p for p in PROMPTS if clip_ids.hf_pair(p)[1].tolist() != diffusers_ids[p]] == []
+    assert clip_ids.hf_pair("a cat")[0].tolist() == [49406, 49407] + [49407] * 75  # diffusers' unconditional row
+
+
+def test_the_rewrite_leaves_diffusers_ids_alone(clip_ids, diffusers_ids):
+    # A bundle's text encoder may be fed Hugging Face's ids (generate --tokenizer hf, verify).
+    for prompt in PROMPTS[:200]:
+        ids = clip_ids.hf_pair(prompt)
+        assert (rewrite_ids(ids, clip_ids.rewrite) == ids).all(), prompt
+
+
+def _rewrite_model(rw, path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes, inits = rewrite_graph(rw, 77, "input_ids", "ids", opset=18)
+    graph = helper.make_graph(nodes, "rewrite", [helper.make_tensor_value_info("input_ids", TensorProto.INT32, [2, 77])],
+                              [helper.make_tensor_value_info("ids", TensorProto.INT32, [2, 77])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_the_rewrite_graph_gives_the_numpy_ids_on_onnxruntime_and_mnn(clip_ids, tmp_path):
+    from sd2mnn.converter import find_converter
+    from sd2mnn.plan import converter_argv
+    from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
+
+    source = _rewrite_model(clip_ids.rewrite, tmp_path / "rewrite.onnx")
+    target = tmp_path / "rewrite.mnn"
+    argv = find_converter().argv(converter_argv(source, target, ()))
+    log = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "Converted Success" in log.stdout, log.stdout[-2000:]
+    ort = OrtModel(source, threads=1)
+    mnn = MnnModel(target, ["input_ids"], ["ids"], RuntimeConfig(threads=4, precision="low"))  # as MNN's runtime
+    cases = [clip_ids.runtime_pair(p) for p in PROMPTS]
+    cases.append(np.array([[49406, 49407] + [0] * 75] * 2, np.int32))  # two empty prompts
+    for ids in cases:
+        expected = rewrite_ids(ids, clip_ids.rewrite)
+        assert (ort.run({"input_ids": ids})["ids"] == expected).all()
+        assert (np.asarray(mnn.run({"input_ids": ids})["ids"]) == expected).all()
+
+
+@pytest.fixture(scope="session")
+def clip_pipeline(demo_onnx, clip_dir, tmp_path_factory) -> Path:
+    """The demo pipeline (its text encoder has CLIP's 49408 ids) with SD1.5's real tokenizer."""
+    root = tmp_path_factory.mktemp("clip-pipeline") / "onnx"
+    shutil.copytree(demo_onnx, root)
+    shutil.rmtree(root / "tokenizer")
+    shutil.copytree(clip_dir, root / "tokenizer")
+    return root
+
+
+@pytest.fixture(scope="session")
+def clip_bundle(clip_pipeline, tmp_path_factory) -> Path:
+    import sd2mnn
+
+    out = tmp_path_factory.mktemp("clip-bundle") / "bundle"
+    sd2mnn.convert(clip_pipeline, out, components=["text_encoder"])
+    return out
+
+
+def test_convert_writes_a_text_encoder_that_conditions_like_diffusers(clip_pipeline, clip_bundle, diffusers_ids):
+    from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
+
+    manifest = json.loads((clip_bundle / "manifest.json").read_text())
+    assert manifest["tokenizer_scheme"] == "diffusers"
+    assert manifest["components"]["text_encoder"]["prefix"].startswith("clip-eow-")
+    ids = PromptIds.for_bundle(clip_bundle)
+    assert ids.scheme == "diffusers"
+    onnx = OrtModel(clip_pipeline / "text_encoder" / "model.onnx", threads=2)
+    mnn = MnnModel(clip_bundle / "text_encoder.mnn", ["input_ids"], ["last_hidden_state", "pooler_output"],
+                   RuntimeConfig(threads=2))
+    for prompt in PROMPTS[:40]:
+        if ids.model_pair(prompt)[1].tolist() != diffusers_ids[prompt]:
+            continue
+        # The device: the runtime's ids into the bundle; diffusers: its ids into the source model.
+        device = mnn.run({"input_ids": ids.runtime_pair(prompt)})
+        reference = onnx.run({"input_ids": ids.hf_pair(prompt)})  # = diffusers' ids (test above)
+        for name in ("last_hidden_state", "pooler_output"):
+            assert np.abs(np.asarray(device[name]) - reference[name]).max() < 1e-4, (prompt, name)
+
+
+def test_verify_checks_the_conditioning(clip_pipeline, clip_bundle, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\nan astronaut riding a horse, 8k\n")
+    out = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "verify", str(clip_pipeline), str(clip_bundle),
+                          "--components", "text_encoder", "--prompts", str(prompts), "--json", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)["conditioning"]
+    assert report["scheme"] == "diffusers" and report["prompts"] == 2 and report["identical_prompts"] == 2
+    assert report["matching_cosine"] > 0.9999
+
+
+def test_tokenizer_mnn_keeps_mnns_flow_and_switching_reconverts(clip_pipeline, clip_bundle, tmp_path):
+    import sd2mnn
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(clip_bundle, bundle)
+    report = sd2mnn.convert(clip_pipeline, bundle, components=["text_encoder"], tokenizer="mnn")
+    assert [(c.name, c.reason) for c in report.components] == [("text_encoder", "tokenizer scheme changed")]
+    expected = write_mtok(clip_pipeline / "tokenizer", tmp_path / "mnn.mtok", "mnn")
+    assert (bundle / "tokenizer.mtok").read_bytes() == expected.read_bytes()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["tokenizer_scheme"] == "mnn" and manifest["components"]["text_encoder"]["prefix"] == ""
+    assert PromptIds.for_bundle(bundle).scheme == "mnn"
+    # verify reports MNN's conditioning without failing it: the user asked for MNN's flow.
+    out = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "verify", str(clip_pipeline), str(bundle),
+                          "--components", "text_encoder", "--json", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    conditioning = json.loads(out.stdout)["conditioning"]
+    assert conditioning["scheme"] == "mnn" and conditioning["prompt_share"] < 0.05
+
+
+def test_generate_with_hugging_face_ids_draws_the_runtimes_image(fp32_bundle, tmp_path):
+    # On the demo bundle "a photo of a cat" gets diffusers' ids from the runtime too: one image.
+    images = []
+    for tokenizer in ("runtime", "hf"):
+        out = tmp_path / f"{tokenizer}.png"
+        done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "generate", str(fp32_bundle), "a photo of a cat",
+                               "-o", str(out), "--steps", "2", "--tokenizer", tokenizer, "-q"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        images.append(out)
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(p)) for p in images)
+    assert (a == b).all()
+    info = Image.open(images[1]).info
+    assert info["tokenizer"] == "hf (scheme diffusers)" and info["matches_mnn_runtime"].startswith("no")
