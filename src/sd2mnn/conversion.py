@@ -580,6 +580,6 @@ def _os_errors_as_one_line(mnn_dir: Path):
                 f"{mnn_dir} ran out of disk space ({where}); the bundle is unchanged: free some space and run again"
             ) from err
         raise InputError(
-            f"cannot write {where} ({err.strerror or err}); the bundle is unchanged: "
-            "make the output folder writable, or choose another, and run again"
+            f"{where}: {err.strerror or err}; the bundle is unchanged: fix that file or folder "
+            "(or choose another output folder) and run again"
         ) from err
