@@ -26,7 +26,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def write_clip_tokenizer(folder: Path) -> Path:
+def write_sd15_tokenizer(folder: Path) -> Path:
     """Write SD1.5's tokenizer folder into ``folder`` and return it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

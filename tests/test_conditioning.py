@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clip_tokenizer import write_clip_tokenizer
+from clip_tokenizer import write_sd15_tokenizer
 from sd2mnn.conditioning import KEY_LENGTH, PromptIds, rewrite_graph, rewrite_ids
 from sd2mnn.mtok import write_mtok
 from sd2mnn.verify_conditioning import builtin_prompts
@@ -26,7 +26,7 @@ PROMPTS = builtin_prompts()
 
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory) -> Path:
-    return write_clip_tokenizer(tmp_path_factory.mktemp("clip") / "tokenizer")
+    return write_sd15_tokenizer(tmp_path_factory.mktemp("clip") / "tokenizer")
 
 
 @pytest.fixture(scope="session")

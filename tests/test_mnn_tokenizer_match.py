@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from clip_tokenizer import write_clip_tokenizer
+from clip_tokenizer import write_sd15_tokenizer
 
 from sd2mnn.conditioning import SCHEMES
 from sd2mnn.mtok import write_mtok
@@ -40,7 +40,7 @@ def read_corpus() -> list[str]:
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory) -> Path:
-    return write_clip_tokenizer(tmp_path_factory.mktemp("clip") / "tokenizer")
+    return write_sd15_tokenizer(tmp_path_factory.mktemp("clip") / "tokenizer")
 
 
 def run_mnn_tokenizer(model_dir: Path, prompts: list[str], work: Path) -> list[list[int]]:

@@ -10,7 +10,7 @@ diffusers does:
    pre-token, but it can *keep* one whitespace character at a pre-token's end:
    * literal Replace normalizers put a space at every boundary CLIP's split regex makes without
      one: around each digit (every digit is a pre-token of its own), and around each run of
-     punctuation/symbols (``\\x01`` placeholders around every such character, adjacent
+     punctuation, symbols and marks (``\\x01`` placeholders around every such character, adjacent
      placeholders removed so that runs like "((" stay one pre-token, then placeholders to spaces);
      contractions ("'s", "'t", ...) are protected first, as CLIP's regex matches them first;
    * the split regex is CLIP's with `` ?`` after each alternative, so a pre-token keeps one
@@ -22,14 +22,15 @@ diffusers does:
    pre-token, when nothing follows it, cannot (the runtime adds nothing after the text).
 2. **The text encoder** (``rewrite_graph``): int32 operations in front of the CLIP model, inside
    ``text_encoder.mnn`` (interface unchanged: ``input_ids`` int32 [2,77]), that take the ids
-   after the last end-of-word token, look them up in a table of last-word rewrites (every
-   whole-word token of the vocabulary, from the runtime's ids to Hugging Face's; where the table
-   has no entry, the last token becomes its end-of-word twin), and pad with the tokenizer's pad
-   id instead of 0. ``rewrite_ids`` is the same function in numpy, for ONNX Runtime and tests.
+   after the last end-of-word token and replace their longest tail found in a table of
+   last-word rewrites (the text of every token of the vocabulary, whole-word or not, from the
+   runtime's ids to Hugging Face's; where no tail is found, the last id becomes its end-of-word
+   twin), and pad with the tokenizer's pad id instead of 0. ``rewrite_ids`` is the same function
+   in numpy, for ONNX Runtime and tests.
 
-What stays different is listed by kind in the README (prompts that overflow 77 tokens by
-exactly their last word, contractions after punctuation, decomposed accents, control and
-zero-width characters, combining marks).
+What stays different is listed by kind in the README (rare last words that CLIP splits
+elsewhere, prompts that overflow 77 tokens by exactly their last word, contractions after
+punctuation, decomposed accents, control and zero-width characters).
 """
 from __future__ import annotations
 
@@ -122,10 +123,13 @@ def clip_end_of_word_json(tokenizer_json: dict) -> dict:
     # holds an apostrophe next to a letter, so these merges change nothing else.
     from tokenizers import Tokenizer
 
-    from sd2mnn.tokenizer import _Bpe
+    from sd2mnn.tokenizer import BpeModel
 
     hf = Tokenizer.from_str(json.dumps(tokenizer_json))
-    runtime = _Bpe(renamed, {(renamed[a], renamed[b]): r for r, (a, b) in enumerate(merges)}, byte_level=False)
+    ranks: dict[tuple[int, int], int] = {}
+    for rank, (a, b) in enumerate(merges):
+        ranks.setdefault((renamed[a], renamed[b]), rank)  # as the .mtok reader: the first rank wins
+    runtime = BpeModel(renamed, ranks, byte_level=False)
     for contraction in CONTRACTIONS:
         if hf.encode(contraction, add_special_tokens=False).ids != [vocab.get(contraction + END_OF_WORD)]:
             continue

@@ -269,7 +269,7 @@ def _read_pre_tokenizer(r: _Reader):
     raise ValueError(f"unknown pre-tokenizer type {kind}")
 
 
-def _read_model(r: _Reader) -> "_Bpe | _WordPiece":
+def _read_model(r: _Reader) -> "BpeModel | _WordPiece":
     kind, size = r.take("<B"), r.take("<I")
     if kind == 0:
         r.take("<B")  # byte_fallback: unused by the C++, which always tries <0xXX> tokens
@@ -279,7 +279,7 @@ def _read_model(r: _Reader) -> "_Bpe | _WordPiece":
         for _ in range(n_merges):
             a, b, rank = r.take("<III")
             merges.setdefault((a, b), rank)  # sorted by pair, ties by rank: the first one wins
-        return _Bpe(vocab, merges, byte_level)
+        return BpeModel(vocab, merges, byte_level)
     if kind == 1:
         unk, prefix, max_chars = r.string(), r.string(), r.take("<I")
         return _WordPiece(_read_vocab(r, size), unk, prefix, max_chars)
@@ -300,7 +300,7 @@ class _Mtok:
     prefix: list[int]
     normalizer: object
     pre_tokenizer: object
-    model: "_Bpe | _WordPiece"
+    model: "BpeModel | _WordPiece"
     added: tuple = ()  # (id, content, lstrip, rstrip)
     post_ops: tuple = ()  # (kind, id): kind 0 = the text, 1 = a special token
     byte_level_decode: bool = False
@@ -425,7 +425,7 @@ class _Mtok:
         return raw.decode("utf-8", errors="replace")
 
 
-class _Bpe:
+class BpeModel:
     kind = "BPE"
 
     def __init__(self, vocab: dict[str, int], merges: dict[tuple[int, int], int], byte_level: bool):
