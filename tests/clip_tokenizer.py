@@ -8,6 +8,7 @@ merges.txt, the configs), so Hugging Face's CLIPTokenizer loads it.
 from __future__ import annotations
 
 import gzip
+import shutil
 import json
 from pathlib import Path
 
@@ -44,3 +45,10 @@ def write_sd15_tokenizer(folder: Path) -> Path:
               "errors": "replace", **special}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def with_sd15_tokenizer(onnx_dir: Path, target: Path) -> Path:
+    """A copy of the ONNX pipeline ``onnx_dir`` (whose text encoder takes CLIP's 49408 ids, as the
+    demo pipeline's does) with SD1.5's real tokenizer in place of its own."""
+    shutil.copytree(onnx_dir, target, ignore=shutil.ignore_patterns("tokenizer"))
+    return write_sd15_tokenizer(target / "tokenizer").parent

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clip_tokenizer import write_sd15_tokenizer
+from clip_tokenizer import with_sd15_tokenizer, write_sd15_tokenizer
 from sd2mnn.conditioning import KEY_LENGTH, PromptIds, rewrite_graph, rewrite_ids
 from sd2mnn.mtok import write_mtok
 from sd2mnn.verify_conditioning import builtin_prompts
@@ -147,13 +147,9 @@ def test_the_rewrite_graph_gives_the_numpy_ids_on_onnxruntime_and_mnn(clip_ids, 
 
 
 @pytest.fixture(scope="session")
-def clip_pipeline(demo_onnx, clip_dir, tmp_path_factory) -> Path:
+def clip_pipeline(demo_onnx, tmp_path_factory) -> Path:
     """The demo pipeline (its text encoder has CLIP's 49408 ids) with SD1.5's real tokenizer."""
-    root = tmp_path_factory.mktemp("clip-pipeline") / "onnx"
-    shutil.copytree(demo_onnx, root)
-    shutil.rmtree(root / "tokenizer")
-    shutil.copytree(clip_dir, root / "tokenizer")
-    return root
+    return with_sd15_tokenizer(demo_onnx, tmp_path_factory.mktemp("clip-pipeline") / "onnx")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from clip_tokenizer import with_sd15_tokenizer
 from sd2mnn.images import compare
 
 DIFFUSION_DEMO = os.environ.get("SD2MNN_DIFFUSION_DEMO")
@@ -43,4 +44,32 @@ def test_generate_matches_diffusion_demo_pixel_for_pixel(fp32_bundle, tmp_path, 
                            "--memory-mode", "1", "--threads", "4", "--quiet"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = compare(tmp_path / "cpp.png", tmp_path / "py.png")
+    assert result.identical, f"PSNR {result.psnr_db:.1f} dB, max diff {result.max_abs_diff}"
+
+
+@pytest.fixture(scope="module")
+def sd15_tokenizer_bundle(demo_onnx, tmp_path_factory) -> Path:
+    """A default bundle of the demo pipeline with SD1.5's real tokenizer."""
+    import sd2mnn
+
+    onnx = with_sd15_tokenizer(demo_onnx, tmp_path_factory.mktemp("sd15-tokenizer") / "onnx")
+    bundle = onnx.parent / "bundle"
+    sd2mnn.convert(onnx, bundle)
+    return bundle
+
+
+# MNN's own flow feeds other ids than diffusers for each of these; a default bundle does not.
+@pytest.mark.parametrize("prompt", ["a photo of a cat", "an astronaut riding a horse on mars, 8k, trending on artstation",
+                                    "a wizard's tower, oil painting by greg rutkowski"])
+def test_diffusion_demo_conditions_as_diffusers_with_a_default_bundle(sd15_tokenizer_bundle, tmp_path, prompt):
+    demo = Path(DIFFUSION_DEMO).expanduser()
+    done = subprocess.run([str(demo), str(sd15_tokenizer_bundle), "0", "1", "0", "3", "42", "cpp.png", prompt],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and (tmp_path / "cpp.png").is_file(), done.stdout[-2000:] + done.stderr[-2000:]
+    # sd2mnn feeding Hugging Face's ids (diffusers' conditioning) to the same bundle.
+    done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "generate", str(sd15_tokenizer_bundle), prompt,
+                           "-o", str(tmp_path / "hf.png"), "--steps", "3", "--seed", "42", "--tokenizer", "hf",
+                           "--memory-mode", "1", "--threads", "4", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = compare(tmp_path / "cpp.png", tmp_path / "hf.png")
     assert result.identical, f"PSNR {result.psnr_db:.1f} dB, max diff {result.max_abs_diff}"
