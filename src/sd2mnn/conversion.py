@@ -300,6 +300,9 @@ def _converted(running: _Running, result: ChildResult) -> bool:
     return "Converted Failed" not in log_tail(running.log, lines=40)
 
 
+_FULL_DISK_BYTES = 1 << 20
+
+
 def _check_no_ignored_flags(running: _Running) -> None:
     """The converter skips a flag it does not know with a line in its log and converts anyway;
     EXTRA was checked against its --help, but a converter whose help sd2mnn cannot read is
@@ -317,7 +320,9 @@ def _check_no_ignored_flags(running: _Running) -> None:
 def _failure(running: _Running, result: ChildResult, what: str) -> Sd2MnnError:
     name = running.job.name
     tail = log_tail(running.log)
-    if "No space left on device" in tail:
+    # On a full disk the converter still says "Converted Success!" (its output cut short); the
+    # load check or its log then fails, for want of space.
+    if "No space left on device" in tail or shutil.disk_usage(running.scratch).free < _FULL_DISK_BYTES:
         return DiskSpaceError(
             f"{name}: the disk ran out of space during the {what} in {running.scratch.parents[2]}; "
             "free some space and run again"
