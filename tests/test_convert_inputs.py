@@ -413,3 +413,13 @@ def test_bad_arguments_never_end_in_a_traceback(demo_onnx, tmp_path):
     assert not (tmp_path / "out").exists()
     assert (tmp_path / "foreign" / "unet.mnn").read_text() == "mine\n"
 
+
+
+def test_bad_extra_flag_fails_before_an_export(tmp_path):
+    """A diffusers folder is exported first (minutes): the converter flags are checked before."""
+    model = tmp_path / "diffusers-model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}\n")
+    done = sd2mnn_cli("convert", model, tmp_path / "b", "--weightQuantBit=8")
+    assert_one_line_error(done, "has no flag --weightQuantBit ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diffusers-model"]

@@ -105,15 +105,15 @@ def convert(
         overrides["components"] = parse_components(overrides["components"])
     options = replace(options or ConvertOptions(), **overrides)
     progress = progress or NullProgress()
+    for path, what in ((onnx_dir, "ONNX_DIR"), (mnn_dir, "MNN_DIR")):
+        if not str(path).strip():  # Path("") is ".": an unset shell variable must not mean here
+            raise InputError(f"{what} is an empty string; give a folder")
     from sd2mnn.export import is_diffusers_model
 
     if is_diffusers_model(onnx_dir):
         return _export_then_convert(Path(onnx_dir), Path(mnn_dir), options, progress, export_options, keep_onnx)
     started = time.monotonic()
 
-    for path, what in ((onnx_dir, "ONNX_DIR"), (mnn_dir, "MNN_DIR")):
-        if not str(path).strip():  # Path("") is ".": an unset shell variable must not mean here
-            raise InputError(f"{what} is an empty string; give a folder")
     onnx = open_onnx_pipeline(onnx_dir, options.components)
     for source in onnx.components.values():
         check_external_data(source.summary)
@@ -184,6 +184,10 @@ def _export_then_convert(model: Path, mnn_dir: Path, options: ConvertOptions, pr
 
     from sd2mnn.export import ExportOptions, export
 
+    # What would fail the conversion fails before the export, which takes minutes (the
+    # conversion repeats these checks and prints any warning).
+    check_extra_flags(options, find_converter(options.converter))
+    _check_output_folder(mnn_dir)
     export_options = replace(export_options or ExportOptions(), components=options.components, overwrite=True)
     scratch_parent = mnn_dir.absolute().parent
     scratch_parent.mkdir(parents=True, exist_ok=True)
