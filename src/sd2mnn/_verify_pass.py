@@ -1,7 +1,7 @@
 """Run one model on one runtime over a list of feeds: load, run them all, free.
 
-``run_pass`` does it in this process or, with ``isolate``, in a child
-(``python -m sd2mnn._verify_pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS``): ONNX
+``run_pass`` does it in this process or, with ``isolate``, in a child (sd2mnn.children.run_module:
+``python -m sd2mnn._verify_pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS``): ONNX
 Runtime does not give a multi-GB model's memory back, and a child's ends with it. Feeds and
 outputs travel as .npz files; the child's peak memory comes from wait4.
 """
@@ -69,15 +69,15 @@ def _run_in_process(runtime, model, inputs, outputs, feeds, threads, quiet=True)
     return results
 
 
-def _run_in_child(runtime, model, inputs, outputs, feeds, threads, workdir: Path):
-    from sd2mnn.children import log_tail, run_child
-    from sd2mnn.contract import child_env
+def _run_in_child(runtime, model, inputs, outputs, feeds, threads, workdir: Path, timeout: float):
+    from sd2mnn.children import log_tail, run_module
 
     feeds_path, out_path, log = workdir / f"{runtime}-in.npz", workdir / f"{runtime}-out.npz", workdir / f"{runtime}.log"
     np.savez(feeds_path, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
-    argv = [sys.executable, "-m", "sd2mnn._verify_pass", runtime, str(model.resolve()), str(feeds_path),
-            str(out_path), ",".join(inputs), ",".join(outputs), str(threads)]
-    result = run_child(argv, workdir, log, env=child_env())
+    args = [runtime, model.resolve(), feeds_path, out_path, ",".join(inputs), ",".join(outputs), threads]
+    result = run_module("sd2mnn._verify_pass", args, workdir, timeout, log)
+    if result.timed_out:
+        raise PassError(f"{model.name}: ran past {timeout:g}s and was killed")
     if result.returncode != 0 or not out_path.is_file():
         tail = log_tail(log, 4).strip() or f"exit status {result.returncode}"
         raise PassError(f"{model.name}: {tail}")
@@ -88,12 +88,18 @@ def _run_in_child(runtime, model, inputs, outputs, feeds, threads, workdir: Path
     return outs, result.peak_rss_bytes
 
 
+# A full-size unet's pass takes minutes here; a child still running after an hour is stuck.
+PASS_TIMEOUT_S = 3600.0
+
+
 def run_pass(runtime: str, model: Path, inputs: list[str], outputs: list[str], feeds: list[dict],
-             threads: int, isolate: bool, workdir: Path) -> tuple[list[dict[str, np.ndarray]], RunStats]:
-    """Load ``model`` in ``runtime`` ("onnxruntime" or "mnn"), run every feed, free it."""
+             threads: int, isolate: bool, workdir: Path,
+             timeout: float = PASS_TIMEOUT_S) -> tuple[list[dict[str, np.ndarray]], RunStats]:
+    """Load ``model`` in ``runtime`` ("onnxruntime" or "mnn"), run every feed, free it.
+    ``timeout``: seconds before an isolated pass's child is killed."""
     started = time.monotonic()
     if isolate:
-        results, peak = _run_in_child(runtime, model, inputs, outputs, feeds, threads, workdir)
+        results, peak = _run_in_child(runtime, model, inputs, outputs, feeds, threads, workdir, timeout)
     else:
         results, peak = _run_in_process(runtime, model, inputs, outputs, feeds, threads), None
     return results, RunStats(runtime, round(time.monotonic() - started, 3), peak, isolate)

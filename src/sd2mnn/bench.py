@@ -18,6 +18,10 @@ ONNX Runtime's peaks would mix. Both runtimes get the same input, the first of t
 ``sd2mnn verify`` uses (sd2mnn.verify_inputs); the unet's text embeddings are random here, which
 changes nothing for timing. MNN runs on the CPU at ``precision``; ONNX Runtime on its CPU
 provider (fp32), both with ``threads`` intra-op threads.
+
+Sizes come from the models, so a bundle off MNN's runtime contract (other latents, another text
+length) is measured all the same; ``BenchReport.off_contract`` says what the runtime would refuse.
+A text encoder whose vocabulary cannot hold the ids the runtime feeds is refused before any run.
 """
 from __future__ import annotations
 
@@ -32,15 +36,19 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from sd2mnn.contract import check_contract, onnx_vocabulary, runtime_notes
 from sd2mnn.errors import InputError
 from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, load_component, parse_components
 from sd2mnn.manifest import read_manifest
 from sd2mnn.runtime import PRECISIONS
-from sd2mnn.verify_inputs import build_inputs, prompt_ids, static_shape
+from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static_shape
 
 RUNTIMES = ("mnn", "onnxruntime")
 MEMORY_METHOD = ("peak RSS (ru_maxrss) of a child process per runtime per component; "
                  "model = peak minus the child's peak before loading the model")
+# Seconds one runtime may take on one component (load, first run, steady runs) when the caller
+# sets no limit: a full-size unet takes minutes here; a child still running after an hour is stuck.
+RUN_TIMEOUT_S = 3600.0
 
 
 @dataclass
@@ -102,6 +110,7 @@ class BenchReport:
     components: list[ComponentBench]
     memory_method: str = MEMORY_METHOD
     wall_s: float = 0.0
+    off_contract: list[str] = field(default_factory=list)  # what MNN's runtime would refuse in the bundle
 
     @property
     def errors(self) -> list[str]:
@@ -111,7 +120,8 @@ class BenchReport:
         return {"bundle": str(self.bundle), "onnx_dir": str(self.onnx_dir) if self.onnx_dir else None,
                 "threads": self.threads, "precision": self.precision, "runs": self.runs,
                 "memory_method": self.memory_method, "wall_s": round(self.wall_s, 3),
-                "components": [c.to_dict() for c in self.components], "errors": self.errors}
+                "components": [c.to_dict() for c in self.components], "errors": self.errors,
+                "off_contract": self.off_contract}
 
 
 # -- choosing components and inputs ------------------------------------------------------------
@@ -151,8 +161,10 @@ def _feeds(names, bundle: Path, onnx_dir: Path | None, seed: int) -> dict[str, t
         ids = []
         if name == "text_encoder":
             length = static_shape(name, source.summary.inputs[0])[1]
-            ids, _ = prompt_ids(bundle, onnx_dir or bundle, length)
-        rng = np.random.default_rng([seed, list(COMPONENTS).index(name)])
+            model = onnx_dir / name / "model.onnx" if onnx_dir is not None else None
+            vocabulary = onnx_vocabulary(model) if model is not None else None
+            ids, _ = prompt_ids(bundle, onnx_dir or bundle, length, vocabulary, model)
+        rng = component_rng(seed, name)
         feed = build_inputs(name, source, rng, ids, None)[0][0]
         feeds[name] = (feed, "verify's first input: " + " ".join(f"{k}{list(v.shape)}" for k, v in feed.items()))
     return feeds
@@ -171,15 +183,15 @@ def _files_bytes(runtime: str, name: str, bundle: Path, onnx_dir: Path | None) -
 def measure(runtime: str, name: str, model: Path, feed: dict, threads: int, precision: str, runs: int,
             workdir: Path, file_bytes: int, timeout: float | None = None) -> Timing:
     """Run one model on one runtime in a child process; see the module docstring."""
-    from sd2mnn.children import log_tail, run_child
-    from sd2mnn.contract import child_env
+    from sd2mnn.children import log_tail, run_module
 
     spec = COMPONENTS[name]
+    timeout = timeout or RUN_TIMEOUT_S
     feeds_path, out, log = workdir / f"{name}-{runtime}.npz", workdir / f"{name}-{runtime}.json", workdir / f"{name}-{runtime}.log"
     np.savez(feeds_path, **feed)
-    argv = [sys.executable, "-m", "sd2mnn.bench", runtime, str(model.resolve()), str(feeds_path), str(out),
-            ",".join(spec.inputs), ",".join(spec.outputs), str(threads), precision, str(runs)]
-    result = run_child(argv, workdir, log, env=child_env(), timeout=timeout)
+    args = [runtime, model.resolve(), feeds_path, out, ",".join(spec.inputs), ",".join(spec.outputs), threads,
+            precision, runs]
+    result = run_module("sd2mnn.bench", args, workdir, timeout, log)
     timing = Timing(runtime, file_bytes)
     if result.timed_out:
         timing.error = f"ran past {timeout:g}s and was killed"
@@ -219,6 +231,11 @@ def bench(bundle, onnx_dir=None, components=None, threads: int = 2, precision: s
     if "onnxruntime" in runtimes and onnx_dir is None:
         raise InputError("benchmarking ONNX Runtime needs the ONNX folder; give it with --onnx")
     names = _select(bundle, onnx_dir, components)
+    issues = check_contract(bundle, names)
+    for issue in issues:
+        if issue.kind == "vocabulary":  # the runtime's own ids overflow the embedding table: nothing can run
+            raise InputError(f"{bundle / issue.file}: MNN's runtime feeds {issue.expected}, but the text encoder has "
+                             f"{issue.found}")
     feeds = _feeds(names, bundle, onnx_dir, seed)
     results = []
     with tempfile.TemporaryDirectory(prefix="sd2mnn-bench-") as tmp:
@@ -234,7 +251,8 @@ def bench(bundle, onnx_dir=None, components=None, threads: int = 2, precision: s
                 detail = timing.error or f"steady {timing.median_s * 1e3:.1f} ms"
                 progress.update(f"{name} {runtime}", "failed" if timing.error else "done", detail)
             results.append(entry)
-    return BenchReport(bundle, onnx_dir, threads, precision, runs, results, wall_s=time.monotonic() - started)
+    return BenchReport(bundle, onnx_dir, threads, precision, runs, results, wall_s=time.monotonic() - started,
+                       off_contract=runtime_notes(issues))
 
 
 # -- the child -------------------------------------------------------------------------------

@@ -1,11 +1,17 @@
 """Child processes: output captured to a log at the file-descriptor level, peak memory measured
-per child (wait4's rusage), a timeout, and death with the parent so nothing outlives sd2mnn."""
+per child (wait4's rusage), a timeout, and death with the parent so nothing outlives sd2mnn.
+
+``run_module`` is the one way sd2mnn starts its own Python children (verify's and bench's runtime
+passes, the contract's model reader): ``python -m <module> ARGS`` with ``child_env()``, so they
+import this sd2mnn even from a source checkout that is not installed.
+"""
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +101,24 @@ class Child:
 
 def run_child(argv: Sequence[str], cwd: Path, log_path: Path, env=None, timeout=None) -> ChildResult:
     return Child(argv, cwd, log_path, env, timeout).wait()
+
+
+def child_env() -> dict[str, str]:
+    """The environment for sd2mnn's Python children: this process's, with the folder that holds
+    this sd2mnn first on PYTHONPATH."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_module(module: str, args: Sequence[str], cwd: Path, timeout: float | None,
+               log_path: Path | None = None) -> ChildResult:
+    """``python -m module args`` in ``cwd``, its output in ``log_path`` (default cwd/<module>.log),
+    killed after ``timeout`` seconds (None: no limit; callers give one)."""
+    log_path = log_path or Path(cwd) / f"{module.rsplit('.', 1)[-1]}.log"
+    return run_child([sys.executable, "-m", module, *map(str, args)], Path(cwd), log_path, env=child_env(),
+                     timeout=timeout)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 
 from sd2mnn import __version__
 from sd2mnn.conditioning import DEFAULT_SCHEME, PromptIds
+from sd2mnn.contract import check_vocabulary
 from sd2mnn.errors import InputError, MissingExtraError
 from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME, TOKENIZER_DIR
 from sd2mnn.manifest import FileRecord, read_manifest, record_mismatch
@@ -140,7 +141,8 @@ class GenerationParams:
     # diffusers, to see the image diffusers' conditioning gives on the same models.
     tokenizer: str = "runtime"
 
-    def validate(self) -> None:
+    def validate(self, latent_shape: tuple[int, ...] = LATENT_SHAPE) -> None:
+        """``latent_shape``: the unet's latents (MNN's runtime: [1,4,64,64]), for given latents."""
         if not isinstance(self.prompt, str):
             raise InputError(f"the prompt must be text, got {type(self.prompt).__name__}")
         if not self.prompt.strip():
@@ -161,7 +163,7 @@ class GenerationParams:
         if self.tokenizer not in TOKENIZERS:
             raise InputError(f"unknown tokenizer {self.tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
         if self.latents is not None:
-            check_latents(self.latents, self.latents_source or "the given latents")
+            check_latents(self.latents, self.latents_source or "the given latents", latent_shape)
             return
         if self.noise not in METHODS:
             raise InputError(f"unknown noise {self.noise!r}; choose one of {', '.join(METHODS)}")
@@ -193,21 +195,22 @@ class GenerationParams:
             out.append(f"seed {self.seed} (diffusion_demo reads its seed with atoi: below 2**31)")
         return out
 
-    def initial_latents(self) -> np.ndarray:
+    def initial_latents(self, shape: tuple[int, ...] = LATENT_SHAPE) -> np.ndarray:
+        """Given latents, or noise of ``shape`` (the unet's; MNN's runtime draws [1,4,64,64])."""
         if self.latents is not None:
             return np.ascontiguousarray(self.latents, dtype=np.float32)
-        return initial_noise(int(self.seed), LATENT_SHAPE, self.noise)
+        return initial_noise(int(self.seed), tuple(shape), self.noise)
 
 
 def _whole(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def check_latents(latents, source: str) -> np.ndarray:
+def check_latents(latents, source: str, shape: tuple[int, ...] = LATENT_SHAPE) -> np.ndarray:
     array = np.asarray(latents)
-    if array.shape != LATENT_SHAPE or array.dtype.kind != "f":
+    if array.shape != tuple(shape) or array.dtype.kind != "f":
         raise InputError(f"{source} holds {array.dtype} {list(array.shape)}; the runtime starts from "
-                         f"float32 {list(LATENT_SHAPE)} latents")
+                         f"float32 {list(shape)} latents")
     if not np.isfinite(array).all():
         raise InputError(f"{source} holds NaN or infinite values; give finite latents")
     return array.astype(np.float32)
@@ -277,6 +280,7 @@ class Generation:
     params: GenerationParams
     timings: Timings
     metadata: dict[str, str]
+    off_contract: list[str] = field(default_factory=list)  # what MNN's runtime would refuse in the models
 
     @property
     def notes(self) -> list[str]:
@@ -322,9 +326,51 @@ class Pipeline:
             what = "does not exist" if not self.source.exists() else "is not a folder"
             fix = "convert one with sd2mnn convert ONNX_DIR BUNDLE" if runtime == "mnn" else "export one with sd2mnn export"
             raise InputError(f"{self.source} {what}; give an {kind} ({fix})")
+        if runtime == "onnxruntime":
+            self._check_onnx_vocabulary()
         load = self._load_mnn if runtime == "mnn" else self._load_onnx
         self.tokenizer_s, self.load_s, files = load()
         self.model_hash, self.model_hash_exact = content_hash(self.source, files)
+        self._read_sizes()
+
+    def _check_onnx_vocabulary(self) -> None:
+        """Before the tokenizer is built from the runtime's ids: a one-line error when its BOS/EOS
+        cannot index the text encoder's embedding table."""
+        from sd2mnn.contract import check_runtime_ids, onnx_vocabulary
+        from sd2mnn.layout import load_component
+
+        model = self.source / "text_encoder" / "model.onnx"
+        if model.is_file():
+            length = load_component(self.source, "text_encoder").summary.inputs[0].shape[1]
+            check_runtime_ids(onnx_vocabulary(model), length if isinstance(length, int) else None, model)
+
+    def _model_file(self, name: str) -> Path:
+        return self.source / (COMPONENTS[name].mnn_name if self.runtime == "mnn" else f"{name}/model.onnx")
+
+    def _read_sizes(self) -> None:
+        """Sizes from the models, not MNN's runtime's constants, so any converted pipeline runs:
+        the unet's latents, the text encoder's length and vocabulary; ``off_contract`` lists what
+        the runtime itself would refuse (sd2mnn.contract)."""
+        from sd2mnn.contract import check_tensors, onnx_vocabulary, read_tensors, runtime_notes
+
+        shapes = {name: self._models[name].input_shapes() for name in PIPELINE_COMPONENTS}
+        infos = {name: {"inputs": list(s), "tensors": {t: {"shape": d, "dtype": dtype}
+                                                       for t, d in s.items() for dtype in [self._input_dtype(t)]}}
+                 for name, s in shapes.items()}
+        files = {name: self._model_file(name).relative_to(self.source).as_posix() for name in PIPELINE_COMPONENTS}
+        self.off_contract = runtime_notes(check_tensors(infos, files, complete=False))
+        sample, ids = shapes["unet"].get("sample", []), shapes["text_encoder"].get("input_ids", [])
+        self.latent_shape = (1, *sample[1:]) if len(sample) == 4 and min(sample) > 0 else LATENT_SHAPE
+        self.text_length = ids[1] if len(ids) == 2 and ids[1] > 0 else None
+        text_model = self._model_file("text_encoder")
+        if self.runtime == "mnn":
+            self.vocabulary = (read_tensors({"t": (text_model, ["input_ids"])})["t"] or {}).get("vocabulary")
+        else:
+            self.vocabulary = onnx_vocabulary(text_model)
+
+    @staticmethod
+    def _input_dtype(tensor: str) -> str:
+        return "int32" if tensor in ("input_ids", "timestep") else "float32"  # as sd2mnn feeds them
 
     def _load_mnn(self) -> tuple[float, float, list[str]]:
         mtok = self.source / MTOK_NAME
@@ -380,26 +426,30 @@ class Pipeline:
 
     @np.errstate(over="ignore", invalid="ignore")  # overflow is caught below, with one clear error
     def run(self, params: GenerationParams, on_step: Callable[[StepEvent], None] | None = None) -> Generation:
-        params.validate()
+        params.validate(self.latent_shape)
         report = on_step or (lambda event: None)
         timings = Timings(load_s=self.load_s, tokenizer_s=self.tokenizer_s)
         started = time.perf_counter()
 
         # run(): "auto ids = mTokenizer->encode(prompt, mMaxTextLen)" -> [uncond "", prompt]. A
         # bundle's text encoder rewrites them itself; on ONNX Runtime the rewrite runs in numpy.
+        length = self.text_length
         if params.tokenizer == "hf":
-            ids = self.tokenizer.hf_pair(params.prompt, None, params.negative_prompt)
+            ids = self.tokenizer.hf_pair(params.prompt, length, params.negative_prompt)
         elif self.runtime == "mnn":
-            ids = self.tokenizer.runtime_pair(params.prompt, None, params.negative_prompt)
+            ids = self.tokenizer.runtime_pair(params.prompt, length, params.negative_prompt)
         else:
-            ids = self.tokenizer.model_pair(params.prompt, None, params.negative_prompt)
+            ids = self.tokenizer.model_pair(params.prompt, length, params.negative_prompt)
+        # The ids that reach the embedding table must fit it: before any model runs.
+        model_ids = self.tokenizer.model_pair(params.prompt, length, params.negative_prompt) if params.tokenizer != "hf" else ids
+        check_vocabulary(model_ids, self.vocabulary, self._model_file("text_encoder"))
         t = time.perf_counter()
         # text_encoder(): outputs[0] of {"last_hidden_state", "pooler_output"}.
         text_embeddings = self._models["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
         timings.text_encoder_s = time.perf_counter() - t
         report(StepEvent("text_encoder", 0, 1, timings.text_encoder_s))
 
-        latent = params.initial_latents()
+        latent = params.initial_latents(self.latent_shape)
         scheduler = PLMSScheduler(params.steps)
         for i, timestep in enumerate(scheduler.timesteps):
             t = time.perf_counter()
@@ -417,7 +467,7 @@ class Pipeline:
         timings.vae_decoder_s = time.perf_counter() - t
         report(StepEvent("vae_decoder", 0, 1, timings.vae_decoder_s))
         timings.total_s = time.perf_counter() - started
-        return Generation(pixels, latent, params, timings, self.metadata(params))
+        return Generation(pixels, latent, params, timings, self.metadata(params), list(self.off_contract))
 
     def metadata(self, params: GenerationParams) -> dict[str, str]:
         """What the PNG records: enough to redo the image and to know what made it."""
@@ -446,8 +496,10 @@ class Pipeline:
         meta["bundle_hash" if self.runtime == "mnn" else "onnx_hash"] = self.model_hash
         if not self.model_hash_exact:
             meta["hash_note"] = "files over 64 MiB not recorded in manifest.json are identified by size and mtime"
-        divergences = params.divergences()
+        divergences = params.divergences() + self.off_contract
         meta["matches_mnn_runtime"] = "yes" if not divergences else "no: " + "; ".join(divergences)
+        if self.off_contract:
+            meta["mnn_runtime_contract"] = "; ".join(self.off_contract)
         return meta
 
 

@@ -16,6 +16,10 @@ Fidelity of a variant = its worst component's PSNR (dB). A variant is on the siz
 frontier when no other variant is at most its size and at least its fidelity (and better in one).
 The recommendation for a floor ``min_psnr`` is the smallest variant whose fidelity meets it
 (ties: higher fidelity, then lower latency); it is always on the frontier.
+
+A pipeline off MNN's runtime contract (other latents, another text length) is swept all the same:
+``SweepReport.off_contract`` says, once, what the runtime would refuse in every variant. A text
+encoder whose vocabulary cannot hold the ids the runtime feeds is refused before any conversion.
 """
 from __future__ import annotations
 
@@ -199,6 +203,7 @@ class SweepReport:
     precision: str = "high"
     runs: int = 3
     wall_s: float = 0.0
+    off_contract: list[str] = field(default_factory=list)  # what MNN's runtime would refuse, in every variant
 
     @property
     def reference_latency_s(self) -> float | None:
@@ -211,7 +216,8 @@ class SweepReport:
                 "variants": [v.to_dict() for v in self.variants],
                 "reference": {"runtime": "onnxruntime", "steady_s": self.reference, "latency_s": self.reference_latency_s,
                               "size_bytes": self.reference_bytes},
-                "recommended": self.recommended, "recommendation": self.recommendation, "wall_s": round(self.wall_s, 3)}
+                "recommended": self.recommended, "recommendation": self.recommendation, "wall_s": round(self.wall_s, 3),
+                "off_contract": self.off_contract}
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """Headers and rows of the summary (the CLI prints them aligned, to_markdown as markdown)."""
@@ -297,7 +303,9 @@ def _run_variant(variant: Variant, onnx_dir: Path, out_dir: Path, names: tuple[s
     if broken:
         return result.fail("verify", "; ".join(c.failures[0] if c.failures else f"{c.name}: not run" for c in broken))
     for c in checked.components:
-        result.components[c.name] = ComponentScore(min(o.psnr for o in c.outputs), min(o.cosine for o in c.outputs), c.passed)
+        # Fidelity only: the runtime contract is reported once for the sweep (off_contract).
+        passed = not any(o.failures(c.thresholds) for o in c.outputs)
+        result.components[c.name] = ComponentScore(min(o.psnr for o in c.outputs), min(o.cosine for o in c.outputs), passed)
 
     progress.update(variant.name, "benchmarking", f"1 + {settings['runs']} runs per component")
     try:
@@ -334,6 +342,7 @@ def sweep(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike,
         raise InputError(f"{onnx_dir} is not a folder; give the ONNX pipeline folder")
     if out_dir.resolve() == onnx_dir.resolve():
         raise InputError(f"{out_dir} is the ONNX folder itself; write the variants to another folder")
+    off_contract = _check_sources(onnx_dir, names)
     progress = progress or NullProgress()
     for v in chosen:
         progress.update(v.name, "waiting")
@@ -360,7 +369,25 @@ def sweep(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike,
     picked, why = recommend(results, min_psnr)
     return SweepReport(onnx_dir, out_dir, names, min_psnr, results, reference,
                        sum(load_component(onnx_dir, n).total_bytes for n in names), picked, why,
-                       threads=threads, precision=precision, runs=runs, wall_s=time.monotonic() - started)
+                       threads=threads, precision=precision, runs=runs, wall_s=time.monotonic() - started,
+                       off_contract=off_contract)
+
+
+def _check_sources(onnx_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """What MNN's runtime would refuse in every variant (read from the ONNX models, named by the
+    bundle file each becomes); an InputError, before any conversion, for ids the text encoder
+    cannot take."""
+    from sd2mnn.contract import check_tensors, onnx_vocabulary, runtime_notes, tensor_infos
+    from sd2mnn.layout import COMPONENTS, load_component
+    from sd2mnn.verify_inputs import prompt_ids, static_shape
+
+    sources = {n: load_component(onnx_dir, n) for n in names}
+    if "text_encoder" in sources:
+        text = sources["text_encoder"]
+        length = static_shape("text_encoder", text.summary.inputs[0])[1]
+        prompt_ids(onnx_dir, onnx_dir, length, onnx_vocabulary(text.model), text.model)
+    infos = tensor_infos({n: (s.summary.inputs, s.summary.outputs) for n, s in sources.items()})
+    return runtime_notes(check_tensors(infos, {n: COMPONENTS[n].mnn_name for n in names}))
 
 
 # -- the picture -----------------------------------------------------------------------------

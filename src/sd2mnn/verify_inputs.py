@@ -8,11 +8,12 @@
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from sd2mnn.contract import expected_tensors
+from sd2mnn.contract import check_runtime_ids, check_vocabulary, expected_tensors
 from sd2mnn.errors import InputError
 from sd2mnn.layout import MTOK_NAME, TOKENIZER_DIR
 
@@ -24,6 +25,12 @@ PROMPTS = (
 # Inputs per component; the unet's are spread over the timesteps.
 CASES = {"text_encoder": len(PROMPTS), "unet": 3, "vae_decoder": 2, "vae_encoder": 2}
 VAE_SCALE = 0.18215  # SD1.5's latent scaling factor, as in MNN's runtime
+
+
+def component_rng(seed: int, name: str) -> np.random.Generator:
+    """The random inputs of one component: seeded by its name, so a subset (--components) and
+    any order see the same inputs as a full run."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
 def static_shape(name: str, tensor) -> list[int]:
@@ -39,9 +46,13 @@ def static_shape(name: str, tensor) -> list[int]:
     return shape
 
 
-def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int) -> tuple[list[np.ndarray], str]:
+def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int, vocabulary: int | None = None,
+               model_file: Path | None = None) -> tuple[list[np.ndarray], str]:
     """One int32 [2, length] array ([uncond "", prompt]) per prompt in PROMPTS, made as MNN's
-    runtime makes them: from the bundle's tokenizer.mtok, else from the ONNX tokenizer folder."""
+    runtime makes them: from the bundle's tokenizer.mtok, else from the ONNX tokenizer folder.
+    With the text encoder's ``vocabulary`` (rows of its embedding table, in ``model_file``), ids
+    it cannot take are an InputError here, before any runtime sees them."""
+    check_runtime_ids(vocabulary, length, model_file or "the text encoder")
     from sd2mnn.conditioning import PromptIds
 
     # The ids the CLIP model inside the bundle's text encoder sees, so that the ONNX source (which
@@ -51,7 +62,9 @@ def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int) -> tuple[list[np.ndar
     else:
         tokenizer = PromptIds.for_tokenizer(onnx_dir / TOKENIZER_DIR)
         how = f"the tokenizer in {onnx_dir / TOKENIZER_DIR}"
-    return [np.asarray(tokenizer.model_pair(p, length), dtype=np.int32).reshape(2, length) for p in PROMPTS], how
+    ids = [np.asarray(tokenizer.model_pair(p, length), dtype=np.int32).reshape(2, length) for p in PROMPTS]
+    check_vocabulary(np.stack(ids), vocabulary, model_file or "the text encoder")
+    return ids, how
 
 
 def _smooth_image(rng: np.random.Generator, shape: list[int]) -> np.ndarray:

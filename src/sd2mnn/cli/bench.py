@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sd2mnn.bench import BenchReport, Timing, bench
 from sd2mnn.cli._checks import check_at_least, check_folder, check_positive, check_seed
@@ -95,6 +96,8 @@ def run_command(args: argparse.Namespace) -> int:
     report = bench(args.bundle, args.onnx, components=args.components, threads=args.threads,
                    precision=args.precision, runs=args.runs, seed=args.seed, timeout=args.timeout, progress=progress)
     progress.close()
+    for line in report.off_contract:
+        print(f"warning: {line}", file=sys.stderr)
     if args.json:
         print_json(report.to_dict())
     else:

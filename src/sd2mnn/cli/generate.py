@@ -135,6 +135,8 @@ def run_command(args: argparse.Namespace) -> int:
     progress = None if args.quiet else StepProgress(sys.stderr)
     with native_stdout_to_stderr(discard=args.quiet):
         pipeline, generation = _generate(args, source, prompt, output, progress)
+    for line in generation.off_contract:  # shown even with --quiet: the bundle cannot ship as it is
+        print(f"warning: {line}", file=sys.stderr)
     if not args.quiet:
         for note in generation.notes:
             print(f"note: {note}", file=sys.stderr)

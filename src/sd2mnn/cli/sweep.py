@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from sd2mnn.cli._checks import (check_at_least, check_finite, check_folder, check_output_folder, check_png_output,
@@ -103,6 +104,8 @@ def run_command(args: argparse.Namespace) -> int:
     report = sweep(args.onnx_dir, args.out_dir, args.variants, args.min_psnr, components=args.components,
                    threads=args.threads, precision=args.precision, runs=args.runs, seed=args.seed,
                    converter=args.converter, jobs=args.jobs, timeout=args.timeout, progress=progress)
+    for line in report.off_contract:
+        print(f"warning: {line}", file=sys.stderr)
     picture = None
     if args.plot:
         try:
