@@ -10,7 +10,14 @@ runtime (stable_diffusion.cpp)::
     ONNX_DIR/vae_decoder/model.onnx    latent_sample f32 [1,4,h,w] -> sample
     ONNX_DIR/tokenizer/                the pipeline's tokenizer files, as they are
 
-L is 77 for SD1.5 (CLIP) and 512 for Taiyi (BERT); h, w = H/8, W/8. Shapes are static.
+L is 77 for SD1.5 (CLIP) and 512 for Taiyi (BERT); h, w = H/f, W/f for the VAE's scale factor f
+(8 for SD1.5). Shapes are static. H and W default to the model's own size, as diffusers picks it:
+``unet.config.sample_size * vae_scale_factor`` (512 for SD1.5); MNN's runtime runs 64x64 latents
+only, which sd2mnn verify and generate point out for any other size.
+
+Before a component is built, the memory its check needs (PyTorch's reference run, then ONNX
+Runtime's, which materializes every attention matrix) is estimated from the configs; a size that
+cannot fit in the available memory is refused with the numbers, before anything is loaded.
 
 One component is loaded, exported, freed, then checked against the PyTorch outputs it produced
 on the same inputs (ONNX Runtime runs in a child process, since it does not give memory back).
@@ -29,7 +36,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -51,8 +58,9 @@ class ExportCheckError(Sd2MnnError):
 class ExportOptions:
     opset: int = 18
     components: tuple[str, ...] = COMPONENTS
-    height: int = 512
-    width: int = 512
+    # Image size; None: the model's own (unet sample_size * the VAE's scale factor).
+    height: int | None = None
+    width: int | None = None
     # For a single-file checkpoint: a local diffusers folder with the configs and tokenizer
     # (model_index.json, unet/config.json, vae/config.json, text_encoder/config.json,
     # tokenizer/, scheduler/), e.g. the same model's diffusers repository without weights.
@@ -60,6 +68,10 @@ class ExportOptions:
     overwrite: bool = False
     check: bool = True
     seed: int = 0
+    # Per-component atol replacing TOLERANCES' (e.g. {"vae_decoder": 0.0} to see a check fail).
+    tolerances: dict[str, float] | None = None
+    # Bytes the export check may use; None: what the system has available now.
+    memory_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,8 @@ class ExportReport:
     text_length: int
     opset: int
     components: list[ComponentReport] = field(default_factory=list)
+    height: int = 0  # the image size exported
+    width: int = 0
 
     @property
     def max_abs_error(self) -> float:
@@ -349,8 +363,105 @@ def _build_job(source: _Source, name: str, options: ExportOptions, text_length: 
 
 
 def _vae_factor(source: _Source) -> int:
-    cfg = json.loads((source.folder / "vae" / "config.json").read_text(encoding="utf-8"))
-    return 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return _scale_factor(_config(source.folder, "vae"))
+
+
+def _config(folder: Path, sub: str) -> dict:
+    path = folder / sub / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable ({err}); re-download the model") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: not a JSON object; re-download the model")
+    return config
+
+
+def _scale_factor(vae_config: dict) -> int:
+    """diffusers' ``vae_scale_factor``: 2 ** (len(block_out_channels) - 1), 8 for SD1.5."""
+    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
+
+
+def image_size(folder: Path, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) to export: the given ones, else the model's own as diffusers' pipeline
+    takes it (``unet.config.sample_size * vae_scale_factor``). Each must give latents the unet's
+    down-sampling divides."""
+    unet, vae = _config(folder, "unet"), _config(folder, "vae")
+    factor = _scale_factor(vae)
+    size = _pair(unet.get("sample_size") or 64)
+    height = height or size[0] * factor
+    width = width or size[1] * factor
+    # The unet halves the latents once per down block but the last.
+    step = factor * 2 ** (len(unet.get("block_out_channels", [0])) - 1)
+    for name, value in (("height", height), ("width", width)):
+        if value % step:
+            raise InputError(f"--{name} {value}: this model needs a multiple of {step} pixels "
+                             f"(VAE factor {factor}; its default is {size[0] * factor}x{size[1] * factor})")
+    return height, width
+
+
+def _per_block(value, blocks: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value or 1)] * blocks
+
+
+def check_bytes(folder: Path, name: str, height: int, width: int, text_length: int) -> int:
+    """An estimate of the peak memory of one component's export check, in bytes.
+
+    ONNX Runtime materializes each attention's score matrix (batch x heads x tokens x tokens,
+    float32) and its softmax, holds the weights (a quarter more while it loads them) and keeps
+    a dozen or so feature maps of the widest level alive. Measured against the full-size SD1.5
+    export (5.3 GB peak), this errs on the high side by about a quarter.
+    """
+    weights_dir = folder / ("vae" if name.startswith("vae") else name)
+    weights = sum(p.stat().st_size for p in weights_dir.glob("*") if p.suffix in (".safetensors", ".bin"))
+    vae = _config(folder, "vae")
+    factor = _scale_factor(vae)
+    lh, lw = height // factor, width // factor
+    attention = activation = 0
+    if name == "unet":
+        unet = _config(folder, "unet")
+        channels = list(unet.get("block_out_channels", [320]))
+        heads = _per_block(unet.get("num_attention_heads") or unet.get("attention_head_dim", 8), len(channels))
+        down = list(unet.get("down_block_types", ["CrossAttnDownBlock2D"] * len(channels)))
+        for level, (kind, ch) in enumerate(zip(down, channels)):
+            tokens = (lh >> level) * (lw >> level)
+            activation = max(activation, 2 * ch * tokens * 4)
+            if "Attn" in kind:
+                attention = max(attention, 2 * heads[level] * tokens * max(tokens, text_length) * 4)
+        last = len(channels) - 1  # the mid block attends at the lowest resolution
+        attention = max(attention, 2 * heads[last] * ((lh >> last) * (lw >> last)) ** 2 * 4)
+    elif name.startswith("vae"):
+        channels = list(vae.get("block_out_channels", [128]))
+        tokens = lh * lw  # the mid block's single-head attention at the latent size
+        attention = tokens * tokens * 4
+        # Level i works at 1/2**i of the image size with channels[i].
+        activation = max(ch * (height >> i) * (width >> i) * 4 for i, ch in enumerate(channels))
+    else:
+        hidden = int(_config(folder, "text_encoder").get("hidden_size", 768))
+        attention = 2 * 16 * text_length * text_length * 4
+        activation = 2 * text_length * hidden * 4 * 4
+    return weights + weights // 4 + 2 * attention + 16 * activation
+
+
+def check_memory(folder: Path, names: list[str], height: int, width: int, text_length: int,
+                 budget: int | None = None) -> None:
+    """Refuse, with the numbers, an export whose check cannot fit in ``budget`` bytes (default:
+    the memory available now)."""
+    if budget is None:
+        import psutil
+
+        budget = psutil.virtual_memory().available
+    needs = {n: check_bytes(folder, n, height, width, text_length) for n in names}
+    worst = max(needs, key=needs.get)
+    if needs[worst] > budget:
+        raise InputError(
+            f"{folder / ('vae' if worst.startswith('vae') else worst)}: checking the {worst} at {width}x{height} needs "
+            f"about {needs[worst] / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB available; export at a smaller "
+            f"--height/--width (the model's default is its own size) or free memory")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,8 +622,8 @@ def _validate_options(options: ExportOptions) -> None:
     if unknown or not options.components:
         raise InputError(f"--components: unknown {unknown}; choose from {', '.join(COMPONENTS)}")
     for name, value in (("height", options.height), ("width", options.width)):
-        if value <= 0 or value % 64:
-            raise InputError(f"--{name} {value}: must be a positive multiple of 64 (512 for MNN)")
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise InputError(f"--{name} {value}: must be a positive number of pixels")
     if not 11 <= options.opset <= 20:
         raise InputError(f"--opset {options.opset}: use 14..20 (MNN's docs use 18)")
 
@@ -564,9 +675,12 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
     staged = work / "onnx"
     staged.mkdir()
     length = TEXT_LENGTH[source.kind]
-    report = ExportReport(model, onnx_dir, source.kind, length, options.opset)
+    options = replace(options, **dict(zip(("height", "width"), image_size(source.folder, options.height, options.width))))
+    names = [c for c in COMPONENTS if c in options.components]
+    check_memory(source.folder, names, options.height, options.width, length, options.memory_budget)
+    report = ExportReport(model, onnx_dir, source.kind, length, options.opset, height=options.height, width=options.width)
     shutil.copytree(source.folder / "tokenizer", staged / "tokenizer")
-    for name in [c for c in COMPONENTS if c in options.components]:
+    for name in names:
         report.components.append(_export_component(source, name, staged, options, length, say))
     return report
 
@@ -600,7 +714,8 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
         consolidate_external_data(path, "weights.pb")
     set_static_output_shapes(path, {n: a.shape for n, a in expected.items()})
     ins, outs = describe_io(path)
-    comp = ComponentReport(name, path, ins, outs, tolerance=TOLERANCES[name].atol)
+    atol = (options.tolerances or {}).get(name, TOLERANCES[name].atol)
+    comp = ComponentReport(name, path, ins, outs, tolerance=atol)
     if options.check:
         say(name, "checking against PyTorch")
         comp.max_abs_error = check_onnx(path, inputs, expected)

@@ -11,8 +11,9 @@ EPILOG = """\
 MODEL is a local diffusers folder (model_index.json) or a .safetensors/.ckpt checkpoint; nothing
 is downloaded. A single file needs --config: a local diffusers folder of the same model with its
 configs and tokenizer (model_index.json, unet/ vae/ text_encoder/ config.json, tokenizer/,
-scheduler/); weights there are not needed, except Taiyi's BERT text encoder. MNN's runtime runs
-512x512 only. Needs the export extra: pip install 'sd2mnn[export]'.
+scheduler/); weights there are not needed, except Taiyi's BERT text encoder. The size defaults to
+the model's own; MNN's runtime runs 64x64 latents only (512x512 for SD1.5). Needs the export extra:
+pip install 'sd2mnn[export]'.
 """
 
 
@@ -40,8 +41,9 @@ def register(subparsers) -> None:
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--components", type=_components, default=COMPONENTS,
                         help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all)")
-    parser.add_argument("--height", type=int, default=512, help="image height (default 512)")
-    parser.add_argument("--width", type=int, default=512, help="image width (default 512)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="image height (default: the model's, unet sample_size x VAE factor; 512 for SD1.5)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: the model's, as --height)")
     parser.add_argument("--config", type=Path, default=None, metavar="DIR",
                         help="local diffusers config folder for a single-file checkpoint")
     parser.add_argument("--overwrite", action="store_true",
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[export] {component}: {message}", file=sys.stderr, flush=True)
 
     report = export(args.model, args.onnx_dir, options, progress=progress)
-    print(f"exported {report.kind} ({report.text_length} tokens, opset {report.opset}) "
+    print(f"exported {report.kind} ({report.text_length} tokens, {report.width}x{report.height}, opset {report.opset}) "
           f"to {report.onnx_dir}")
     for comp in report.components:
         errs = ", ".join(f"{k} {v:.2e}" for k, v in comp.max_abs_error.items())
