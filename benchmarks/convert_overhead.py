@@ -13,7 +13,7 @@ between runs of the same round, minutes apart rather than half an hour):
                one after another (what MNN's convert_mnn.py does, minus its telemetry script)
   sequential   sd2mnn convert --jobs 1 --force
   default      sd2mnn convert --force (default --jobs)
-Targets (issue #3), judged on the median per-round ratios: sequential <= 1.03x direct wall and
+Targets, judged on the median per-round ratios: sequential <= 1.03x direct wall and
 <= 1.05x direct peak memory; default --jobs <= 0.92x sequential wall.
 """
 from __future__ import annotations

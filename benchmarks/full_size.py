@@ -40,7 +40,8 @@ def make_diffusers_pipeline(out: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sd2mnn.testing import SCHEDULER_CONFIG, write_clip_tokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from builders import SCHEDULER_CONFIG, write_clip_tokenizer
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

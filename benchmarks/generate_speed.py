@@ -13,7 +13,7 @@ run per diffusion_demo memory mode (0: no Winograd, cheap load, small memory, sl
 MNN's default Winograd; 2: Winograd at memory level 1), each against the same ONNX Runtime run.
 A markdown table, then JSON on stdout.
 
-Full size is SD1.5 at 512x512 with 20 steps and 2 threads (issue 5); the demo pipeline
+Full size is SD1.5 at 512x512 with 20 steps and 2 threads; the demo pipeline
 (sd2mnn.demo.demo_pipeline_dir() and a bundle converted from it) runs it in seconds.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python scripts/make_demo_pipeline.py [--out DIR] [--seed 0]
 
-Builds a tiny diffusers StableDiffusionPipeline (sd2mnn.testing: real SD1.5 architectures at a few
+Builds a tiny diffusers StableDiffusionPipeline (tests/builders.py: real SD1.5 architectures at a few
 channels, seeded random weights, a tiny CLIP BPE tokenizer with MNN's BOS/EOS ids), exports it
 with sd2mnn.export (each part checked against PyTorch), and prints sizes and errors. Same seed,
 same bytes: the script is deterministic and replaces the folder atomically. Needs the export extra.
@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from sd2mnn.export import ExportOptions, export
-from sd2mnn.testing import make_tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the tiny-pipeline builders live with the tests
+from builders import make_tiny_pipeline  # noqa: E402
 DEFAULT_OUT = REPO / "src" / "sd2mnn" / "data" / "demo_pipeline"
 MAX_BYTES = 6_000_000
 

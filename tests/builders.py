@@ -1,9 +1,13 @@
-"""Tiny Stable Diffusion pipelines for tests and the demo bundle.
+"""Tiny Stable Diffusion pipelines for the tests and the demo bundle (scripts/make_demo_pipeline.py).
 
 The models have the real architectures (UNet2DConditionModel with cross-attention blocks,
 AutoencoderKL with four blocks so a [1,4,64,64] latent decodes to [1,3,512,512], CLIPTextModel or,
 for Taiyi, BertModel) at a few channels each, with seeded random weights. Nothing is fetched:
 the tokenizers are built here from a handful of English (or Chinese) words.
+
+Pipelines off MNN's runtime contract come from the same builders: ``make_tiny_pipeline`` takes
+config overrides (a unet with other latents, a 2x VAE, a text encoder with a small vocabulary) and
+``write_small_clip_tokenizer`` writes a CLIP tokenizer of a few dozen ids.
 
 Needs the export extra (torch, diffusers, transformers); import it only where they are installed.
 """
@@ -190,6 +194,28 @@ def write_clip_tokenizer(out_dir: str | Path, corpus: str = CLIP_CORPUS) -> Path
     return out
 
 
+def write_small_clip_tokenizer(out_dir: str | Path, size: int = 64) -> Path:
+    """A CLIP tokenizer of ``size`` ids: the letters a-z alone and with "</w>", a space's byte
+    character, no merges, placeholders, then <|startoftext|> and <|endoftext|> as the last two ids
+    (not MNN's 49406/49407)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = letters + [c + "</w>" for c in letters] + [BYTE_TO_CHAR[ord(" ")]]  # a space's byte character too
+    if size < len(tokens) + 2:
+        raise ValueError(f"a small CLIP tokenizer needs at least {len(tokens) + 2} ids")
+    tokens += [f"<u{i}>" for i in range(len(tokens), size - 2)] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    (out / "vocab.json").write_text(json.dumps(vocab) + "\n", encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>"}
+    _write_json(out / "special_tokens_map.json", specials)
+    _write_json(out / "tokenizer_config.json", {**specials, "do_lower_case": True, "model_max_length": 77,
+                                                 "tokenizer_class": "CLIPTokenizer"})
+    return out
+
+
 def write_bert_tokenizer(out_dir: str | Path) -> Path:
     """Write a tiny Chinese BERT WordPiece tokenizer in Taiyi's layout ([CLS]=101, [SEP]=102)."""
     out = Path(out_dir)
@@ -199,6 +225,7 @@ def write_bert_tokenizer(out_dir: str | Path) -> Path:
     assert vocab.index("[CLS]") == BERT_CLS_ID and vocab.index("[SEP]") == BERT_SEP_ID
     vocab += [chr(c) for c in range(ord("!"), ord("~") + 1) if not chr(c).isupper()]
     vocab += [c for c in dict.fromkeys(BERT_CHARS)] + list(BERT_WORDS)
+    vocab = list(dict.fromkeys(vocab))  # one id per token ("a" is a character and a word): dense ids
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     specials = {"cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]",
                 "sep_token": "[SEP]", "unk_token": "[UNK]"}
@@ -210,6 +237,21 @@ def write_bert_tokenizer(out_dir: str | Path) -> Path:
     return out
 
 
+def write_bert_tokenizer_json(out_dir: str | Path) -> Path:
+    """The tiny Taiyi tokenizer as current transformers saves a fast BERT tokenizer: tokenizer.json
+    and its configs, no vocab.txt."""
+    import tempfile
+
+    from transformers import BertTokenizerFast
+
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = BertTokenizerFast.from_pretrained(str(write_bert_tokenizer(Path(tmp) / "slow")))
+        tokenizer.save_pretrained(str(out), legacy_format=False)
+    (out / "vocab.txt").unlink(missing_ok=True)
+    return out
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -217,11 +259,13 @@ def _write_json(path: Path, data: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
-def build_tiny_components(seed: int = 0, kind: str = "sd15", tokenizer_dir: str | Path = None):
+def build_tiny_components(seed: int = 0, kind: str = "sd15", tokenizer_dir: str | Path = None, *,
+                          unet: dict | None = None, vae: dict | None = None, text: dict | None = None):
     """The tiny pipeline's components as a dict (unet, vae, text_encoder, tokenizer, scheduler).
 
     ``tokenizer_dir`` must hold the files written by write_clip_tokenizer (sd15) or
-    write_bert_tokenizer (taiyi).
+    write_bert_tokenizer (taiyi). ``unet``, ``vae``, ``text``: entries replacing those of
+    UNET_CONFIG, VAE_CONFIG and the text encoder's config.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
@@ -232,39 +276,42 @@ def build_tiny_components(seed: int = 0, kind: str = "sd15", tokenizer_dir: str 
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-        text_config = CLIPTextConfig(**CLIP_TEXT_CONFIG)
+        text_config = CLIPTextConfig(**{**CLIP_TEXT_CONFIG, **(text or {})})
         text_cls = CLIPTextModel
     else:
         from transformers import BertConfig, BertModel, BertTokenizer
 
         tokenizer = BertTokenizer.from_pretrained(str(tokenizer_dir))
-        text_config = BertConfig(vocab_size=len(tokenizer.get_vocab()), **BERT_TEXT_CONFIG)
+        text_config = BertConfig(**{"vocab_size": len(tokenizer.get_vocab()), **BERT_TEXT_CONFIG, **(text or {})})
         text_cls = BertModel
 
     # One generator per component, so changing one config leaves the others' weights alone.
     torch.manual_seed(seed)
     text_encoder = text_cls(text_config).eval()
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    unet_model = UNet2DConditionModel(**{**UNET_CONFIG, **(unet or {})}).eval()
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    vae_model = AutoencoderKL(**{**VAE_CONFIG, **(vae or {})}).eval()
     # Random init leaves some parameters at exact constants (norm weights 1, some biases 0);
     # jitter everything so every weight matters in the PyTorch-vs-ONNX/MNN checks.
     with torch.no_grad():
-        for i, model in enumerate((text_encoder, unet, vae)):
+        for i, model in enumerate((text_encoder, unet_model, vae_model)):
             gen = torch.Generator().manual_seed(seed + 10 + i)
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.02)
     scheduler = PNDMScheduler(**SCHEDULER_CONFIG)
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+    return {"unet": unet_model, "vae": vae_model, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "scheduler": scheduler}
 
 
-def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, kind: str = "sd15") -> Path:
+def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, kind: str = "sd15", *, unet: dict | None = None,
+                       vae: dict | None = None, text: dict | None = None, write_tokenizer=None) -> Path:
     """Save a tiny diffusers StableDiffusionPipeline folder at ``out_dir`` and return it.
 
     Layout as on the hub: model_index.json, unet/, vae/, text_encoder/ (safetensors), tokenizer/
     (SD1.5's file set, or Taiyi's BERT vocab.txt), scheduler/. Deterministic for a given seed.
+    ``unet``, ``vae``, ``text``: config overrides (build_tiny_components); ``write_tokenizer``:
+    a function writing the tokenizer folder instead of the kind's own.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -273,21 +320,16 @@ def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, kind: str = "sd15") -
         shutil.rmtree(out)
     out.mkdir(parents=True)
     tok_dir = out / "tokenizer"
-    if kind == "taiyi":
-        write_bert_tokenizer(tok_dir)
-    else:
-        write_clip_tokenizer(tok_dir)
-    parts = build_tiny_components(seed=seed, kind=kind, tokenizer_dir=tok_dir)
+    write = write_tokenizer or (write_bert_tokenizer if kind == "taiyi" else write_clip_tokenizer)
+    write(tok_dir)
+    parts = build_tiny_components(seed=seed, kind=kind, tokenizer_dir=tok_dir, unet=unet, vae=vae, text=text)
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
     # save_pretrained rewrites the tokenizer in the library's current layout (tokenizer.json,
     # a long tokenizer_config.json): put back the hub layout written above.
     shutil.rmtree(tok_dir)
-    if kind == "taiyi":
-        write_bert_tokenizer(tok_dir)
-    else:
-        write_clip_tokenizer(tok_dir)
+    write(tok_dir)
     return out
 
 

@@ -1,7 +1,7 @@
 """sd2mnn export: tiny diffusers pipelines on disk -> the ONNX folder MNN's tools expect.
 
-One module-scoped export per layout (diffusers folder, single file, Taiyi); each contract point
-of issue 6 is asserted on the ONNX files themselves.
+One module-scoped export per layout (diffusers folder, single file, Taiyi); the tensor contract
+MNN's runtime loads is asserted on the ONNX files themselves.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from sd2mnn.export import (
     TOLERANCES,
     ExportCheckError,
     ExportOptions,
-    Tolerance,
     describe_io,
     export,
     is_diffusers_model,
@@ -43,7 +42,7 @@ def _needs_torch():
 @pytest.fixture(scope="module")
 def sd15_dir(tmp_path_factory) -> Path:
     _needs_torch()
-    from sd2mnn.testing import make_tiny_pipeline
+    from builders import make_tiny_pipeline
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("sd15") / "pipeline", seed=0)
 
@@ -58,7 +57,7 @@ def sd15_export(sd15_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_file(sd15_dir, tmp_path_factory):
-    from sd2mnn.testing import make_config_folder, save_single_file
+    from builders import make_config_folder, save_single_file
 
     root = tmp_path_factory.mktemp("single")
     ckpt = save_single_file(sd15_dir, root / "tiny-sd15.safetensors")
@@ -76,7 +75,7 @@ def single_file_export(single_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def taiyi_export(tmp_path_factory):
     _needs_torch()
-    from sd2mnn.testing import make_tiny_pipeline
+    from builders import make_tiny_pipeline
 
     root = tmp_path_factory.mktemp("taiyi")
     pipeline = make_tiny_pipeline(root / "pipeline", seed=0, kind="taiyi")
@@ -88,7 +87,7 @@ def taiyi_export(tmp_path_factory):
 
 
 def assert_contract(onnx_dir: Path, length: int, hidden: int, components=COMPONENTS) -> None:
-    """Issue 6, point 2, on the files: names, dtypes, static shapes, the unet's weights.pb."""
+    """MNN's runtime contract on the files: names, dtypes, static shapes, the unet's weights.pb."""
     expected = {
         "text_encoder": (
             {"input_ids": ("int32", (2, length))},
@@ -139,7 +138,8 @@ def test_layout_and_contract(sd15_export):
     assert sorted(p.name for p in onnx_dir.iterdir()) == ["text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder"]
     assert {p.name for p in (onnx_dir / "tokenizer").iterdir()} == CLIP_TOKENIZER_FILES
     assert_contract(onnx_dir, 77, 16)
-    assert report.kind == "sd15" and report.text_length == 77 and report.opset == 18
+    # No size given: the model's own, unet sample_size 64 x the VAE's factor 8.
+    assert report.kind == "sd15" and report.text_length == 77 and (report.height, report.width) == (512, 512)
     assert [c.name for c in report.components] == list(COMPONENTS)
     assert all(c.path == onnx_dir / c.name / "model.onnx" for c in report.components)
 
@@ -212,7 +212,7 @@ def test_single_file_needs_config(single_file, tmp_path):
 
 
 def test_ckpt_single_file(sd15_dir, single_file, sd15_export, tmp_path):
-    from sd2mnn.testing import save_single_file
+    from builders import save_single_file
 
     ckpt = save_single_file(sd15_dir, tmp_path / "tiny.ckpt")
     report = export(ckpt, tmp_path / "onnx", ExportOptions(components=("unet",), config=single_file[1]))
@@ -307,10 +307,9 @@ def test_corrupt_single_file(single_file, tmp_path):
     _no_leftovers(tmp_path)
 
 
-def test_failed_check_is_an_error_and_leaves_nothing(sd15_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(TOLERANCES, "vae_decoder", Tolerance(0.0))
+def test_failed_check_is_an_error_and_leaves_nothing(sd15_dir, tmp_path):
     with pytest.raises(ExportCheckError, match="vae_decoder.*max abs error"):
-        export(sd15_dir, tmp_path / "onnx", ExportOptions(components=("vae_decoder",)))
+        export(sd15_dir, tmp_path / "onnx", ExportOptions(components=("vae_decoder",), tolerances={"vae_decoder": 0.0}))
     assert not (tmp_path / "onnx").exists()
     _no_leftovers(tmp_path)
 
@@ -331,13 +330,20 @@ def test_existing_output(sd15_dir, tmp_path):
     "options, match",
     [
         (ExportOptions(components=("unet", "refiner")), "refiner"),
-        (ExportOptions(height=500), "multiple of 64"),
+        (ExportOptions(height=-64), "positive"),
         (ExportOptions(opset=7), "opset"),
     ],
 )
 def test_bad_options(options, match, tmp_path):
     with pytest.raises(InputError, match=match):
         export(tmp_path, tmp_path / "onnx", options)
+
+
+def test_size_the_model_cannot_take(sd15_dir, tmp_path):
+    # The tiny unet halves its latents once and the VAE scales by 8: sizes step by 16 pixels.
+    with pytest.raises(InputError, match=r"--height 500: this model needs a multiple of 16 pixels .*512x512"):
+        export(sd15_dir, tmp_path / "onnx", ExportOptions(height=500, components=("unet",)))
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- the optional extra --------------------------------------------------------------------------

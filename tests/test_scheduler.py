@@ -53,8 +53,7 @@ def diffusers_pndm(set_alpha_to_one: bool = False):
 
 def run_diffusers(n: int, timesteps=None, set_alpha_to_one: bool = False) -> np.ndarray:
     """diffusers' PNDM loop; ``timesteps`` overrides the list of timesteps fed to ``step()``."""
-    import torch
-
+    torch = pytest.importorskip("torch")
     scheduler = diffusers_pndm(set_alpha_to_one)
     scheduler.set_timesteps(n)
     if timesteps is None:

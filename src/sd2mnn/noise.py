@@ -1,4 +1,4 @@
-"""Initial latent noise, bit for bit as MNN's C++ diffusion runtime draws it (issue 8).
+"""Initial latent noise, bit for bit as MNN's C++ diffusion runtime draws it.
 
 ``StableDiffusion::unet()`` (MNN ``transformers/diffusion/engine/src/stable_diffusion.cpp``)::
 

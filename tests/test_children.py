@@ -1,0 +1,40 @@
+"""sd2mnn's own child processes (the contract's model reader, verify's and bench's runtime
+passes): one entry point, each with a time limit that kills a stuck child."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from sd2mnn._verify_pass import PassError, run_pass
+from sd2mnn.bench import measure
+from sd2mnn.children import run_module
+from sd2mnn.contract import read_tensors
+from sd2mnn.layout import COMPONENTS
+
+
+def test_run_module_kills_at_the_timeout(tmp_path):
+    done = run_module("sd2mnn.demo", [], tmp_path, timeout=60)  # a module without a main: exits 0
+    assert done.returncode == 0 and not done.timed_out
+    started = time.monotonic()
+    slow = run_module("sd2mnn._verify_pass", [], tmp_path, timeout=0.2)  # killed while importing numpy
+    assert slow.timed_out and time.monotonic() - started < 10
+
+
+def test_contract_reader_has_a_time_limit(fp32_bundle):
+    unet = fp32_bundle / COMPONENTS["unet"].mnn_name
+    assert read_tensors({"unet": (unet, ["sample"])})["unet"]["tensors"]["sample"]["shape"] == [2, 4, 64, 64]
+    started = time.monotonic()
+    assert read_tensors({"unet": (unet, ["sample"])}, timeout=0.05) == {"unet": None}
+    assert time.monotonic() - started < 10
+
+
+def test_runtime_passes_have_a_time_limit(fp32_bundle, tmp_path):
+    feeds = [{"latent_sample": np.zeros((1, 4, 64, 64), np.float32)}]
+    spec = COMPONENTS["vae_decoder"]
+    model = fp32_bundle / spec.mnn_name
+    with pytest.raises(PassError, match="ran past 0.05s"):
+        run_pass("mnn", model, list(spec.inputs), list(spec.outputs), feeds, 1, True, tmp_path, timeout=0.05)
+    timing = measure("mnn", "vae_decoder", model, feeds[0], 1, "high", 1, tmp_path, 0, timeout=0.05)
+    assert timing.error == "ran past 0.05s and was killed"
