@@ -75,9 +75,13 @@ def test_timesteps_n20_hand_checked():
 
 
 @pytest.mark.parametrize("n", range(1, 51))
-def test_timesteps_formula(n):
-    step = 1000 // n
-    assert mnn_timesteps(n).tolist() == [1 + (n - 1 - i) * step for i in range(n)]
+def test_timesteps_every_count(n):
+    # n steps within the 1000 training steps, descending by the same whole stride, ending at
+    # steps_offset 1, and no wider apart than 1000 / n (so none is skipped at the top).
+    steps = mnn_timesteps(n).tolist()
+    assert len(steps) == n and steps[-1] == 1 and steps[0] <= 999
+    gaps = {a - b for a, b in zip(steps, steps[1:])}
+    assert len(gaps) <= 1 and all(0 < g <= 1000 / n < g + 1 for g in gaps)
 
 
 def test_timesteps_uneven_counts():
