@@ -152,6 +152,71 @@ def clip_end_of_word_json(tokenizer_json: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# BERT (Taiyi): Hugging Face's BertNormalizer, spelt in steps MNN's runtime has
+# ---------------------------------------------------------------------------------------------
+
+# Format characters MNN's table step turns into spaces before its lookup (SentencePiece's rule):
+# they are deleted by literal Replace steps first, as Hugging Face's clean_text deletes them.
+TABLE_SPACED = [chr(cp) for cp in (*range(0x200B, 0x2010), 0xFEFF, *range(0x202A, 0x202F),
+                                   *range(0x2060, 0x206A), *range(0xFFF0, 0xFFF9))]
+
+
+def uses_bert_scheme(tokenizer_json: dict, scheme: str) -> bool:
+    """Whether ``scheme`` changes this tokenizer: a WordPiece model behind a BertNormalizer."""
+    norm = tokenizer_json.get("normalizer") or {}
+    return (scheme == "diffusers" and tokenizer_json.get("model", {}).get("type") == "WordPiece"
+            and norm.get("type") == "BertNormalizer")
+
+
+@functools.lru_cache(maxsize=None)
+def _bert_codepoint_map(clean_text: bool, strip_accents: bool) -> dict[int, str]:
+    """What Hugging Face's clean_text and strip_accents do per code point, beyond MNN's own:
+    delete format and private-use characters (MNN deletes only Cc), line/paragraph separators to
+    spaces, and NFD without nonspacing marks only (MNN drops every mark, Mc and Me too, and never
+    decomposes CJK compatibility ideographs)."""
+    table = {}
+    for cp in range(0x110000):
+        c = chr(cp)
+        cat = unicodedata.category(c)
+        if cat == "Cs" or c in TABLE_SPACED:
+            continue
+        if clean_text and (cat == "Cf" or (cat == "Co" and cp <= 0xFFFF)):
+            table[cp] = ""
+        elif clean_text and cat in ("Zl", "Zp"):
+            table[cp] = " "
+        elif strip_accents:
+            stripped = "".join(d for d in unicodedata.normalize("NFD", c) if unicodedata.category(d) != "Mn")
+            if stripped != c:
+                table[cp] = stripped
+    return table
+
+
+def bert_hugging_face_json(tokenizer_json: dict) -> dict:
+    """``tokenizer_json`` (a BERT tokenizer.json) with its BertNormalizer rewritten into steps that
+    MNN's runtime runs as Hugging Face runs the one step, and WordPiece's word limit in bytes."""
+    tj = json.loads(json.dumps(tokenizer_json))
+    norm = tj["normalizer"]
+    lower = norm.get("lowercase", True)
+    strip = norm.get("strip_accents")
+    strip = lower if strip is None else bool(strip)
+    clean = bool(norm.get("clean_text", True))
+    bert = {"type": "BertNormalizer", "strip_accents": False}
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [
+        {**bert, "clean_text": clean, "handle_chinese_chars": False, "lowercase": False},
+        *[_literal(c, "") for c in (TABLE_SPACED if clean else [])],
+        {"type": "CodepointMap", "map": _bert_codepoint_map(clean, strip)},
+        # Hugging Face pads Chinese characters before stripping accents: the same, as NFD maps
+        # nothing into or out of the Chinese ranges but compatibility ideographs (in both).
+        {**bert, "clean_text": False, "handle_chinese_chars": bool(norm.get("handle_chinese_chars", True)),
+         "lowercase": bool(lower)},
+    ]}
+    # Hugging Face counts a word's characters, MNN its UTF-8 bytes (at most 4 a character).
+    model = tj["model"]
+    model["max_input_bytes_per_word"] = 4 * int(model.get("max_input_chars_per_word", 100))
+    return tj
+
+
+# ---------------------------------------------------------------------------------------------
 # Part 2: the last word and the padding, rewritten in front of the text encoder
 # ---------------------------------------------------------------------------------------------
 

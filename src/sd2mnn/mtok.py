@@ -66,12 +66,15 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
     tokenizers; others are written as MNN writes them) the end-of-word scheme of
     ``sd2mnn.conditioning``, which with the rewritten text encoder conditions as diffusers does.
     """
-    from sd2mnn.conditioning import clip_end_of_word_json, uses_end_of_word_scheme
+    from sd2mnn.conditioning import (bert_hugging_face_json, clip_end_of_word_json, uses_bert_scheme,
+                                     uses_end_of_word_scheme)
 
     src = load_tokenizer_source(Path(tokenizer_dir))
     tj = src.tokenizer_json
     if uses_end_of_word_scheme(tj, scheme):
         tj = clip_end_of_word_json(tj)
+    elif uses_bert_scheme(tj, scheme):
+        tj = bert_hugging_face_json(tj)
     out_path = Path(out_path)
     with open(out_path, "wb") as fp:
         ids = src.special_ids + src.stop_ids + src.prefix_ids
@@ -375,6 +378,9 @@ def _write_normalizer(fp: BinaryIO, norm: dict | None) -> None:
         fp.write(_u8(6) + _norm_table("NFKC"))
     elif kind == "NFC":
         fp.write(_u8(6) + _norm_table("NFC"))
+    elif kind == "CodepointMap":  # sd2mnn's own: a per-code-point table, as MNN reads NFKC's
+        mapping = sorted((int(cp), text) for cp, text in norm["map"].items())
+        fp.write(_u8(6) + _u32(len(mapping)) + b"".join(_u32(cp) + _str(text) for cp, text in mapping))
     elif kind == "Prepend":
         fp.write(_u8(2) + _str(norm.get("prepend", "")))
     elif kind == "Replace":
@@ -467,9 +473,10 @@ def _write_model(fp: BinaryIO, tj: dict) -> None:
         pairs.sort(key=lambda p: (p[0] << 32) | p[1])
         fp.write(b"".join(struct.pack("<III", *p) for p in pairs))
     elif kind == "WordPiece":
+        max_chars = model.get("max_input_chars_per_word", 100)
         fp.write(_u8(1) + _u32(len(vocab)) + _str(model.get("unk_token", "[UNK]"))
                  + _str(model.get("continuing_subword_prefix", "##"))
-                 + _u32(model.get("max_input_chars_per_word", 100)))
+                 + _u32(model.get("max_input_bytes_per_word", max_chars)))
         _write_sorted_vocab(fp, vocab)
     elif kind == "Unigram":
         entries = sorted((item[0], i, item[1]) for i, item in enumerate(vocab)
