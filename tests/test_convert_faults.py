@@ -85,13 +85,22 @@ def converting(proc: subprocess.Popen, name: str) -> bool:
 
 
 def converter_children(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The conversions running under ``proc`` (sd2mnn also runs the converter for its
+    --version and --help)."""
     try:
-        # Conversions only: sd2mnn also runs the converter for its --version and --help.
-        return [p for p in psutil.Process(proc.pid).children(recursive=True)
-                if ("sd2mnn._mnnconvert" in " ".join(p.cmdline()) or "MNNConvert-stalling" in " ".join(p.cmdline()))
-                and "--MNNModel" in p.cmdline()]
+        children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+    found = []
+    for child in children:
+        try:
+            command = child.cmdline()
+        except psutil.Error:  # it ended meanwhile (the stalling script's sleeps come and go)
+            continue
+        line = " ".join(command)
+        if ("sd2mnn._mnnconvert" in line or "MNNConvert-stalling" in line) and "--MNNModel" in command:
+            found.append(child)
+    return found
 
 
 # -- 1. incremental ----------------------------------------------------------------------------
