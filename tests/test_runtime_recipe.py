@@ -76,8 +76,8 @@ def test_ids_are_unconditional_empty_prompt_then_prompt(recorded):
     pipeline, calls, _ = recorded
     ids = calls["text_encoder"][0][0]["input_ids"]
     assert ids.dtype == np.int32 and ids.shape == (2, 77)
-    assert ids[0].tolist() == pipeline.tokenizer.encode_single("", 77)
-    assert ids[1].tolist() == pipeline.tokenizer.encode_single(PROMPT, 77)
+    assert ids[0].tolist() == pipeline.tokenizer.runtime.encode_single("", 77)
+    assert ids[1].tolist() == pipeline.tokenizer.runtime.encode_single(PROMPT, 77)
 
 
 def test_text_embeddings_are_last_hidden_state(recorded):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from sd2mnn.errors import InputError
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("diffusers", "mnn")  # the .mtok + text encoder a bundle gets; "mnn" is MNN's own flow
 DEFAULT_SCHEME = "diffusers"
@@ -67,8 +70,19 @@ def uses_end_of_word_scheme(tokenizer_json: dict, scheme: str) -> bool:
     if scheme not in SCHEMES:
         raise InputError(f"--tokenizer must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     model = tokenizer_json.get("model", {})
-    return (scheme == "diffusers" and model.get("type", "BPE") == "BPE"
-            and model.get("end_of_word_suffix") == END_OF_WORD)
+    if not (scheme == "diffusers" and model.get("type", "BPE") == "BPE" and model.get("end_of_word_suffix") == END_OF_WORD):
+        return False
+    # A byte-level vocabulary (CLIP's: every byte a character) has the byte of " " as MARKER.
+    if MARKER not in model.get("vocab", {}):
+        _warn_not_byte_level()
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)  # once per process, not once per file written
+def _warn_not_byte_level() -> None:
+    log.warning("warning: the tokenizer's BPE vocabulary is not byte-level (no %r): tokenizer.mtok and the "
+                "text encoder are written as MNN writes them (--tokenizer mnn)", MARKER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +267,9 @@ def build_id_rewrite(tokenizer_json: dict, runtime_bpe, bos: int, eos: int, pad:
 
     vocab: dict[str, int] = tokenizer_json["model"]["vocab"]
     runtime_vocab = clip_end_of_word_json(tokenizer_json)["model"]["vocab"]
-    size = max(runtime_vocab.values()) + 1
+    # Every id the runtime can feed: the vocabulary's, and BOS/EOS, which it adds whatever the
+    # vocabulary (a text encoder too small for them is refused before it runs).
+    size = max(*runtime_vocab.values(), bos, eos, pad) + 1
     boundary = np.zeros(size, np.int32)
     final = np.arange(size, dtype=np.int32)
     for token, token_id in vocab.items():

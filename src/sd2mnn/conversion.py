@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sd2mnn import __version__
 from sd2mnn.bundle import BundleDir
-from sd2mnn.children import Child, ChildResult, log_tail
+from sd2mnn.children import Child, ChildResult, child_env, log_tail
 from sd2mnn.converter import find_converter
 from sd2mnn.errors import ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError
 from sd2mnn.layout import LOGS_DIR, MANIFEST_NAME, MTOK_NAME, open_onnx_pipeline, parse_components
@@ -250,14 +250,6 @@ class _Running:
         return expected_peak(self.job) if self.phase == "converting" else expected_peak(self.job) // 2
 
 
-def _env_for_children() -> dict[str, str]:
-    env = dict(os.environ)
-    # The converter child must import sd2mnn even when it runs from a source checkout.
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _conditioning(onnx, options: ConvertOptions, previous: Manifest | None) -> tuple[str, dict]:
     """The tokenizer scheme of the bundle and the text encoder's prefix graph, if it needs one.
     The scheme follows the text encoder: a run that leaves the bundle's text encoder alone keeps
@@ -350,7 +342,7 @@ def _run_jobs(plan: ConversionPlan, bundle: BundleDir, jobs: int, progress: Prog
     hold a conversion slot, so it overlaps the next conversion. Returns name -> record."""
     import psutil
 
-    env = _env_for_children()
+    env = child_env()
     queue = sorted(plan.to_convert, key=expected_peak, reverse=True)  # longest first overlaps best
     budget = int(psutil.virtual_memory().available * 0.9)
     running: list[_Running] = []
