@@ -389,8 +389,12 @@ def rewrite_graph(rw: IdRewrite, length: int, input_name: str = "input_ids", out
     zero, one, last = const("zero", 0), const("one", 1), const("last", length - 1)
     eos, pad, minus1 = const("eos", rw.eos), const("pad", rw.pad), const("minus1", -1)
     ids = op("Gather", [const("always", rw.always), input_name], "ids", axis=0)
-    # e: the first EOS; s: one past the last end-of-word id before it (the last word's start)
-    e = argmax(as_int(op("Equal", [ids, eos], "is_eos_b"), "is_eos"), 1, "e")
+    # e: the first EOS (the last position when there is none); s: one past the last end-of-word
+    # id before it (the last word's start)
+    is_eos = as_int(op("Equal", [ids, eos], "is_eos_b"), "is_eos")
+    first = reduce("ReduceMax", op("Mul", [is_eos, const("to_end", length - np.arange(length).reshape(1, length))],
+                                   "eos_to_end"), 1, "first_eos")
+    e = op("Min", [op("Sub", [const("length", length), first], "e_raw"), last], "e")
     ended = op("Mul", [op("Gather", [const("boundary", rw.boundary), ids], "bnd", axis=0),
                        as_int(op("Less", [pos, e], "before_e_b"), "before_e")], "ended")
     s = reduce("ReduceMax", op("Mul", [ended, op("Add", [pos, one], "pos1")], "ended_at"), 1, "s")
