@@ -161,15 +161,9 @@ class _Source:
 
 def _read_index(folder: Path) -> dict:
     path = folder / "model_index.json"
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found; MODEL must be a diffusers pipeline folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: unreadable ({err}); re-download the model") from None
-    if not isinstance(index, dict):
-        raise InputError(f"{path}: not a JSON object; re-download the model")
-    return index
+    if not path.exists():
+        raise InputError(f"{path}: not found; MODEL must be a diffusers pipeline folder")
+    return _json_object(path)
 
 
 def _open_source(folder: Path) -> _Source:
@@ -367,14 +361,18 @@ def _vae_factor(source: _Source) -> int:
 
 
 def _config(folder: Path, sub: str) -> dict:
-    path = folder / sub / "config.json"
+    return _json_object(folder / sub / "config.json")
+
+
+def _json_object(path: Path) -> dict:
+    """A model's JSON file (model_index.json, a config.json), or a one-line error."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: unreadable ({err}); re-download the model") from None
-    if not isinstance(config, dict):
+    if not isinstance(data, dict):
         raise InputError(f"{path}: not a JSON object; re-download the model")
-    return config
+    return data
 
 
 def _scale_factor(vae_config: dict) -> int:

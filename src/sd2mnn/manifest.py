@@ -141,13 +141,17 @@ class Manifest:
         )
 
     def write(self, path: Path) -> None:
-        """Write atomically: a temp file beside the target, then one rename."""
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json_atomic(path, self.to_dict())
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write ``data`` as JSON atomically: a temp file beside the target, then one rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(path: Path) -> Manifest | None:

@@ -29,7 +29,6 @@ ONNX Runtime does not give memory back; the parent only ever holds inputs and ou
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -45,7 +44,7 @@ from sd2mnn.bundle import BundleDir
 from sd2mnn.contract import RUNTIME_COMPONENTS, ContractIssue, check_contract, onnx_vocabulary
 from sd2mnn.errors import InputError
 from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME, load_component, parse_components
-from sd2mnn.manifest import read_manifest, record_mismatch
+from sd2mnn.manifest import read_manifest, record_mismatch, write_json_atomic
 from sd2mnn.progress import NullProgress, Progress
 from sd2mnn.verify_conditioning import ConditioningReport, check_conditioning
 from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static_shape
@@ -472,12 +471,7 @@ def write_report(folder: Path, report: VerificationReport, decoded) -> list[Path
         target = folder / REPORT_FILES[1]
         written.append(target)
         report.report_files = written
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json_atomic(target, report.to_dict())
     except OSError as err:
         raise write_failure(target, err) from None
     return written
