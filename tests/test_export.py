@@ -16,6 +16,7 @@ import pytest
 
 import sd2mnn
 from sd2mnn.errors import InputError, MissingExtraError
+from sd2mnn.verification import verify
 from sd2mnn.export import (
     COMPONENTS,
     TOLERANCES,
@@ -409,12 +410,13 @@ def test_demo_pipeline_meets_contract():
 def test_export_then_convert_then_verify(layout, request, tmp_path):
     fixture = "sd15_export" if layout == "folder" else "single_file_export"
     onnx_dir = request.getfixturevalue(fixture)[0]
-    report = sd2mnn.convert(onnx_dir, tmp_path / "mnn", verify=True)
+    sd2mnn.convert(onnx_dir, tmp_path / "mnn")
     for name in ("text_encoder", "unet", "vae_decoder"):
         assert (tmp_path / "mnn" / f"{name}.mnn").is_file()
         assert (tmp_path / "mnn" / f"{name}.mnn.weight").is_file()
-    assert report.verification.passed, report.verification.failures
-    assert {c.name for c in report.verification.components} >= {"text_encoder", "unet", "vae_decoder"}
+    report = verify(onnx_dir, tmp_path / "mnn")
+    assert report.passed, report.failures
+    assert {c.name for c in report.components} >= {"text_encoder", "unet", "vae_decoder"}
 
 
 def test_convert_exports_a_diffusers_folder_first(sd15_dir, tmp_path):

@@ -64,7 +64,6 @@ class ConversionReport:
     components: list[ComponentOutcome]
     wall_s: float
     manifest_path: Path
-    verification: object | None = None  # a VerificationReport with --verify
     files: list[FileRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -78,7 +77,6 @@ class ConversionReport:
             "manifest": str(self.manifest_path),
             "components": [c.to_dict() for c in self.components],
             "files": [{"path": f.path, "size": f.size} for f in self.files],
-            "verification": self.verification.to_dict() if self.verification is not None else None,
         }
 
 
@@ -87,19 +85,15 @@ def convert(
     mnn_dir: str | os.PathLike,
     options: ConvertOptions | None = None,
     progress: Progress | None = None,
-    export_options=None,
-    keep_onnx: str | os.PathLike | None = None,
     **overrides,
 ) -> ConversionReport:
     """Convert the ONNX pipeline in ``onnx_dir`` into an MNN bundle in ``mnn_dir``.
 
     Options come as a ``ConvertOptions`` or as its fields by keyword
     (``convert(src, dst, weight_quant_bits=8)``). Raises an ``Sd2MnnError`` subclass on bad
-    input or a failed conversion, leaving ``mnn_dir`` as it was.
-
-    ``onnx_dir`` may also be a diffusers pipeline folder or single-file checkpoint: it is then
-    exported first (``sd2mnn.export``, with ``export_options``) into a temporary folder, or into
-    ``keep_onnx`` to keep it.
+    input or a failed conversion, leaving ``mnn_dir`` as it was. Exporting a diffusers model
+    first (``sd2mnn.export``) and verifying afterwards (``sd2mnn.verification``) are separate
+    steps; the command line composes them.
     """
     if "components" in overrides:
         overrides["components"] = parse_components(overrides["components"])
@@ -108,10 +102,6 @@ def convert(
     for path, what in ((onnx_dir, "ONNX_DIR"), (mnn_dir, "MNN_DIR")):
         if not str(path).strip():  # Path("") is ".": an unset shell variable must not mean here
             raise InputError(f"{what} is an empty string; give a folder")
-    from sd2mnn.export import is_diffusers_model
-
-    if is_diffusers_model(onnx_dir):
-        return _export_then_convert(Path(onnx_dir), Path(mnn_dir), options, progress, export_options, keep_onnx)
     started = time.monotonic()
 
     onnx = open_onnx_pipeline(onnx_dir, options.components)
@@ -171,30 +161,14 @@ def convert(
         manifest_path=mnn_path / "manifest.json",
         files=_bundle_files(mnn_path, manifest),
     )
-    if options.verify:
-        from sd2mnn.verification import verify_after_convert
-
-        report.verification = verify_after_convert(onnx.root, mnn_path, options.components, progress)
     return report
 
 
-def _export_then_convert(model: Path, mnn_dir: Path, options: ConvertOptions, progress: Progress,
-                         export_options, keep_onnx) -> ConversionReport:
-    import tempfile
-
-    from sd2mnn.export import ExportOptions, export
-
-    # What would fail the conversion fails before the export, which takes minutes (the
-    # conversion repeats these checks and prints any warning).
+def check_before_export(mnn_dir: Path, options: ConvertOptions) -> None:
+    """What would fail a conversion into ``mnn_dir`` with ``options`` and can be known before an
+    export that takes minutes (the conversion repeats these checks and prints any warning)."""
     check_extra_flags(options, find_converter(options.converter))
-    _check_output_folder(mnn_dir)
-    export_options = replace(export_options or ExportOptions(), components=options.components, overwrite=True)
-    scratch_parent = mnn_dir.absolute().parent
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".sd2mnn-export-", dir=scratch_parent) as tmp:
-        onnx_dir = Path(keep_onnx) if keep_onnx else Path(tmp) / "onnx"
-        export(model, onnx_dir, export_options, progress=lambda name, message: progress.update(name, "exporting", message))
-        return convert(onnx_dir, mnn_dir, options, progress)
+    _check_output_folder(Path(mnn_dir))
 
 
 # -- running the converters ------------------------------------------------------------------

@@ -70,7 +70,6 @@ class ConvertOptions:
     force: bool = False
     jobs: int | None = None  # None: from the cores and the free memory
     timeout: float | None = None  # seconds per component
-    verify: bool = False
     # "diffusers": tokenizer.mtok + text encoder that make MNN's runtime condition as diffusers
     # does (sd2mnn.conditioning); "mnn": MNN's own flow, byte for byte.
     tokenizer: str = "diffusers"

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Iterator
 
 from sd2mnn.cli._common import human_bytes, print_json, table, terminate_as_interrupt
-from sd2mnn.conversion import ConversionReport, convert
+from sd2mnn.conversion import ConversionReport, check_before_export, convert
 from sd2mnn.layout import COMPONENTS, DEFAULT_COMPONENTS, parse_components
 from sd2mnn.plan import ConvertOptions
 from sd2mnn.progress import make_progress
@@ -27,10 +31,6 @@ def add_conversion_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hqq", action="store_true", help="HQQ weight quantization (with --weight-quant-bits)")
     group.add_argument("--transformer-fuse", action="store_true", help="fuse attention (MNN documents it for OpenCL/Metal)")
     group.add_argument("--fp16", action="store_true", help="store float weights as fp16")
-    group.add_argument("--tokenizer", choices=("diffusers", "mnn"), default="diffusers",
-                       help="diffusers (default): tokenizer.mtok and a text encoder that make MNN's runtime feed "
-                            "the ids diffusers would (CLIP end-of-word tokens, CLIP padding); mnn: MNN's own "
-                            "tokenizer.mtok and text encoder, byte for byte")
 
 
 def register(subparsers) -> None:
@@ -53,6 +53,10 @@ def register(subparsers) -> None:
         help=f"comma-separated subset of {', '.join(COMPONENTS)} (default: %(default)s)",
     )
     add_conversion_flags(parser)
+    parser.add_argument("--tokenizer", choices=("diffusers", "mnn"), default="diffusers",
+                        help="diffusers (default): tokenizer.mtok and a text encoder that make MNN's runtime feed "
+                             "the ids diffusers would (CLIP end-of-word tokens, CLIP padding); mnn: MNN's own "
+                             "tokenizer.mtok and text encoder, byte for byte")
     run = parser.add_argument_group("how to run")
     run.add_argument("--converter", metavar="PATH", help="MNNConvert executable (default: $MNNCONVERT, PATH, then the MNN package)")
     run.add_argument("--jobs", "-j", type=int, metavar="N", help="components converted at once (default: from cores and free memory)")
@@ -83,7 +87,6 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         force=args.force,
         jobs=args.jobs,
         timeout=args.timeout,
-        verify=args.verify,
         tokenizer=args.tokenizer,
     )
 
@@ -101,26 +104,46 @@ def print_report(report: ConversionReport) -> None:
           f"{' and flags ' + ' '.join(report.flags) if report.flags else ''}")
 
 
+@contextlib.contextmanager
+def onnx_source(args: argparse.Namespace, options: ConvertOptions, progress) -> Iterator[Path]:
+    """ONNX_DIR itself, or, for a diffusers model, its export: into --keep-onnx, else into a
+    temporary folder beside MNN_DIR that is gone afterwards."""
+    from sd2mnn.export import ExportOptions, export, is_diffusers_model
+
+    if not is_diffusers_model(args.onnx_dir):
+        yield Path(args.onnx_dir)
+        return
+    check_before_export(Path(args.mnn_dir), options)  # not after minutes of exporting
+    export_options = ExportOptions(config=Path(args.config) if args.config else None, components=options.components,
+                                   overwrite=True)
+    scratch_parent = Path(args.mnn_dir).absolute().parent
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".sd2mnn-export-", dir=scratch_parent) as tmp:
+        onnx_dir = Path(args.keep_onnx) if args.keep_onnx else Path(tmp) / "onnx"
+        export(args.onnx_dir, onnx_dir, export_options,
+               progress=lambda name, message: progress.update(name, "exporting", message))
+        yield onnx_dir
+
+
 def run_command(args: argparse.Namespace) -> int:
+    """export (a diffusers model) -> convert -> verify (--verify), each its own engine."""
     terminate_as_interrupt()
     options = options_from_args(args)
     progress = make_progress(quiet=args.quiet)
-    export_options = None
-    if args.config:
-        from sd2mnn.export import ExportOptions
+    verification = None
+    with onnx_source(args, options, progress) as onnx_dir:
+        report = convert(onnx_dir, args.mnn_dir, options, progress=progress)
+        if args.verify:
+            from sd2mnn.verification import verify_after_convert
 
-        export_options = ExportOptions(config=args.config)
-    report = convert(args.onnx_dir, args.mnn_dir, options, progress=progress,
-                     export_options=export_options, keep_onnx=args.keep_onnx)
+            verification = verify_after_convert(onnx_dir, report.mnn_dir, options.components, progress)
     if args.json:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), "verification": verification.to_dict() if verification else None})
     elif not args.quiet:
         print_report(report)
-        if report.verification is not None:
+        if verification is not None:
             from sd2mnn.cli.verify import print_verification
 
             print()
-            print_verification(report.verification)
-    if report.verification is not None and not report.verification.passed:
-        return 1
-    return 0
+            print_verification(verification)
+    return 1 if verification is not None and not verification.passed else 0
