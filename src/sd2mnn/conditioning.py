@@ -260,13 +260,14 @@ class IdRewrite:
         return h.hexdigest()[:16]
 
 
-def build_id_rewrite(tokenizer_json: dict, runtime_bpe, bos: int, eos: int, pad: int) -> IdRewrite:
-    """The tables for a CLIP ``tokenizer_json``. ``runtime_bpe(word) -> ids`` is how the runtime
-    tokenizes ``word`` (byte-level characters) as a prompt's last pre-token."""
+def build_id_rewrite(tokenizer_json: dict, runtime, bos: int, eos: int, pad: int) -> IdRewrite:
+    """The tables for a CLIP ``tokenizer_json`` and ``runtime``, the PromptTokenizer of the
+    .mtok this scheme writes for it (its vocabulary, and how it tokenizes a word, as byte-level
+    characters, when the word is a prompt's last pre-token)."""
     from tokenizers import Tokenizer
 
     vocab: dict[str, int] = tokenizer_json["model"]["vocab"]
-    runtime_vocab = clip_end_of_word_json(tokenizer_json)["model"]["vocab"]
+    runtime_vocab, runtime_bpe = runtime.vocabulary, runtime.model_ids
     # Every id the runtime can feed: the vocabulary's, and BOS/EOS, which it adds whatever the
     # vocabulary (a text encoder too small for them is refused before it runs).
     size = max(*runtime_vocab.values(), bos, eos, pad) + 1
@@ -438,22 +439,20 @@ def rewrite_graph(rw: IdRewrite, length: int, input_name: str = "input_ids", out
     return nodes, inits
 
 
-def load_rewrite(tokenizer_dir: Path, scheme: str) -> IdRewrite | None:
+def load_rewrite(tokenizer_dir: Path, scheme: str, runtime=None) -> IdRewrite | None:
     """The id rewrite a bundle of the tokenizer in ``tokenizer_dir`` gets under ``scheme``
-    (None where the scheme leaves the tokenizer as MNN writes it)."""
-    import tempfile
-
-    from sd2mnn.mtok import load_tokenizer_source, write_mtok
-    from sd2mnn.tokenizer import MTOK_NAME, PromptTokenizer
+    (None where the scheme leaves the tokenizer as MNN writes it). ``runtime``: the PromptTokenizer
+    of that bundle's tokenizer.mtok, when it is at hand (else the .mtok is written to a temp file)."""
+    from sd2mnn.mtok import load_tokenizer_source
+    from sd2mnn.tokenizer import PromptTokenizer
 
     source = load_tokenizer_source(Path(tokenizer_dir))
     if not uses_end_of_word_scheme(source.tokenizer_json, scheme):
         return None
-    with tempfile.TemporaryDirectory(prefix="sd2mnn-mtok-") as tmp:
-        runtime = PromptTokenizer.from_dir(write_mtok(Path(tokenizer_dir), Path(tmp) / MTOK_NAME, scheme))
+    runtime = runtime or PromptTokenizer.from_dir(Path(tokenizer_dir), scheme)
     fmt = runtime.format
     pad = source.pad_id if source.pad_id is not None else fmt.eos_id
-    return build_id_rewrite(source.tokenizer_json, runtime.model_ids, fmt.bos_id, fmt.eos_id, pad)
+    return build_id_rewrite(source.tokenizer_json, runtime, fmt.bos_id, fmt.eos_id, pad)
 
 
 @dataclass(frozen=True)
@@ -530,15 +529,15 @@ class PromptIds:
         if runtime.format.model_type != 0:  # BERT (Taiyi): one .mtok for both schemes
             return cls(bundle_dir, runtime, None, DEFAULT_SCHEME)
         if _is_end_of_word_mtok(runtime):
-            return cls(bundle_dir, runtime, load_rewrite(bundle_dir, "diffusers"), "diffusers")
+            return cls(bundle_dir, runtime, load_rewrite(bundle_dir, "diffusers", runtime), "diffusers")
         return cls(bundle_dir, runtime, None, "mnn")
 
     @classmethod
     def for_tokenizer(cls, tokenizer_dir: Path, scheme: str = DEFAULT_SCHEME) -> "PromptIds":
         from sd2mnn.tokenizer import PromptTokenizer
 
-        return cls(tokenizer_dir, PromptTokenizer.from_dir(tokenizer_dir, scheme), load_rewrite(tokenizer_dir, scheme),
-                   scheme)
+        runtime = PromptTokenizer.from_dir(tokenizer_dir, scheme)
+        return cls(tokenizer_dir, runtime, load_rewrite(tokenizer_dir, scheme, runtime), scheme)
 
     @property
     def max_length(self) -> int:

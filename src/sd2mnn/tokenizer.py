@@ -82,6 +82,11 @@ class PromptTokenizer:
         with tempfile.TemporaryDirectory(prefix="sd2mnn-mtok-") as tmp:
             return cls(_read_mtok(write_mtok(source, Path(tmp) / MTOK_NAME, scheme)))
 
+    @property
+    def vocabulary(self) -> dict[str, int]:
+        """The BPE model's token -> id table, as the .mtok has it."""
+        return self._mtok.model.vocab
+
     def model_ids(self, piece: str) -> list[int]:
         """The model's ids for one pre-token as the runtime hands it over (after normalization
         and pre-tokenization; byte-level characters for CLIP)."""
