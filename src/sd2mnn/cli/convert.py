@@ -105,13 +105,13 @@ def print_report(report: ConversionReport) -> None:
 
 
 @contextlib.contextmanager
-def onnx_source(args: argparse.Namespace, options: ConvertOptions, progress) -> Iterator[Path]:
-    """ONNX_DIR itself, or, for a diffusers model, its export: into --keep-onnx, else into a
-    temporary folder beside MNN_DIR that is gone afterwards."""
+def onnx_source(args: argparse.Namespace, options: ConvertOptions, progress) -> Iterator[str | Path]:
+    """ONNX_DIR itself (as given: convert judges it), or, for a diffusers model, its export:
+    into --keep-onnx, else into a temporary folder beside MNN_DIR that is gone afterwards."""
     from sd2mnn.export import ExportOptions, export, is_diffusers_model
 
-    if not is_diffusers_model(args.onnx_dir):
-        yield Path(args.onnx_dir)
+    if not str(args.onnx_dir).strip() or not is_diffusers_model(args.onnx_dir):
+        yield args.onnx_dir
         return
     check_before_export(Path(args.mnn_dir), options)  # not after minutes of exporting
     export_options = ExportOptions(config=Path(args.config) if args.config else None, components=options.components,
