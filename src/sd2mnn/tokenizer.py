@@ -30,33 +30,25 @@ from pathlib import Path
 
 import numpy as np
 
+from sd2mnn import families
 from sd2mnn.errors import InputError
+from sd2mnn.families import PromptFormat
 
 MTOK_NAME = "tokenizer.mtok"
 
 
-@dataclass(frozen=True)
-class PromptFormat:
-    """What MNN's runtime does with a tokenizer: diffusion_demo's model_type, BOS/EOS, length."""
-
-    name: str
-    model_type: int
-    bos_id: int
-    eos_id: int
-    max_length: int
-
-
-SD15 = PromptFormat("sd15", 0, 49406, 49407, 77)  # CLIP BPE
-TAIYI = PromptFormat("taiyi", 1, 101, 102, 512)  # Chinese BERT WordPiece
+# The prompt formats belong to the model families; these names stay for the tokenizer's users.
+SD15, TAIYI = families.SD15.prompt, families.TAIYI.prompt
 
 
 def prompt_format(model_kind: str) -> PromptFormat:
     """The runtime settings for a tokenizer model kind ("BPE" -> SD1.5, "WordPiece" -> Taiyi)."""
-    formats = {"BPE": SD15, "WordPiece": TAIYI}
-    if model_kind not in formats:
-        raise InputError(f"{model_kind} tokenizers have no MNN SD runtime (it knows CLIP BPE for SD1.5 "
-                         "and BERT WordPiece for Taiyi)")
-    return formats[model_kind]
+    return families.by_tokenizer_model(model_kind).prompt
+
+
+def read_mtok_model_kind(path: Path) -> str:
+    """The tokenizer model kind ("BPE", "WordPiece", ...) a tokenizer.mtok holds."""
+    return _read_mtok(path).model.kind
 
 
 class PromptTokenizer:
@@ -64,7 +56,8 @@ class PromptTokenizer:
 
     def __init__(self, mtok: "_Mtok"):
         self._mtok = mtok
-        self.format = prompt_format(mtok.model.kind)
+        self.family = families.by_tokenizer_model(mtok.model.kind)  # what the runtime makes of this .mtok
+        self.format = self.family.prompt
 
     @classmethod
     def from_dir(cls, path: Path, scheme: str = "diffusers") -> "PromptTokenizer":

@@ -13,7 +13,7 @@ from sd2mnn.cli._common import native_stdout_to_stderr, print_json, terminate_as
 from sd2mnn.errors import InputError
 from sd2mnn.images import check_png_path, probe_folder, write_failure
 from sd2mnn.noise import METHODS
-from sd2mnn.scheduler import MAX_STEPS, MIN_STEPS
+from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS
 
 EXAMPLES = """examples:
   sd2mnn generate mnn/ "a photo of a cat" -o cat.png --seed 42
