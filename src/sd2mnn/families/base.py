@@ -38,6 +38,8 @@ class ComponentSpec:
     verify_feeds: Callable | None = field(default=None, compare=False)
     verify_cases: int = 1
     export_atol: float = 1e-3  # |onnx - torch| <= atol * max(1, max |torch|)
+    # The one external-data file export gathers the weights into ("" : inline, unless over 2 GB).
+    weights_file: str = ""
 
     @property
     def mnn_name(self) -> str:

@@ -90,7 +90,7 @@ COMPONENTS: dict[str, ComponentSpec] = {
         ComponentSpec("text_encoder", ("input_ids",), ("last_hidden_state", "pooler_output"), True,
                       _text_encoder_tensors, _text_encoder_feeds, VERIFY_PROMPTS),
         ComponentSpec("unet", ("sample", "timestep", "encoder_hidden_states"), ("out_sample",), True,
-                      _unet_tensors, _unet_feeds, 3),
+                      _unet_tensors, _unet_feeds, 3, weights_file="weights.pb"),
         ComponentSpec("vae_decoder", ("latent_sample",), ("sample",), True,
                       _vae_decoder_tensors, _vae_decoder_feeds, 2),
         # Only img2img needs the encoder; MNN's reference script exports but never converts it,
