@@ -40,6 +40,11 @@ class ComponentSpec:
     export_atol: float = 1e-3  # |onnx - torch| <= atol * max(1, max |torch|)
     # The one external-data file export gathers the weights into ("" : inline, unless over 2 GB).
     weights_file: str = ""
+    # Its part in the pipeline, for the engines that chain components:
+    prompt_ids: bool = False  # fed the tokenizer's ids (verify and bench make them first)
+    conditioning_output: str = ""  # the output the denoiser is conditioned on
+    conditioned: bool = False  # takes the text encoder's conditioning_output
+    picture_output: str = ""  # the image verify's report draws
 
     @property
     def mnn_name(self) -> str:
@@ -75,6 +80,11 @@ class Family:
     @property
     def default_components(self) -> tuple[str, ...]:
         return tuple(n for n, s in self.components.items() if s.default)
+
+    @property
+    def text_encoder(self) -> str:
+        """The component fed the prompt ids."""
+        return next(n for n, s in self.components.items() if s.prompt_ids)
 
     @property
     def text_length(self) -> int:

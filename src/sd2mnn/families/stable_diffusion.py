@@ -88,11 +88,12 @@ COMPONENTS: dict[str, ComponentSpec] = {
     spec.name: spec
     for spec in (
         ComponentSpec("text_encoder", ("input_ids",), ("last_hidden_state", "pooler_output"), True,
-                      _text_encoder_tensors, _text_encoder_feeds, VERIFY_PROMPTS),
+                      _text_encoder_tensors, _text_encoder_feeds, VERIFY_PROMPTS,
+                      prompt_ids=True, conditioning_output="last_hidden_state"),
         ComponentSpec("unet", ("sample", "timestep", "encoder_hidden_states"), ("out_sample",), True,
-                      _unet_tensors, _unet_feeds, 3, weights_file="weights.pb"),
+                      _unet_tensors, _unet_feeds, 3, weights_file="weights.pb", conditioned=True),
         ComponentSpec("vae_decoder", ("latent_sample",), ("sample",), True,
-                      _vae_decoder_tensors, _vae_decoder_feeds, 2),
+                      _vae_decoder_tensors, _vae_decoder_feeds, 2, picture_output="sample"),
         # Only img2img needs the encoder; MNN's reference script exports but never converts it,
         # and the runtime never loads it (no shape is expected of it).
         ComponentSpec("vae_encoder", ("sample",), ("latent_sample",), False,
