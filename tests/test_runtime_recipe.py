@@ -31,7 +31,7 @@ from sd2mnn.pipeline import (
     mnn_runtime_config,
 )
 from sd2mnn.errors import InputError
-from sd2mnn.scheduler import PLMSScheduler, clamp_steps
+from sd2mnn.schedulers.plms import PLMSScheduler, clamp_steps
 
 PROMPT = "a photo of a cat"
 SEED = 7

@@ -1,4 +1,4 @@
-"""sd2mnn.scheduler against MNN's C++ (a g++ mirror of step_plms) and against diffusers' PNDM.
+"""sd2mnn.schedulers.plms against MNN's C++ (a g++ mirror of step_plms) and against diffusers' PNDM.
 
 The model outputs are a deterministic function of the sample and the timestep, so every
 scheduler sees the outputs its own trajectory would get from a UNet:
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sd2mnn.scheduler import PLMSScheduler, alphas_cumprod, clamp_steps, mnn_timesteps
+from sd2mnn.schedulers.plms import PLMSScheduler, alphas_cumprod, clamp_steps, mnn_timesteps
 
 STEP_COUNTS = [1, 2, 3, 5, 20, 50]
 SIZE = 64  # elements in the stand-in latent

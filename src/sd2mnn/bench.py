@@ -159,7 +159,7 @@ def _feeds(names, bundle: Path, onnx_dir: Path | None, seed: int) -> dict[str, t
     for name in names:
         source = _input_specs(name, bundle, onnx_dir, manifest)
         ids = []
-        if name == "text_encoder":
+        if COMPONENTS[name].prompt_ids:  # the family's spec: fed the tokenizer's ids
             length = static_shape(name, source.summary.inputs[0])[1]
             model = onnx_dir / name / "model.onnx" if onnx_dir is not None else None
             vocabulary = onnx_vocabulary(model) if model is not None else None

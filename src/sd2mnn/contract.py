@@ -33,19 +33,15 @@ from pathlib import Path
 
 from sd2mnn.errors import InputError
 from sd2mnn.layout import COMPONENTS, MTOK_NAME
-from sd2mnn.tokenizer import SD15, TAIYI, PromptFormat
+from sd2mnn.families import FAMILIES, SD15, PromptFormat
 
-# SD:101, SD:108, SD:115: the three models StableDiffusion::load() loads (vae_encoder: never).
-RUNTIME_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-# SD:32 (mMaxTextLen = 77 for STABLE_DIFFUSION_1_5), SD:34 (512 for STABLE_DIFFUSION_TAIYI_CHINESE);
-# SD:123 MtokTokenizer(kPair, 49406, 49407), SD:125 MtokTokenizer(kPair, 101, 102).
-FORMATS: dict[int, PromptFormat] = {SD15.max_length: SD15, TAIYI.max_length: TAIYI}
+# The models the runtime loads (vae_encoder: never), and each family's text length and BOS/EOS:
+# the families' facts (sd2mnn.families), by the text length a converted text encoder shows.
+RUNTIME_COMPONENTS = SD15.runtime_components
+FORMATS: dict[int, PromptFormat] = {f.text_length: f.prompt for f in FAMILIES.values()}
 TEXT_LENGTHS = {length: f.name for length, f in FORMATS.items()}
 # transformers/llm/engine/src/tokenizer/tokenizer.cpp:90, tokenizer.hpp:136: MAGIC_NUMBER = 430.
 MTOK_MAGIC = b"430"
-# SD:84: mLatentVar = _Input({1, 4, 64, 64}, NCHW, float); SD:90: sample = _Concat({latent, latent}, 0).
-LATENT = [1, 4, 64, 64]
-SAMPLE = [2, 4, 64, 64]
 # TOK:63: rows are padded with id 0.
 PAD_ID = 0
 
@@ -213,20 +209,7 @@ def check_vocabulary(ids, vocabulary: int | None, file: str | Path) -> None:
 
 def expected_tensors(name: str, length: int, hidden: int | None) -> dict[str, tuple[str, list[int | None]]]:
     """Tensor name -> (dtype, shape) the runtime uses; None in a shape means "any"."""
-    if name == "text_encoder":
-        # SD:85 _Input({2, mMaxTextLen}, NCHW, int); SD:104 outputs {"last_hidden_state", "pooler_output"},
-        # SD:138 outputs[0] becomes the unet's encoder_hidden_states.
-        return {"input_ids": ("int32", [2, length]), "last_hidden_state": ("float32", [2, length, hidden]),
-                "pooler_output": ("float32", [2, hidden])}
-    if name == "unet":
-        # SD:90 sample = [latent, latent]; SD:86 timestep _Input({1}, NCHW, int); SD:145 the text
-        # encoder's output; SD:284-290 out_sample split in two on axis 0, each stepped with the latent.
-        return {"sample": ("float32", SAMPLE), "timestep": ("int32", [1]),
-                "encoder_hidden_states": ("float32", [2, length, hidden]), "out_sample": ("float32", SAMPLE)}
-    if name == "vae_decoder":
-        # SD:304-307 the [1,4,64,64] latent; SD:311-314 any [1,3,h,w] image (cvtColor needs 3 channels).
-        return {"latent_sample": ("float32", LATENT), "sample": ("float32", [1, 3, None, None])}
-    return {}  # vae_encoder: not loaded by the runtime, so no shape is expected of it
+    return COMPONENTS[name].runtime_tensors(length, hidden)
 
 
 def _shape_matches(found: list[int], expected: list[int | None]) -> bool:

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sd2mnn import __version__
+from sd2mnn import __version__, families
 from sd2mnn.bundle import BundleDir
 from sd2mnn.children import Child, ChildResult, child_env, log_tail
 from sd2mnn.converter import find_converter
@@ -126,7 +126,7 @@ def convert(
         # The tokenizer first: a tokenizer sd2mnn cannot write must fail before any converter runs.
         progress.update("tokenizer", "writing", MTOK_NAME)
         tokenizer_staged: dict[str, Path] = {}
-        tokenizer_files = _stage_tokenizer(plan, bundle, tokenizer_staged, scheme)
+        tokenizer_files, family = _stage_tokenizer(plan, bundle, tokenizer_staged, scheme)
         progress.update("tokenizer", "done", MTOK_NAME)
         for name in plan.reused:
             progress.update(name, "reused", "up to date")
@@ -137,7 +137,7 @@ def convert(
         finished = _run_jobs(plan, bundle, jobs, progress)
         staged, records = _stage_components(plan, bundle, finished)
         staged.update(tokenizer_staged)
-        manifest = _next_manifest(plan, records, tokenizer_files, scheme)
+        manifest = _next_manifest(plan, records, tokenizer_files, scheme, family)
         bundle.commit(staged, manifest)
     progress.close()
 
@@ -409,9 +409,11 @@ def _stage_components(
     return staged, records
 
 
-def _stage_tokenizer(plan: ConversionPlan, bundle: BundleDir, staged: dict[str, Path], scheme: str) -> tuple[FileRecord, ...]:
+def _stage_tokenizer(plan: ConversionPlan, bundle: BundleDir, staged: dict[str, Path],
+                     scheme: str) -> tuple[tuple[FileRecord, ...], str]:
     """Copy the tokenizer files and write tokenizer.mtok into a scratch folder; stage the ones
-    whose content differs from the bundle's."""
+    whose content differs from the bundle's. Also the model family the tokenizer.mtok makes
+    MNN's runtime run ("" for one it has no runtime for)."""
     from sd2mnn.mtok import write_mtok
 
     scratch = bundle.new_scratch("tokenizer")
@@ -419,6 +421,10 @@ def _stage_tokenizer(plan: ConversionPlan, bundle: BundleDir, staged: dict[str, 
         if item.is_file():
             shutil.copy2(item, scratch / item.name)
     write_mtok(plan.onnx.tokenizer_dir, scratch / MTOK_NAME, scheme)
+    try:
+        family = families.detect(scratch / MTOK_NAME).name
+    except InputError:
+        family = ""
     known = {f.path: f for f in plan.previous.tokenizer} if plan.previous else {}
     records = []
     for path in sorted(scratch.iterdir()):
@@ -429,11 +435,11 @@ def _stage_tokenizer(plan: ConversionPlan, bundle: BundleDir, staged: dict[str, 
         else:
             staged[record.path] = path
             records.append(record)
-    return tuple(records)
+    return tuple(records), family
 
 
 def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], tokenizer: tuple[FileRecord, ...],
-                   scheme: str) -> Manifest:
+                   scheme: str, family: str) -> Manifest:
     components = dict(plan.previous.components) if plan.previous else {}
     components.update(plan.reused)
     components.update(records)
@@ -445,6 +451,7 @@ def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], to
         components=components,
         tokenizer=tokenizer,
         tokenizer_scheme=scheme,
+        family=family,
     )
 
 

@@ -40,14 +40,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from sd2mnn import families
 from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError
+from sd2mnn.families import FAMILIES, SD15, Family
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-UNET_WEIGHTS = "weights.pb"
-TEXT_LENGTH = {"sd15": 77, "taiyi": 512}
+UNET_WEIGHTS = SD15.components["unet"].weights_file
+TEXT_LENGTH = {name: f.text_length for name, f in FAMILIES.items()}
 # Prompts the checks feed the text encoder (runtime order: unconditional first).
-CHECK_PROMPTS = {"sd15": ["", "a photo of a cat"], "taiyi": ["", "一只猫的照片"]}
+CHECK_PROMPTS = {name: list(f.check_prompts) for name, f in FAMILIES.items()}
 
 
 class ExportCheckError(Sd2MnnError):
@@ -81,13 +83,9 @@ class Tolerance:
     atol: float
 
 
-# Per-component tolerances (fp32 export; ONNX Runtime's kernels differ in summation order).
-TOLERANCES = {
-    "text_encoder": Tolerance(1e-3),
-    "unet": Tolerance(1e-3),
-    "vae_encoder": Tolerance(1e-3),
-    "vae_decoder": Tolerance(1e-3),
-}
+# Per-component tolerances (fp32 export; ONNX Runtime's kernels differ in summation order): the
+# family's components carry them (ComponentSpec.export_atol); both SD1.x families share these.
+TOLERANCES = {name: Tolerance(spec.export_atol) for name, spec in SD15.components.items()}
 
 
 @dataclass
@@ -150,7 +148,11 @@ def require_export_extra() -> None:
 class _Source:
     folder: Path  # a diffusers pipeline folder with weights
     index: dict  # model_index.json
-    kind: str
+    family: Family
+
+    @property
+    def kind(self) -> str:
+        return self.family.name
 
     def component_class(self, name: str) -> tuple[str, str]:
         entry = self.index.get(name)
@@ -174,10 +176,7 @@ def _open_source(folder: Path) -> _Source:
     for name in ("unet", "vae", "text_encoder"):
         if not (folder / name / "config.json").is_file():
             raise InputError(f"{folder / name / 'config.json'}: missing; re-download the model")
-    tok_cls = (index.get("tokenizer") or [None, ""])[1] or ""
-    te_cls = (index.get("text_encoder") or [None, ""])[1] or ""
-    kind = "taiyi" if tok_cls.startswith("Bert") or te_cls.startswith("Bert") else "sd15"
-    return _Source(folder, index, kind)
+    return _Source(folder, index, families.detect(folder))
 
 
 def _materialize_single_file(ckpt: Path, config: Path | None, work: Path) -> Path:
@@ -311,7 +310,7 @@ def _text_ids(source: _Source, length: int):
 
     tokenizer = _load_tokenizer(source)
     rows = []
-    for prompt in CHECK_PROMPTS[source.kind]:
+    for prompt in source.family.check_prompts:
         ids = tokenizer(prompt, truncation=True, max_length=length)["input_ids"]
         rows.append(list(ids) + [0] * (length - len(ids)))
     return torch.tensor(rows, dtype=torch.int32)
@@ -672,7 +671,7 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
         source = _open_source(_materialize_single_file(model, options.config, work))
     staged = work / "onnx"
     staged.mkdir()
-    length = TEXT_LENGTH[source.kind]
+    length = source.family.text_length
     options = replace(options, **dict(zip(("height", "width"), image_size(source.folder, options.height, options.width))))
     names = [c for c in COMPONENTS if c in options.components]
     check_memory(source.folder, names, options.height, options.width, length, options.memory_budget)
@@ -705,14 +704,15 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
                           f"({type(err).__name__}: {err}); set SD2MNN_DEBUG=1 for details") from err
     del job
     gc.collect()
-    if name == "unet":
-        consolidate_external_data(path, UNET_WEIGHTS)
+    spec = source.family.components[name]
+    if spec.weights_file:
+        consolidate_external_data(path, spec.weights_file)
     elif any(p.name != "model.onnx" for p in path.parent.iterdir()):
         # Over 2 GB the exporter writes external data; keep it in one file like the unet.
         consolidate_external_data(path, "weights.pb")
     set_static_output_shapes(path, {n: a.shape for n, a in expected.items()})
     ins, outs = describe_io(path)
-    atol = (options.tolerances or {}).get(name, TOLERANCES[name].atol)
+    atol = (options.tolerances or {}).get(name, source.family.components[name].export_atol)
     comp = ComponentReport(name, path, ins, outs, tolerance=atol)
     if options.check:
         say(name, "checking against PyTorch")

@@ -16,39 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd2mnn.errors import InputError, UnsafeModelError
+from sd2mnn.families import SD15, ComponentSpec
 from sd2mnn.onnx_scan import OnnxSummary, scan_onnx
 
 
-@dataclass(frozen=True)
-class ComponentSpec:
-    """A pipeline component and the tensor names MNN's runtime loads it with."""
-
-    name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    default: bool  # converted unless --components says otherwise
-
-    @property
-    def mnn_name(self) -> str:
-        return f"{self.name}.mnn"
-
-    @property
-    def weight_name(self) -> str:
-        # The runtime derives the weight file's name from the model's: "<model>.mnn.weight".
-        return f"{self.name}.mnn.weight"
-
-
-# Names from MNN's transformers/diffusion/engine/src/stable_diffusion.cpp (Module::load calls).
-COMPONENTS: dict[str, ComponentSpec] = {
-    spec.name: spec
-    for spec in (
-        ComponentSpec("text_encoder", ("input_ids",), ("last_hidden_state", "pooler_output"), True),
-        ComponentSpec("unet", ("sample", "timestep", "encoder_hidden_states"), ("out_sample",), True),
-        ComponentSpec("vae_decoder", ("latent_sample",), ("sample",), True),
-        # Only img2img needs the encoder; MNN's reference script exports but never converts it.
-        ComponentSpec("vae_encoder", ("sample",), ("latent_sample",), False),
-    )
-}
+# The components and their tensor names are the family's (sd2mnn.families); every family
+# sd2mnn knows today shares SD1.5's four.
+COMPONENTS: dict[str, ComponentSpec] = SD15.components
 DEFAULT_COMPONENTS: tuple[str, ...] = tuple(n for n, s in COMPONENTS.items() if s.default)
 
 TOKENIZER_DIR = "tokenizer"

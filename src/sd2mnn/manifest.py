@@ -114,6 +114,9 @@ class Manifest:
     # How the runtime's ids reach the text encoder: "diffusers" (tokenizer.mtok + text encoder
     # rewritten to condition as diffusers does) or "mnn" (MNN's own flow, byte for byte).
     tokenizer_scheme: str = "mnn"
+    # The model family (sd2mnn.families) of the converted pipeline; "" in manifests written
+    # before it was recorded (sd2mnn.families.detect then reads tokenizer.mtok).
+    family: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -125,6 +128,7 @@ class Manifest:
             "components": {name: rec.to_dict() for name, rec in self.components.items()},
             "tokenizer": [asdict(f) for f in self.tokenizer],
             "tokenizer_scheme": self.tokenizer_scheme,
+            "family": self.family,
         }
 
     @classmethod
@@ -138,6 +142,7 @@ class Manifest:
             tokenizer=tuple(FileRecord(**f) for f in data.get("tokenizer", [])),
             format=data.get("format", MANIFEST_FORMAT),
             tokenizer_scheme=data.get("tokenizer_scheme", "mnn"),
+            family=data.get("family", ""),
         )
 
     def write(self, path: Path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sd2mnn.errors import InputError
+from sd2mnn.mtok_codes import Decoder, Model, Normalizer, PreTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -373,21 +374,21 @@ def _norm_table(form: str) -> bytes:
 def _write_normalizer(fp: BinaryIO, norm: dict | None) -> None:
     kind = (norm or {}).get("type", "")
     if norm is None:
-        fp.write(_u8(0))
+        fp.write(_u8(Normalizer.NONE))
     elif kind in ("NFKC", "Precompiled", "NFKD"):
-        fp.write(_u8(6) + _norm_table("NFKC"))
+        fp.write(_u8(Normalizer.NFKC) + _norm_table("NFKC"))
     elif kind == "NFC":
-        fp.write(_u8(6) + _norm_table("NFC"))
+        fp.write(_u8(Normalizer.NFKC) + _norm_table("NFC"))
     elif kind == "CodepointMap":  # sd2mnn's own: a per-code-point table, as MNN reads NFKC's
         mapping = sorted((int(cp), text) for cp, text in norm["map"].items())
-        fp.write(_u8(6) + _u32(len(mapping)) + b"".join(_u32(cp) + _str(text) for cp, text in mapping))
+        fp.write(_u8(Normalizer.NFKC) + _u32(len(mapping)) + b"".join(_u32(cp) + _str(text) for cp, text in mapping))
     elif kind == "Prepend":
-        fp.write(_u8(2) + _str(norm.get("prepend", "")))
+        fp.write(_u8(Normalizer.PREPEND) + _str(norm.get("prepend", "")))
     elif kind == "Replace":
-        fp.write(_u8(3) + _str(_pattern(norm, ("String",))) + _str(norm.get("content", "")))
+        fp.write(_u8(Normalizer.REPLACE) + _str(_pattern(norm, ("String",))) + _str(norm.get("content", "")))
     elif kind == "Sequence":
         children = norm.get("normalizers", [])
-        fp.write(_u8(4) + _u32(len(children)))
+        fp.write(_u8(Normalizer.SEQUENCE) + _u32(len(children)))
         for child in children:
             _write_normalizer(fp, child)
     elif kind == "BertNormalizer":
@@ -398,45 +399,45 @@ def _write_normalizer(fp: BinaryIO, norm: dict | None) -> None:
         strip = int(strip or False)
         flags = bytes([int(norm.get("clean_text", True)), int(norm.get("handle_chinese_chars", True)),
                        strip, int(lowercase)])
-        fp.write(_u8(7 if strip else 5) + flags + (_norm_table("NFD") if strip else b""))
+        fp.write(_u8(Normalizer.BERT_WITH_NFD if strip else Normalizer.BERT) + flags + (_norm_table("NFD") if strip else b""))
     elif kind == "Lowercase":
-        fp.write(_u8(5) + bytes([0, 0, 0, 1]))
+        fp.write(_u8(Normalizer.BERT) + bytes([0, 0, 0, 1]))
     elif kind == "StripAccents":
-        fp.write(_u8(7) + bytes([0, 0, 1, 0]) + _norm_table("NFD"))
+        fp.write(_u8(Normalizer.BERT_WITH_NFD) + bytes([0, 0, 1, 0]) + _norm_table("NFD"))
     elif kind == "Strip":
-        fp.write(_u8(8) + bytes([int(norm.get("strip_left", True)), int(norm.get("strip_right", True))]))
+        fp.write(_u8(Normalizer.STRIP) + bytes([int(norm.get("strip_left", True)), int(norm.get("strip_right", True))]))
     else:
         log.warning("tokenizer.mtok: normalizer %r is not supported by MNN; written as none", kind)
-        fp.write(_u8(0))
+        fp.write(_u8(Normalizer.NONE))
 
 
 def _write_pre_tokenizer(fp: BinaryIO, pre: dict | None) -> None:
     kind = (pre or {}).get("type", "")
     if pre is None:
-        fp.write(_u8(0))
+        fp.write(_u8(PreTokenizer.NONE))
     elif kind == "ByteLevel":
-        fp.write(_u8(1) + _u8(int(pre.get("use_regex", True))))
+        fp.write(_u8(PreTokenizer.BYTE_LEVEL) + _u8(int(pre.get("use_regex", True))))
     elif kind == "Digits":
-        fp.write(_u8(2) + _u8(int(pre.get("individual_digits", False))))
+        fp.write(_u8(PreTokenizer.DIGITS) + _u8(int(pre.get("individual_digits", False))))
     elif kind == "Metaspace":
         replacement = pre.get("str_rep") or pre.get("replacement", "\u2581")
-        fp.write(_u8(3) + _str(replacement) + _u8(int(pre.get("add_prefix_space", True))))
+        fp.write(_u8(PreTokenizer.METASPACE) + _str(replacement) + _u8(int(pre.get("add_prefix_space", True))))
     elif kind == "Split":
         behavior = {"Isolated": 0, "MergedWithPrevious": 2}.get(pre.get("behavior", "Isolated"), 1)
-        fp.write(_u8(4) + _str(_pattern(pre, ("Regex", "String")))
+        fp.write(_u8(PreTokenizer.SPLIT) + _str(_pattern(pre, ("Regex", "String")))
                  + bytes([int(pre.get("invert", False)), behavior]))
     elif kind == "BertPreTokenizer":
-        fp.write(_u8(5))
+        fp.write(_u8(PreTokenizer.BERT))
     elif kind == "Sequence":
         children = pre.get("pretokenizers", [])
-        fp.write(_u8(6) + _u32(len(children)))
+        fp.write(_u8(PreTokenizer.SEQUENCE) + _u32(len(children)))
         for child in children:
             _write_pre_tokenizer(fp, child)
     elif kind == "WhitespaceSplit":  # as a Split on \s+, behavior Removed
-        fp.write(_u8(4) + _str("\\s+") + bytes([0, 1]))
+        fp.write(_u8(PreTokenizer.SPLIT) + _str("\\s+") + bytes([0, 1]))
     else:
         log.warning("tokenizer.mtok: pre-tokenizer %r is not supported by MNN; written as none", kind)
-        fp.write(_u8(0))
+        fp.write(_u8(PreTokenizer.NONE))
 
 
 def _write_model(fp: BinaryIO, tj: dict) -> None:
@@ -457,7 +458,7 @@ def _write_model(fp: BinaryIO, tj: dict) -> None:
         byte_level = int(pre.get("type") == "Sequence" and not _has_byte_level(pre.get("pretokenizers", []))
                          and (dec.get("type") == "ByteLevel"
                               or dec.get("type") == "Sequence" and _has_byte_level(dec.get("decoders", []))))
-        fp.write(_u8(0) + _u32(len(vocab)) + bytes([int(model.get("byte_fallback", False)), byte_level])
+        fp.write(_u8(Model.BPE) + _u32(len(vocab)) + bytes([int(model.get("byte_fallback", False)), byte_level])
                  + _u32(len(merges)))
         _write_sorted_vocab(fp, vocab)
         # (id1, id2, rank) sorted by (id1 << 32 | id2): the C++ binary-searches this.
@@ -474,14 +475,14 @@ def _write_model(fp: BinaryIO, tj: dict) -> None:
         fp.write(b"".join(struct.pack("<III", *p) for p in pairs))
     elif kind == "WordPiece":
         max_chars = model.get("max_input_chars_per_word", 100)
-        fp.write(_u8(1) + _u32(len(vocab)) + _str(model.get("unk_token", "[UNK]"))
+        fp.write(_u8(Model.WORDPIECE) + _u32(len(vocab)) + _str(model.get("unk_token", "[UNK]"))
                  + _str(model.get("continuing_subword_prefix", "##"))
                  + _u32(model.get("max_input_bytes_per_word", max_chars)))
         _write_sorted_vocab(fp, vocab)
     elif kind == "Unigram":
         entries = sorted((item[0], i, item[1]) for i, item in enumerate(vocab)
                          if isinstance(item, list) and len(item) >= 2)
-        fp.write(_u8(2) + _u32(len(entries)) + _u32(model.get("unk_id", 0))
+        fp.write(_u8(Model.UNIGRAM) + _u32(len(entries)) + _u32(model.get("unk_id", 0))
                  + _u8(int(model.get("byte_fallback", False))))
         for token, token_id, score in entries:
             fp.write(_str(token) + _u32(token_id) + struct.pack("<d", score))
@@ -502,23 +503,23 @@ def _write_sorted_vocab(fp: BinaryIO, vocab: dict) -> None:
 def _write_decoder(fp: BinaryIO, dec: dict | None) -> None:
     kind = (dec or {}).get("type", "")
     if dec is None or kind == "ByteLevel":
-        fp.write(_u8(0))  # the C++ reads 0 as ByteLevel (also when there is no decoder)
+        fp.write(_u8(Decoder.BYTE_LEVEL))  # the C++ reads 0 as ByteLevel (also when there is no decoder)
     elif kind == "ByteFallback":
-        fp.write(_u8(1))
+        fp.write(_u8(Decoder.BYTE_FALLBACK))
     elif kind == "Metaspace":
-        fp.write(_u8(2) + _str(dec.get("replacement", "\u2581")) + _u8(int(dec.get("add_prefix_space", True))))
+        fp.write(_u8(Decoder.METASPACE) + _str(dec.get("replacement", "\u2581")) + _u8(int(dec.get("add_prefix_space", True))))
     elif kind == "WordPiece":
-        fp.write(_u8(3) + _str(dec.get("prefix", "##")) + _u8(int(dec.get("cleanup", True))))
+        fp.write(_u8(Decoder.WORDPIECE) + _str(dec.get("prefix", "##")) + _u8(int(dec.get("cleanup", True))))
     elif kind == "Fuse":
-        fp.write(_u8(4))
+        fp.write(_u8(Decoder.FUSE))
     elif kind == "Replace":
-        fp.write(_u8(5) + _str(_pattern(dec, ("String",))) + _str(dec.get("content", "")))
+        fp.write(_u8(Decoder.REPLACE) + _str(_pattern(dec, ("String",))) + _str(dec.get("content", "")))
     elif kind == "Strip":
-        fp.write(_u8(6) + _str(dec.get("content", "")) + struct.pack("<II", dec.get("start", 0), dec.get("stop", 0)))
+        fp.write(_u8(Decoder.STRIP) + _str(dec.get("content", "")) + struct.pack("<II", dec.get("start", 0), dec.get("stop", 0)))
     elif kind == "Sequence":
         children = dec.get("decoders", [])
-        fp.write(_u8(7) + _u32(len(children)))
+        fp.write(_u8(Decoder.SEQUENCE) + _u32(len(children)))
         for child in children:
             _write_decoder(fp, child)
     else:
-        fp.write(_u8(0))
+        fp.write(_u8(Decoder.BYTE_LEVEL))

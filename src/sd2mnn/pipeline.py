@@ -32,15 +32,18 @@ from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME, TOKENIZER_DIR
 from sd2mnn.manifest import FileRecord, read_manifest, record_mismatch
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
 from sd2mnn.runtime import WINOGRAD_MEMORY_LEVEL, MnnModel, OrtModel, RuntimeConfig, mnn_runtime_manager
-from sd2mnn.scheduler import MAX_STEPS, MIN_STEPS, PLMSScheduler, clamp_steps
+from sd2mnn import schedulers
+from sd2mnn.families import SD15, Family
+from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS, clamp_steps
 
-GUIDANCE_SCALE = 7.5  # unet(): "scaleptr[0] = 7.5"
+# The SD1.x families' recipe (sd2mnn.families.stable_diffusion): the defaults a caller sees.
+GUIDANCE_SCALE = SD15.recipe.guidance  # unet(): "scaleptr[0] = 7.5"
 MAX_GUIDANCE = 100.0  # published pipelines use 1..20; beyond this only blank or noise images come out
-LATENT_SCALE = np.float32(1 / 0.18215)  # vae_decoder(): "latent * _Const(1 / 0.18215)", a float
+LATENT_SCALE = np.float32(SD15.recipe.latent_scale)  # vae_decoder(): "latent * _Const(1 / 0.18215)", a float
 DEFAULT_STEPS = 20
 RUNTIMES = ("mnn", "onnxruntime")
 TOKENIZERS = ("runtime", "hf")  # whose ids feed the text encoder (GenerationParams.tokenizer)
-PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+PIPELINE_COMPONENTS = SD15.runtime_components
 # MNN::Interpreter::HintMode value set by StableDiffusion::load() (WINOGRAD_MEMORY_LEVEL: runtime.py).
 DYNAMIC_QUANT_OPTIONS = 5
 MNN_GPU_TUNING_FAST = 1 << 4  # MNNForwardType.h
@@ -67,9 +70,9 @@ def guide(noise_pred: np.ndarray, scale: float = GUIDANCE_SCALE) -> np.ndarray:
     return np.float32(scale) * (text - uncond) + uncond
 
 
-def scale_latents(latent: np.ndarray) -> np.ndarray:
+def scale_latents(latent: np.ndarray, scale: float = LATENT_SCALE) -> np.ndarray:
     """``latent * _Const(1 / 0.18215)``: a multiply by the float nearest 1/0.18215, not a divide."""
-    return latent * LATENT_SCALE
+    return latent * np.float32(scale)
 
 
 def decoded_to_pixels(sample: np.ndarray) -> np.ndarray:
@@ -333,6 +336,11 @@ class Pipeline:
         self.model_hash, self.model_hash_exact = content_hash(self.source, files)
         self._read_sizes()
 
+    @property
+    def family(self) -> Family:
+        """The model family (its recipe: scheduler, latent scaling) the runtime makes of the tokenizer."""
+        return self.tokenizer.runtime.family
+
     def _check_onnx_vocabulary(self) -> None:
         """Before the tokenizer is built from the runtime's ids: a one-line error when its BOS/EOS
         cannot index the text encoder's embedding table."""
@@ -450,7 +458,7 @@ class Pipeline:
         report(StepEvent("text_encoder", 0, 1, timings.text_encoder_s))
 
         latent = params.initial_latents(self.latent_shape)
-        scheduler = PLMSScheduler(params.steps)
+        scheduler = schedulers.make(self.family.recipe.scheduler, params.steps)
         for i, timestep in enumerate(scheduler.timesteps):
             t = time.perf_counter()
             out = self._models["unet"].run(unet_feeds(latent, int(timestep), text_embeddings))["out_sample"]
@@ -459,7 +467,7 @@ class Pipeline:
             report(StepEvent("unet", i, params.steps, timings.step_s[-1]))
 
         t = time.perf_counter()
-        scaled = scale_latents(latent)
+        scaled = scale_latents(latent, self.family.recipe.latent_scale)
         _check_finite(scaled, "the latents", params)
         decoded = self._models["vae_decoder"].run({"latent_sample": scaled})["sample"]
         _check_finite(decoded, "the VAE decoder's output", params)

@@ -382,10 +382,10 @@ def _check_sources(onnx_dir: Path, names: tuple[str, ...]) -> list[str]:
     from sd2mnn.verify_inputs import prompt_ids, static_shape
 
     sources = {n: load_component(onnx_dir, n) for n in names}
-    if "text_encoder" in sources:
-        text = sources["text_encoder"]
-        length = static_shape("text_encoder", text.summary.inputs[0])[1]
-        prompt_ids(onnx_dir, onnx_dir, length, onnx_vocabulary(text.model), text.model)
+    for name, text in sources.items():
+        if COMPONENTS[name].prompt_ids:  # the family's spec: fed the tokenizer's ids
+            length = static_shape(name, text.summary.inputs[0])[1]
+            prompt_ids(onnx_dir, onnx_dir, length, onnx_vocabulary(text.model), text.model)
     infos = tensor_infos({n: (s.summary.inputs, s.summary.outputs) for n, s in sources.items()})
     return runtime_notes(check_tensors(infos, {n: COMPONENTS[n].mnn_name for n in names}))
 

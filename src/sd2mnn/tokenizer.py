@@ -30,33 +30,26 @@ from pathlib import Path
 
 import numpy as np
 
+from sd2mnn import families
 from sd2mnn.errors import InputError
+from sd2mnn.families import PromptFormat
+from sd2mnn.mtok_codes import Decoder, Model, Normalizer, PostOp, PreTokenizer
 
 MTOK_NAME = "tokenizer.mtok"
 
 
-@dataclass(frozen=True)
-class PromptFormat:
-    """What MNN's runtime does with a tokenizer: diffusion_demo's model_type, BOS/EOS, length."""
-
-    name: str
-    model_type: int
-    bos_id: int
-    eos_id: int
-    max_length: int
-
-
-SD15 = PromptFormat("sd15", 0, 49406, 49407, 77)  # CLIP BPE
-TAIYI = PromptFormat("taiyi", 1, 101, 102, 512)  # Chinese BERT WordPiece
+# The prompt formats belong to the model families; these names stay for the tokenizer's users.
+SD15, TAIYI = families.SD15.prompt, families.TAIYI.prompt
 
 
 def prompt_format(model_kind: str) -> PromptFormat:
     """The runtime settings for a tokenizer model kind ("BPE" -> SD1.5, "WordPiece" -> Taiyi)."""
-    formats = {"BPE": SD15, "WordPiece": TAIYI}
-    if model_kind not in formats:
-        raise InputError(f"{model_kind} tokenizers have no MNN SD runtime (it knows CLIP BPE for SD1.5 "
-                         "and BERT WordPiece for Taiyi)")
-    return formats[model_kind]
+    return families.by_tokenizer_model(model_kind).prompt
+
+
+def read_mtok_model_kind(path: Path) -> str:
+    """The tokenizer model kind ("BPE", "WordPiece", ...) a tokenizer.mtok holds."""
+    return _read_mtok(path).model.kind
 
 
 class PromptTokenizer:
@@ -64,7 +57,8 @@ class PromptTokenizer:
 
     def __init__(self, mtok: "_Mtok"):
         self._mtok = mtok
-        self.format = prompt_format(mtok.model.kind)
+        self.family = families.by_tokenizer_model(mtok.model.kind)  # what the runtime makes of this .mtok
+        self.format = self.family.prompt
 
     @classmethod
     def from_dir(cls, path: Path, scheme: str = "diffusers") -> "PromptTokenizer":
@@ -166,19 +160,19 @@ def _read_mtok(path: Path) -> "_Mtok":
 def _read_normalizer(r: _Reader):
     """A function str -> str, or None."""
     kind = r.take("<B")
-    if kind == 0:
+    if kind == Normalizer.NONE:
         return None
-    if kind in (1, 6):  # a per-code-point table (NFKC or NFC); old files (1) carry none
-        table = r.table() if kind == 6 else {}
+    if kind in (Normalizer.NFKC_NO_TABLE, Normalizer.NFKC):  # a per-code-point table; old files carry none
+        table = r.table() if kind == Normalizer.NFKC else {}
         return (lambda text: "".join(" " if _is_control(ord(c)) else table.get(ord(c), c) for c in text)) \
             if table else (lambda text: text)
-    if kind == 2:
+    if kind == Normalizer.PREPEND:
         prefix = r.string()
         return lambda text: prefix + text
-    if kind == 3:
+    if kind == Normalizer.REPLACE:
         pattern, content = r.string(), r.string()
         return _Replace(pattern, content) if pattern else None
-    if kind == 4:
+    if kind == Normalizer.SEQUENCE:
         steps = _fuse_replacements([n for n in (_read_normalizer(r) for _ in range(r.take("<I"))) if n])
 
         def sequence(text):
@@ -186,11 +180,11 @@ def _read_normalizer(r: _Reader):
                 text = step(text)
             return text
         return sequence
-    if kind in (5, 7):
+    if kind in (Normalizer.BERT, Normalizer.BERT_WITH_NFD):
         clean, chinese, strip, lower = (bool(b) for b in r.raw(4))
-        nfd = r.table() if kind == 7 and strip else {}
+        nfd = r.table() if kind == Normalizer.BERT_WITH_NFD and strip else {}
         return lambda text: _bert_normalize(text, clean, chinese, strip and bool(nfd), lower, nfd)
-    if kind == 8:
+    if kind == Normalizer.STRIP:
         left, right = (bool(b) for b in r.raw(2))
         return lambda text: _strip_whitespace(text, left, right)
     raise ValueError(f"unknown normalizer type {kind}")
@@ -237,9 +231,9 @@ def _fuse_replacements(steps: list) -> list:
 def _read_pre_tokenizer(r: _Reader):
     """A function list[str] -> list[str], or None."""
     kind = r.take("<B")
-    if kind == 0:
+    if kind == PreTokenizer.NONE:
         return None
-    if kind == 1:
+    if kind == PreTokenizer.BYTE_LEVEL:
         use_regex = bool(r.take("<B"))
 
         def byte_level(splits):
@@ -247,23 +241,23 @@ def _read_pre_tokenizer(r: _Reader):
                 splits = [p for s in splits if s for p in _regex_scan(s, GPT2_PATTERN)]
             return ["".join(BYTE_TO_CHAR[b] for b in s.encode("utf-8")) for s in splits]
         return byte_level
-    if kind == 2:
+    if kind == PreTokenizer.DIGITS:
         individual = bool(r.take("<B"))
         return lambda splits: [p for s in splits for p in _split_digits(s, individual)]
-    if kind == 3:
+    if kind == PreTokenizer.METASPACE:
         replacement, prefix_space = r.string(), bool(r.take("<B"))
 
         def metaspace(splits):
             splits = [" " + s if prefix_space and s and s[0] != " " else s for s in splits]
             return [s.replace(" ", replacement) for s in splits]
         return metaspace
-    if kind == 4:
+    if kind == PreTokenizer.SPLIT:
         pattern, invert, behavior = r.string(), bool(r.take("<B")), r.take("<B")
         _compile(pattern)  # refuse a pattern sd2mnn cannot reproduce now, not at the first prompt
         return lambda splits: [p for s in splits if s for p in _regex_split(s, pattern, invert, behavior)]
-    if kind == 5:
+    if kind == PreTokenizer.BERT:
         return lambda splits: [p for s in splits for p in _bert_split(s)]
-    if kind == 6:
+    if kind == PreTokenizer.SEQUENCE:
         steps = [p for p in (_read_pre_tokenizer(r) for _ in range(r.take("<I"))) if p]
 
         def sequence(splits):
@@ -276,7 +270,7 @@ def _read_pre_tokenizer(r: _Reader):
 
 def _read_model(r: _Reader) -> "BpeModel | _WordPiece":
     kind, size = r.take("<B"), r.take("<I")
-    if kind == 0:
+    if kind == Model.BPE:
         r.take("<B")  # byte_fallback: unused by the C++, which always tries <0xXX> tokens
         byte_level, n_merges = bool(r.take("<B")), r.take("<I")
         vocab = _read_vocab(r, size)
@@ -285,10 +279,10 @@ def _read_model(r: _Reader) -> "BpeModel | _WordPiece":
             a, b, rank = r.take("<III")
             merges.setdefault((a, b), rank)  # sorted by pair, ties by rank: the first one wins
         return BpeModel(vocab, merges, byte_level)
-    if kind == 1:
+    if kind == Model.WORDPIECE:
         unk, prefix, max_chars = r.string(), r.string(), r.take("<I")
         return _WordPiece(_read_vocab(r, size), unk, prefix, max_chars)
-    raise ValueError("Unigram tokenizers are not supported by sd2mnn" if kind == 2 else f"unknown model type {kind}")
+    raise ValueError("Unigram tokenizers are not supported by sd2mnn" if kind == Model.UNIGRAM else f"unknown model type {kind}")
 
 
 def _read_vocab(r: _Reader, size: int) -> dict[str, int]:
@@ -330,33 +324,33 @@ class _Mtok:
         if r.more():
             count = r.take("<H")
             if len(r.data) - r.pos == 4 * count:  # an older variant: special ids after the text
-                self.post_ops = ((0, -1),) + tuple((1, r.take("<I")) for _ in range(count))
+                self.post_ops = ((PostOp.SEQUENCE, -1),) + tuple((PostOp.SPECIAL_TOKEN, r.take("<I")) for _ in range(count))
             else:
                 ops = []
                 for _ in range(count):
                     kind = r.take("<B")
-                    if kind not in (0, 1):
+                    if kind not in (PostOp.SEQUENCE, PostOp.SPECIAL_TOKEN):
                         break
-                    ops.append((kind, r.take("<I") if kind == 1 else -1))
+                    ops.append((kind, r.take("<I") if kind == PostOp.SPECIAL_TOKEN else -1))
                 self.post_ops = tuple(ops)
 
     def _read_decoder(self, r: _Reader) -> None:
         kind = r.take("<B")
-        if kind == 0:
+        if kind == Decoder.BYTE_LEVEL:
             self.byte_level_decode = True  # MNN reads 0 as ByteLevel
-        elif kind == 2:  # Metaspace: replacement, add_prefix_space
+        elif kind == Decoder.METASPACE:
             r.string()
             r.take("<B")
-        elif kind == 5:  # Replace: pattern, content
+        elif kind == Decoder.REPLACE:
             r.string()
             r.string()
-        elif kind == 3:
+        elif kind == Decoder.WORDPIECE:
             self.wordpiece_prefix = r.string()
             r.take("<B")
-        elif kind == 6:
+        elif kind == Decoder.STRIP:
             r.string()
             r.take("<II")
-        elif kind == 7:
+        elif kind == Decoder.SEQUENCE:
             for _ in range(r.take("<I")):
                 self._read_decoder(r)
 
@@ -378,7 +372,7 @@ class _Mtok:
         ids += self._encode_text(text[start:])
         if self.post_ops:
             ids = [x for kind, token_id in self.post_ops
-                   for x in (ids if kind == 0 else [token_id] if token_id >= 0 else [])]
+                   for x in (ids if kind == PostOp.SEQUENCE else [token_id] if token_id >= 0 else [])]
         return ids
 
     def _encode_text(self, text: str) -> list[int]:

@@ -43,6 +43,7 @@ from sd2mnn._verify_pass import PassError, RunStats, run_pass
 from sd2mnn.bundle import BundleDir
 from sd2mnn.contract import RUNTIME_COMPONENTS, ContractIssue, check_contract, onnx_vocabulary
 from sd2mnn.errors import InputError
+from sd2mnn.families import SD15, Family
 from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME, load_component, parse_components
 from sd2mnn.manifest import read_manifest, record_mismatch, write_json_atomic
 from sd2mnn.progress import NullProgress, Progress
@@ -286,6 +287,7 @@ class _Session:
     progress: Progress
     contract: list[ContractIssue]
     manifest: object
+    family: Family = SD15
     ids: list[np.ndarray] = field(default_factory=list)
     ids_how: str = ""
     embeddings: list[np.ndarray] | None = None  # the ONNX text encoder's last_hidden_state per prompt
@@ -299,16 +301,20 @@ class _Session:
     def prepare_text(self, names: tuple[str, ...]) -> None:
         """Token ids for the prompts and, for a unet verified without its text encoder, the
         ONNX text encoder's embeddings of them."""
-        if not {"text_encoder", "unet"} & set(names) or not (self.onnx_dir / "text_encoder" / "model.onnx").is_file():
+        encoder = self.family.text_encoder
+        specs = self.family.components
+        needs_text = [n for n in names if specs[n].prompt_ids or specs[n].conditioned]
+        if not needs_text or not (self.onnx_dir / encoder / "model.onnx").is_file():
             return
-        text = load_component(self.onnx_dir, "text_encoder")
-        length = static_shape("text_encoder", text.summary.inputs[0])[1]
+        text = load_component(self.onnx_dir, encoder)
+        length = static_shape(encoder, text.summary.inputs[0])[1]
         # Ids the text encoder cannot take are a one-line error here, before either runtime runs.
         self.ids, self.ids_how = prompt_ids(self.mnn_dir, self.onnx_dir, length, onnx_vocabulary(text.model), text.model)
-        if "unet" in names and "text_encoder" not in names:
-            self.progress.update("unet", "embedding", "running the ONNX text encoder for real text embeddings")
+        conditioned = [n for n in names if specs[n].conditioned]
+        if conditioned and encoder not in names:
+            self.progress.update(conditioned[0], "embedding", "running the ONNX text encoder for real text embeddings")
             outputs, _ = self.run("onnxruntime", text, text.model, [{"input_ids": i} for i in self.ids])
-            self.embeddings = [o["last_hidden_state"] for o in outputs]
+            self.embeddings = [o[specs[encoder].conditioning_output] for o in outputs]
 
     def component(self, name: str) -> ComponentResult:
         source = load_component(self.onnx_dir, name)
@@ -320,7 +326,8 @@ class _Session:
             return result
         rng = component_rng(self.seed, name)
         feeds, result.inputs = build_inputs(name, source, rng, self.ids, self.embeddings)
-        if name == "text_encoder":
+        spec = self.family.components[name]
+        if spec.prompt_ids:
             result.inputs += f", ids from {self.ids_how}"
         result.cases = len(feeds)
         try:
@@ -336,10 +343,10 @@ class _Session:
             return result
         for output in source.spec.outputs:
             result.outputs.append(_worst_case(output, [r[output] for r in references], [c[output] for c in candidates]))
-        if name == "text_encoder":
-            self.embeddings = [r["last_hidden_state"] for r in references]
-        if name == "vae_decoder":
-            self.decoded = (references[0]["sample"], candidates[0]["sample"])
+        if spec.conditioning_output:
+            self.embeddings = [r[spec.conditioning_output] for r in references]
+        if spec.picture_output:
+            self.decoded = (references[0][spec.picture_output], candidates[0][spec.picture_output])
         worst = min(o.psnr for o in result.outputs)
         self.progress.update(name, "done" if result.passed else "failed", f"worst PSNR {worst:.1f} dB")
         return result
@@ -357,6 +364,7 @@ def verify(
     threads: int | None = None,
     isolate: bool | None = None,
     prompts: list[str] | None = None,
+    family: Family = SD15,
 ) -> VerificationReport:
     """Compare the bundle in ``mnn_dir`` with the ONNX pipeline in ``onnx_dir`` and check the
     runtime contract. A failed check does not raise: see ``report.passed`` and ``.failures``.
@@ -366,8 +374,9 @@ def verify(
     Thresholds(...)}. ``report_dir`` receives verification.json and vae_decoder.png (ONNX | MNN |
     error map). ``isolate`` runs each runtime pass in a child process (default: for models over
     ISOLATE_ABOVE_BYTES). With the text encoder, ``prompts`` (default: the built-in set) go
-    through the conditioning check (sd2mnn.verify_conditioning). Raises InputError for missing
-    folders or unusable ONNX models.
+    through the conditioning check (sd2mnn.verify_conditioning). ``family`` says which component
+    is fed the prompt ids, conditions the denoiser and draws the picture (both SD1.x families
+    share SD15's). Raises InputError for missing folders or unusable ONNX models.
     """
     started = time.monotonic()
     onnx_dir, mnn_dir = Path(onnx_dir), Path(mnn_dir)
@@ -387,14 +396,14 @@ def verify(
     contract = check_contract(mnn_dir, None if components is None else names) + damaged_files(mnn_dir, manifest, names)
     with tempfile.TemporaryDirectory(prefix="sd2mnn-verify-") as tmp:
         session = _Session(onnx_dir, mnn_dir, seed, thresholds, threads or min(4, os.cpu_count() or 1), isolate,
-                           Path(tmp), progress, contract, manifest)
+                           Path(tmp), progress, contract, manifest, family)
         session.prepare_text(names)
         results = [session.component(name) for name in names]
         conditioning = None
         # The runtime's ids come from the bundle's tokenizer.mtok: without it, the contract says so.
-        if any(r.name == "text_encoder" and r.outputs for r in results) and (mnn_dir / MTOK_NAME).is_file():
+        if any(r.name == family.text_encoder and r.outputs for r in results) and (mnn_dir / MTOK_NAME).is_file():
             progress.update("conditioning", "running", "prompts through both tokenizers and text encoders")
-            big = load_component(onnx_dir, "text_encoder").total_bytes > ISOLATE_ABOVE_BYTES
+            big = load_component(onnx_dir, family.text_encoder).total_bytes > ISOLATE_ABOVE_BYTES
             conditioning = check_conditioning(onnx_dir, mnn_dir, prompts, session.threads,
                                               big if isolate is None else isolate, Path(tmp))
             progress.update("conditioning", "done", conditioning.summary())

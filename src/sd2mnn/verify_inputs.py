@@ -15,16 +15,15 @@ import numpy as np
 
 from sd2mnn.contract import check_runtime_ids, check_vocabulary, expected_tensors
 from sd2mnn.errors import InputError
-from sd2mnn.layout import MTOK_NAME, TOKENIZER_DIR
+from sd2mnn.layout import COMPONENTS, MTOK_NAME, TOKENIZER_DIR
 
 PROMPTS = (
     "a photo of a cat",
     "an astronaut riding a horse on the moon",
     "portrait of an old man, oil painting, high quality, detailed",
 )
-# Inputs per component; the unet's are spread over the timesteps.
-CASES = {"text_encoder": len(PROMPTS), "unet": 3, "vae_decoder": 2, "vae_encoder": 2}
-VAE_SCALE = 0.18215  # SD1.5's latent scaling factor, as in MNN's runtime
+# Inputs per component (the family's; the unet's are spread over the timesteps).
+CASES = {name: spec.verify_cases for name, spec in COMPONENTS.items()}
 
 
 def component_rng(seed: int, name: str) -> np.random.Generator:
@@ -67,45 +66,10 @@ def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int, vocabulary: int | Non
     return ids, how
 
 
-def _smooth_image(rng: np.random.Generator, shape: list[int]) -> np.ndarray:
-    """A photo-like image in [-1, 1]: an 8x8 random picture upscaled bicubically, plus grain."""
-    from PIL import Image
-
-    n, channels, height, width = shape
-    small = Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8))
-    big = np.asarray(small.resize((width, height), Image.BICUBIC), dtype=np.float32)[..., :channels]
-    image = big / 127.5 - 1.0 + rng.normal(0, 0.02, size=big.shape).astype(np.float32)
-    return np.clip(image.transpose(2, 0, 1)[None], -1.0, 1.0).repeat(n, axis=0).astype(np.float32)
-
-
 def build_inputs(name: str, source, rng: np.random.Generator, ids: list[np.ndarray],
                  embeddings: list[np.ndarray] | None) -> tuple[list[dict[str, np.ndarray]], str]:
-    """The feeds for one component's cases, and a line saying what they are."""
+    """The feeds for one component's cases (made as its family's spec says), and a line saying what they are."""
     specs = {t.name: t for t in source.summary.inputs}
     shape = {n: static_shape(name, t) for n, t in specs.items()}
     dtype = {n: np.dtype(t.dtype) for n, t in specs.items()}
-    cases = CASES[name]
-    if name == "text_encoder":
-        return [{"input_ids": i.astype(dtype["input_ids"])} for i in ids], f"{len(ids)} prompts"
-    if name == "unet":
-        steps = np.linspace(999, 1, cases).round().astype(int)
-        hidden_shape = shape["encoder_hidden_states"]
-        usable = embeddings and list(embeddings[0].shape) == hidden_shape
-        feeds = []
-        for i, step in enumerate(steps):
-            batch, *latent = shape["sample"]
-            latents = rng.standard_normal([1, *latent]).astype(np.float32)
-            hidden = embeddings[i % len(embeddings)] if usable else rng.standard_normal(hidden_shape).astype(np.float32)
-            feeds.append({
-                "sample": np.repeat(latents, batch, axis=0),  # the runtime's [latents, latents] batch
-                "timestep": np.array([step], dtype=dtype["timestep"]),
-                "encoder_hidden_states": hidden.astype(np.float32),
-            })
-        text = "ONNX text encoder output" if usable else "random text embeddings (no usable text encoder)"
-        return feeds, f"timesteps {', '.join(map(str, steps))}; latents ~N(0,1); {text}"
-    if name == "vae_decoder":
-        feeds = [{"latent_sample": (rng.standard_normal(shape["latent_sample"]) / VAE_SCALE).astype(np.float32)}
-                 for _ in range(cases)]
-        return feeds, f"{cases} latents ~N(0,1) / {VAE_SCALE}"
-    feeds = [{"sample": _smooth_image(rng, shape["sample"])} for _ in range(cases)]
-    return feeds, f"{cases} smooth random images in [-1, 1]"
+    return COMPONENTS[name].verify_feeds(shape, dtype, rng, ids, embeddings, CASES[name])

@@ -13,7 +13,8 @@ from sd2mnn.cli._common import native_stdout_to_stderr, print_json, terminate_as
 from sd2mnn.errors import InputError
 from sd2mnn.images import check_png_path, probe_folder, write_failure
 from sd2mnn.noise import METHODS
-from sd2mnn.scheduler import MAX_STEPS, MIN_STEPS
+from sd2mnn.families import SD15
+from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS
 
 EXAMPLES = """examples:
   sd2mnn generate mnn/ "a photo of a cat" -o cat.png --seed 42
@@ -55,7 +56,7 @@ def register(subparsers) -> None:
     draw.add_argument("--latents", metavar="FILE", help="start from these latents (.npy, or a .txt of 16384 numbers "
                       "like MNN_DUMP_DATA's random.txt) instead of drawing noise")
     draw.add_argument("--save-latents", metavar="FILE.npy", help="also save the initial latents used")
-    draw.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s, MNN's; "
+    draw.add_argument("--guidance", type=float, default=SD15.recipe.guidance, help="guidance scale (default: %(default)s, MNN's; "
                       "others no longer match MNN's runtime)")
     draw.add_argument("--tokenizer", choices=("runtime", "hf"), default="runtime",
                       help="whose token ids condition the image: runtime (default): the ids MNN's runtime feeds, "

@@ -1,0 +1,91 @@
+"""What a model family is: its components and their tensors, its prompt format, how its export
+is checked, how verify feeds it, and how MNN's runtime draws with it. One frozen dataclass per
+family (as optimum keeps one OnnxConfig per architecture), so the engines ask the family instead
+of branching on a component's name."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+# (dtype, shape) per tensor name; None in a shape is a dimension the runtime leaves free.
+TensorShapes = dict[str, tuple[str, list]]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """What MNN's runtime does with a tokenizer: diffusion_demo's model_type, BOS/EOS, length."""
+
+    name: str
+    model_type: int
+    bos_id: int
+    eos_id: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A pipeline component: the tensor names MNN's runtime loads it with, the shapes it fixes,
+    how verify feeds it and how closely its ONNX export must follow PyTorch."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    default: bool  # converted unless --components says otherwise
+    # (text length, text hidden size) -> the runtime's fixed tensors; empty when the runtime
+    # never loads the component.
+    runtime_tensors: Callable[[int, int | None], TensorShapes] = field(default=lambda length, hidden: {}, compare=False)
+    # (shapes, dtypes, rng, prompt ids, text embeddings, cases) -> (feeds, what they are).
+    verify_feeds: Callable | None = field(default=None, compare=False)
+    verify_cases: int = 1
+    export_atol: float = 1e-3  # |onnx - torch| <= atol * max(1, max |torch|)
+    # The one external-data file export gathers the weights into ("" : inline, unless over 2 GB).
+    weights_file: str = ""
+    # Its part in the pipeline, for the engines that chain components:
+    prompt_ids: bool = False  # fed the tokenizer's ids (verify and bench make them first)
+    conditioning_output: str = ""  # the output the denoiser is conditioned on
+    conditioned: bool = False  # takes the text encoder's conditioning_output
+    picture_output: str = ""  # the image verify's report draws
+
+    @property
+    def mnn_name(self) -> str:
+        return f"{self.name}.mnn"
+
+    @property
+    def weight_name(self) -> str:
+        # The runtime derives the weight file's name from the model's: "<model>.mnn.weight".
+        return f"{self.name}.mnn.weight"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How MNN's runtime draws an image with the family."""
+
+    scheduler: str  # a name in sd2mnn.schedulers.SCHEDULERS
+    guidance: float
+    latent_scale: float  # the decoder's input is latents * float32(latent_scale)
+    latent_shape: tuple[int, ...]
+    image_size: int
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    prompt: PromptFormat
+    tokenizer_model: str  # the tokenizer.json model kind that marks the family ("BPE", "WordPiece")
+    components: dict[str, ComponentSpec]
+    runtime_components: tuple[str, ...]  # the ones MNN's runtime loads, in run order
+    recipe: Recipe
+    check_prompts: tuple[str, ...]  # what export's fidelity check encodes
+
+    @property
+    def default_components(self) -> tuple[str, ...]:
+        return tuple(n for n, s in self.components.items() if s.default)
+
+    @property
+    def text_encoder(self) -> str:
+        """The component fed the prompt ids."""
+        return next(n for n, s in self.components.items() if s.prompt_ids)
+
+    @property
+    def text_length(self) -> int:
+        return self.prompt.max_length

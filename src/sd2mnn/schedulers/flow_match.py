@@ -1,0 +1,77 @@
+"""Flow-matching Euler, exactly as MNN 3.6.1's SD3.5 runtime runs it, in numpy float32.
+
+Read against MNN ``transformers/diffusion/engine/src/diffusion_sd35.cpp``:
+
+* ``DiffusionSD35::run()``: for N > 1, ``t = 1 + i * (0.001 - 1) / (N - 1)`` (a float linspace
+  from 1 to 1/1000), shifted ``3t / (1 + 2t)``, times 1000, stored in ``std::vector<int>
+  mTimeSteps``: truncated to an integer. N = 1 is ``[1000]``. The transformer's ``timestep``
+  input at call i is that integer, as a float.
+* ``DiffusionSD35::step_flow_match()``: ``sigma = mTimeSteps[i] / 1000``, ``sigma_next`` the
+  next one's (0 after the last), ``x_next = x + v * (sigma_next - sigma)``.
+
+How this differs from diffusers' ``FlowMatchEulerDiscreteScheduler(shift=3.0)``
+(tests/test_schedulers.py checks each point):
+
+* diffusers shifts the end of its schedule twice: its ``sigma_min`` is the shifted 1/1000, and
+  ``set_timesteps`` shifts ``linspace(1, sigma_min, N)`` again, so its last sigma is about
+  0.0089 where MNN's is ``int(1000 * shift(0.001)) / 1000 = 0.002``. The first sigma (1) and the
+  final 0 agree; the ones between differ by the truncation and the endpoint.
+* diffusers feeds the transformer ``sigma * 1000`` as a float (857.69...); MNN the truncated
+  integer (857).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sd2mnn.schedulers.plms import MAX_STEPS, MIN_STEPS
+
+NUM_TRAIN_TIMESTEPS = 1000
+SHIFT = 3.0  # DiffusionSD35::run() "float shift = 3.0f"
+
+_F = np.float32
+
+
+def sd35_timesteps(num_inference_steps: int, shift: float = SHIFT) -> np.ndarray:
+    """``mTimeSteps``: int32, descending, one per transformer call."""
+    n = int(num_inference_steps)
+    if n != num_inference_steps or not MIN_STEPS <= n <= MAX_STEPS:
+        raise ValueError(f"num_inference_steps must be an integer in {MIN_STEPS}..{MAX_STEPS}, got {num_inference_steps!r}")
+    if n == 1:
+        return np.array([NUM_TRAIN_TIMESTEPS], dtype=np.int32)
+    start, end, shift = _F(1.0), _F(1.0) / _F(1000.0), _F(shift)
+    out = []
+    for i in range(n):
+        t_linear = start + _F(i) * (end - start) / _F(n - 1)
+        t_shifted = (shift * t_linear) / (_F(1.0) + (shift - _F(1.0)) * t_linear)
+        out.append(int(t_shifted * _F(1000.0)))  # float -> int conversion truncates toward 0
+    return np.array(out, dtype=np.int32)
+
+
+@dataclass(eq=False)
+class FlowMatchEulerScheduler:
+    """``step_flow_match`` for one run of ``num_inference_steps`` transformer calls.
+
+    Call ``step(v, i, sample)`` for i = 0, ..., N-1, with ``v`` the guided transformer output at
+    ``timesteps[i]``."""
+
+    num_inference_steps: int
+    shift: float = SHIFT
+    timesteps: np.ndarray = field(init=False)
+    sigmas: np.ndarray = field(init=False, repr=False)  # N + 1 float32 values, the last 0
+
+    def __post_init__(self):
+        self.timesteps = sd35_timesteps(self.num_inference_steps, self.shift)
+        self.sigmas = np.append(self.timesteps.astype(np.float32) / _F(1000.0), _F(0.0)).astype(np.float32)
+
+    def reset(self) -> None:
+        """Nothing to clear: each step depends on its index alone."""
+
+    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        """``x + v * (sigma_next - sigma)``, each operation rounded to float32."""
+        if not 0 <= index < len(self.timesteps):
+            raise IndexError(f"step index {index} outside 0..{len(self.timesteps) - 1}")
+        dt = self.sigmas[index + 1] - self.sigmas[index]
+        model_output = np.asarray(model_output, dtype=np.float32)
+        return np.asarray(sample, dtype=np.float32) + model_output * dt

@@ -1,0 +1,18 @@
+"""Conversion, generation and verification of the demo pipeline give exactly what they gave
+before the model family facts moved into sd2mnn.families (tests/data/demo_behaviour.json)."""
+from __future__ import annotations
+
+import json
+
+from behaviour import FIXTURE, fingerprint
+
+
+def test_demo_behaviour_is_unchanged(tmp_path):
+    recorded = json.loads(FIXTURE.read_text())
+    now = fingerprint(tmp_path)
+    # The family name is new in the manifest; everything else is as recorded.
+    assert now["manifest"].pop("family", "sd15") == "sd15"
+    assert now["files"] == recorded["files"]
+    assert now["manifest"] == recorded["manifest"]
+    assert now["pixels"] == recorded["pixels"]
+    assert now["verification"] == recorded["verification"]
