@@ -17,8 +17,9 @@ from sd2mnn.layout import COMPONENTS
 def test_run_module_kills_at_the_timeout(tmp_path):
     done = run_module("sd2mnn.demo", [], tmp_path, timeout=60)  # a module without a main: exits 0
     assert done.returncode == 0 and not done.timed_out
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(60)\n")  # found in the child's cwd
     started = time.monotonic()
-    slow = run_module("sd2mnn._verify_pass", [], tmp_path, timeout=0.2)  # killed while importing numpy
+    slow = run_module("sleeper", [], tmp_path, timeout=0.5)
     assert slow.timed_out and time.monotonic() - started < 10
 
 
