@@ -104,7 +104,7 @@ class BundleDir:
     # -- finished components waiting for the commit --------------------------------------
 
     def pending(self) -> dict[str, tuple[ComponentRecord, Path]]:
-        """Components an earlier run finished but never committed: name -> (record, folder)."""
+        """Components an interrupted run finished but never committed: name -> (record, folder)."""
         found = {}
         if not self.pending_dir.is_dir():
             return found

@@ -131,7 +131,7 @@ def convert(
         for name in plan.reused:
             progress.update(name, "reused", "up to date")
         for name in plan.resumed:
-            progress.update(name, "resumed", "finished by an earlier run")
+            progress.update(name, "resumed", "finished by an interrupted run")
         for job in plan.to_convert:
             progress.update(job.name, "waiting", job.reason)
         finished = _run_jobs(plan, bundle, jobs, progress)
@@ -144,7 +144,7 @@ def convert(
     outcomes = [
         ComponentOutcome(name, "reused", "up to date", rec) for name, rec in plan.reused.items()
     ] + [
-        ComponentOutcome(name, "resumed", "finished by an earlier run", rec) for name, rec in plan.resumed.items()
+        ComponentOutcome(name, "resumed", "finished by an interrupted run", rec) for name, rec in plan.resumed.items()
     ] + [
         ComponentOutcome(job.name, "converted", job.reason, manifest.components[job.name]) for job in plan.to_convert
     ]
