@@ -295,7 +295,7 @@ def build_id_rewrite(tokenizer_json: dict, runtime, bos: int, eos: int, pad: int
     # (cat</w>) or not (cat), so that a last word's final tokens are found whole or, failing
     # that, for its longest tail that is a token's text.
     hf = Tokenizer.from_str(json.dumps(tokenizer_json))
-    decoder = _byte_decoder()
+    from sd2mnn.tokenizer import CHAR_TO_BYTE as decoder
     words, seen = [], set()
     for token in vocab:
         core = token[:-len(END_OF_WORD)] if token.endswith(END_OF_WORD) else token
@@ -320,12 +320,6 @@ def build_id_rewrite(tokenizer_json: dict, runtime, bos: int, eos: int, pad: int
     return IdRewrite(bos, eos, pad, always, boundary, final,
                      np.array(keys, np.int32).reshape(-1, KEY_LENGTH),
                      np.array(values, np.int32).reshape(-1, KEY_LENGTH), lengths)
-
-
-def _byte_decoder() -> dict[str, int]:
-    from sd2mnn.tokenizer import CHAR_TO_BYTE
-
-    return CHAR_TO_BYTE
 
 
 def rewrite_ids(ids: np.ndarray, rw: IdRewrite) -> np.ndarray:

@@ -25,6 +25,7 @@ from sd2mnn.converter import find_converter
 from sd2mnn.errors import ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError
 from sd2mnn.layout import LOGS_DIR, MANIFEST_NAME, MTOK_NAME, open_onnx_pipeline, parse_components
 from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
+from sd2mnn.mtok import write_mtok
 from sd2mnn.onnx_scan import TensorSpec, check_external_data
 from sd2mnn.plan import (
     OUTPUT_PER_SOURCE_BYTE,
@@ -116,17 +117,20 @@ def convert(
     if mnn_path.resolve() == onnx.root.resolve():
         raise InputError(f"{mnn_path} is the ONNX folder itself; write the bundle to another folder")
 
-    scheme, prefixes = _conditioning(onnx, options, previous)
-
     with _os_errors_as_one_line(mnn_path), BundleDir(mnn_path) as bundle:
+        # The tokenizer first: a tokenizer sd2mnn cannot write must fail before any converter
+        # runs. The text encoder's prefix graph is built from the very tokenizer.mtok staged.
+        progress.update("tokenizer", "writing", MTOK_NAME)
+        scheme = _tokenizer_scheme(options, previous)
+        tokenizer_scratch = bundle.new_scratch("tokenizer")
+        write_mtok(onnx.tokenizer_dir, tokenizer_scratch / MTOK_NAME, scheme)
+        prefixes = _prefixes(onnx, options, scheme, tokenizer_scratch / MTOK_NAME)
         plan = plan_conversion(onnx, mnn_path, converter, options, previous, bundle.pending(), prefixes)
         _check_foreign_files(plan)
         _check_disk_space(plan, bundle)
         jobs = options.jobs or default_jobs([expected_peak(j) for j in plan.to_convert])
-        # The tokenizer first: a tokenizer sd2mnn cannot write must fail before any converter runs.
-        progress.update("tokenizer", "writing", MTOK_NAME)
         tokenizer_staged: dict[str, Path] = {}
-        tokenizer_files, family = _stage_tokenizer(plan, bundle, tokenizer_staged, scheme)
+        tokenizer_files, family = _stage_tokenizer(plan, tokenizer_scratch, tokenizer_staged)
         progress.update("tokenizer", "done", MTOK_NAME)
         for name in plan.reused:
             progress.update(name, "reused", "up to date")
@@ -224,19 +228,23 @@ class _Running:
         return expected_peak(self.job) if self.phase == "converting" else expected_peak(self.job) // 2
 
 
-def _conditioning(onnx, options: ConvertOptions, previous: Manifest | None) -> tuple[str, dict]:
-    """The tokenizer scheme of the bundle and the text encoder's prefix graph, if it needs one.
-    The scheme follows the text encoder: a run that leaves the bundle's text encoder alone keeps
-    the .mtok that goes with it."""
-    from sd2mnn.conditioning import TextEncoderPrefix, load_rewrite
-
-    scheme = options.tokenizer
+def _tokenizer_scheme(options: ConvertOptions, previous: Manifest | None) -> str:
+    """The bundle's tokenizer scheme. It follows the text encoder: a run that leaves the bundle's
+    text encoder alone keeps the .mtok that goes with it."""
     if "text_encoder" not in options.components and previous and "text_encoder" in previous.components:
-        scheme = previous.tokenizer_scheme
-    rewrite = load_rewrite(onnx.tokenizer_dir, scheme)
-    if rewrite is None or "text_encoder" not in options.components:
-        return scheme, {}
-    return scheme, {"text_encoder": TextEncoderPrefix(rewrite)}
+        return previous.tokenizer_scheme
+    return options.tokenizer
+
+
+def _prefixes(onnx, options: ConvertOptions, scheme: str, mtok: Path) -> dict:
+    """The text encoder's prefix graph (sd2mnn.conditioning), where the scheme needs one."""
+    from sd2mnn.conditioning import TextEncoderPrefix, load_rewrite
+    from sd2mnn.tokenizer import PromptTokenizer
+
+    if "text_encoder" not in options.components:
+        return {}
+    rewrite = load_rewrite(onnx.tokenizer_dir, scheme, PromptTokenizer.from_dir(mtok))
+    return {"text_encoder": TextEncoderPrefix(rewrite)} if rewrite is not None else {}
 
 
 def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict) -> _Running:
@@ -409,18 +417,13 @@ def _stage_components(
     return staged, records
 
 
-def _stage_tokenizer(plan: ConversionPlan, bundle: BundleDir, staged: dict[str, Path],
-                     scheme: str) -> tuple[tuple[FileRecord, ...], str]:
-    """Copy the tokenizer files and write tokenizer.mtok into a scratch folder; stage the ones
-    whose content differs from the bundle's. Also the model family the tokenizer.mtok makes
-    MNN's runtime run ("" for one it has no runtime for)."""
-    from sd2mnn.mtok import write_mtok
-
-    scratch = bundle.new_scratch("tokenizer")
+def _stage_tokenizer(plan: ConversionPlan, scratch: Path, staged: dict[str, Path]) -> tuple[tuple[FileRecord, ...], str]:
+    """Copy the tokenizer files into ``scratch``, beside the tokenizer.mtok written there; stage
+    the ones whose content differs from the bundle's. Also the model family the tokenizer.mtok
+    makes MNN's runtime run ("" for one it has no runtime for)."""
     for item in sorted(plan.onnx.tokenizer_dir.iterdir()):
         if item.is_file():
             shutil.copy2(item, scratch / item.name)
-    write_mtok(plan.onnx.tokenizer_dir, scratch / MTOK_NAME, scheme)
     try:
         family = families.detect(scratch / MTOK_NAME).name
     except InputError:

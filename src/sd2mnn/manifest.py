@@ -52,14 +52,7 @@ class FileRecord:
 
     def is_intact(self, root: Path) -> bool:
         """The file at ``root/path`` still has this content (hashing only if size/mtime moved)."""
-        path = root / self.path
-        try:
-            stat = path.stat()
-        except OSError:
-            return False
-        if stat.st_size != self.size:
-            return False
-        return stat.st_mtime_ns == self.mtime_ns or sha256_file(path) == self.sha256
+        return (root / self.path).is_file() and record_mismatch(self, root, content=True) is None
 
 
 @dataclass(frozen=True)
