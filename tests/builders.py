@@ -453,3 +453,98 @@ def make_config_folder(pipeline_dir: str | Path, out_dir: str | Path) -> Path:
     src, out = Path(pipeline_dir), Path(out_dir)
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3 (StableDiffusion3Pipeline): two CLIPs with projections, T5, an MMDiT transformer, a 16-channel VAE
+# ---------------------------------------------------------------------------------------------
+# Widths keep SD3.5 Medium's relations at a few channels: the transformer's pooled projections are
+# the two CLIPs' text_embeds side by side (16 + 32), its joint width is T5's (64), wider than the
+# CLIP states side by side (48), which MNN's runtime zero-pads to it.
+SD3_CLIP_L_CONFIG = dict(CLIP_TEXT_CONFIG, hidden_size=16, projection_dim=16, hidden_act="quick_gelu")
+SD3_CLIP_G_CONFIG = dict(CLIP_TEXT_CONFIG, hidden_size=32, intermediate_size=64, projection_dim=32,
+                         num_attention_heads=4, hidden_act="gelu")
+SD3_T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                     relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False)
+# SD3.5 Medium's features (RMS qk-norm, a dual-attention first block) at 16x16 latents, 2 layers.
+SD3_TRANSFORMER_CONFIG = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                              caption_projection_dim=16, pooled_projection_dim=48, pos_embed_max_size=16,
+                              dual_attention_layers=(0,), qk_norm="rms_norm")
+# SD3's VAE: 16 latent channels, its scaling and shift factors, no quant convs; 8x like the real one.
+SD3_VAE_CONFIG = dict(VAE_CONFIG, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                      use_quant_conv=False, use_post_quant_conv=False, sample_size=128)
+SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+SD3_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def write_sd3_tokenizers(out_dir: str | Path) -> Path:
+    """SD3's three tokenizer folders in ``out_dir``: SD1.5's real CLIP BPE as tokenizer/ (pads with
+    <|endoftext|>) and tokenizer_2/ (pads with "!", id 0, as SD3's CLIP-G tokenizer does), and a
+    small T5 Unigram tokenizer as tokenizer_3/."""
+    from clip_tokenizer import write_sd15_tokenizer
+    from t5_tokenizer import write_t5_tokenizer
+
+    out = Path(out_dir)
+    write_sd15_tokenizer(out / "tokenizer")
+    second = write_sd15_tokenizer(out / "tokenizer_2")
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        data = json.loads((second / name).read_text())
+        data["pad_token"] = "!"
+        _write_json(second / name, data)
+    write_t5_tokenizer(out / "tokenizer_3")
+    return out
+
+
+def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, *, transformer: dict | None = None,
+                           vae: dict | None = None, with_t5: bool = True) -> Path:
+    """Save a tiny diffusers StableDiffusion3Pipeline folder at ``out_dir`` and return it.
+
+    Layout as on the hub: model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/,
+    text_encoder_3/ (safetensors), tokenizer/, tokenizer_2/, tokenizer_3/, scheduler/. Seeded random
+    weights, jittered so no parameter sits at its initial constant. ``transformer``, ``vae``: config
+    overrides; ``with_t5=False`` leaves T5 out (text_encoder_3 and tokenizer_3 null in the index).
+    """
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
+                              T5TokenizerFast)
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tokenizers = out / ".tokenizers"
+    write_sd3_tokenizers(tokenizers)
+    t5_vocab = len(T5TokenizerFast.from_pretrained(str(tokenizers / "tokenizer_3")))
+    builders = {
+        "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SD3_CLIP_L_CONFIG)),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SD3_CLIP_G_CONFIG)),
+        "text_encoder_3": lambda: T5EncoderModel(T5Config(vocab_size=t5_vocab, **SD3_T5_CONFIG)),
+        "transformer": lambda: SD3Transformer2DModel(**{**SD3_TRANSFORMER_CONFIG, **(transformer or {})}),
+        "vae": lambda: AutoencoderKL(**{**SD3_VAE_CONFIG, **(vae or {})}),
+    }
+    parts = {}
+    # One generator per component, so changing one config leaves the others' weights alone.
+    for i, (name, build) in enumerate(builders.items()):
+        torch.manual_seed(seed + i)
+        model = build().eval()
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed + 10 + i)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+        parts[name] = model
+    parts["tokenizer"] = CLIPTokenizer.from_pretrained(str(tokenizers / "tokenizer"))
+    parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(tokenizers / "tokenizer_2"))
+    parts["tokenizer_3"] = T5TokenizerFast.from_pretrained(str(tokenizers / "tokenizer_3"))
+    if not with_t5:
+        parts["text_encoder_3"] = parts["tokenizer_3"] = None
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG), **parts)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    # save_pretrained rewrites the tokenizers in the library's current layout: put back the hub's.
+    for name in SD3_TOKENIZERS if with_t5 else SD3_TOKENIZERS[:2]:
+        shutil.rmtree(out / name, ignore_errors=True)
+        shutil.copytree(tokenizers / name, out / name)
+    shutil.rmtree(tokenizers)
+    return out

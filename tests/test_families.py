@@ -52,8 +52,8 @@ def test_detect_names_the_folder_when_it_cannot_tell(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(InputError, match="does not exist"):
         families.detect(tmp_path / "nowhere")
-    with pytest.raises(InputError, match="Unigram"):
-        families.by_tokenizer_model("Unigram")
+    with pytest.raises(InputError, match="WordLevel"):
+        families.by_tokenizer_model("WordLevel")
 
 
 def test_the_family_answers_what_the_engines_used_to_branch_on():
@@ -65,3 +65,54 @@ def test_the_family_answers_what_the_engines_used_to_branch_on():
     assert unet["encoder_hidden_states"] == ("float32", [2, 77, 768]) and unet["timestep"] == ("int32", [1])
     assert SD15.components["vae_encoder"].runtime_tensors(77, 768) == {}  # the runtime never loads it
     assert SD15.recipe.scheduler == "plms" and SD15.recipe.guidance == 7.5
+
+
+def test_detect_sd35_from_diffusers_index_onnx_folder_and_t5_mtok(tmp_path):
+    from sd2mnn.families import SD35
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+                                                        "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    assert families.detect(model) is SD35
+    # An ONNX export or a bundle without a manifest: CLIP's tokenizer/ alone would read as SD1.5.
+    onnx = tmp_path / "onnx"
+    (onnx / "tokenizer").mkdir(parents=True)
+    (onnx / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
+    assert families.detect(onnx) is SD15
+    (onnx / "transformer").mkdir()
+    assert families.detect(onnx) is SD35
+    assert families.by_tokenizer_model("Unigram") is SD35
+
+
+def test_sd35_family_states_the_runtime_contract():
+    from sd2mnn.families import SD35, SD35Dims
+    from sd2mnn.schedulers import SCHEDULERS
+
+    assert SD35.default_components == ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder")
+    assert SD35.runtime_components == SD35.default_components and SD35.denoiser == "transformer"
+    assert SD35.components["text_encoder_3"].runtime_optional
+    assert [s.tokenizer for s in SD35.components.values() if s.prompt_ids] == ["tokenizer", "tokenizer_2", "tokenizer_3"]
+    formats = SD35.prompt_formats
+    assert formats["tokenizer"] is SD15.prompt and formats["tokenizer_2"] is SD15.prompt
+    t5 = formats["tokenizer_3"]
+    assert (t5.bos_id, t5.eos_id, t5.max_length) == (-1, 1, 256)
+    assert SD15.prompt_formats == {"tokenizer": SD15.prompt}
+    runtime = {n: s.runtime_tensors(77, None) for n, s in SD35.components.items()}
+    assert runtime["text_encoder"]["last_hidden_state"] == ("float32", [2, 77, 768])
+    assert runtime["text_encoder_2"]["text_embeds"] == ("float32", [2, 1280])
+    assert runtime["text_encoder_3"]["input_ids"] == ("int32", [2, 256])
+    assert runtime["transformer"] == {
+        "hidden_states": ("float32", [2, 16, 128, 128]), "encoder_hidden_states": ("float32", [2, 333, 4096]),
+        "pooled_projections": ("float32", [2, 2048]), "timestep": ("float32", [2]),
+        "out_hidden_states": ("float32", [2, 16, 128, 128])}
+    assert runtime["vae_decoder"]["latent_sample"] == ("float32", [1, 16, 128, 128])
+    recipe = SD35.recipe
+    assert recipe.scheduler in SCHEDULERS and recipe.guidance == 5.0
+    assert (recipe.latent_scale, recipe.latent_shift, recipe.image_size) == (1 / 1.5305, 0.0609, 1024)
+    # A model of other widths gets its own tensors, and says how it departs from the C++.
+    tiny = SD35Dims(clip_l=16, clip_l_embeds=16, clip_g=32, clip_g_embeds=32, t5=64, joint=64, pooled=48,
+                    latent_height=16, latent_width=16, image_height=128, image_width=128)
+    assert SD35.components["transformer"].shapes(tiny)["encoder_hidden_states"] == ("float32", [2, 333, 64])
+    assert SD35Dims.from_tensors({n: s.shapes(tiny) for n, s in SD35.components.items()}) == tiny
+    assert SD35Dims().off_contract() == [] and "joint 64 (MNN's runtime: 4096)" in tiny.off_contract()

@@ -3,6 +3,7 @@
     base.py              Family, ComponentSpec (tensors, runtime shapes, verify feeds, export
                          tolerance), PromptFormat, Recipe (scheduler, guidance, latent scaling)
     stable_diffusion.py  SD15 (CLIP BPE, 77 tokens) and TAIYI (BERT WordPiece, 512 tokens)
+    sd35.py              SD35 (two CLIPs, optional T5, MMDiT transformer, flow-match Euler)
 
 Which family a folder holds is decided here only: ``detect(path)``.
 """
@@ -13,12 +14,17 @@ from pathlib import Path
 
 from sd2mnn.errors import InputError
 from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, TensorShapes
+from sd2mnn.families.sd35 import SD35, SD35Dims
 from sd2mnn.families.stable_diffusion import SD15, TAIYI
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD15, TAIYI)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD15, TAIYI, SD35)}
 
-__all__ = ["ComponentSpec", "FAMILIES", "Family", "PromptFormat", "Recipe", "SD15", "TAIYI", "TensorShapes",
-           "by_name", "by_text_length", "by_tokenizer_model", "detect"]
+__all__ = ["ComponentSpec", "FAMILIES", "Family", "PromptFormat", "Recipe", "SD15", "SD35", "SD35Dims", "TAIYI",
+           "TensorShapes", "by_name", "by_text_length", "by_tokenizer_model", "detect"]
+
+# What only an SD3 folder has: diffusers' folder, an ONNX export, or a bundle (MNN's runtime
+# loads tokenizer_3/ and transformer.mnn).
+SD3_MARKERS = ("transformer", "tokenizer_3", "text_encoder_3", "transformer.mnn")
 
 
 def by_name(name: str) -> Family:
@@ -32,8 +38,8 @@ def by_tokenizer_model(model_kind: str) -> Family:
     for family in FAMILIES.values():
         if family.tokenizer_model == model_kind:
             return family
-    raise InputError(f"{model_kind} tokenizers have no MNN SD runtime (it knows CLIP BPE for SD1.5 "
-                     "and BERT WordPiece for Taiyi)")
+    raise InputError(f"{model_kind} tokenizers have no MNN SD runtime (it knows CLIP BPE for SD1.5, "
+                     "BERT WordPiece for Taiyi and T5's Unigram for SD3.5)")
 
 
 def by_text_length(length: int | None) -> Family | None:
@@ -43,11 +49,16 @@ def by_text_length(length: int | None) -> Family | None:
 
 
 def _from_diffusers_index(index_path: Path) -> Family:
-    # A diffusers folder names its classes: a BERT tokenizer or text encoder is Taiyi.
+    # A diffusers folder names its classes: an SD3 pipeline or transformer is SD3.5, a BERT
+    # tokenizer or text encoder is Taiyi.
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as err:
         raise InputError(f"{index_path}: not readable JSON ({err}); re-download the model") from None
+    if not isinstance(index, dict):
+        raise InputError(f"{index_path}: not a JSON object; re-download the model")
+    if str(index.get("_class_name") or "").startswith("StableDiffusion3") or "transformer" in index:
+        return SD35
     classes = [((index.get(part) or [None, ""])[1] or "") for part in ("tokenizer", "text_encoder")]
     return TAIYI if any(str(c).startswith("Bert") for c in classes) else SD15
 
@@ -97,6 +108,8 @@ def detect(path: str | Path) -> Family:
         return detect(path / "tokenizer.mtok")
     if (path / "model_index.json").is_file():
         return _from_diffusers_index(path / "model_index.json")
+    if any((path / marker).exists() for marker in SD3_MARKERS):
+        return SD35
     if (path / "tokenizer").is_dir():
         return _from_tokenizer_folder(path / "tokenizer")
     if path.is_dir():

@@ -13,7 +13,9 @@ TensorShapes = dict[str, tuple[str, list]]
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """What MNN's runtime does with a tokenizer: diffusion_demo's model_type, BOS/EOS, length."""
+    """What MNN's runtime does with a tokenizer: diffusion_demo's model_type, BOS/EOS, length.
+
+    A negative id is one the runtime does not add (MtokTokenizer checks ``id >= 0``), as T5's BOS."""
 
     name: str
     model_type: int
@@ -45,6 +47,11 @@ class ComponentSpec:
     conditioning_output: str = ""  # the output the denoiser is conditioned on
     conditioned: bool = False  # takes the text encoder's conditioning_output
     picture_output: str = ""  # the image verify's report draws
+    # Added for families whose runtime shapes depend on several model widths (SD3.5): the tensors
+    # as a function of the family's dims object; runtime_tensors then gives the runtime's own.
+    shapes: Callable[[object], TensorShapes] | None = field(default=None, compare=False)
+    tokenizer: str = "tokenizer"  # the tokenizer folder whose ids it is fed (when prompt_ids)
+    runtime_optional: bool = False  # the runtime runs without it (SD3.5's T5: zeros instead)
 
     @property
     def mnn_name(self) -> str:
@@ -65,6 +72,7 @@ class Recipe:
     latent_scale: float  # the decoder's input is latents * float32(latent_scale)
     latent_shape: tuple[int, ...]
     image_size: int
+    latent_shift: float = 0.0  # added after the scaling (SD3.5's VAE shift factor)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,14 @@ class Family:
     runtime_components: tuple[str, ...]  # the ones MNN's runtime loads, in run order
     recipe: Recipe
     check_prompts: tuple[str, ...]  # what export's fidelity check encodes
+    # Tokenizer folder -> its format, for a family with several (SD3.5); empty: {"tokenizer": prompt}.
+    tokenizers: dict[str, PromptFormat] = field(default_factory=dict)
+    denoiser: str = "unet"  # the component the scheduler steps with (its diffusers folder too)
+
+    @property
+    def prompt_formats(self) -> dict[str, PromptFormat]:
+        """Tokenizer folder -> the format MNN's runtime encodes its prompts with."""
+        return dict(self.tokenizers) or {"tokenizer": self.prompt}
 
     @property
     def default_components(self) -> tuple[str, ...]:
