@@ -1,11 +1,16 @@
 """Text to image from an MNN bundle, step for step as MNN's C++ runtime does it; or from the ONNX
 pipeline on ONNX Runtime with the same recipe, so the two can be compared.
 
-Read against MNN ``transformers/diffusion/engine/src/stable_diffusion.cpp`` (commit 4d40bdbd7):
-``StableDiffusion::run()`` -> ``text_encoder()`` -> ``unet()`` (noise, PLMS loop, guidance) ->
-``vae_decoder()`` -> ``imwrite()``. tests/test_runtime_recipe.py holds every choice here against
-the C++ line it mirrors. The pieces live where they are tested: tokenizer.py (ids), noise.py
-(std::mt19937 latents), scheduler.py (PLMS), images.py (the PNG file).
+One engine for every family (sd2mnn.families): tokenize -> text encoders -> noise -> denoiser
+steps with guidance -> VAE decoder -> PNG. Read against MNN 3.6.1's runtimes in
+``transformers/diffusion/engine/src``: ``stable_diffusion.cpp`` (SD1.5, Taiyi: ``run()`` ->
+``text_encoder()`` -> ``unet()`` -> ``vae_decoder()`` -> ``imwrite()``) and ``diffusion_sd35.cpp``
+(SD3.5: ``encode_prompt()`` -> ``run()`` -> ``vae_decoder()``). What differs between them (how
+the text encoders' outputs condition the denoiser, its inputs) is in sd2mnn.recipes; the
+family's Recipe names the scheduler, guidance and latent scaling. tests/test_runtime_recipe.py and
+tests/test_sd35_generate.py hold the choices here against the C++ lines they mirror. The pieces
+live where they are tested: tokenizer.py (ids), noise.py (std::mt19937 latents), schedulers/,
+images.py (the PNG file).
 
     import sd2mnn
     image = sd2mnn.Pipeline("mnn/").generate("a cat", steps=20, seed=42)    # a PIL image
@@ -28,12 +33,13 @@ from sd2mnn import __version__
 from sd2mnn.conditioning import DEFAULT_SCHEME, PromptIds
 from sd2mnn.contract import check_vocabulary
 from sd2mnn.errors import InputError, MissingExtraError
-from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME, TOKENIZER_DIR
+from sd2mnn.layout import MANIFEST_NAME, MTOK_NAME
 from sd2mnn.manifest import FileRecord, read_manifest, record_mismatch
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
 from sd2mnn.runtime import WINOGRAD_MEMORY_LEVEL, MnnModel, OrtModel, RuntimeConfig, mnn_runtime_manager
-from sd2mnn import schedulers
+from sd2mnn import families, recipes, schedulers
 from sd2mnn.families import SD15, Family
+from sd2mnn.recipes.stable_diffusion import unet_feeds
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS, clamp_steps
 
 # The SD1.x families' recipe (sd2mnn.families.stable_diffusion): the defaults a caller sees.
@@ -43,6 +49,9 @@ LATENT_SCALE = np.float32(SD15.recipe.latent_scale)  # vae_decoder(): "latent * 
 DEFAULT_STEPS = 20
 RUNTIMES = ("mnn", "onnxruntime")
 TOKENIZERS = ("runtime", "hf")  # whose ids feed the text encoder (GenerationParams.tokenizer)
+# Whose timesteps (GenerationParams.schedule): MNN's runtime's, or diffusers' scheduler's (the
+# flow-match families only: diffusers' FlowMatchEulerDiscreteScheduler, float timesteps).
+SCHEDULES = ("runtime", "diffusers")
 PIPELINE_COMPONENTS = SD15.runtime_components
 # MNN::Interpreter::HintMode value set by StableDiffusion::load() (WINOGRAD_MEMORY_LEVEL: runtime.py).
 DYNAMIC_QUANT_OPTIONS = 5
@@ -53,26 +62,19 @@ MNN_GPU_MEMORY_BUFFER = 1 << 6
 # ---------------------------------------------------------------------------------------------
 # The runtime's arithmetic, one function per C++ expression
 # ---------------------------------------------------------------------------------------------
-def unet_feeds(latent: np.ndarray, timestep: int, text_embeddings: np.ndarray) -> dict[str, np.ndarray]:
-    """``mSampleVar = _Concat({plms, plms}, 0)``; the timestep goes through a float and
-    ``_Cast<int>`` into an int32 tensor of shape [1]."""
-    return {
-        "sample": np.concatenate([latent, latent], axis=0),
-        "timestep": np.array([timestep], dtype=np.float32).astype(np.int32),
-        "encoder_hidden_states": text_embeddings,
-    }
-
-
 def guide(noise_pred: np.ndarray, scale: float = GUIDANCE_SCALE) -> np.ndarray:
     """``_Split(noise_pred, {2}, 0)`` (row 0 unconditional, row 1 text), then
-    ``scalevar * (noise_pred_text - noise_pred_uncond) + noise_pred_uncond`` in float32."""
+    ``scalevar * (noise_pred_text - noise_pred_uncond) + noise_pred_uncond`` in float32
+    (SD3.5's ``uncond + (text - uncond) * scale`` is the same float operations)."""
     uncond, text = noise_pred[0:1], noise_pred[1:2]
     return np.float32(scale) * (text - uncond) + uncond
 
 
-def scale_latents(latent: np.ndarray, scale: float = LATENT_SCALE) -> np.ndarray:
-    """``latent * _Const(1 / 0.18215)``: a multiply by the float nearest 1/0.18215, not a divide."""
-    return latent * np.float32(scale)
+def scale_latents(latent: np.ndarray, scale: float = LATENT_SCALE, shift: float = 0.0) -> np.ndarray:
+    """``latent * _Const(1 / 0.18215)``: a multiply by the float nearest 1/0.18215, not a divide;
+    SD3.5 then adds its shift, ``+ _Const(0.0609f)``."""
+    scaled = latent * np.float32(scale)
+    return scaled + np.float32(shift) if shift else scaled
 
 
 def decoded_to_pixels(sample: np.ndarray) -> np.ndarray:
@@ -96,14 +98,26 @@ def mnn_runtime_config(
     precision: str = "low",
     memory_mode: int = 1,
     cache_file: str | None = None,
+    family: Family = SD15,
 ) -> RuntimeConfig:
     """The runtime settings of ``StableDiffusion::load()``: CPU with 4 threads, precision and
     memory Low, DYNAMIC_QUANT_OPTIONS 2 on CPU (int8 weights), and the Winograd level of
     diffusion_demo's ``memory_mode`` (0: off, 1: MNN's default, 2: level 1). MNN picks kernels by
     thread count, so other thread counts can move a few pixels. On OpenCL, buffer memory with fast
-    tuning, as load() sets; a ``cache_file`` keeps the tuning between runs (load(): ".tempcache")."""
+    tuning, as load() sets; a ``cache_file`` keeps the tuning between runs (load(): ".tempcache").
+
+    SD3.5 (``DiffusionSD35::load()``): the same CPU settings without any hint (its memory_mode
+    only decides which models stay loaded, which changes no pixel); OpenCL with buffer memory,
+    no tuning flag, Winograd off."""
     if memory_mode not in (0, 1, 2):
         raise InputError(f"memory mode must be 0, 1 or 2 (diffusion_demo's memory_mode), got {memory_mode}")
+    if family.denoiser == "transformer":
+        backend = backend.upper()
+        if backend == "CPU":
+            return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low", cache_file=cache_file)
+        threads = MNN_GPU_MEMORY_BUFFER if backend == "OPENCL" else 1
+        return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low", cache_file=cache_file,
+                             winograd=backend != "OPENCL")
     hints = []
     if memory_mode == 2:
         hints.append((WINOGRAD_MEMORY_LEVEL, 1))
@@ -136,16 +150,25 @@ class GenerationParams:
     negative_prompt: str = ""
     steps: int = DEFAULT_STEPS
     seed: int = 0
-    guidance: float = GUIDANCE_SCALE
+    guidance: float | None = None  # None: the family's (SD1.5 7.5, SD3.5 5.0)
     noise: str = "mnn"  # how latents are drawn from the seed (noise.py)
     latents: np.ndarray | None = None  # given initial latents: seed and noise are then unused
     latents_source: str | None = None  # where they came from, for the metadata
     # "runtime": the ids MNN's runtime feeds (from tokenizer.mtok); "hf": Hugging Face's, as in
     # diffusers, to see the image diffusers' conditioning gives on the same models.
     tokenizer: str = "runtime"
+    # "runtime": MNN's timesteps; "diffusers": diffusers' scheduler's (SD3.5's float timesteps).
+    schedule: str = "runtime"
+    # The image size asked for; None: the models' (fixed when they were exported).
+    height: int | None = None
+    width: int | None = None
 
-    def validate(self, latent_shape: tuple[int, ...] = LATENT_SHAPE) -> None:
-        """``latent_shape``: the unet's latents (MNN's runtime: [1,4,64,64]), for given latents."""
+    def guidance_for(self, family: Family) -> float:
+        return family.recipe.guidance if self.guidance is None else self.guidance
+
+    def validate(self, latent_shape: tuple[int, ...] | None = LATENT_SHAPE, family: Family = SD15) -> None:
+        """``latent_shape``: the denoiser's latents (MNN's SD1.5 runtime: [1,4,64,64]), for given
+        latents; None before the models are loaded (any shape)."""
         if not isinstance(self.prompt, str):
             raise InputError(f"the prompt must be text, got {type(self.prompt).__name__}")
         if not self.prompt.strip():
@@ -158,13 +181,22 @@ class GenerationParams:
         if not _whole(self.steps) or not MIN_STEPS <= self.steps <= MAX_STEPS:
             mnn = f" (MNN's runtime would quietly use {clamp_steps(self.steps)})" if _whole(self.steps) else ""
             raise InputError(f"steps must be a whole number from {MIN_STEPS} to {MAX_STEPS}, got {self.steps!r}{mnn}")
-        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
-            raise InputError(f"guidance must be a finite number, got {self.guidance!r}")
-        if not 0 <= self.guidance <= MAX_GUIDANCE:
-            raise InputError(f"guidance must be from 0 to {MAX_GUIDANCE:g}, got {self.guidance:g} (MNN's runtime uses "
-                             f"{GUIDANCE_SCALE:g}; far larger values overflow the latents into a blank image)")
+        guidance = self.guidance_for(family)
+        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
+            raise InputError(f"guidance must be a finite number, got {guidance!r}")
+        if not 0 <= guidance <= MAX_GUIDANCE:
+            raise InputError(f"guidance must be from 0 to {MAX_GUIDANCE:g}, got {guidance:g} (MNN's runtime uses "
+                             f"{family.recipe.guidance:g}; far larger values overflow the latents into a blank image)")
         if self.tokenizer not in TOKENIZERS:
             raise InputError(f"unknown tokenizer {self.tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r}; choose {' or '.join(SCHEDULES)}")
+        if self.schedule == "diffusers" and family.recipe.scheduler != "flow_match_euler":
+            raise InputError(f"schedule 'diffusers' is for the flow-matching families (SD3.5); {family.name} runs "
+                             "MNN's PLMS only")
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value is not None and (not _whole(value) or value <= 0):
+                raise InputError(f"{name} must be a whole number of pixels above 0, got {value!r}")
         if self.latents is not None:
             check_latents(self.latents, self.latents_source or "the given latents", latent_shape)
             return
@@ -181,15 +213,17 @@ class GenerationParams:
             raise InputError(f"seed must be a whole number from 0 to {limit - 1}, got {self.seed!r}"
                              " (MNN's runtime takes a negative seed to mean a random one)")
 
-    def divergences(self) -> list[str]:
+    def divergences(self, family: Family = SD15) -> list[str]:
         """Why the image will not be the one MNN's C++ runtime draws for this prompt and seed."""
         out = []
         if self.negative_prompt:
             out.append('a negative prompt (MNN\'s runtime always uses "" as the unconditional prompt)')
-        if self.guidance != GUIDANCE_SCALE:
-            out.append(f"guidance {self.guidance:g} (MNN's runtime uses {GUIDANCE_SCALE:g})")
+        if self.guidance_for(family) != family.recipe.guidance:
+            out.append(f"guidance {self.guidance_for(family):g} (MNN's runtime uses {family.recipe.guidance:g})")
         if self.tokenizer == "hf":
             out.append("Hugging Face's token ids (MNN's runtime feeds the ids of tokenizer.mtok: --tokenizer runtime)")
+        if self.schedule == "diffusers":
+            out.append("diffusers' timesteps (MNN's runtime truncates its shifted timesteps to integers: --schedule runtime)")
         if self.latents is not None:
             out.append("given latents (the same image only if they are the ones MNN's runtime draws)")
         elif not self.noise.startswith("mnn"):
@@ -209,34 +243,38 @@ def _whole(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def check_latents(latents, source: str, shape: tuple[int, ...] = LATENT_SHAPE) -> np.ndarray:
+def check_latents(latents, source: str, shape: tuple[int, ...] | None = LATENT_SHAPE) -> np.ndarray:
+    """``shape`` None: any shape (the pipeline checks it against its models' later)."""
     array = np.asarray(latents)
-    if array.shape != tuple(shape) or array.dtype.kind != "f":
-        raise InputError(f"{source} holds {array.dtype} {list(array.shape)}; the runtime starts from "
-                         f"float32 {list(shape)} latents")
+    if (shape is not None and array.shape != tuple(shape)) or array.dtype.kind != "f":
+        wanted = f"float32 {list(shape)}" if shape is not None else "float32"
+        raise InputError(f"{source} holds {array.dtype} {list(array.shape)}; the runtime starts from {wanted} latents")
     if not np.isfinite(array).all():
         raise InputError(f"{source} holds NaN or infinite values; give finite latents")
     return array.astype(np.float32)
 
 
-def load_latents(path: str | os.PathLike) -> np.ndarray:
-    """Initial latents from a .npy file, or a .txt of 16384 numbers (the random.txt that MNN's
-    runtime reads instead of drawing noise when built with MNN_DUMP_DATA)."""
+def load_latents(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Initial latents from a .npy file, or a .txt of numbers in NCHW order (the random.txt that
+    MNN's SD1.5 runtime reads instead of drawing noise when built with MNN_DUMP_DATA: 16384).
+    ``shape``: the denoiser's latents; None: a .npy is taken as it is (the pipeline checks it),
+    a .txt as SD1.5's [1,4,64,64]."""
     path = Path(path)
+    expected = tuple(shape or LATENT_SHAPE)
     if not path.is_file():
         state = "is a folder" if path.is_dir() else "does not exist"
-        raise InputError(f"{path} {state}; give a .npy file of float32 {list(LATENT_SHAPE)} latents")
+        raise InputError(f"{path} {state}; give a .npy file of float32 {list(expected)} latents")
     try:
         if path.suffix.lower() == ".txt":
             array = np.loadtxt(path, dtype=np.float32).reshape(-1)
-            if array.size != math.prod(LATENT_SHAPE):
-                raise ValueError(f"{array.size} numbers, not {math.prod(LATENT_SHAPE)}")
-            array = array.reshape(LATENT_SHAPE)
+            if array.size != math.prod(expected):
+                raise ValueError(f"{array.size} numbers, not {math.prod(expected)}")
+            array = array.reshape(expected)
         else:
             array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise InputError(f"{path} is not a latents file sd2mnn can read ({err}); save one with numpy.save") from None
-    return check_latents(array, str(path))
+    return check_latents(array, str(path), shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +282,8 @@ def load_latents(path: str | os.PathLike) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepEvent:
-    """Progress: ``stage`` is text_encoder, unet or vae_decoder; ``index`` counts from 0."""
+    """Progress: ``stage`` is text_encoder, the denoiser (unet, transformer) or vae_decoder;
+    ``index`` counts from 0."""
 
     stage: str
     index: int
@@ -279,15 +318,18 @@ class Timings:
 @dataclass
 class Generation:
     pixels: np.ndarray  # uint8 RGB [H, W, 3]
-    latents: np.ndarray  # the final latents, before 1/0.18215 scaling
+    latents: np.ndarray  # the final latents, before the decoder's scaling
     params: GenerationParams
     timings: Timings
     metadata: dict[str, str]
     off_contract: list[str] = field(default_factory=list)  # what MNN's runtime would refuse in the models
+    divergences: list[str] | None = None  # the request's departures from the runtime (None: SD1.5's)
+    info: list[str] = field(default_factory=list)  # what the pipeline did that the runtime also does
 
     @property
     def notes(self) -> list[str]:
-        return [f"the image will not match MNN's C++ runtime: {d}" for d in self.params.divergences()]
+        divergences = self.params.divergences() if self.divergences is None else self.divergences
+        return [f"the image will not match MNN's C++ runtime: {d}" for d in divergences] + list(self.info)
 
     def image(self):
         """A PIL image whose ``info`` holds the metadata (``images.write_png`` writes it)."""
@@ -307,11 +349,12 @@ class Generation:
 # The pipeline
 # ---------------------------------------------------------------------------------------------
 class Pipeline:
-    """Three models and a tokenizer, loaded once; ``generate``/``run`` as often as wanted.
+    """A family's models and tokenizers, loaded once; ``generate``/``run`` as often as wanted.
 
     ``Pipeline(bundle)`` runs an MNN bundle with MNN's runtime settings (``mnn_runtime_config``);
     ``Pipeline(onnx_dir, runtime="onnxruntime")`` or ``Pipeline.from_onnx(onnx_dir)`` runs the
-    ONNX pipeline it was converted from, on ONNX Runtime, with the same recipe.
+    ONNX pipeline it was converted from, on ONNX Runtime, with the same recipe. The family
+    (sd2mnn.families.detect) says which models, tokenizers and recipe.
     """
 
     def __init__(self, source: str | os.PathLike, runtime: str = "mnn", config: RuntimeConfig | None = None,
@@ -323,12 +366,18 @@ class Pipeline:
             raise InputError(f"unknown runtime {runtime!r}; choose {' or '.join(RUNTIMES)}")
         self.source = Path(source)
         self.runtime = runtime
-        self.config = config or mnn_runtime_config()
         kind = "MNN bundle" if runtime == "mnn" else "ONNX pipeline folder"
         if not self.source.is_dir():
             what = "does not exist" if not self.source.exists() else "is not a folder"
             fix = "convert one with sd2mnn convert ONNX_DIR BUNDLE" if runtime == "mnn" else "export one with sd2mnn export"
             raise InputError(f"{self.source} {what}; give an {kind} ({fix})")
+        self.family = families.detect(self.source)
+        self.steps = recipes.steps_for(self.family)
+        self.config = config or mnn_runtime_config(family=self.family)
+        self.load_notes: list[str] = []  # what this pipeline does that the runtime does not say
+        present = self._present_components()
+        self.components = tuple(n for n in self.family.runtime_components if n in present)
+        self.text_encoders = tuple(n for n in self.components if self.family.components[n].prompt_ids)
         if runtime == "onnxruntime":
             self._check_onnx_vocabulary()
         load = self._load_mnn if runtime == "mnn" else self._load_onnx
@@ -337,9 +386,30 @@ class Pipeline:
         self._read_sizes()
 
     @property
-    def family(self) -> Family:
-        """The model family (its recipe: scheduler, latent scaling) the runtime makes of the tokenizer."""
-        return self.tokenizer.runtime.family
+    def tokenizer(self) -> PromptIds:
+        """The first text encoder's tokenizer (the only one for SD1.x)."""
+        return self.tokenizers[self.text_encoders[0]]
+
+    @property
+    def denoiser(self) -> str:
+        return self.family.denoiser
+
+    def _present_components(self) -> set[str]:
+        """The runtime's components; an optional one (SD3.5's T5) may be absent: zeros stand in,
+        as MNN's runtime does when its model does not load."""
+        present = set()
+        for name in self.family.runtime_components:
+            spec = self.family.components[name]
+            if self._model_file(name).is_file():
+                present.add(name)
+            elif spec.runtime_optional:
+                self.load_notes.append(f"no {self._model_file(name).relative_to(self.source).as_posix()}: conditioned on "
+                                       f"zeros in its place, as MNN's runtime does without it")
+            elif self.runtime == "onnxruntime":
+                raise InputError(f"{self._model_file(name)} is missing; export the pipeline with sd2mnn export")
+            else:
+                present.add(name)  # MnnModel says what is missing and how to fix it
+        return present
 
     def _check_onnx_vocabulary(self) -> None:
         """Before the tokenizer is built from the runtime's ids: a one-line error when its BOS/EOS
@@ -347,72 +417,108 @@ class Pipeline:
         from sd2mnn.contract import check_runtime_ids, onnx_vocabulary
         from sd2mnn.layout import load_component
 
-        model = self.source / "text_encoder" / "model.onnx"
-        if model.is_file():
-            length = load_component(self.source, "text_encoder").summary.inputs[0].shape[1]
+        for name in self.text_encoders:
+            model = self._model_file(name)
+            length = load_component(self.source, name, self.family).summary.inputs[0].shape[1]
             check_runtime_ids(onnx_vocabulary(model), length if isinstance(length, int) else None, model)
 
     def _model_file(self, name: str) -> Path:
-        return self.source / (COMPONENTS[name].mnn_name if self.runtime == "mnn" else f"{name}/model.onnx")
+        spec = self.family.components[name]
+        return self.source / (spec.mnn_name if self.runtime == "mnn" else f"{name}/model.onnx")
 
-    def _read_sizes(self) -> None:
-        """Sizes from the models, not MNN's runtime's constants, so any converted pipeline runs:
-        the unet's latents, the text encoder's length and vocabulary; ``off_contract`` lists what
-        the runtime itself would refuse (sd2mnn.contract)."""
-        from sd2mnn.contract import check_tensors, onnx_vocabulary, read_tensors, runtime_notes
+    def _tokenizer_folder(self, name: str) -> Path:
+        """Where a text encoder's tokenizer is: SD1.x bundles keep tokenizer.mtok at the top
+        (stable_diffusion.cpp loads "<dir>/tokenizer.mtok"), SD3.5 bundles and every ONNX folder in
+        its own folder (diffusion_sd35.cpp: "<dir>/tokenizer_2/tokenizer.mtok")."""
+        folder = self.family.components[name].tokenizer
+        return self.source if self.runtime == "mnn" and not self.family.tokenizers else self.source / folder
 
-        shapes = {name: self._models[name].input_shapes() for name in PIPELINE_COMPONENTS}
-        infos = {name: {"inputs": list(s), "tensors": {t: {"shape": d, "dtype": dtype}
-                                                       for t, d in s.items() for dtype in [self._input_dtype(t)]}}
-                 for name, s in shapes.items()}
-        files = {name: self._model_file(name).relative_to(self.source).as_posix() for name in PIPELINE_COMPONENTS}
-        self.off_contract = runtime_notes(check_tensors(infos, files, complete=False))
-        sample, ids = shapes["unet"].get("sample", []), shapes["text_encoder"].get("input_ids", [])
-        self.latent_shape = (1, *sample[1:]) if len(sample) == 4 and min(sample) > 0 else LATENT_SHAPE
-        self.text_length = ids[1] if len(ids) == 2 and ids[1] > 0 else None
-        text_model = self._model_file("text_encoder")
-        if self.runtime == "mnn":
-            self.vocabulary = (read_tensors({"t": (text_model, ["input_ids"])})["t"] or {}).get("vocabulary")
-        else:
-            self.vocabulary = onnx_vocabulary(text_model)
-
-    @staticmethod
-    def _input_dtype(tensor: str) -> str:
-        return "int32" if tensor in ("input_ids", "timestep") else "float32"  # as sd2mnn feeds them
+    def _load_tokenizers(self) -> None:
+        self.tokenizers: dict[str, PromptIds] = {}
+        for name in self.text_encoders:
+            folder = self._tokenizer_folder(name)
+            if self.runtime == "mnn":
+                if not (folder / MTOK_NAME).is_file():
+                    raise InputError(f"{folder / MTOK_NAME} is missing (MNN's runtime reads only this tokenizer file); "
+                                     "reconvert the bundle with sd2mnn convert")
+                self.tokenizers[name] = PromptIds.for_bundle(folder)
+            else:
+                # As a conversion would write tokenizer.mtok, and the text encoder's id rewrite in numpy.
+                self.tokenizers[name] = PromptIds.for_tokenizer(folder, self.tokenizer_scheme)
+        if self.runtime == "mnn" and self.family.tokenizers:
+            for folder in self.family.tokenizers:  # DiffusionSD35::load() fails without any of them
+                if not (self.source / folder / MTOK_NAME).is_file():
+                    self.load_notes.append(f"MNN's runtime would refuse this bundle: {folder}/{MTOK_NAME} is missing "
+                                           "(it loads all three tokenizers, with or without T5)")
 
     def _load_mnn(self) -> tuple[float, float, list[str]]:
-        mtok = self.source / MTOK_NAME
-        if not mtok.is_file():
-            raise InputError(f"{mtok} is missing (MNN's runtime reads only this tokenizer file); "
-                             "reconvert the bundle with sd2mnn convert")
-        check_bundle_sizes(self.source, PIPELINE_COMPONENTS)
+        names = [self.family.components[n] for n in self.components]
+        check_bundle_sizes(self.source, self.components)
         start = time.perf_counter()
-        self.tokenizer = PromptIds.for_bundle(self.source)
+        self._load_tokenizers()
         loaded = time.perf_counter()
-        # As load(): one runtime manager for the three modules, and shapeMutable = false, so MNN
+        # As load(): one runtime manager for the modules, and shapeMutable = false, so MNN
         # resizes each module (plans memory, packs weights) as it loads, not in the first step.
         manager = mnn_runtime_manager(self.config)
         self._models = {
-            name: MnnModel(self.source / COMPONENTS[name].mnn_name, COMPONENTS[name].inputs,
-                           COMPONENTS[name].outputs, self.config, shape_mutable=False, runtime_manager=manager)
-            for name in PIPELINE_COMPONENTS
+            spec.name: MnnModel(self.source / spec.mnn_name, spec.inputs, spec.outputs, self.config,
+                                shape_mutable=False, runtime_manager=manager)
+            for spec in names
         }
-        files = [MTOK_NAME] + [f for n in PIPELINE_COMPONENTS for f in (COMPONENTS[n].mnn_name, COMPONENTS[n].weight_name)]
+        mtoks = [(self._tokenizer_folder(n) / MTOK_NAME).relative_to(self.source).as_posix() for n in self.text_encoders]
+        files = mtoks + [f for spec in names for f in (spec.mnn_name, spec.weight_name)]
         return loaded - start, time.perf_counter() - loaded, files
 
     def _load_onnx(self) -> tuple[float, float, list[str]]:
-        for name in PIPELINE_COMPONENTS:
-            if not (self.source / name / "model.onnx").is_file():
-                raise InputError(f"{self.source / name / 'model.onnx'} is missing; export the pipeline with sd2mnn export")
         start = time.perf_counter()
-        # As a conversion would write tokenizer.mtok, and the text encoder's id rewrite in numpy.
-        self.tokenizer = PromptIds.for_tokenizer(self.source / TOKENIZER_DIR, self.tokenizer_scheme)
+        self._load_tokenizers()
         loaded = time.perf_counter()
-        self._models = {name: OrtModel(self.source / name / "model.onnx", threads=self.config.threads)
-                        for name in PIPELINE_COMPONENTS}
-        files = sorted(p.relative_to(self.source).as_posix() for n in (*PIPELINE_COMPONENTS, "tokenizer")
+        self._models = {name: OrtModel(self._model_file(name), threads=self.config.threads) for name in self.components}
+        folders = {*self.components, *(self.family.components[n].tokenizer for n in self.text_encoders)}
+        files = sorted(p.relative_to(self.source).as_posix() for n in folders
                        for p in (self.source / n).rglob("*") if p.is_file())
         return loaded - start, time.perf_counter() - loaded, files
+
+    def _read_sizes(self) -> None:
+        """Sizes from the models, not the runtime's constants, so any converted pipeline runs: the
+        denoiser's latents, each text encoder's length and vocabulary, the decoder's image;
+        ``off_contract`` lists what the runtime itself would refuse."""
+        from sd2mnn.contract import onnx_vocabulary, read_tensors
+
+        self.shapes = {name: self._models[name].input_shapes() for name in self.components}
+        self.files = {name: self._model_file(name).relative_to(self.source).as_posix() for name in self.components}
+        self.off_contract = self.steps.contract_notes(self.shapes, self.files, self.source)
+        sample = self.shapes[self.denoiser].get(self.steps.latent_input, [])
+        self.latent_shape = (1, *sample[1:]) if len(sample) == 4 and min(sample) > 0 else self.family.recipe.latent_shape
+        self.text_lengths = {}
+        for name in self.text_encoders:
+            ids = self.shapes[name].get("input_ids", [])
+            self.text_lengths[name] = ids[1] if len(ids) == 2 and ids[1] > 0 else None
+        if self.runtime == "mnn":
+            found = read_tensors({**{n: (self._model_file(n), ["input_ids"]) for n in self.text_encoders},
+                                  "vae_decoder": (self._model_file("vae_decoder"), ["sample"])})
+            self.vocabularies = {n: (found.get(n) or {}).get("vocabulary") for n in self.text_encoders}
+            decoded = ((found.get("vae_decoder") or {}).get("tensors", {}).get("sample") or {}).get("shape") or []
+        else:
+            from sd2mnn.layout import load_component
+
+            self.vocabularies = {n: onnx_vocabulary(self._model_file(n)) for n in self.text_encoders}
+            outputs = load_component(self.source, "vae_decoder", self.family).summary.outputs
+            decoded = next((list(o.shape) for o in outputs if o.name == "sample"), [])
+        if len(decoded) == 4 and all(isinstance(d, int) and d > 0 for d in decoded):
+            self.image_size = (decoded[2], decoded[3])
+        else:  # a decoder of free size: the family's factor
+            factor = self.family.recipe.image_size // self.family.recipe.latent_shape[-1]
+            self.image_size = (self.latent_shape[2] * factor, self.latent_shape[3] * factor)
+
+    # Kept for callers of the SD1.x engine.
+    @property
+    def text_length(self) -> int | None:
+        return self.text_lengths[self.text_encoders[0]]
+
+    @property
+    def vocabulary(self) -> int | None:
+        return self.vocabularies[self.text_encoders[0]]
 
     @classmethod
     def from_onnx(cls, onnx_dir: str | os.PathLike, threads: int = 4, tokenizer_scheme: str = DEFAULT_SCHEME) -> "Pipeline":
@@ -420,65 +526,102 @@ class Pipeline:
                    tokenizer_scheme=tokenizer_scheme)
 
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = DEFAULT_STEPS, seed: int = 0,
-                 guidance: float = GUIDANCE_SCALE, noise: str = "mnn", latents=None, tokenizer: str = "runtime",
-                 on_step: Callable[[StepEvent], None] | None = None):
-        """A PIL image (512x512 RGB for SD1.5); its ``info`` holds the metadata.
+                 guidance: float | None = None, noise: str = "mnn", latents=None, tokenizer: str = "runtime",
+                 schedule: str = "runtime", on_step: Callable[[StepEvent], None] | None = None):
+        """A PIL image (512x512 RGB for SD1.5, 1024x1024 for SD3.5); its ``info`` holds the metadata.
 
         ``latents``: initial latents (an array, or a .npy/.txt path) instead of drawing noise.
+        ``guidance`` None: the family's (the runtime's). ``schedule="diffusers"`` with
+        ``tokenizer="hf"``: SD3.5 as diffusers' StableDiffusion3Pipeline draws it.
         """
         source = None
         if latents is not None and not isinstance(latents, np.ndarray):
-            source, latents = str(latents), load_latents(latents)
-        params = GenerationParams(prompt, negative_prompt, steps, seed, guidance, noise, latents, source, tokenizer)
+            source, latents = str(latents), load_latents(latents, self.latent_shape)
+        params = GenerationParams(prompt, negative_prompt, steps, seed, guidance, noise, latents, source, tokenizer,
+                                  schedule)
         return self.run(params, on_step).image()
+
+    def check_size(self, params: GenerationParams) -> None:
+        """A size asked for must be the one the models were exported at (static shapes)."""
+        height, width = self.image_size
+        for name, asked, have in (("height", params.height, height), ("width", params.width, width)):
+            if asked is not None and asked != have:
+                runtime = (f"; MNN's runtime draws {self.family.recipe.image_size}x{self.family.recipe.image_size} only"
+                           if self.family.denoiser == "transformer" else "")
+                raise InputError(f"{self.source / self.files[self.denoiser]} draws {width}x{height} images (latents "
+                                 f"{self.latent_shape[2]}x{self.latent_shape[3]}, fixed at export); --{name} {asked} needs "
+                                 f"a pipeline exported at that size (sd2mnn export --height/--width){runtime}")
+
+    def _prompt_ids(self, name: str, params: GenerationParams) -> tuple[np.ndarray, np.ndarray]:
+        """(what the text encoder is fed, what its embedding table sees): MNN's runtime's ids (a
+        bundle's text encoder rewrites them itself; on ONNX Runtime the rewrite runs in numpy),
+        or Hugging Face's."""
+        tokens, length = self.tokenizers[name], self.text_lengths[name]
+        if params.tokenizer == "hf":
+            ids = tokens.hf_pair(params.prompt, length, params.negative_prompt)
+            return ids, ids
+        model_ids = tokens.model_pair(params.prompt, length, params.negative_prompt)
+        if self.runtime == "mnn":
+            return tokens.runtime_pair(params.prompt, length, params.negative_prompt), model_ids
+        return model_ids, model_ids
+
+    def _scheduler(self, params: GenerationParams):
+        if params.schedule == "diffusers":
+            return schedulers.FlowMatchEulerScheduler(params.steps, rule="diffusers")
+        return schedulers.make(self.family.recipe.scheduler, params.steps)
 
     @np.errstate(over="ignore", invalid="ignore")  # overflow is caught below, with one clear error
     def run(self, params: GenerationParams, on_step: Callable[[StepEvent], None] | None = None) -> Generation:
-        params.validate(self.latent_shape)
+        params.validate(self.latent_shape, self.family)
+        self.check_size(params)
+        guidance = params.guidance_for(self.family)
         report = on_step or (lambda event: None)
         timings = Timings(load_s=self.load_s, tokenizer_s=self.tokenizer_s)
         started = time.perf_counter()
 
-        # run(): "auto ids = mTokenizer->encode(prompt, mMaxTextLen)" -> [uncond "", prompt]. A
-        # bundle's text encoder rewrites them itself; on ONNX Runtime the rewrite runs in numpy.
-        length = self.text_length
-        if params.tokenizer == "hf":
-            ids = self.tokenizer.hf_pair(params.prompt, length, params.negative_prompt)
-        elif self.runtime == "mnn":
-            ids = self.tokenizer.runtime_pair(params.prompt, length, params.negative_prompt)
-        else:
-            ids = self.tokenizer.model_pair(params.prompt, length, params.negative_prompt)
-        # The ids that reach the embedding table must fit it: before any model runs.
-        model_ids = self.tokenizer.model_pair(params.prompt, length, params.negative_prompt) if params.tokenizer != "hf" else ids
-        check_vocabulary(model_ids, self.vocabulary, self._model_file("text_encoder"))
+        # The ids that reach each embedding table must fit it: before any model runs.
+        feeds = {}
+        for name in self.text_encoders:
+            feeds[name], model_ids = self._prompt_ids(name, params)
+            check_vocabulary(model_ids, self.vocabularies[name], self._model_file(name))
         t = time.perf_counter()
-        # text_encoder(): outputs[0] of {"last_hidden_state", "pooler_output"}.
-        text_embeddings = self._models["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+        outputs = {name: self._models[name].run({"input_ids": feeds[name]}) for name in self.text_encoders}
+        text, notes = self.steps.condition(outputs, self.shapes, self.files)
         timings.text_encoder_s = time.perf_counter() - t
         report(StepEvent("text_encoder", 0, 1, timings.text_encoder_s))
 
         latent = params.initial_latents(self.latent_shape)
-        scheduler = schedulers.make(self.family.recipe.scheduler, params.steps)
+        scheduler = self._scheduler(params)
+        output = self.family.components[self.denoiser].outputs[0]
         for i, timestep in enumerate(scheduler.timesteps):
             t = time.perf_counter()
-            out = self._models["unet"].run(unet_feeds(latent, int(timestep), text_embeddings))["out_sample"]
-            latent = scheduler.step(guide(out, params.guidance), i, latent)
+            out = self._models[self.denoiser].run(self.steps.denoiser_feeds(latent, timestep, text))[output]
+            latent = scheduler.step(guide(out, guidance), i, latent)
             timings.step_s.append(time.perf_counter() - t)
-            report(StepEvent("unet", i, params.steps, timings.step_s[-1]))
+            report(StepEvent(self.denoiser, i, params.steps, timings.step_s[-1]))
 
         t = time.perf_counter()
-        scaled = scale_latents(latent, self.family.recipe.latent_scale)
-        _check_finite(scaled, "the latents", params)
+        recipe = self.family.recipe
+        scaled = scale_latents(latent, recipe.latent_scale, recipe.latent_shift)
+        _check_finite(scaled, "the latents", params, guidance, recipe.guidance)
         decoded = self._models["vae_decoder"].run({"latent_sample": scaled})["sample"]
-        _check_finite(decoded, "the VAE decoder's output", params)
+        _check_finite(decoded, "the VAE decoder's output", params, guidance, recipe.guidance)
         pixels = decoded_to_pixels(decoded)
         timings.vae_decoder_s = time.perf_counter() - t
         report(StepEvent("vae_decoder", 0, 1, timings.vae_decoder_s))
         timings.total_s = time.perf_counter() - started
-        return Generation(pixels, latent, params, timings, self.metadata(params), list(self.off_contract))
+        # The conditioning step sees the text encoders' widths too: its notes, where it has any,
+        # cover the loaded inputs' as well.
+        off_contract = notes or list(self.off_contract)
+        divergences = params.divergences(self.family) + off_contract
+        return Generation(pixels, latent, params, timings, self.metadata(params, divergences, off_contract),
+                          off_contract, divergences=params.divergences(self.family), info=list(self.load_notes))
 
-    def metadata(self, params: GenerationParams) -> dict[str, str]:
+    def metadata(self, params: GenerationParams, divergences: list[str] | None = None,
+                 off_contract: list[str] | None = None) -> dict[str, str]:
         """What the PNG records: enough to redo the image and to know what made it."""
+        off_contract = self.off_contract if off_contract is None else off_contract
+        divergences = params.divergences(self.family) + off_contract if divergences is None else divergences
         meta = {"Software": f"sd2mnn {__version__}", "prompt": params.prompt}
         if params.negative_prompt:
             meta["negative_prompt"] = params.negative_prompt
@@ -490,8 +633,14 @@ class Pipeline:
             digest = hashlib.sha256(np.ascontiguousarray(params.latents, dtype=np.float32).tobytes()).hexdigest()
             meta["noise"] = f"latents {Path(params.latents_source).name if params.latents_source else 'array'}"
             meta["latents_sha256"] = digest
-        meta["guidance"] = f"{params.guidance:g}"
+        meta["guidance"] = f"{params.guidance_for(self.family):g}"
         meta["tokenizer"] = f"{params.tokenizer} (scheme {self.tokenizer.scheme})"
+        if self.family.name != SD15.name:
+            meta["family"] = self.family.name
+        if params.schedule != "runtime":
+            meta["schedule"] = params.schedule
+        if self.load_notes:
+            meta["notes"] = "; ".join(self.load_notes)
         meta["runtime"] = self.runtime
         if self.runtime == "mnn":
             c = self.config
@@ -504,18 +653,18 @@ class Pipeline:
         meta["bundle_hash" if self.runtime == "mnn" else "onnx_hash"] = self.model_hash
         if not self.model_hash_exact:
             meta["hash_note"] = "files over 64 MiB not recorded in manifest.json are identified by size and mtime"
-        divergences = params.divergences() + self.off_contract
         meta["matches_mnn_runtime"] = "yes" if not divergences else "no: " + "; ".join(divergences)
-        if self.off_contract:
-            meta["mnn_runtime_contract"] = "; ".join(self.off_contract)
+        if off_contract:
+            meta["mnn_runtime_contract"] = "; ".join(off_contract)
         return meta
 
 
-def _check_finite(values: np.ndarray, what: str, params: GenerationParams) -> None:
+def _check_finite(values: np.ndarray, what: str, params: GenerationParams, guidance: float = GUIDANCE_SCALE,
+                  runtime_guidance: float = GUIDANCE_SCALE) -> None:
     """MNN's Relu6 turns NaN into 1 and clamps infinity: the image would be silently white."""
     if not np.isfinite(values).all():
-        raise InputError(f"{what} overflowed to NaN or infinity ({params.steps} steps, guidance {params.guidance:g}); "
-                         f"no image written. Start from noise of normal size, keep guidance near {GUIDANCE_SCALE:g}, "
+        raise InputError(f"{what} overflowed to NaN or infinity ({params.steps} steps, guidance {guidance:g}); "
+                         f"no image written. Start from noise of normal size, keep guidance near {runtime_guidance:g}, "
                          "and check the bundle with sd2mnn verify")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,6 @@ from sd2mnn.cli._common import native_stdout_to_stderr, print_json, terminate_as
 from sd2mnn.errors import InputError
 from sd2mnn.images import check_png_path, probe_folder, write_failure
 from sd2mnn.noise import METHODS
-from sd2mnn.families import SD15
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS
 
 EXAMPLES = """examples:
@@ -23,11 +23,18 @@ EXAMPLES = """examples:
   sd2mnn compare cat.png ref.png
 
 The defaults are those of MNN's C++ runtime (diffusion_demo <bundle> 0 <memory_mode> 0 <steps> <seed>
-out.png <prompt>): the image is the one it draws, given the same MNN version, CPU backend, thread count
-and noise build (--noise mnn: a Linux/GCC build; mnn-libc++: Android, iOS, macOS). These depart from it
-on purpose and say so in a note and in the PNG's metadata: --negative-prompt (MNN always uses ""),
---guidance other than 7.5, --noise numpy/torch, --latents. Steps outside 1..50 are refused: MNN would
-silently use 50 for more and 10 for fewer than 1.
+out.png <prompt>; for an SD3.5 bundle diffusion_sd35_demo <bundle> <memory_mode> 0 <steps> <seed> out.png
+<prompt>): the image is the one it draws, given the same MNN version, CPU backend, thread count and noise
+build (--noise mnn: a Linux/GCC build; mnn-libc++: Android, iOS, macOS). These depart from it on purpose
+and say so in a note and in the PNG's metadata: --negative-prompt (MNN always uses ""), --guidance other
+than the runtime's (7.5; SD3.5: 5.0), --noise numpy/torch, --latents, --tokenizer hf, --schedule
+diffusers. Steps outside 1..50 are refused: MNN would silently use 50 for more and 10 for fewer than 1.
+The image size is the models' (fixed at export; MNN's SD3.5 runtime draws 1024x1024 only): --height and
+--width only check it. An SD3.5 bundle without text_encoder_3 (T5) is conditioned on zeros in its place,
+as MNN's runtime does.
+
+  sd2mnn generate sd35/ "a photo of a cat" -o cat.png --seed 42 --steps 28
+  sd2mnn generate --onnx sd35-onnx/ "a photo of a cat" -o diffusers.png --tokenizer hf --schedule diffusers
 """
 
 
@@ -53,17 +60,24 @@ def register(subparsers) -> None:
     draw.add_argument("--noise", choices=METHODS, default="mnn",
                       help="how the seed becomes noise: mnn = MNN's runtime built with libstdc++ (Linux), "
                       "mnn-libc++ = built with libc++ (Android/iOS/macOS), numpy, torch (default: %(default)s)")
-    draw.add_argument("--latents", metavar="FILE", help="start from these latents (.npy, or a .txt of 16384 numbers "
-                      "like MNN_DUMP_DATA's random.txt) instead of drawing noise")
+    draw.add_argument("--latents", metavar="FILE", help="start from these latents (.npy, or a .txt of numbers in NCHW "
+                      "order like MNN_DUMP_DATA's random.txt) instead of drawing noise")
     draw.add_argument("--save-latents", metavar="FILE.npy", help="also save the initial latents used")
-    draw.add_argument("--guidance", type=float, default=SD15.recipe.guidance, help="guidance scale (default: %(default)s, MNN's; "
-                      "others no longer match MNN's runtime)")
+    draw.add_argument("--guidance", type=float, default=None, help="guidance scale (default: MNN's runtime's, 7.5; "
+                      "SD3.5: 5.0; others no longer match MNN's runtime)")
     draw.add_argument("--tokenizer", choices=("runtime", "hf"), default="runtime",
                       help="whose token ids condition the image: runtime (default): the ids MNN's runtime feeds, "
                            "from the bundle's tokenizer.mtok; hf: Hugging Face's, as diffusers would")
     draw.add_argument("--tokenizer-scheme", choices=("diffusers", "mnn"), default="diffusers",
                       help="with --onnx: imitate a bundle converted with sd2mnn convert --tokenizer SCHEME "
                            "(default: %(default)s)")
+    draw.add_argument("--schedule", choices=("runtime", "diffusers"), default="runtime",
+                      help="SD3.5: whose timesteps: runtime (default): MNN's, truncated to integers; diffusers: "
+                           "diffusers' FlowMatchEulerDiscreteScheduler's (with --tokenizer hf: diffusers' recipe)")
+    draw.add_argument("--height", type=int, metavar="PIXELS",
+                      help="the image height expected (default: the models'; they are fixed at export, so another "
+                           "value is refused)")
+    draw.add_argument("--width", type=int, metavar="PIXELS", help="the image width expected (as --height)")
     draw.add_argument("--negative-prompt", default="", metavar="TEXT",
                       help='unconditional prompt (default: "", MNN\'s; others no longer match MNN\'s runtime)')
     run = parser.add_argument_group("how to run")
@@ -74,7 +88,8 @@ def register(subparsers) -> None:
     run.add_argument("--memory-mode", type=int, choices=(0, 1, 2), default=1,
                      help="diffusion_demo's memory_mode: its Winograd setting (0 off, 1 default, 2 level 1). Measured on "
                           "an SD1.5 unet on CPU: 0 loads 5x faster in half the memory but steps 1.3x slower; 2 "
-                          "halves mode 1's load time and memory for steps within 5%% (default: %(default)s)")
+                          "halves mode 1's load time and memory for steps within 5%% (default: %(default)s). SD3.5's "
+                          "runtime sets no Winograd level: the mode changes nothing there")
     run.add_argument("--cache-file", metavar="PATH", help="MNN cache file for GPU backends' tuned kernels")
     out = parser.add_argument_group("output")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
@@ -91,7 +106,7 @@ class StepProgress:
         self.step_times: list[float] = []
 
     def __call__(self, event) -> None:
-        if event.stage != "unet":
+        if event.stage in ("text_encoder", "vae_decoder"):
             self._line(f"{event.stage}: {event.seconds:.2f}s")
             return
         self.step_times.append(event.seconds)
@@ -99,7 +114,7 @@ class StepProgress:
         steady = self.step_times[1:] or self.step_times
         eta = (total - done) * sorted(steady)[len(steady) // 2]
         bar = "#" * (20 * done // total) + "." * (20 - 20 * done // total)
-        text = f"unet step {done:>2}/{total} [{bar}] {event.seconds:.2f}s  eta {eta:.0f}s"
+        text = f"{event.stage} step {done:>2}/{total} [{bar}] {event.seconds:.2f}s  eta {eta:.0f}s"
         if self.live:
             self.stream.write(f"\r\x1b[2K{text}" + ("\n" if done == total else ""))
             self.stream.flush()
@@ -154,19 +169,28 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path, progress: StepProgress | None):
+    from sd2mnn import families
     from sd2mnn.pipeline import GenerationParams, Pipeline, load_latents, mnn_runtime_config
 
-    latents = load_latents(args.latents) if args.latents else None
+    family = families.detect(source) if source.is_dir() else families.SD15  # else Pipeline says what is wrong
+    # A .txt holds bare numbers: its shape is the models', known once they are loaded.
+    text_latents = bool(args.latents) and Path(args.latents).suffix.lower() == ".txt"
+    latents = load_latents(args.latents) if args.latents and not text_latents else None
     params = GenerationParams(prompt, args.negative_prompt, args.steps, args.seed, args.guidance, args.noise,
-                              latents, args.latents, args.tokenizer)
-    params.validate()  # before minutes of loading
+                              latents, args.latents, args.tokenizer, args.schedule, args.height, args.width)
+    params.validate(None, family)  # before minutes of loading
+    if text_latents and not Path(args.latents).is_file():
+        load_latents(args.latents)  # its one-line error
     if args.onnx is None:
-        config = mnn_runtime_config(args.backend, args.threads, args.precision, args.memory_mode, args.cache_file)
+        config = mnn_runtime_config(args.backend, args.threads, args.precision, args.memory_mode, args.cache_file, family)
         pipeline = Pipeline(source, "mnn", config)
     else:
         pipeline = Pipeline.from_onnx(source, threads=args.threads, tokenizer_scheme=args.tokenizer_scheme)
+    pipeline.check_size(params)
+    if text_latents:
+        params = dataclasses.replace(params, latents=load_latents(args.latents, pipeline.latent_shape))
     if args.save_latents:
-        save_npy(Path(args.save_latents), params.initial_latents())
+        save_npy(Path(args.save_latents), params.initial_latents(pipeline.latent_shape))
     try:
         generation = pipeline.run(params, progress)
     except KeyboardInterrupt:

@@ -18,6 +18,10 @@ How this differs from diffusers' ``FlowMatchEulerDiscreteScheduler(shift=3.0)``
   final 0 agree; the ones between differ by the truncation and the endpoint.
 * diffusers feeds the transformer ``sigma * 1000`` as a float (857.69...); MNN the truncated
   integer (857).
+
+``FlowMatchEulerScheduler(n, rule="diffusers")`` runs diffusers' schedule instead (its float32
+and float64 arithmetic reproduced, so the sigmas are diffusers' bit for bit), to draw SD3.5 as
+diffusers does and measure what the runtime's rule costs (benchmarks/sd35_recipe_fidelity.py).
 """
 from __future__ import annotations
 
@@ -33,11 +37,16 @@ SHIFT = 3.0  # DiffusionSD35::run() "float shift = 3.0f"
 _F = np.float32
 
 
-def sd35_timesteps(num_inference_steps: int, shift: float = SHIFT) -> np.ndarray:
-    """``mTimeSteps``: int32, descending, one per transformer call."""
+def _check_steps(num_inference_steps) -> int:
     n = int(num_inference_steps)
     if n != num_inference_steps or not MIN_STEPS <= n <= MAX_STEPS:
         raise ValueError(f"num_inference_steps must be an integer in {MIN_STEPS}..{MAX_STEPS}, got {num_inference_steps!r}")
+    return n
+
+
+def sd35_timesteps(num_inference_steps: int, shift: float = SHIFT) -> np.ndarray:
+    """``mTimeSteps``: int32, descending, one per transformer call."""
+    n = _check_steps(num_inference_steps)
     if n == 1:
         return np.array([NUM_TRAIN_TIMESTEPS], dtype=np.int32)
     start, end, shift = _F(1.0), _F(1.0) / _F(1000.0), _F(shift)
@@ -49,19 +58,45 @@ def sd35_timesteps(num_inference_steps: int, shift: float = SHIFT) -> np.ndarray
     return np.array(out, dtype=np.int32)
 
 
+def diffusers_sigmas(num_inference_steps: int, shift: float = SHIFT) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift)`` after
+    ``set_timesteps(N)``: float32, the timesteps ``1000 * sigma``, N + 1 sigmas ending in 0.
+
+    ``__init__``: float32 ``linspace(1, 1000, 1000)`` reversed, / 1000, shifted in float32; its
+    last and first values are ``sigma_min`` and ``sigma_max``. ``set_timesteps``: a float64
+    ``linspace(1000 * sigma_max, 1000 * sigma_min, N)`` / 1000, shifted again in float64, then
+    float32."""
+    n = _check_steps(num_inference_steps)
+    train = np.linspace(1, NUM_TRAIN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, dtype=np.float32)[::-1] / _F(NUM_TRAIN_TIMESTEPS)
+    train = _F(shift) * train / (_F(1) + _F(shift - 1) * train)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    sigmas = np.linspace(sigma_max * NUM_TRAIN_TIMESTEPS, sigma_min * NUM_TRAIN_TIMESTEPS, n) / NUM_TRAIN_TIMESTEPS
+    sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).astype(np.float32)
+    return sigmas * _F(NUM_TRAIN_TIMESTEPS), np.append(sigmas, _F(0)).astype(np.float32)
+
+
+RULES = ("mnn", "diffusers")
+
+
 @dataclass(eq=False)
 class FlowMatchEulerScheduler:
     """``step_flow_match`` for one run of ``num_inference_steps`` transformer calls.
 
     Call ``step(v, i, sample)`` for i = 0, ..., N-1, with ``v`` the guided transformer output at
-    ``timesteps[i]``."""
+    ``timesteps[i]``. ``rule``: "mnn" (the runtime's int32 timesteps) or "diffusers" (float32)."""
 
     num_inference_steps: int
     shift: float = SHIFT
+    rule: str = "mnn"
     timesteps: np.ndarray = field(init=False)
     sigmas: np.ndarray = field(init=False, repr=False)  # N + 1 float32 values, the last 0
 
     def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.rule == "diffusers":
+            self.timesteps, self.sigmas = diffusers_sigmas(self.num_inference_steps, self.shift)
+            return
         self.timesteps = sd35_timesteps(self.num_inference_steps, self.shift)
         self.sigmas = np.append(self.timesteps.astype(np.float32) / _F(1000.0), _F(0.0)).astype(np.float32)
 

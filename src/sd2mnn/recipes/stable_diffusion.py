@@ -1,0 +1,44 @@
+"""SD1.5 and Taiyi: the steps of MNN's ``StableDiffusion`` runtime between the text encoder and
+the VAE decoder (transformers/diffusion/engine/src/stable_diffusion.cpp, MNN 3.6.1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def unet_feeds(latent: np.ndarray, timestep: int, text_embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """``mSampleVar = _Concat({plms, plms}, 0)``; the timestep goes through a float and
+    ``_Cast<int>`` into an int32 tensor of shape [1]."""
+    return {
+        "sample": np.concatenate([latent, latent], axis=0),
+        "timestep": np.array([timestep], dtype=np.float32).astype(np.int32),
+        "encoder_hidden_states": text_embeddings,
+    }
+
+
+@dataclass(frozen=True)
+class StableDiffusionSteps:
+    latent_input: str = "sample"  # the unet input that holds the latents
+
+    def condition(self, outputs: dict[str, dict[str, np.ndarray]], shapes,
+                  files: dict[str, str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+        """text_encoder(): outputs[0] of {"last_hidden_state", "pooler_output"} conditions the unet."""
+        return {"encoder_hidden_states": outputs["text_encoder"]["last_hidden_state"]}, []
+
+    def denoiser_feeds(self, latent: np.ndarray, timestep, text: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return unet_feeds(latent, int(timestep), text["encoder_hidden_states"])
+
+    def contract_notes(self, shapes: dict[str, dict[str, list[int]]], files: dict[str, str], source) -> list[str]:
+        """sd2mnn.contract's rules (stable_diffusion.cpp's fixed shapes) over the loaded inputs."""
+        from sd2mnn.contract import check_tensors, runtime_notes
+
+        def dtype(tensor: str) -> str:
+            return "int32" if tensor in ("input_ids", "timestep") else "float32"  # as sd2mnn feeds them
+
+        infos = {name: {"inputs": list(s), "tensors": {t: {"shape": d, "dtype": dtype(t)} for t, d in s.items()}}
+                 for name, s in shapes.items()}
+        return runtime_notes(check_tensors(infos, files, complete=False))
+
+
+STEPS = StableDiffusionSteps()
