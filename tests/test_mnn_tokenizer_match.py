@@ -43,12 +43,13 @@ def clip_folder(tmp_path_factory) -> Path:
     return write_sd15_tokenizer(tmp_path_factory.mktemp("clip") / "tokenizer")
 
 
-def run_mnn_tokenizer(model_dir: Path, prompts: list[str], work: Path) -> list[list[int]]:
+def run_mnn_tokenizer(model_dir: Path, prompts: list[str], work: Path, args: tuple[str, ...] = ()) -> list[list[int]]:
+    """The binary's ids for ``prompts``; ``args`` as main.cpp takes them (e.g. --single -1 1 256)."""
     binary = Path(MNN_TOKENIZER).expanduser()
     assert binary.is_file(), f"SD2MNN_MNN_TOKENIZER={MNN_TOKENIZER} is not a file"
     prompts_file, ids_file = work / "prompts.txt", work / "ids.txt"
     prompts_file.write_bytes("".join(p + "\n" for p in prompts).encode("utf-8"))
-    done = subprocess.run([str(binary), str(model_dir), str(prompts_file), str(ids_file)],
+    done = subprocess.run([str(binary), str(model_dir), str(prompts_file), str(ids_file), *args],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     # MNN prints its own complaints to stdout (MNN_ERROR is printf); none are expected.
