@@ -84,8 +84,9 @@ def test_formats(clip, bert):
     assert bert.format == TAIYI
     assert (TAIYI.bos_id, TAIYI.eos_id, TAIYI.max_length, TAIYI.model_type) == (101, 102, 512, 1)
     assert prompt_format("BPE") == SD15
+    assert (prompt_format("Unigram").bos_id, prompt_format("Unigram").eos_id) == (-1, 1)  # SD3.5's T5
     with pytest.raises(InputError):
-        prompt_format("Unigram")
+        prompt_format("WordLevel")
 
 
 def test_pair_layout(clip):

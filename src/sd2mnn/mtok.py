@@ -38,6 +38,7 @@ CLASS_DEFAULTS = {
              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
     "bert": {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
              "cls_token": "[CLS]", "mask_token": "[MASK]"},
+    "t5": {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
     "generic": {},
 }
 # CLIP's pre-tokenizer split, as transformers' CLIPTokenizer builds it.
@@ -58,6 +59,7 @@ class TokenizerSource:
     stop_ids: list[int]
     prefix_ids: list[int]
     pad_id: int | None = None  # what Hugging Face pads with (not written: MNN's runtime pads with 0)
+    family: str = "generic"  # tokenizer_family's answer: 'clip', 'bert', 't5' or 'generic'
 
 
 def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -> Path:
@@ -66,13 +68,19 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
     ``scheme="mnn"`` writes exactly what MNN's own flow writes; ``"diffusers"`` (for CLIP BPE
     tokenizers; others are written as MNN writes them) the end-of-word scheme of
     ``sd2mnn.conditioning``, which with the rewritten text encoder conditions as diffusers does.
+    For T5 (SD3.5's tokenizer_3/) ``"diffusers"`` writes ``sd2mnn.t5_scheme``'s normalizer and
+    split, which make the runtime's ids Hugging Face's with the text encoder unchanged.
     """
     from sd2mnn.conditioning import (bert_hugging_face_json, clip_end_of_word_json, uses_bert_scheme,
                                      uses_end_of_word_scheme)
 
+    from sd2mnn.t5_scheme import t5_hugging_face_json, uses_t5_scheme
+
     src = load_tokenizer_source(Path(tokenizer_dir))
     tj = src.tokenizer_json
-    if uses_end_of_word_scheme(tj, scheme):
+    if uses_t5_scheme(src.family, scheme):
+        tj = t5_hugging_face_json(tj)
+    elif uses_end_of_word_scheme(tj, scheme):
         tj = clip_end_of_word_json(tj)
     elif uses_bert_scheme(tj, scheme):
         tj = bert_hugging_face_json(tj)
@@ -121,7 +129,7 @@ def _content(value) -> str | None:
 
 
 def tokenizer_family(tokenizer_dir: Path) -> str:
-    """'clip', 'bert' or 'generic' (a tokenizer.json with no model-specific class)."""
+    """'clip', 'bert', 't5' or 'generic' (a tokenizer.json with no model-specific class)."""
     config_path = tokenizer_dir / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
     cls = str(config.get("tokenizer_class") or "")
@@ -129,6 +137,13 @@ def tokenizer_family(tokenizer_dir: Path) -> str:
         return "clip"
     if cls.startswith("BertTokenizer"):
         return "bert"
+    if cls.startswith("T5Tokenizer"):
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            # MNN's writer reads the Unigram model from tokenizer.json only (never spiece.model).
+            raise InputError(f"{config_path}: tokenizer_class {cls!r} needs the folder's tokenizer.json, which is "
+                             "missing; copy the model's tokenizer_3/ folder whole, or save it with "
+                             "transformers' T5TokenizerFast.save_pretrained")
+        return "t5"
     if (tokenizer_dir / "tokenizer.json").is_file() and cls in ("", "PreTrainedTokenizerFast", "TokenizersBackend"):
         return "generic"
     what = f"tokenizer_class {cls!r}" if cls else "no tokenizer_class"
@@ -207,7 +222,7 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
         tokenizer_json=tj, chat_template=chat_template, eos_token=eos, bos_token=bos,
         clean_up_spaces=config.get("clean_up_tokenization_spaces", False) is True,
         special_ids=special_ids, stop_ids=_stop_ids(tok, to_id(_content(named["eos_token"]))),
-        prefix_ids=_prefix_ids(tok, decode), pad_id=to_id(_content(named["pad_token"])))
+        prefix_ids=_prefix_ids(tok, decode), pad_id=to_id(_content(named["pad_token"])), family=family)
 
 
 def _check_dense_ids(tj: dict, source: Path) -> None:

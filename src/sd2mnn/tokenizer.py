@@ -17,6 +17,9 @@ Where MNN differs from Hugging Face's CLIPTokenizer (so from diffusers), on purp
     and the "\\s+" -> " " Replace is dropped by the writer (harmless: the split removes spaces).
   * Regexes run on "folded" text (each non-ASCII code point becomes its category marker).
 For BERT (Taiyi) the C++ agrees with HF for ordinary text: [CLS] ... [SEP], padded with 0.
+For T5 (SD3.5's tokenizer_3, Unigram) the runtime adds no BOS, EOS 1 unless the ids already end
+with it, cuts to 256 with EOS last and pads with 0, as diffusers does; sd2mnn.t5_scheme's .mtok
+makes the ids Hugging Face's (what remains is listed there).
 """
 from __future__ import annotations
 
@@ -43,8 +46,9 @@ SD15, TAIYI = families.SD15.prompt, families.TAIYI.prompt
 
 
 def prompt_format(model_kind: str) -> PromptFormat:
-    """The runtime settings for a tokenizer model kind ("BPE" -> SD1.5, "WordPiece" -> Taiyi)."""
-    return families.by_tokenizer_model(model_kind).prompt
+    """The runtime settings for a tokenizer model kind ("BPE" -> SD1.5, "WordPiece" -> Taiyi,
+    "Unigram" -> SD3.5's T5)."""
+    return _runtime_format(families.by_tokenizer_model(model_kind), "")
 
 
 def read_mtok_model_kind(path: Path) -> str:
@@ -55,26 +59,29 @@ def read_mtok_model_kind(path: Path) -> str:
 class PromptTokenizer:
     """A tokenizer.mtok, encoding like MNN's C++ runtime."""
 
-    def __init__(self, mtok: "_Mtok"):
+    def __init__(self, mtok: "_Mtok", prompt_format: PromptFormat | None = None, folder: str = ""):
+        """``prompt_format``: how the runtime encodes with it; by default the family's format for
+        the tokenizer ``folder`` the file sits in (SD3.5's tokenizer_3/ is T5's)."""
         self._mtok = mtok
         self.family = families.by_tokenizer_model(mtok.model.kind)  # what the runtime makes of this .mtok
-        self.format = self.family.prompt
+        self.format = prompt_format or _runtime_format(self.family, folder)
 
     @classmethod
-    def from_dir(cls, path: Path, scheme: str = "diffusers") -> "PromptTokenizer":
+    def from_dir(cls, path: Path, scheme: str = "diffusers",
+                 prompt_format: PromptFormat | None = None) -> "PromptTokenizer":
         """A bundle (tokenizer.mtok), a .mtok file, or a tokenizer folder (its .mtok is written
         to a temporary file first, exactly as a conversion with ``--tokenizer scheme`` would)."""
         path = Path(path)
         for candidate in (path, path / MTOK_NAME, path / "tokenizer" / MTOK_NAME):
             if candidate.is_file():
-                return cls(_read_mtok(candidate))
+                return cls(_read_mtok(candidate), prompt_format, candidate.parent.name)
         source = path / "tokenizer" if (path / "tokenizer").is_dir() else path
         if not source.is_dir():
             raise InputError(f"{path}: no {MTOK_NAME} and no tokenizer folder; point at a bundle or tokenizer/")
         from sd2mnn.mtok import write_mtok
 
         with tempfile.TemporaryDirectory(prefix="sd2mnn-mtok-") as tmp:
-            return cls(_read_mtok(write_mtok(source, Path(tmp) / MTOK_NAME, scheme)))
+            return cls(_read_mtok(write_mtok(source, Path(tmp) / MTOK_NAME, scheme)), prompt_format, source.name)
 
     @property
     def vocabulary(self) -> dict[str, int]:
@@ -94,19 +101,31 @@ class PromptTokenizer:
         """MtokTokenizer::encodeSingle: BOS/EOS if missing, cut (EOS last) or padded with 0."""
         fmt, max_length = self.format, max_length or self.format.max_length
         ids = self.encode(text)
-        if not ids or ids[0] != fmt.bos_id:
+        # A negative id is one the runtime does not add (T5 has no BOS).
+        if fmt.bos_id >= 0 and (not ids or ids[0] != fmt.bos_id):
             ids.insert(0, fmt.bos_id)
-        if ids[-1] != fmt.eos_id:
+        if fmt.eos_id >= 0 and (not ids or ids[-1] != fmt.eos_id):
             ids.append(fmt.eos_id)
         if len(ids) > max_length:
             ids = ids[:max_length]
-            ids[-1] = fmt.eos_id
+            if fmt.eos_id >= 0:
+                ids[-1] = fmt.eos_id
         return ids + [0] * (max_length - len(ids))
 
     def encode_pair(self, prompt: str, max_length: int | None = None, negative_prompt: str = "") -> np.ndarray:
         """int32 [2, max_length]: row 0 the unconditional (MNN: always ""), row 1 the prompt."""
         rows = [self.encode_single(negative_prompt, max_length), self.encode_single(prompt, max_length)]
         return np.array(rows, dtype=np.int32)
+
+
+def _runtime_format(family: families.Family, folder: str) -> PromptFormat:
+    """The runtime's format for the family's tokenizer in ``folder``; elsewhere, the format of the
+    tokenizer that marks the family (SD3.5: T5's, the one that is not its CLIP format)."""
+    formats = family.prompt_formats
+    if folder in formats:
+        return formats[folder]
+    others = {f for f in formats.values() if f != family.prompt}
+    return others.pop() if len(others) == 1 else family.prompt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +287,7 @@ def _read_pre_tokenizer(r: _Reader):
     raise ValueError(f"unknown pre-tokenizer type {kind}")
 
 
-def _read_model(r: _Reader) -> "BpeModel | _WordPiece":
+def _read_model(r: _Reader) -> "BpeModel | _WordPiece | UnigramModel":
     kind, size = r.take("<B"), r.take("<I")
     if kind == Model.BPE:
         r.take("<B")  # byte_fallback: unused by the C++, which always tries <0xXX> tokens
@@ -282,7 +301,15 @@ def _read_model(r: _Reader) -> "BpeModel | _WordPiece":
     if kind == Model.WORDPIECE:
         unk, prefix, max_chars = r.string(), r.string(), r.take("<I")
         return _WordPiece(_read_vocab(r, size), unk, prefix, max_chars)
-    raise ValueError("Unigram tokenizers are not supported by sd2mnn" if kind == Model.UNIGRAM else f"unknown model type {kind}")
+    if kind == Model.UNIGRAM:
+        unk_id, byte_fallback = r.take("<I"), bool(r.take("<B"))
+        entries = []
+        for _ in range(size):
+            token = r.raw(r.take("<H"))
+            token_id, score = r.take("<Id")
+            entries.append((token, token_id, score))
+        return UnigramModel(entries, unk_id, byte_fallback)
+    raise ValueError(f"unknown model type {kind}")
 
 
 def _read_vocab(r: _Reader, size: int) -> dict[str, int]:
@@ -460,6 +487,76 @@ class BpeModel:
             ids[i:i + 2] = [merged]
         self._cache[text] = ids
         return list(ids)
+
+
+class UnigramModel:
+    """MNN's UnigramModel: a Viterbi search over the UTF-8 bytes of one pre-token.
+
+    As the C++ does it, not as SentencePiece or Hugging Face do: every vocabulary entry can match
+    (also <pad>, </s>), a tie keeps the path found first (the shortest last piece), an unknown
+    character is an <unk> only where no piece ends, scored with <unk>'s own score, and a run of
+    <unk> collapses to one."""
+
+    kind = "Unigram"
+
+    def __init__(self, entries: list[tuple[bytes, int, float]], unk_id: int, byte_fallback: bool):
+        self.vocab = {token: token_id for token, token_id, _ in entries}
+        self.tokens = {token_id: token.decode("utf-8", errors="replace") for token, token_id, _ in entries}
+        self.scores = {token_id: score for _, token_id, score in entries}
+        self.unk_id, self.byte_fallback = unk_id, byte_fallback
+        self.max_len = max((len(token) for token in self.vocab), default=0)
+        self.unk_score = self.scores.get(unk_id, -10.0)
+        self._cache: dict[str, list[int]] = {}
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.tokens.get(token_id, self.tokens.get(self.unk_id, ""))
+
+    def tokenize(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if text not in self._cache:
+            self._cache[text] = self._viterbi(text.encode("utf-8"))
+        return list(self._cache[text])
+
+    def _viterbi(self, data: bytes) -> list[int]:
+        n, unset = len(data), -1e17
+        best = [-1e18] * (n + 1)
+        best_id, best_prev = [-1] * (n + 1), [0] * (n + 1)
+        best[0] = 0.0
+        for i in range(1, n + 1):
+            for j in range(i - 1, max(i - self.max_len, 0) - 1, -1):
+                if best[j] <= unset:
+                    continue
+                token_id = self.vocab.get(data[j:i], -1)
+                if token_id != -1 and token_id != self.unk_id:
+                    score = self.scores[token_id]
+                elif self.byte_fallback and i - j == 1:
+                    token_id = self.vocab.get(f"<0x{data[j]:02X}>".encode(), self.unk_id)
+                    score = self.scores.get(token_id, self.unk_score) if token_id != self.unk_id else self.unk_score
+                else:
+                    continue
+                if best[j] + score > best[i] or best[i] <= unset:
+                    best[i], best_prev[i], best_id[i] = best[j] + score, j, token_id
+            if best[i] <= unset:
+                # No piece ends here: one character (or, inside one, a byte) as <unk>.
+                char_len = 1
+                for k in range(1, min(4, i) + 1):
+                    c = data[i - k]
+                    if c & 0xC0 != 0x80:
+                        expected = 4 if c >= 0xF0 else 3 if c >= 0xE0 else 2 if c >= 0xC0 else 1
+                        char_len = k if expected == k else 1
+                        break
+                if best[i - char_len] > unset:
+                    best[i], best_prev[i], best_id[i] = best[i - char_len] + self.unk_score, i - char_len, self.unk_id
+        if best[n] <= unset:
+            return []
+        out, cur = [], n
+        while cur > 0:
+            token_id = best_id[cur]
+            if not out or token_id != self.unk_id or out[-1] != self.unk_id:
+                out.append(token_id)
+            cur = best_prev[cur]
+        return out[::-1]
 
 
 class _WordPiece:
