@@ -38,7 +38,8 @@ import numpy as np
 
 from sd2mnn.contract import check_contract, onnx_vocabulary, runtime_notes
 from sd2mnn.errors import InputError
-from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, load_component, parse_components
+from sd2mnn.families import SD15, Family
+from sd2mnn.layout import MANIFEST_NAME, folder_family, load_component, parse_components
 from sd2mnn.manifest import read_manifest
 from sd2mnn.runtime import PRECISIONS
 from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static_shape
@@ -127,45 +128,46 @@ class BenchReport:
 # -- choosing components and inputs ------------------------------------------------------------
 
 
-def _select(bundle: Path, onnx_dir: Path | None, components) -> tuple[str, ...]:
+def _select(bundle: Path, onnx_dir: Path | None, components, family: Family) -> tuple[str, ...]:
+    specs = family.components
     if components is not None:
-        names = parse_components(components)
+        names = parse_components(components, family)
     else:  # every component the bundle has (and the ONNX folder too, when given)
-        names = tuple(n for n, s in COMPONENTS.items() if (bundle / s.mnn_name).is_file()
+        names = tuple(n for n, s in specs.items() if (bundle / s.mnn_name).is_file()
                       and (onnx_dir is None or (onnx_dir / n / "model.onnx").is_file()))
         if not names:
             raise InputError(f"{bundle} has no component to benchmark; convert it first (sd2mnn convert)")
     for name in names:
-        if not (bundle / COMPONENTS[name].mnn_name).is_file():
-            raise InputError(f"{bundle / COMPONENTS[name].mnn_name} is missing; convert it or leave it out of --components")
+        if not (bundle / specs[name].mnn_name).is_file():
+            raise InputError(f"{bundle / specs[name].mnn_name} is missing; convert it or leave it out of --components")
     return names
 
 
-def _input_specs(name: str, bundle: Path, onnx_dir: Path | None, manifest):
+def _input_specs(name: str, bundle: Path, onnx_dir: Path | None, manifest, family: Family):
     """Something with ``.summary.inputs`` (what build_inputs reads): the ONNX model's, or else
     the shapes and dtypes the manifest recorded when the component was converted."""
     if onnx_dir is not None:
-        return load_component(onnx_dir, name)
+        return load_component(onnx_dir, name, family)
     record = manifest.components.get(name) if manifest else None
     if record is None or not record.inputs:
         raise InputError(f"{bundle / MANIFEST_NAME} does not record {name}'s inputs; give the ONNX folder with --onnx")
     return SimpleNamespace(summary=SimpleNamespace(inputs=record.inputs))
 
 
-def _feeds(names, bundle: Path, onnx_dir: Path | None, seed: int) -> dict[str, tuple[dict, str]]:
+def _feeds(names, bundle: Path, onnx_dir: Path | None, seed: int, family: Family) -> dict[str, tuple[dict, str]]:
     """Component -> (one feed, what it is): the first of verify's inputs, seeded as verify seeds them."""
     manifest = read_manifest(bundle / MANIFEST_NAME)
     feeds = {}
     for name in names:
-        source = _input_specs(name, bundle, onnx_dir, manifest)
+        source = _input_specs(name, bundle, onnx_dir, manifest, family)
         ids = []
-        if COMPONENTS[name].prompt_ids:  # the family's spec: fed the tokenizer's ids
-            length = static_shape(name, source.summary.inputs[0])[1]
+        if family.components[name].prompt_ids:  # the family's spec: fed the tokenizer's ids
+            length = static_shape(name, source.summary.inputs[0], family)[1]
             model = onnx_dir / name / "model.onnx" if onnx_dir is not None else None
             vocabulary = onnx_vocabulary(model) if model is not None else None
-            ids, _ = prompt_ids(bundle, onnx_dir or bundle, length, vocabulary, model)
+            ids, _ = prompt_ids(bundle, onnx_dir or bundle, length, vocabulary, model, family, name)
         rng = component_rng(seed, name)
-        feed = build_inputs(name, source, rng, ids, None)[0][0]
+        feed = build_inputs(name, source, rng, ids, None, family)[0][0]
         feeds[name] = (feed, "verify's first input: " + " ".join(f"{k}{list(v.shape)}" for k, v in feed.items()))
     return feeds
 
@@ -173,19 +175,19 @@ def _feeds(names, bundle: Path, onnx_dir: Path | None, seed: int) -> dict[str, t
 # -- measuring -------------------------------------------------------------------------------
 
 
-def _files_bytes(runtime: str, name: str, bundle: Path, onnx_dir: Path | None) -> int:
+def _files_bytes(runtime: str, name: str, bundle: Path, onnx_dir: Path | None, family: Family) -> int:
     if runtime == "mnn":
-        spec = COMPONENTS[name]
+        spec = family.components[name]
         return sum((bundle / f).stat().st_size for f in (spec.mnn_name, spec.weight_name) if (bundle / f).is_file())
-    return load_component(onnx_dir, name).total_bytes
+    return load_component(onnx_dir, name, family).total_bytes
 
 
 def measure(runtime: str, name: str, model: Path, feed: dict, threads: int, precision: str, runs: int,
-            workdir: Path, file_bytes: int, timeout: float | None = None) -> Timing:
+            workdir: Path, file_bytes: int, timeout: float | None = None, family: Family = SD15) -> Timing:
     """Run one model on one runtime in a child process; see the module docstring."""
     from sd2mnn.children import log_tail, run_module
 
-    spec = COMPONENTS[name]
+    spec = family.components[name]
     timeout = timeout or RUN_TIMEOUT_S
     feeds_path, out, log = workdir / f"{name}-{runtime}.npz", workdir / f"{name}-{runtime}.json", workdir / f"{name}-{runtime}.log"
     np.savez(feeds_path, **feed)
@@ -230,13 +232,14 @@ def bench(bundle, onnx_dir=None, components=None, threads: int = 2, precision: s
     runtimes = tuple(runtimes or (RUNTIMES if onnx_dir is not None else ("mnn",)))
     if "onnxruntime" in runtimes and onnx_dir is None:
         raise InputError("benchmarking ONNX Runtime needs the ONNX folder; give it with --onnx")
-    names = _select(bundle, onnx_dir, components)
-    issues = check_contract(bundle, names)
+    family = folder_family(bundle)
+    names = _select(bundle, onnx_dir, components, family)
+    issues = check_contract(bundle, names, family)
     for issue in issues:
         if issue.kind == "vocabulary":  # the runtime's own ids overflow the embedding table: nothing can run
             raise InputError(f"{bundle / issue.file}: MNN's runtime feeds {issue.expected}, but the text encoder has "
                              f"{issue.found}")
-    feeds = _feeds(names, bundle, onnx_dir, seed)
+    feeds = _feeds(names, bundle, onnx_dir, seed, family)
     results = []
     with tempfile.TemporaryDirectory(prefix="sd2mnn-bench-") as tmp:
         for name in names:
@@ -244,9 +247,10 @@ def bench(bundle, onnx_dir=None, components=None, threads: int = 2, precision: s
             entry = ComponentBench(name, what)
             for runtime in runtimes:
                 progress.update(f"{name} {runtime}", "running", f"1 + {runs} runs")
-                model = bundle / COMPONENTS[name].mnn_name if runtime == "mnn" else onnx_dir / name / "model.onnx"
+                spec = family.components[name]
+                model = bundle / spec.mnn_name if runtime == "mnn" else onnx_dir / name / "model.onnx"
                 timing = measure(runtime, name, model, feed, threads, precision, runs, Path(tmp),
-                                 _files_bytes(runtime, name, bundle, onnx_dir), timeout)
+                                 _files_bytes(runtime, name, bundle, onnx_dir, family), timeout, family)
                 entry.timings[runtime] = timing
                 detail = timing.error or f"steady {timing.median_s * 1e3:.1f} ms"
                 progress.update(f"{name} {runtime}", "failed" if timing.error else "done", detail)

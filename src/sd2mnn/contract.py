@@ -15,6 +15,12 @@ names the file and line it comes from; ``SD`` is
 
 L is 77 (SD1.5) or 512 (Taiyi); H is whatever the text encoder produces. The vae_encoder is not
 loaded by the 3.6.1 SD runtime: only its files and tensor names are checked (sd2mnn's layout).
+
+SD3.5 (``SD35`` is ``diffusion_sd35.cpp``) fixes every width: its family's ``runtime_tensors``
+give them (sd2mnn.families.sd35 cites the lines). Its runtime loads ``tokenizer/``,
+``tokenizer_2/`` and ``tokenizer_3/`` ``tokenizer.mtok`` (SD35:98-108: all three, or nothing
+loads) and goes on with zeros where ``text_encoder_3.mnn`` does not load (SD35:150-151, 228): a
+bundle without T5 conforms, and ``contract_notes`` says what it means.
 ``check_contract`` lists every deviation with what the runtime expects; ``check_tensors`` applies
 the same rules to shapes read elsewhere (an ONNX folder, loaded models), so generate, bench and
 sweep can say what the runtime would refuse.
@@ -32,13 +38,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sd2mnn.errors import InputError
-from sd2mnn.layout import COMPONENTS, MTOK_NAME
-from sd2mnn.families import FAMILIES, SD15, PromptFormat
+from sd2mnn.families import FAMILIES, SD15, Family, PromptFormat
+from sd2mnn.layout import COMPONENTS, MTOK_NAME, bundle_mtok, folder_family
 
-# The models the runtime loads (vae_encoder: never), and each family's text length and BOS/EOS:
-# the families' facts (sd2mnn.families), by the text length a converted text encoder shows.
+# The models the runtime loads (vae_encoder: never), and each SD1.x family's text length and
+# BOS/EOS: the families' facts (sd2mnn.families), by the text length a converted text encoder shows.
 RUNTIME_COMPONENTS = SD15.runtime_components
-FORMATS: dict[int, PromptFormat] = {f.text_length: f.prompt for f in FAMILIES.values()}
+FORMATS: dict[int, PromptFormat] = {f.text_length: f.prompt for f in FAMILIES.values() if not f.tokenizers}
 TEXT_LENGTHS = {length: f.name for length, f in FORMATS.items()}
 # transformers/llm/engine/src/tokenizer/tokenizer.cpp:90, tokenizer.hpp:136: MAGIC_NUMBER = 430.
 MTOK_MAGIC = b"430"
@@ -171,20 +177,30 @@ def onnx_vocabulary(model: Path) -> int | None:
     return max(sizes) if sizes else None
 
 
-def _runtime_ids_issue(vocabulary: int | None, length: int | None, file: str) -> ContractIssue | None:
-    fmt = FORMATS.get(length)
+def _runtime_format(length: int | None, family: Family = SD15, component: str = "text_encoder") -> PromptFormat | None:
+    """The format MNN's runtime feeds ``component`` with: by its text length for the SD1.x
+    families (the runtime's model type sets it), else its tokenizer's in the family."""
+    if not family.tokenizers:
+        return FORMATS.get(length)
+    return family.prompt_formats.get(family.components[component].tokenizer)
+
+
+def _runtime_ids_issue(vocabulary: int | None, length: int | None, file: str, family: Family = SD15,
+                       component: str = "text_encoder") -> ContractIssue | None:
+    fmt = _runtime_format(length, family, component)
     if vocabulary is None or fmt is None or max(fmt.bos_id, fmt.eos_id) < vocabulary:
         return None
-    # SD:123/125 the BOS/EOS ids MtokTokenizer adds (TOK:49-53) index the embedding table.
-    return ContractIssue("text_encoder", file, "vocabulary",
+    # SD:123/125 (SD35:42-44) the BOS/EOS ids MtokTokenizer adds (TOK:49-53) index the embedding table.
+    return ContractIssue(component, file, "vocabulary",
                          f"ids up to {max(fmt.bos_id, fmt.eos_id)} ({fmt.name} BOS/EOS {fmt.bos_id}/{fmt.eos_id})",
                          f"a vocabulary of {vocabulary} ids; export the text encoder with its tokenizer's vocabulary")
 
 
-def check_runtime_ids(vocabulary: int | None, length: int | None, file: str | Path) -> None:
+def check_runtime_ids(vocabulary: int | None, length: int | None, file: str | Path, family: Family = SD15,
+                      component: str = "text_encoder") -> None:
     """Raise InputError when the BOS/EOS ids MNN's runtime adds to every prompt of ``length``
     tokens do not fit the text encoder's ``vocabulary``: running it is impossible."""
-    issue = _runtime_ids_issue(vocabulary, length, str(file))
+    issue = _runtime_ids_issue(vocabulary, length, str(file), family, component)
     if issue is not None:
         raise InputError(f"{file}: MNN's runtime feeds {issue.expected}, but the text encoder has {issue.found}")
 
@@ -207,9 +223,9 @@ def check_vocabulary(ids, vocabulary: int | None, file: str | Path) -> None:
 # -- the checks ------------------------------------------------------------------------------
 
 
-def expected_tensors(name: str, length: int, hidden: int | None) -> dict[str, tuple[str, list[int | None]]]:
+def expected_tensors(name: str, length: int, hidden: int | None, family: Family = SD15) -> dict[str, tuple[str, list[int | None]]]:
     """Tensor name -> (dtype, shape) the runtime uses; None in a shape means "any"."""
-    return COMPONENTS[name].runtime_tensors(length, hidden)
+    return family.components[name].runtime_tensors(length, hidden)
 
 
 def _shape_matches(found: list[int], expected: list[int | None]) -> bool:
@@ -221,8 +237,8 @@ def _fmt_shape(shape) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _check_files(mnn_dir: Path, name: str) -> list[ContractIssue]:
-    spec = COMPONENTS[name]
+def _check_files(mnn_dir: Path, name: str, family: Family = SD15) -> list[ContractIssue]:
+    spec = family.components[name]
     issues = []
     # SD:101 etc. load "<dir>/<name>.mnn"; express/module/Module.cpp:380 reads its weights from
     # the same path + ".weight".
@@ -236,8 +252,8 @@ def _check_files(mnn_dir: Path, name: str) -> list[ContractIssue]:
 
 
 def _check_tensors(name: str, info: dict, length: int, hidden: int | None, file: str | None = None,
-                   complete: bool = True) -> list[ContractIssue]:
-    spec = COMPONENTS[name]
+                   complete: bool = True, family: Family = SD15) -> list[ContractIssue]:
+    spec = family.components[name]
     file = file or spec.mnn_name
     issues = []
     # SD:104, SD:111, SD:118: Module::load with these input and output names.
@@ -249,7 +265,7 @@ def _check_tensors(name: str, info: dict, length: int, hidden: int | None, file:
                 name, file, "missing tensor",
                 f"{role} {tensor!r} (loaded with inputs {list(spec.inputs)}, outputs {list(spec.outputs)})",
                 f"{have}; re-export the ONNX model with that {role} and reconvert"))
-    for tensor, (dtype, shape) in expected_tensors(name, length, hidden).items():
+    for tensor, (dtype, shape) in expected_tensors(name, length, hidden, family).items():
         role = "input" if tensor in spec.inputs else "output"
         found = info["tensors"].get(tensor)
         if found is None:
@@ -267,12 +283,17 @@ def _dims(infos: dict, component: str, tensor: str) -> list[int] | None:
     return found["shape"] if found else None
 
 
-def check_tensors(infos: dict[str, dict], files: dict[str, str] | None = None, complete: bool = True) -> list[ContractIssue]:
+def check_tensors(infos: dict[str, dict], files: dict[str, str] | None = None, complete: bool = True,
+                  family: Family = SD15) -> list[ContractIssue]:
     """The contract's shape, dtype and name rules over ``infos`` (component -> {"inputs": [...],
     "tensors": {name: {"shape", "dtype"}}}, as the child reads them from .mnn files or
-    ``tensor_infos`` from ONNX specs); ``files`` names each component's file in the messages.
-    ``complete=False``: ``infos`` holds only some tensors (a loaded model's inputs); check those."""
+    ``tensor_infos`` from ONNX specs) of ``family``'s components; ``files`` names each component's
+    file in the messages. ``complete=False``: ``infos`` holds only some tensors (a loaded model's
+    inputs); check those."""
     files = files or {}
+    if family.tokenizers:  # a runtime of fixed widths (SD3.5): the family's tensors say them all
+        return [i for name, info in infos.items()
+                for i in _check_tensors(name, info, 0, None, files.get(name), complete, family)]
     issues = []
     # L and H come from the text encoder (else the unet): the runtime sizes its inputs from them.
     ids, hidden_states = _dims(infos, "text_encoder", "input_ids"), _dims(infos, "unet", "encoder_hidden_states")
@@ -285,7 +306,7 @@ def check_tensors(infos: dict[str, dict], files: dict[str, str] | None = None, c
                                     "prompts of 77 tokens (SD1.5) or 512 (Taiyi)", f"{length} tokens"))
         length = 77
     for name, info in infos.items():
-        issues += _check_tensors(name, info, length, hidden, files.get(name), complete)
+        issues += _check_tensors(name, info, length, hidden, files.get(name), complete, family)
     return issues
 
 
@@ -300,56 +321,90 @@ def tensor_infos(specs: dict[str, tuple[list, list]]) -> dict[str, dict]:
             for name, (ins, outs) in specs.items()}
 
 
-def _check_tokenizer(mnn_dir: Path) -> list[ContractIssue]:
+def bundle_tokenizers(family: Family) -> list[str]:
+    """The bundle-relative tokenizer.mtok files the family's runtime loads."""
+    return list(dict.fromkeys(bundle_mtok(family, n) for n, spec in family.components.items() if spec.prompt_ids))
+
+
+def _check_tokenizer(mnn_dir: Path, family: Family = SD15) -> list[ContractIssue]:
     # SD:122-133 both SD1.5 and Taiyi load an MtokTokenizer from the bundle folder; TOK:15 reads
-    # "<dir>/tokenizer.mtok" (no vocab.txt, no tokenizer.json).
-    path = mnn_dir / MTOK_NAME
-    if not path.is_file():
-        return [ContractIssue("tokenizer", MTOK_NAME, "missing file", "the tokenizer in MNN's binary format",
-                              "no such file; rebuild the bundle with sd2mnn convert")]
-    with open(path, "rb") as stream:
-        head = stream.read(16)
-    if not head.startswith(MTOK_MAGIC):
-        return [ContractIssue("tokenizer", MTOK_NAME, "unreadable", "a file starting with the magic number 430",
-                              f"{head[:8]!r}; rebuild it with sd2mnn convert --force")]
-    return []
+    # "<dir>/tokenizer.mtok" (no vocab.txt, no tokenizer.json). SD35:98-108 loads one from each of
+    # tokenizer/, tokenizer_2/ and tokenizer_3/, T5's too when text_encoder_3.mnn is absent.
+    issues = []
+    for rel in bundle_tokenizers(family):
+        path = mnn_dir / rel
+        if not path.is_file():
+            issues.append(ContractIssue("tokenizer", rel, "missing file", "the tokenizer in MNN's binary format",
+                                        "no such file; rebuild the bundle with sd2mnn convert"))
+            continue
+        with open(path, "rb") as stream:
+            head = stream.read(16)
+        if not head.startswith(MTOK_MAGIC):
+            issues.append(ContractIssue("tokenizer", rel, "unreadable", "a file starting with the magic number 430",
+                                        f"{head[:8]!r}; rebuild it with sd2mnn convert --force"))
+    return issues
 
 
-def _check_vocabulary_fits(infos: dict[str, dict]) -> list[ContractIssue]:
-    info = infos.get("text_encoder") or {}
-    ids = (info.get("tensors") or {}).get("input_ids")
-    length = ids["shape"][1] if ids and len(ids["shape"]) == 2 else None
-    issue = _runtime_ids_issue(info.get("vocabulary"), length, COMPONENTS["text_encoder"].mnn_name)
-    return [issue] if issue else []
+def _check_vocabulary_fits(infos: dict[str, dict], family: Family = SD15) -> list[ContractIssue]:
+    issues = []
+    for name, spec in family.components.items():
+        info = infos.get(name) or {}
+        if not spec.prompt_ids or not info:
+            continue
+        ids = (info.get("tensors") or {}).get("input_ids")
+        length = ids["shape"][1] if ids and len(ids["shape"]) == 2 else None
+        issue = _runtime_ids_issue(info.get("vocabulary"), length, spec.mnn_name, family, name)
+        issues += [issue] if issue else []
+    return issues
 
 
-def check_contract(mnn_dir: str | Path, components: tuple[str, ...] | list[str] | None = None) -> list[ContractIssue]:
-    """Every way the bundle in ``mnn_dir`` deviates from what MNN's SD runtime loads.
+def contract_components(mnn_dir: Path, family: Family) -> tuple[str, ...]:
+    """What ``check_contract`` checks by default: the models the runtime loads, but for one it
+    runs without (SD3.5's T5) when the bundle leaves it out, and any other the bundle has."""
+    present = [n for n, s in family.components.items() if (mnn_dir / s.mnn_name).exists()]
+    needed = [n for n in family.runtime_components if not family.components[n].runtime_optional]
+    return tuple(n for n in family.components if n in needed or n in present)
 
-    ``components=None`` checks the runtime's three models (and vae_encoder when present);
-    a list checks just those. The tokenizer is always checked. An empty list means it conforms.
+
+def contract_notes(mnn_dir: str | Path, family: Family | None = None) -> list[str]:
+    """What the bundle means to the runtime beyond pass or fail: the models it runs without."""
+    mnn_dir = Path(mnn_dir)
+    family = family or folder_family(mnn_dir)
+    return [f"{spec.mnn_name} is absent: MNN's runtime goes on without {name} (for SD3.5's T5: zeros in place "
+            f"of its states), a supported configuration; convert {name} to condition on it"
+            for name, spec in family.components.items()
+            if spec.runtime_optional and name in family.runtime_components and not (mnn_dir / spec.mnn_name).exists()]
+
+
+def check_contract(mnn_dir: str | Path, components: tuple[str, ...] | list[str] | None = None,
+                   family: Family | None = None) -> list[ContractIssue]:
+    """Every way the bundle in ``mnn_dir`` deviates from what MNN's runtime for its family loads.
+
+    ``components=None`` checks the runtime's models (and any other the bundle has; one the
+    runtime runs without only when present); a list checks just those. The tokenizers are
+    always checked. An empty list means it conforms. ``family``: the bundle's (default: detected).
     """
     mnn_dir = Path(mnn_dir)
+    family = family or folder_family(mnn_dir)
+    specs = family.components
     if components is None:
-        extra = [n for n in COMPONENTS if n not in RUNTIME_COMPONENTS and (mnn_dir / COMPONENTS[n].mnn_name).exists()]
-        components = (*RUNTIME_COMPONENTS, *extra)
+        components = contract_components(mnn_dir, family)
     issues: list[ContractIssue] = []
     readable = []
     for name in components:
-        file_issues = _check_files(mnn_dir, name)
+        file_issues = _check_files(mnn_dir, name, family)
         issues += file_issues
-        if not any(i.file == COMPONENTS[name].mnn_name for i in file_issues):
+        if not any(i.file == specs[name].mnn_name for i in file_issues):
             readable.append(name)
-    found = read_tensors({n: (mnn_dir / COMPONENTS[n].mnn_name, [*COMPONENTS[n].inputs, *COMPONENTS[n].outputs])
-                          for n in readable})
+    found = read_tensors({n: (mnn_dir / specs[n].mnn_name, [*specs[n].inputs, *specs[n].outputs]) for n in readable})
     infos = {name: info for name, info in found.items() if info is not None}
     for name in readable:
         if name not in infos:
-            issues.append(ContractIssue(name, COMPONENTS[name].mnn_name, "unreadable", "an MNN model file",
+            issues.append(ContractIssue(name, specs[name].mnn_name, "unreadable", "an MNN model file",
                                         "a file MNN cannot read; reconvert it (sd2mnn convert --force)"))
-    issues += check_tensors(infos)
-    issues += _check_vocabulary_fits(infos)
-    issues += _check_tokenizer(mnn_dir)
+    issues += check_tensors(infos, family=family)
+    issues += _check_vocabulary_fits(infos, family)
+    issues += _check_tokenizer(mnn_dir, family)
     return issues
 
 

@@ -23,7 +23,8 @@ from sd2mnn.bundle import BundleDir
 from sd2mnn.children import Child, ChildResult, child_env, log_tail
 from sd2mnn.converter import find_converter
 from sd2mnn.errors import ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError
-from sd2mnn.layout import LOGS_DIR, MANIFEST_NAME, MTOK_NAME, open_onnx_pipeline, parse_components
+from sd2mnn.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bundle_mtok, check_component_names,
+                           open_onnx_pipeline, split_components, tokenizer_layout)
 from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
 from sd2mnn.mtok import write_mtok
 from sd2mnn.onnx_scan import TensorSpec, check_external_data
@@ -97,7 +98,7 @@ def convert(
     steps; the command line composes them.
     """
     if "components" in overrides:
-        overrides["components"] = parse_components(overrides["components"])
+        overrides["components"] = split_components(overrides["components"])
     options = replace(options or ConvertOptions(), **overrides)
     progress = progress or NullProgress()
     for path, what in ((onnx_dir, "ONNX_DIR"), (mnn_dir, "MNN_DIR")):
@@ -106,6 +107,7 @@ def convert(
     started = time.monotonic()
 
     onnx = open_onnx_pipeline(onnx_dir, options.components)
+    options = replace(options, components=tuple(onnx.components))  # the family's names (defaults: its own)
     for source in onnx.components.values():
         check_external_data(source.summary)
     converter = find_converter(options.converter)
@@ -118,20 +120,23 @@ def convert(
         raise InputError(f"{mnn_path} is the ONNX folder itself; write the bundle to another folder")
 
     with _os_errors_as_one_line(mnn_path), BundleDir(mnn_path) as bundle:
-        # The tokenizer first: a tokenizer sd2mnn cannot write must fail before any converter
-        # runs. The text encoder's prefix graph is built from the very tokenizer.mtok staged.
-        progress.update("tokenizer", "writing", MTOK_NAME)
-        scheme = _tokenizer_scheme(options, previous)
+        # The tokenizers first: a tokenizer sd2mnn cannot write must fail before any converter
+        # runs. Each text encoder's prefix graph is built from the very tokenizer.mtok staged.
+        mtoks = [f"{folder}/{MTOK_NAME}" if folder else MTOK_NAME for folder in tokenizer_layout(onnx.family).values()]
+        progress.update("tokenizer", "writing", ", ".join(mtoks))
+        scheme = _tokenizer_scheme(onnx, mnn_path, options, previous)
         tokenizer_scratch = bundle.new_scratch("tokenizer")
-        write_mtok(onnx.tokenizer_dir, tokenizer_scratch / MTOK_NAME, scheme)
-        prefixes = _prefixes(onnx, options, scheme, tokenizer_scratch / MTOK_NAME)
+        for target, folder in onnx.tokenizers.items():
+            (tokenizer_scratch / target).mkdir(exist_ok=True)
+            write_mtok(folder, tokenizer_scratch / target / MTOK_NAME, scheme)
+        prefixes = _prefixes(onnx, options, scheme, tokenizer_scratch)
         plan = plan_conversion(onnx, mnn_path, converter, options, previous, bundle.pending(), prefixes)
         _check_foreign_files(plan)
         _check_disk_space(plan, bundle)
         jobs = options.jobs or default_jobs([expected_peak(j) for j in plan.to_convert])
         tokenizer_staged: dict[str, Path] = {}
         tokenizer_files, family = _stage_tokenizer(plan, tokenizer_scratch, tokenizer_staged)
-        progress.update("tokenizer", "done", MTOK_NAME)
+        progress.update("tokenizer", "done", ", ".join(mtoks))
         for name in plan.reused:
             progress.update(name, "reused", "up to date")
         for name in plan.resumed:
@@ -173,6 +178,7 @@ def check_before_export(mnn_dir: Path, options: ConvertOptions) -> None:
     export that takes minutes (the conversion repeats these checks and prints any warning)."""
     check_extra_flags(options, find_converter(options.converter))
     _check_output_folder(Path(mnn_dir))
+    check_component_names(split_components(options.components))
 
 
 # -- running the converters ------------------------------------------------------------------
@@ -228,23 +234,41 @@ class _Running:
         return expected_peak(self.job) if self.phase == "converting" else expected_peak(self.job) // 2
 
 
-def _tokenizer_scheme(options: ConvertOptions, previous: Manifest | None) -> str:
-    """The bundle's tokenizer scheme. It follows the text encoder: a run that leaves the bundle's
-    text encoder alone keeps the .mtok that goes with it."""
-    if "text_encoder" not in options.components and previous and "text_encoder" in previous.components:
+def _tokenizer_scheme(onnx: OnnxPipeline, mnn_dir: Path, options: ConvertOptions, previous: Manifest | None) -> str:
+    """The bundle's tokenizer scheme. It follows the text encoders (the components fed prompt
+    ids): a run that leaves the bundle's text encoders alone keeps the .mtok files that go with
+    them; one that converts some and keeps others must not change it under the kept ones."""
+    if previous is None or options.tokenizer == previous.tokenizer_scheme:
+        return options.tokenizer
+    encoders = [n for n, spec in onnx.family.components.items() if spec.prompt_ids]
+    kept = [n for n in encoders if n in previous.components and n not in options.components]
+    if not kept:
+        return options.tokenizer
+    if not any(n in options.components for n in encoders):
         return previous.tokenizer_scheme
-    return options.tokenizer
+    what = ", ".join(kept)
+    raise InputError(
+        f"{mnn_dir}: its {what} was converted with --tokenizer {previous.tokenizer_scheme}, and this run's "
+        f"--tokenizer {options.tokenizer} would change the tokenizers under it; add {what} to --components, "
+        f"or pass --tokenizer {previous.tokenizer_scheme}")
 
 
-def _prefixes(onnx, options: ConvertOptions, scheme: str, mtok: Path) -> dict:
-    """The text encoder's prefix graph (sd2mnn.conditioning), where the scheme needs one."""
+def _prefixes(onnx: OnnxPipeline, options: ConvertOptions, scheme: str, scratch: Path) -> dict:
+    """Each converted text encoder's prefix graph (sd2mnn.conditioning), where the scheme needs
+    one for its tokenizer, built from that tokenizer's staged .mtok."""
     from sd2mnn.conditioning import TextEncoderPrefix, load_rewrite
     from sd2mnn.tokenizer import PromptTokenizer
 
-    if "text_encoder" not in options.components:
-        return {}
-    rewrite = load_rewrite(onnx.tokenizer_dir, scheme, PromptTokenizer.from_dir(mtok))
-    return {"text_encoder": TextEncoderPrefix(rewrite)} if rewrite is not None else {}
+    prefixes = {}
+    for name in options.components:
+        spec = onnx.family.components[name]
+        if not spec.prompt_ids:
+            continue
+        runtime = PromptTokenizer.from_dir(scratch / bundle_mtok(onnx.family, name))
+        rewrite = load_rewrite(onnx.root / spec.tokenizer, scheme, runtime)
+        if rewrite is not None:
+            prefixes[name] = TextEncoderPrefix(rewrite)
+    return prefixes
 
 
 def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict) -> _Running:
@@ -417,20 +441,30 @@ def _stage_components(
     return staged, records
 
 
+def _tokenizer_files(onnx: OnnxPipeline) -> list[tuple[str, Path]]:
+    """(bundle-relative name, ONNX file) of every tokenizer file the bundle gets a copy of."""
+    return [("/".join(p for p in (target, item.name) if p), item)
+            for target, folder in onnx.tokenizers.items() for item in sorted(folder.iterdir())
+            if item.is_file() and item.name != MTOK_NAME]  # the .mtok is written, never copied
+
+
 def _stage_tokenizer(plan: ConversionPlan, scratch: Path, staged: dict[str, Path]) -> tuple[tuple[FileRecord, ...], str]:
-    """Copy the tokenizer files into ``scratch``, beside the tokenizer.mtok written there; stage
-    the ones whose content differs from the bundle's. Also the model family the tokenizer.mtok
+    """Copy the tokenizer files into ``scratch``, beside the tokenizer.mtok written there (each
+    tokenizer in the bundle folder it goes to); stage the ones whose content differs from the
+    bundle's. Also the model family: for a family of one tokenizer, the one its tokenizer.mtok
     makes MNN's runtime run ("" for one it has no runtime for)."""
-    for item in sorted(plan.onnx.tokenizer_dir.iterdir()):
-        if item.is_file():
-            shutil.copy2(item, scratch / item.name)
-    try:
-        family = families.detect(scratch / MTOK_NAME).name
-    except InputError:
-        family = ""
+    for rel, item in _tokenizer_files(plan.onnx):
+        shutil.copy2(item, scratch / rel)
+    if len(plan.onnx.tokenizers) > 1:
+        family = plan.onnx.family.name
+    else:
+        try:
+            family = families.detect(scratch / MTOK_NAME).name
+        except InputError:
+            family = ""
     known = {f.path: f for f in plan.previous.tokenizer} if plan.previous else {}
     records = []
-    for path in sorted(scratch.iterdir()):
+    for path in sorted(p for p in scratch.rglob("*") if p.is_file()):
         record = FileRecord.of(path, scratch)
         old = known.get(record.path)
         if old is not None and old.sha256 == record.sha256 and old.is_intact(plan.mnn_dir):
@@ -494,8 +528,9 @@ def _bundle_targets(plan: ConversionPlan) -> list[str]:
     for name in [*(job.name for job in plan.to_convert), *plan.resumed]:
         spec = plan.onnx.components[name].spec
         targets += [spec.mnn_name, spec.weight_name, f"{LOGS_DIR}/{name}.log"]
-    targets += sorted(p.name for p in plan.onnx.tokenizer_dir.iterdir() if p.is_file())
-    return [*targets, MTOK_NAME, MANIFEST_NAME]
+    targets += [rel for rel, _ in _tokenizer_files(plan.onnx)]
+    targets += [f"{folder}/{MTOK_NAME}" if folder else MTOK_NAME for folder in tokenizer_layout(plan.onnx.family).values()]
+    return [*targets, MANIFEST_NAME]
 
 
 def _check_foreign_files(plan: ConversionPlan) -> None:
@@ -537,7 +572,7 @@ def _check_disk_space(plan: ConversionPlan, bundle: BundleDir) -> None:
     files: the converted outputs, the tokenizer files and tokenizer.mtok (about as big as the
     vocabulary and merges it is written from), the manifest and the logs, and the rewritten copy
     of a source that gets a graph put in front of it."""
-    tokenizer = sum(p.stat().st_size for p in plan.onnx.tokenizer_dir.iterdir() if p.is_file())
+    tokenizer = sum(item.stat().st_size for _, item in _tokenizer_files(plan.onnx))
     needed = 2 * tokenizer + _SMALL_FILES_BYTES
     for job in plan.to_convert:
         source_bytes = sum(f.size for f in job.sources)

@@ -8,6 +8,11 @@ ONNX pipeline folder (what a diffusers -> ONNX export writes, MNN's onnx_export.
 MNN bundle (what MNN's C++ diffusion runtime loads)::
 
     text_encoder.mnn(.weight)  unet.mnn(.weight)  vae_decoder.mnn(.weight)  tokenizer.mtok
+
+Which components a folder holds, and where each tokenizer goes, is its family's
+(sd2mnn.families): an SD3.5 folder has text_encoder, text_encoder_2, text_encoder_3, transformer,
+vae_decoder and tokenizer/, tokenizer_2/, tokenizer_3/, and its bundle keeps each tokenizer in a
+folder of that name (``<name>/tokenizer.mtok``, where diffusion_sd35.cpp loads it).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd2mnn.errors import InputError, UnsafeModelError
-from sd2mnn.families import SD15, ComponentSpec
+from sd2mnn.families import SD15, ComponentSpec, Family
 from sd2mnn.onnx_scan import OnnxSummary, scan_onnx
 
 
@@ -31,20 +36,75 @@ MANIFEST_NAME = "manifest.json"
 LOGS_DIR = "logs"
 
 
-def parse_components(names: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """Normalize a --components value ("unet,vae_decoder" or a list) to known names, in order."""
+def split_components(names: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A --components value ("unet,vae_decoder" or a list) as names, unchecked (the family of
+    the folder, known later, says which names exist); None stays None (the family's defaults)."""
     if names is None:
-        return DEFAULT_COMPONENTS
+        return None
     if isinstance(names, str):
         names = [n for n in names.replace(" ", ",").split(",") if n]
-    unknown = [n for n in names if n not in COMPONENTS]
+    return tuple(dict.fromkeys(names))
+
+
+def parse_components(names: str | list[str] | tuple[str, ...] | None, family: Family = SD15) -> tuple[str, ...]:
+    """Normalize a --components value ("unet,vae_decoder" or a list) to the ``family``'s
+    component names, in order; None: the family's defaults."""
+    names = split_components(names)
+    if names is None:
+        return family.default_components
+    unknown = [n for n in names if n not in family.components]
     if unknown:
         raise InputError(
-            f"unknown component {unknown[0]!r}; choose from {', '.join(COMPONENTS)}"
+            f"unknown component {unknown[0]!r}; choose from {', '.join(family.components)}"
+            + (f" (the components of {family.name} pipelines)" if family is not SD15 else "")
         )
     if not names:
-        raise InputError(f"no component named; choose from {', '.join(COMPONENTS)}")
-    return tuple(dict.fromkeys(names))
+        raise InputError(f"no component named; choose from {', '.join(family.components)}")
+    return names
+
+
+def component_choices() -> str:
+    """Every family's components, for help texts and errors: "a, b (sd15, taiyi); c, d (sd35)"."""
+    from sd2mnn.families import FAMILIES
+
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for family in FAMILIES.values():
+        groups.setdefault(tuple(family.components), []).append(family.name)
+    return "; ".join(f"{', '.join(names)} ({', '.join(which)})" for names, which in groups.items())
+
+
+def check_component_names(names: tuple[str, ...] | None) -> None:
+    """Refuse a name no family has (before an export that takes minutes, say)."""
+    from sd2mnn.families import FAMILIES
+
+    unknown = [n for n in names or () if not any(n in f.components for f in FAMILIES.values())]
+    if unknown:
+        raise InputError(f"unknown component {unknown[0]!r}; choose from {component_choices()}")
+
+
+def tokenizer_layout(family: Family) -> dict[str, str]:
+    """The ONNX folder's tokenizer folders -> where the bundle keeps each. One tokenizer lives in
+    the bundle's own folder (MNN's SD1.x runtime reads ``<bundle>/tokenizer.mtok``); several keep
+    their folders (diffusion_sd35.cpp reads ``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/``)."""
+    folders = list(family.prompt_formats)
+    return {TOKENIZER_DIR: ""} if folders == [TOKENIZER_DIR] else {f: f for f in folders}
+
+
+def bundle_mtok(family: Family, component: str) -> str:
+    """The bundle-relative tokenizer.mtok whose ids the runtime feeds ``component``."""
+    folder = tokenizer_layout(family)[family.components[component].tokenizer]
+    return f"{folder}/{MTOK_NAME}" if folder else MTOK_NAME
+
+
+def folder_family(root: Path) -> Family:
+    """The family of an ONNX pipeline folder or a bundle (sd2mnn.families.detect). One that
+    cannot tell is taken for SD1.5: its tokenizer's or files' own check then names what is wrong."""
+    from sd2mnn import families
+
+    try:
+        return families.detect(root)
+    except InputError:
+        return SD15
 
 
 @dataclass(frozen=True)
@@ -110,9 +170,9 @@ def _check_signature(spec: ComponentSpec, model: Path, summary: OnnxSummary) -> 
         )
 
 
-def load_component(onnx_dir: Path, name: str) -> ComponentSource:
-    """Find and check one component in an ONNX pipeline folder."""
-    spec = COMPONENTS[name]
+def load_component(onnx_dir: Path, name: str, family: Family = SD15) -> ComponentSource:
+    """Find and check one of the ``family``'s components in an ONNX pipeline folder."""
+    spec = family.components[name]
     folder = onnx_dir / name
     model = folder / "model.onnx"
     if model.is_dir():
@@ -133,20 +193,35 @@ def load_component(onnx_dir: Path, name: str) -> ComponentSource:
 class OnnxPipeline:
     root: Path
     components: dict[str, ComponentSource]
+    family: Family = SD15
 
     @property
     def tokenizer_dir(self) -> Path:
         return self.root / TOKENIZER_DIR
 
+    @property
+    def tokenizers(self) -> dict[str, Path]:
+        """Bundle folder ("" : the bundle itself) -> the ONNX folder's tokenizer folder."""
+        return {target: self.root / source for source, target in tokenizer_layout(self.family).items()}
 
-def open_onnx_pipeline(onnx_dir: str | os.PathLike, components: tuple[str, ...]) -> OnnxPipeline:
-    """Check an ONNX pipeline folder for the named components and its tokenizer; read nothing big."""
+
+def check_onnx_root(onnx_dir: str | os.PathLike) -> Path:
     root = Path(onnx_dir)
     if not root.exists():
         raise InputError(f"{root} does not exist; give the folder a diffusers -> ONNX export wrote")
     if not root.is_dir():
         raise InputError(f"{root} is not a folder; give the folder a diffusers -> ONNX export wrote")
-    tokenizer = root / TOKENIZER_DIR
-    if not tokenizer.is_dir():
-        raise InputError(f"{tokenizer} is missing; copy the pipeline's tokenizer folder into {root}")
-    return OnnxPipeline(root, {name: load_component(root, name) for name in components})
+    return root
+
+
+def open_onnx_pipeline(onnx_dir: str | os.PathLike, components: tuple[str, ...] | str | None,
+                       family: Family | None = None) -> OnnxPipeline:
+    """Check an ONNX pipeline folder for the named components (None: its family's defaults) and
+    its tokenizers; read nothing big. ``family``: the folder's (default: detected)."""
+    root = check_onnx_root(onnx_dir)
+    family = family or folder_family(root)
+    names = parse_components(components, family)
+    for folder in tokenizer_layout(family):
+        if not (root / folder).is_dir():
+            raise InputError(f"{root / folder} is missing; copy the pipeline's {folder} folder into {root}")
+    return OnnxPipeline(root, {name: load_component(root, name, family) for name in names}, family)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sd2mnn.converter import Converter
 from sd2mnn.errors import InputError
-from sd2mnn.layout import DEFAULT_COMPONENTS, ComponentSource, OnnxPipeline
+from sd2mnn.layout import ComponentSource, OnnxPipeline
 from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest
 
 # Flags sd2mnn sets itself for every component; EXTRA may not override them.
@@ -58,7 +58,7 @@ def _extra_flags(extra: str, takes_value: dict[str, bool] | None = None) -> list
 class ConvertOptions:
     """Everything a conversion can be asked for. Paths are the only thing not in here."""
 
-    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    components: tuple[str, ...] | None = None  # None: the pipeline family's defaults
     weight_quant_bits: int | None = None
     weight_quant_block: int | None = None
     weight_quant_asymmetric: bool = False

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from sd2mnn.errors import InputError, Sd2MnnError
-from sd2mnn.layout import DEFAULT_COMPONENTS, parse_components
+from sd2mnn.layout import folder_family, parse_components
 from sd2mnn.plan import ConvertOptions
 from sd2mnn.progress import NullProgress, Progress
 from sd2mnn.verification import DEFAULT_THRESHOLDS
@@ -328,7 +328,8 @@ def sweep(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """Convert, verify and benchmark each variant into ``out_dir``/<variant>/; see the module docstring.
 
     ``variants``: names of VARIANTS, NAME=FLAGS strings, a dict {name: flags or None}, or
-    Variants. ``components`` defaults to what `sd2mnn convert` converts. Raises InputError for
+    Variants. ``components`` defaults to what `sd2mnn convert` converts (the folder's family's
+    defaults). Raises InputError for
     bad arguments; a variant that fails is reported in the result, not raised.
     """
     from sd2mnn.bench import bench
@@ -337,12 +338,13 @@ def sweep(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike,
     started = time.monotonic()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     chosen = resolve_variants(variants)
-    names = parse_components(components) if components is not None else DEFAULT_COMPONENTS
     if not onnx_dir.is_dir():
         raise InputError(f"{onnx_dir} is not a folder; give the ONNX pipeline folder")
     if out_dir.resolve() == onnx_dir.resolve():
         raise InputError(f"{out_dir} is the ONNX folder itself; write the variants to another folder")
-    off_contract = _check_sources(onnx_dir, names)
+    family = folder_family(onnx_dir)
+    names = parse_components(components, family)
+    off_contract = _check_sources(onnx_dir, names, family)
     progress = progress or NullProgress()
     for v in chosen:
         progress.update(v.name, "waiting")
@@ -368,26 +370,26 @@ def sweep(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike,
     mark_frontier(results)
     picked, why = recommend(results, min_psnr)
     return SweepReport(onnx_dir, out_dir, names, min_psnr, results, reference,
-                       sum(load_component(onnx_dir, n).total_bytes for n in names), picked, why,
+                       sum(load_component(onnx_dir, n, family).total_bytes for n in names), picked, why,
                        threads=threads, precision=precision, runs=runs, wall_s=time.monotonic() - started,
                        off_contract=off_contract)
 
 
-def _check_sources(onnx_dir: Path, names: tuple[str, ...]) -> list[str]:
+def _check_sources(onnx_dir: Path, names: tuple[str, ...], family) -> list[str]:
     """What MNN's runtime would refuse in every variant (read from the ONNX models, named by the
-    bundle file each becomes); an InputError, before any conversion, for ids the text encoder
+    bundle file each becomes); an InputError, before any conversion, for ids a text encoder
     cannot take."""
     from sd2mnn.contract import check_tensors, onnx_vocabulary, runtime_notes, tensor_infos
-    from sd2mnn.layout import COMPONENTS, load_component
+    from sd2mnn.layout import load_component
     from sd2mnn.verify_inputs import prompt_ids, static_shape
 
-    sources = {n: load_component(onnx_dir, n) for n in names}
+    sources = {n: load_component(onnx_dir, n, family) for n in names}
     for name, text in sources.items():
-        if COMPONENTS[name].prompt_ids:  # the family's spec: fed the tokenizer's ids
-            length = static_shape(name, text.summary.inputs[0])[1]
-            prompt_ids(onnx_dir, onnx_dir, length, onnx_vocabulary(text.model), text.model)
+        if family.components[name].prompt_ids:  # the family's spec: fed the tokenizer's ids
+            length = static_shape(name, text.summary.inputs[0], family)[1]
+            prompt_ids(onnx_dir, onnx_dir, length, onnx_vocabulary(text.model), text.model, family, name)
     infos = tensor_infos({n: (s.summary.inputs, s.summary.outputs) for n, s in sources.items()})
-    return runtime_notes(check_tensors(infos, {n: COMPONENTS[n].mnn_name for n in names}))
+    return runtime_notes(check_tensors(infos, {n: family.components[n].mnn_name for n in names}, family=family))
 
 
 # -- the picture -----------------------------------------------------------------------------

@@ -41,10 +41,10 @@ import numpy as np
 from sd2mnn import __version__
 from sd2mnn._verify_pass import PassError, RunStats, run_pass
 from sd2mnn.bundle import BundleDir
-from sd2mnn.contract import RUNTIME_COMPONENTS, ContractIssue, check_contract, onnx_vocabulary
+from sd2mnn.contract import ContractIssue, check_contract, contract_notes, onnx_vocabulary
 from sd2mnn.errors import InputError
-from sd2mnn.families import SD15, Family
-from sd2mnn.layout import COMPONENTS, MANIFEST_NAME, MTOK_NAME, load_component, parse_components
+from sd2mnn.families import FAMILIES, Family
+from sd2mnn.layout import MANIFEST_NAME, bundle_mtok, folder_family, load_component, parse_components
 from sd2mnn.manifest import read_manifest, record_mismatch, write_json_atomic
 from sd2mnn.progress import NullProgress, Progress
 from sd2mnn.verify_conditioning import ConditioningReport, check_conditioning
@@ -69,9 +69,11 @@ class Thresholds:
 # > 0.9999999), so 60 dB / 0.99999 flag any real conversion error (the demo's vae_decoder with
 # one conv 10% off scores 42 dB / 0.9997). Quantized: 8-bit weights score 49-58 dB / 0.9999 on the
 # demo; 30 dB / 0.995 leave room for full-size and lower-bit models while a broken layer fails.
+# Every family's components get the same limits.
+_NAMES = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.components))
 DEFAULT_THRESHOLDS: dict[str, dict[str, Thresholds]] = {
-    "fp32": {name: Thresholds(min_psnr=60.0, min_cosine=0.99999) for name in COMPONENTS},
-    "quantized": {name: Thresholds(min_psnr=30.0, min_cosine=0.995) for name in COMPONENTS},
+    "fp32": {name: Thresholds(min_psnr=60.0, min_cosine=0.99999) for name in _NAMES},
+    "quantized": {name: Thresholds(min_psnr=30.0, min_cosine=0.995) for name in _NAMES},
 }
 
 
@@ -164,12 +166,20 @@ class VerificationReport:
     contract: list[ContractIssue]  # every issue, the tokenizer's included
     wall_s: float = 0.0
     report_files: list[Path] = field(default_factory=list)
-    conditioning: ConditioningReport | None = None  # with the text encoder: the prompts' check
+    # The prompts' check, one per text encoder verified whose tokenizer has a conditioning scheme.
+    conditionings: list[ConditioningReport] = field(default_factory=list)
+    family: str = ""
+    notes: list[str] = field(default_factory=list)  # what the bundle means to the runtime, pass or fail
+
+    @property
+    def conditioning(self) -> ConditioningReport | None:
+        """The first text encoder's conditioning check (the only one of a SD1.x bundle)."""
+        return self.conditionings[0] if self.conditionings else None
 
     @property
     def failures(self) -> list[str]:
         lines = [line for c in self.components for line in c.failures]
-        lines += self.conditioning.failures if self.conditioning is not None else []
+        lines += [line for c in self.conditionings for line in c.failures]
         lines += [f"{i.component}: {i.message}" for i in self.contract if i.component not in {c.name for c in self.components}]
         return lines
 
@@ -184,6 +194,7 @@ class VerificationReport:
             "components": [c.to_dict() for c in self.components], "contract": [i.to_dict() for i in self.contract],
             "failures": self.failures, "report_files": [str(p) for p in self.report_files],
             "conditioning": self.conditioning.to_dict() if self.conditioning is not None else None,
+            "conditionings": [c.to_dict() for c in self.conditionings], "family": self.family, "notes": self.notes,
         }
 
 
@@ -227,18 +238,19 @@ def _worst_case(name: str, references: list[np.ndarray], candidates: list[np.nda
 # -- the verification ------------------------------------------------------------------------
 
 
-def _select(onnx_dir: Path, mnn_dir: Path, components) -> tuple[str, ...]:
+def _select(onnx_dir: Path, mnn_dir: Path, components, family: Family) -> tuple[str, ...]:
     """Named components (each must be in the ONNX folder), or by default every ONNX component
-    that the bundle has or the runtime needs."""
+    that the bundle has or the runtime needs (one it runs without only when the bundle has it)."""
     if components is not None:
-        names = parse_components(components)
+        names = parse_components(components, family)
         for name in names:
             if not (onnx_dir / name / "model.onnx").is_file():
                 raise InputError(f"{onnx_dir / name / 'model.onnx'} is missing, so {name} cannot be verified; "
                                  "leave it out of --components")
         return names
-    names = tuple(n for n, spec in COMPONENTS.items() if (onnx_dir / n / "model.onnx").is_file()
-                  and ((mnn_dir / spec.mnn_name).exists() or n in RUNTIME_COMPONENTS))
+    needed = [n for n in family.runtime_components if not family.components[n].runtime_optional]
+    names = tuple(n for n, spec in family.components.items() if (onnx_dir / n / "model.onnx").is_file()
+                  and ((mnn_dir / spec.mnn_name).exists() or n in needed))
     if not names:
         raise InputError(f"{onnx_dir} and {mnn_dir} have no component in common; check the two folders")
     return names
@@ -260,13 +272,25 @@ def damaged_files(mnn_dir: Path, manifest, names) -> list[ContractIssue]:
     return issues
 
 
+def _family(onnx_dir: Path, mnn_dir: Path, family: Family | None) -> Family:
+    """The family both folders hold (the ONNX folder's, its tokenizer telling SD1.5 from Taiyi);
+    a bundle of another family's components is refused."""
+    if family is not None:
+        return family
+    onnx, bundle = folder_family(onnx_dir), folder_family(mnn_dir)
+    if onnx.components is not bundle.components:
+        raise InputError(f"{mnn_dir} is an {bundle.name} bundle but {onnx_dir} an {onnx.name} pipeline; "
+                         "give the ONNX folder the bundle was converted from")
+    return onnx
+
+
 def _precision(name: str, mnn_dir: Path, manifest, source) -> tuple[bool, str]:
     """Whether the component's weights were quantized, and how we know."""
     record = manifest.components.get(name) if manifest else None
     if record is not None:
         flags = [f for f in record.flags if f.split("=")[0] in _QUANT_FLAGS]
         return (True, f"manifest flags {' '.join(flags)}") if flags else (False, "manifest: fp32 weights")
-    weight = mnn_dir / COMPONENTS[name].weight_name
+    weight = mnn_dir / source.spec.weight_name
     if not weight.is_file():
         return False, "unknown (no manifest, no weights)"
     ratio = weight.stat().st_size / max(1, source.total_bytes)
@@ -287,11 +311,18 @@ class _Session:
     progress: Progress
     contract: list[ContractIssue]
     manifest: object
-    family: Family = SD15
-    ids: list[np.ndarray] = field(default_factory=list)
-    ids_how: str = ""
+    family: Family
+    ids: dict[str, list[np.ndarray]] = field(default_factory=dict)  # text encoder -> ids per prompt
+    ids_how: dict[str, str] = field(default_factory=dict)
     embeddings: list[np.ndarray] | None = None  # the ONNX text encoder's last_hidden_state per prompt
     decoded: tuple[np.ndarray, np.ndarray] | None = None  # the first vae_decoder output: ONNX, MNN
+
+    @property
+    def feeder(self) -> str | None:
+        """The text encoder whose states the denoiser is fed as they come (SD1.x's one); with
+        several (SD3.5) the family's feeds make the denoiser's conditioning themselves."""
+        encoders = [n for n, s in self.family.components.items() if s.prompt_ids]
+        return encoders[0] if len(encoders) == 1 else None
 
     def run(self, runtime: str, source, model: Path, feeds: list[dict]):
         big = source.total_bytes > ISOLATE_ABOVE_BYTES
@@ -299,25 +330,26 @@ class _Session:
                         big if self.isolate is None else self.isolate, self.workdir)
 
     def prepare_text(self, names: tuple[str, ...]) -> None:
-        """Token ids for the prompts and, for a unet verified without its text encoder, the
-        ONNX text encoder's embeddings of them."""
-        encoder = self.family.text_encoder
+        """Token ids for the prompts, per text encoder verified, and, for a unet verified without
+        its text encoder, the ONNX text encoder's embeddings of them."""
         specs = self.family.components
-        needs_text = [n for n in names if specs[n].prompt_ids or specs[n].conditioned]
-        if not needs_text or not (self.onnx_dir / encoder / "model.onnx").is_file():
-            return
-        text = load_component(self.onnx_dir, encoder)
-        length = static_shape(encoder, text.summary.inputs[0])[1]
-        # Ids the text encoder cannot take are a one-line error here, before either runtime runs.
-        self.ids, self.ids_how = prompt_ids(self.mnn_dir, self.onnx_dir, length, onnx_vocabulary(text.model), text.model)
         conditioned = [n for n in names if specs[n].conditioned]
-        if conditioned and encoder not in names:
-            self.progress.update(conditioned[0], "embedding", "running the ONNX text encoder for real text embeddings")
-            outputs, _ = self.run("onnxruntime", text, text.model, [{"input_ids": i} for i in self.ids])
-            self.embeddings = [o[specs[encoder].conditioning_output] for o in outputs]
+        encoders = [n for n in specs if specs[n].prompt_ids and (n in names or (n == self.feeder and conditioned))]
+        for encoder in encoders:
+            if not (self.onnx_dir / encoder / "model.onnx").is_file():
+                continue
+            text = load_component(self.onnx_dir, encoder, self.family)
+            length = static_shape(encoder, text.summary.inputs[0], self.family)[1]
+            # Ids the text encoder cannot take are a one-line error here, before either runtime runs.
+            self.ids[encoder], self.ids_how[encoder] = prompt_ids(
+                self.mnn_dir, self.onnx_dir, length, onnx_vocabulary(text.model), text.model, self.family, encoder)
+            if encoder == self.feeder and conditioned and encoder not in names:
+                self.progress.update(conditioned[0], "embedding", "running the ONNX text encoder for real text embeddings")
+                outputs, _ = self.run("onnxruntime", text, text.model, [{"input_ids": i} for i in self.ids[encoder]])
+                self.embeddings = [o[specs[encoder].conditioning_output] for o in outputs]
 
     def component(self, name: str) -> ComponentResult:
-        source = load_component(self.onnx_dir, name)
+        source = load_component(self.onnx_dir, name, self.family)
         quantized, basis = _precision(name, self.mnn_dir, self.manifest, source)
         result = ComponentResult(name, quantized, basis, resolve_thresholds(name, quantized, self.thresholds),
                                  contract=[i for i in self.contract if i.component == name])
@@ -325,10 +357,10 @@ class _Session:
             self.progress.update(name, "failed", "the bundle breaks the runtime contract")
             return result
         rng = component_rng(self.seed, name)
-        feeds, result.inputs = build_inputs(name, source, rng, self.ids, self.embeddings)
+        feeds, result.inputs = build_inputs(name, source, rng, self.ids.get(name, []), self.embeddings, self.family)
         spec = self.family.components[name]
         if spec.prompt_ids:
-            result.inputs += f", ids from {self.ids_how}"
+            result.inputs += f", ids from {self.ids_how.get(name, '-')}"
         result.cases = len(feeds)
         try:
             self.progress.update(name, "onnxruntime", f"{len(feeds)} inputs")
@@ -343,7 +375,7 @@ class _Session:
             return result
         for output in source.spec.outputs:
             result.outputs.append(_worst_case(output, [r[output] for r in references], [c[output] for c in candidates]))
-        if spec.conditioning_output:
+        if spec.conditioning_output and name == self.feeder:
             self.embeddings = [r[spec.conditioning_output] for r in references]
         if spec.picture_output:
             self.decoded = (references[0][spec.picture_output], candidates[0][spec.picture_output])
@@ -364,7 +396,7 @@ def verify(
     threads: int | None = None,
     isolate: bool | None = None,
     prompts: list[str] | None = None,
-    family: Family = SD15,
+    family: Family | None = None,
 ) -> VerificationReport:
     """Compare the bundle in ``mnn_dir`` with the ONNX pipeline in ``onnx_dir`` and check the
     runtime contract. A failed check does not raise: see ``report.passed`` and ``.failures``.
@@ -374,9 +406,10 @@ def verify(
     Thresholds(...)}. ``report_dir`` receives verification.json and vae_decoder.png (ONNX | MNN |
     error map). ``isolate`` runs each runtime pass in a child process (default: for models over
     ISOLATE_ABOVE_BYTES). With the text encoder, ``prompts`` (default: the built-in set) go
-    through the conditioning check (sd2mnn.verify_conditioning). ``family`` says which component
-    is fed the prompt ids, conditions the denoiser and draws the picture (both SD1.x families
-    share SD15's). Raises InputError for missing folders or unusable ONNX models.
+    through the conditioning check (sd2mnn.verify_conditioning), each with its own tokenizer.
+    ``family`` (default: the folders') says which components there are, which are fed prompt
+    ids, condition the denoiser and draw the picture. Raises InputError for missing folders,
+    folders of two families or unusable ONNX models.
     """
     started = time.monotonic()
     onnx_dir, mnn_dir = Path(onnx_dir), Path(mnn_dir)
@@ -389,25 +422,32 @@ def verify(
     if report_dir is not None:
         check_report_dir(Path(report_dir))  # before minutes of work, not after
     progress = progress or NullProgress()
-    names = _select(onnx_dir, mnn_dir, components)
+    family = _family(onnx_dir, mnn_dir, family)
+    names = _select(onnx_dir, mnn_dir, components, family)
     for name in names:
         progress.update(name, "waiting")
     manifest = read_manifest(mnn_dir / MANIFEST_NAME)
-    contract = check_contract(mnn_dir, None if components is None else names) + damaged_files(mnn_dir, manifest, names)
+    contract = (check_contract(mnn_dir, None if components is None else names, family)
+                + damaged_files(mnn_dir, manifest, names))
+    conditionings = []
     with tempfile.TemporaryDirectory(prefix="sd2mnn-verify-") as tmp:
         session = _Session(onnx_dir, mnn_dir, seed, thresholds, threads or min(4, os.cpu_count() or 1), isolate,
                            Path(tmp), progress, contract, manifest, family)
         session.prepare_text(names)
         results = [session.component(name) for name in names]
-        conditioning = None
-        # The runtime's ids come from the bundle's tokenizer.mtok: without it, the contract says so.
-        if any(r.name == family.text_encoder and r.outputs for r in results) and (mnn_dir / MTOK_NAME).is_file():
-            progress.update("conditioning", "running", "prompts through both tokenizers and text encoders")
-            big = load_component(onnx_dir, family.text_encoder).total_bytes > ISOLATE_ABOVE_BYTES
-            conditioning = check_conditioning(onnx_dir, mnn_dir, prompts, session.threads,
-                                              big if isolate is None else isolate, Path(tmp))
-            progress.update("conditioning", "done", conditioning.summary())
-    report = VerificationReport(onnx_dir, mnn_dir, seed, results, contract, conditioning=conditioning)
+        for result in results:
+            # The runtime's ids come from the bundle's tokenizer.mtok: without it, the contract says so.
+            spec = family.components[result.name]
+            if not (spec.prompt_ids and result.outputs and (mnn_dir / bundle_mtok(family, result.name)).is_file()):
+                continue
+            label = "conditioning" if session.feeder else f"conditioning {result.name}"
+            progress.update(label, "running", "prompts through both tokenizers and text encoders")
+            big = load_component(onnx_dir, result.name, family).total_bytes > ISOLATE_ABOVE_BYTES
+            conditionings.append(check_conditioning(onnx_dir, mnn_dir, prompts, session.threads,
+                                                    big if isolate is None else isolate, Path(tmp), family, result.name))
+            progress.update(label, "done", conditionings[-1].summary())
+    report = VerificationReport(onnx_dir, mnn_dir, seed, results, contract, conditionings=conditionings,
+                                family=family.name, notes=contract_notes(mnn_dir, family))
     report.wall_s = time.monotonic() - started
     if report_dir is not None:
         report.report_files = write_report(Path(report_dir), report, session.decoded)

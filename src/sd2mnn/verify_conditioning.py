@@ -4,7 +4,9 @@ Two chains per prompt: the ids MNN's runtime feeds (the bundle's tokenizer.mtok)
 bundle's text encoder on MNN, against Hugging Face's ids (the bundle's tokenizer files, as
 diffusers tokenizes) through the original ONNX text encoder on ONNX Runtime. It reports the share
 of prompts whose ids (as the CLIP model sees them) equal Hugging Face's, the share of token
-positions, and the worst cosine between the two chains' ``last_hidden_state``.
+positions, and the worst cosine between the two chains' ``last_hidden_state``. A family with
+several text encoders (SD3.5's CLIP-L and CLIP-G) is checked per text encoder, each with its own
+tokenizer.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from sd2mnn.errors import InputError
-from sd2mnn.layout import COMPONENTS
+from sd2mnn.families import SD15, Family
+from sd2mnn.layout import bundle_mtok
 
 # Below what a default bundle reaches on the built-in prompts (README: "Conditioning": 98.5% of
 # prompts with SD1.5's tokenizer, 97.7% with the demo's 130-merge one); a bundle converted with
@@ -59,6 +62,7 @@ class ConditioningReport:
     matching_cosine: float | None  # the worst over prompts whose ids agree
     embedded: int = 0  # prompts whose text embeddings were compared
     differing: list[str] = field(default_factory=list)  # prompts whose ids differ
+    component: str = "text_encoder"  # the text encoder checked (with its tokenizer)
 
     @property
     def prompt_share(self) -> float:
@@ -74,18 +78,22 @@ class ConditioningReport:
             return []
         out = []
         if self.prompt_share < MIN_PROMPT_SHARE:
-            out.append(f"conditioning: {self.prompt_share:.1%} of prompts get diffusers' ids < {MIN_PROMPT_SHARE:.0%}")
+            out.append(f"{self.label}: {self.prompt_share:.1%} of prompts get diffusers' ids < {MIN_PROMPT_SHARE:.0%}")
         if self.position_share < MIN_POSITION_SHARE:
-            out.append(f"conditioning: {self.position_share:.2%} of token positions agree < {MIN_POSITION_SHARE:.0%}")
+            out.append(f"{self.label}: {self.position_share:.2%} of token positions agree < {MIN_POSITION_SHARE:.0%}")
         if self.matching_cosine is not None and self.matching_cosine < MIN_MATCHING_COSINE:
-            out.append(f"conditioning: the text encoder on MNN gives cosine {self.matching_cosine:.6f} < "
+            out.append(f"{self.label}: the text encoder on MNN gives cosine {self.matching_cosine:.6f} < "
                        f"{MIN_MATCHING_COSINE} against ONNX Runtime for the same ids; reconvert the text encoder")
         return out
+
+    @property
+    def label(self) -> str:
+        return "conditioning" if self.component == "text_encoder" else f"conditioning of {self.component}"
 
     def summary(self) -> str:
         cosine = f"{self.worst_cosine:.6f}" if self.worst_cosine is not None else "-"
         note = "" if self.scheme == "diffusers" else " (bundle converted with --tokenizer mnn: not judged)"
-        return (f"conditioning ({self.scheme}): {self.identical_prompts}/{self.prompts} prompts "
+        return (f"{self.label} ({self.scheme}): {self.identical_prompts}/{self.prompts} prompts "
                 f"({self.prompt_share:.1%}) and {self.position_share:.2%} of token positions get diffusers' ids; "
                 f"worst text-embedding cosine {cosine} of {self.embedded} compared (for {self.worst_prompt!r}){note}")
 
@@ -96,15 +104,17 @@ class ConditioningReport:
 
 
 def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None = None, threads: int = 2,
-                       isolate: bool = False, workdir: Path | None = None) -> ConditioningReport:
-    """``isolate``: run each runtime in a child process (in ``workdir``), as verify does for big models."""
+                       isolate: bool = False, workdir: Path | None = None, family: Family = SD15,
+                       component: str = "text_encoder") -> ConditioningReport:
+    """Check ``component`` (a text encoder of ``family``) with its tokenizer. ``isolate``: run
+    each runtime in a child process (in ``workdir``), as verify does for big models."""
     import tempfile
 
     from sd2mnn._verify_pass import run_pass
     from sd2mnn.conditioning import PromptIds
 
     prompts = prompts if prompts is not None else builtin_prompts()
-    ids = PromptIds.for_bundle(Path(mnn_dir))
+    ids = PromptIds.for_bundle((Path(mnn_dir) / bundle_mtok(family, component)).parent)
     length = ids.max_length
     runtime = [ids.runtime_pair(p, length) for p in prompts]
     seen = [ids.rewrite_pair(r) for r in runtime]
@@ -114,22 +124,23 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
 
     chosen = ([i for i, ok in enumerate(same) if not ok][:EMBEDDED_DIFFERING]
               + [i for i, ok in enumerate(same) if ok][:EMBEDDED_MATCHES])
-    spec = COMPONENTS["text_encoder"]
+    spec = family.components[component]
     names = (list(spec.inputs), list(spec.outputs))
     with tempfile.TemporaryDirectory(prefix="sd2mnn-conditioning-", dir=workdir) as tmp:
-        reference, _ = run_pass("onnxruntime", Path(onnx_dir) / "text_encoder" / "model.onnx", *names,
+        reference, _ = run_pass("onnxruntime", Path(onnx_dir) / component / "model.onnx", *names,
                                 [{"input_ids": expected[i]} for i in chosen], threads, isolate, Path(tmp))
         device, _ = run_pass("mnn", Path(mnn_dir) / spec.mnn_name, *names,
                              [{"input_ids": runtime[i]} for i in chosen], threads, isolate, Path(tmp))
     worst, worst_prompt, matching = None, None, None
     for i, ref, got in zip(chosen, reference, device):
-        a = ref["last_hidden_state"][1].ravel().astype(np.float64)
-        b = got["last_hidden_state"][1].ravel().astype(np.float64)
+        a = ref[spec.conditioning_output][1].ravel().astype(np.float64)
+        b = got[spec.conditioning_output][1].ravel().astype(np.float64)
         cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
         if worst is None or cosine < worst:
             worst, worst_prompt = cosine, prompts[i]
         if same[i]:
             matching = cosine if matching is None else min(matching, cosine)
     return ConditioningReport(ids.scheme, len(prompts), sum(same), len(prompts) * length, positions, worst,
-                              worst_prompt, matching, len(chosen), [p for p, ok in zip(prompts, same) if not ok])
+                              worst_prompt, matching, len(chosen), [p for p, ok in zip(prompts, same) if not ok],
+                              component)
 

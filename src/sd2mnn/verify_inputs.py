@@ -5,6 +5,9 @@
                   spread over 999..1, text embeddings = the ONNX text encoder's output for PROMPTS
     vae_decoder   latents ~ N(0,1) / 0.18215 (the runtime scales by 1/0.18215 before decoding)
     vae_encoder   a smooth random image in [-1, 1]
+
+Other families' components are fed as their ComponentSpec.verify_feeds say (SD3.5: each text
+encoder its own tokenizer's ids; sd2mnn.families.sd35).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import numpy as np
 
 from sd2mnn.contract import check_runtime_ids, check_vocabulary, expected_tensors
 from sd2mnn.errors import InputError
-from sd2mnn.layout import COMPONENTS, MTOK_NAME, TOKENIZER_DIR
+from sd2mnn.families import SD15, Family
+from sd2mnn.layout import COMPONENTS, bundle_mtok
 
 PROMPTS = (
     "a photo of a cat",
@@ -32,9 +36,9 @@ def component_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def static_shape(name: str, tensor) -> list[int]:
+def static_shape(name: str, tensor, family: Family = SD15) -> list[int]:
     """The ONNX input's shape, with symbolic dimensions filled in from the runtime contract."""
-    expected = expected_tensors(name, 77, None).get(tensor.name, (None, []))[1]
+    expected = expected_tensors(name, 77, None, family).get(tensor.name, (None, []))[1]
     shape = []
     for i, dim in enumerate(tensor.shape):
         if not isinstance(dim, int) or dim <= 0:
@@ -46,30 +50,35 @@ def static_shape(name: str, tensor) -> list[int]:
 
 
 def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int, vocabulary: int | None = None,
-               model_file: Path | None = None) -> tuple[list[np.ndarray], str]:
-    """One int32 [2, length] array ([uncond "", prompt]) per prompt in PROMPTS, made as MNN's
-    runtime makes them: from the bundle's tokenizer.mtok, else from the ONNX tokenizer folder.
-    With the text encoder's ``vocabulary`` (rows of its embedding table, in ``model_file``), ids
-    it cannot take are an InputError here, before any runtime sees them."""
-    check_runtime_ids(vocabulary, length, model_file or "the text encoder")
+               model_file: Path | None = None, family: Family = SD15,
+               component: str = "text_encoder") -> tuple[list[np.ndarray], str]:
+    """One int32 [2, length] array ([uncond "", prompt]) per prompt in PROMPTS for ``component``
+    (a text encoder of ``family``), made as MNN's runtime makes them: from the bundle's
+    tokenizer.mtok for it, else from its ONNX tokenizer folder. With the text encoder's
+    ``vocabulary`` (rows of its embedding table, in ``model_file``), ids it cannot take are an
+    InputError here, before any runtime sees them."""
+    what = model_file or f"the {component}"
+    check_runtime_ids(vocabulary, length, what, family, component)
     from sd2mnn.conditioning import PromptIds
 
     # The ids the CLIP model inside the bundle's text encoder sees, so that the ONNX source (which
     # has no id rewrite in front) gets the same; the bundle's rewrite leaves them as they are.
-    if (mnn_dir / MTOK_NAME).is_file():
-        tokenizer, how = PromptIds.for_bundle(mnn_dir), "the bundle's tokenizer.mtok"
+    mtok = bundle_mtok(family, component)
+    if (mnn_dir / mtok).is_file():
+        tokenizer, how = PromptIds.for_bundle((mnn_dir / mtok).parent), f"the bundle's {mtok}"
     else:
-        tokenizer = PromptIds.for_tokenizer(onnx_dir / TOKENIZER_DIR)
-        how = f"the tokenizer in {onnx_dir / TOKENIZER_DIR}"
+        folder = onnx_dir / family.components[component].tokenizer
+        tokenizer, how = PromptIds.for_tokenizer(folder), f"the tokenizer in {folder}"
     ids = [np.asarray(tokenizer.model_pair(p, length), dtype=np.int32).reshape(2, length) for p in PROMPTS]
-    check_vocabulary(np.stack(ids), vocabulary, model_file or "the text encoder")
+    check_vocabulary(np.stack(ids), vocabulary, what)
     return ids, how
 
 
 def build_inputs(name: str, source, rng: np.random.Generator, ids: list[np.ndarray],
-                 embeddings: list[np.ndarray] | None) -> tuple[list[dict[str, np.ndarray]], str]:
+                 embeddings: list[np.ndarray] | None, family: Family = SD15) -> tuple[list[dict[str, np.ndarray]], str]:
     """The feeds for one component's cases (made as its family's spec says), and a line saying what they are."""
     specs = {t.name: t for t in source.summary.inputs}
-    shape = {n: static_shape(name, t) for n, t in specs.items()}
+    shape = {n: static_shape(name, t, family) for n, t in specs.items()}
     dtype = {n: np.dtype(t.dtype) for n, t in specs.items()}
-    return COMPONENTS[name].verify_feeds(shape, dtype, rng, ids, embeddings, CASES[name])
+    spec = family.components[name]
+    return spec.verify_feeds(shape, dtype, rng, ids, embeddings, spec.verify_cases)

@@ -9,12 +9,14 @@ from typing import Iterator
 
 from sd2mnn.cli._common import human_bytes, print_json, table, terminate_as_interrupt
 from sd2mnn.conversion import ConversionReport, check_before_export, convert
-from sd2mnn.layout import COMPONENTS, DEFAULT_COMPONENTS, parse_components
+from sd2mnn.layout import component_choices, split_components
 from sd2mnn.plan import ConvertOptions
 from sd2mnn.progress import make_progress
 
 EXAMPLES = """examples:
-  sd2mnn convert onnx/ mnn/                              fp32, text_encoder + unet + vae_decoder
+  sd2mnn convert onnx/ mnn/                              fp32, every component the runtime loads
+  sd2mnn convert sd35-onnx/ mnn/ --components text_encoder,text_encoder_2,transformer,vae_decoder
+                                                         SD3.5 without T5 (the runtime feeds zeros)
   sd2mnn convert onnx/ mnn/ --weight-quant-bits 8        8-bit weights (about 4x smaller)
   sd2mnn convert onnx/ mnn/ "--weightQuantBits=8 --transformerFuse"   raw MNNConvert flags
   sd2mnn convert onnx/ mnn/ --components unet,vae_encoder --jobs 1
@@ -37,8 +39,10 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="convert an ONNX pipeline folder to an MNN bundle",
-        description="Convert an SD ONNX pipeline folder (text_encoder/, unet/, vae_decoder/, tokenizer/) "
-        "into an MNN bundle: <component>.mnn + .mnn.weight, tokenizer.mtok, manifest.json. "
+        description="Convert an SD ONNX pipeline folder (text_encoder/, unet/, vae_decoder/, tokenizer/; SD3.5: "
+        "text_encoder/, text_encoder_2/, text_encoder_3/, transformer/, vae_decoder/, tokenizer/, tokenizer_2/, "
+        "tokenizer_3/) into an MNN bundle: <component>.mnn + .mnn.weight, tokenizer.mtok (SD3.5: one in each "
+        "tokenizer folder), manifest.json. "
         "Components whose sources, flags and converter are unchanged are reused.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -49,8 +53,8 @@ def register(subparsers) -> None:
     parser.add_argument("extra", metavar="EXTRA", nargs="?", default="", help="raw MNNConvert flags, passed through verbatim")
     parser.add_argument(
         "--components",
-        default=",".join(DEFAULT_COMPONENTS),
-        help=f"comma-separated subset of {', '.join(COMPONENTS)} (default: %(default)s)",
+        help=f"comma-separated subset of the pipeline's components ({component_choices()}) "
+             "(default: the ones MNN's runtime loads)",
     )
     add_conversion_flags(parser)
     parser.add_argument("--tokenizer", choices=("diffusers", "mnn"), default="diffusers",
@@ -75,7 +79,7 @@ def register(subparsers) -> None:
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(
-        components=parse_components(args.components),
+        components=split_components(args.components),
         weight_quant_bits=args.weight_quant_bits,
         weight_quant_block=args.weight_quant_block,
         weight_quant_asymmetric=args.weight_quant_asymmetric,
@@ -114,8 +118,8 @@ def onnx_source(args: argparse.Namespace, options: ConvertOptions, progress) -> 
         yield args.onnx_dir
         return
     check_before_export(Path(args.mnn_dir), options)  # not after minutes of exporting
-    export_options = ExportOptions(config=Path(args.config) if args.config else None, components=options.components,
-                                   overwrite=True)
+    chosen = {"components": options.components} if options.components is not None else {}
+    export_options = ExportOptions(config=Path(args.config) if args.config else None, overwrite=True, **chosen)
     scratch_parent = Path(args.mnn_dir).absolute().parent
     scratch_parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".sd2mnn-export-", dir=scratch_parent) as tmp:
@@ -136,7 +140,7 @@ def run_command(args: argparse.Namespace) -> int:
         if args.verify:
             from sd2mnn.verification import verify_after_convert
 
-            verification = verify_after_convert(onnx_dir, report.mnn_dir, options.components, progress)
+            verification = verify_after_convert(onnx_dir, report.mnn_dir, [c.name for c in report.components], progress)
     if args.json:
         print_json({**report.to_dict(), "verification": verification.to_dict() if verification else None})
     elif not args.quiet:

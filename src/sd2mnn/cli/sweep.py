@@ -11,7 +11,7 @@ from sd2mnn.cli._common import print_json, table, terminate_as_interrupt
 from sd2mnn.converter import find_converter
 from sd2mnn.errors import InputError
 from sd2mnn.images import write_failure
-from sd2mnn.layout import COMPONENTS, DEFAULT_COMPONENTS
+from sd2mnn.layout import component_choices
 from sd2mnn.progress import make_progress
 from sd2mnn.runtime import PRECISIONS
 from sd2mnn.sweep import DEFAULT_MIN_PSNR, DEFAULT_VARIANTS, VARIANTS, SweepReport, plot, sweep
@@ -56,8 +56,9 @@ def register(subparsers) -> None:
                         help="comma-separated NAME or NAME=FLAGS (default: %(default)s)")
     parser.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR, metavar="DB",
                         help="fidelity floor for the recommendation (default: %(default)g)")
-    parser.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
-                        help=f"comma-separated subset of {', '.join(COMPONENTS)} (default: %(default)s)")
+    parser.add_argument("--components",
+                        help=f"comma-separated subset of the pipeline's components ({component_choices()}) "
+                             "(default: the ones MNN's runtime loads)")
     run = parser.add_argument_group("how to run")
     run.add_argument("--threads", type=int, default=2, metavar="N", help="threads per runtime (default: %(default)s)")
     run.add_argument("--precision", choices=PRECISIONS, default="high", help="MNN's precision in the benchmark (default: %(default)s)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sd2mnn.cli._common import print_json, table, terminate_as_interrupt
 from sd2mnn.errors import InputError, VerificationError
-from sd2mnn.layout import COMPONENTS, MANIFEST_NAME
+from sd2mnn.layout import MANIFEST_NAME, component_choices
 from sd2mnn.progress import make_progress
 from sd2mnn.verification import DEFAULT_THRESHOLDS, VerificationReport, verify
 from sd2mnn.verify_conditioning import read_prompts
@@ -38,8 +38,8 @@ def _threshold(text: str, low: float = -math.inf, high: float = math.inf) -> tup
     """ "30" (every component) or "unet=30" -> (component or "*", value), a finite number in
     [low, high]."""
     name, equals, value = text.rpartition("=")
-    if equals and name not in COMPONENTS:
-        raise argparse.ArgumentTypeError(f"unknown component {name!r} before '='; choose from {', '.join(COMPONENTS)}, "
+    if equals and name not in DEFAULT_THRESHOLDS["fp32"]:
+        raise argparse.ArgumentTypeError(f"unknown component {name!r} before '='; choose from {component_choices()}, "
                                          "or give the number alone for every component")
     try:
         number = float(value)
@@ -116,11 +116,13 @@ def print_verification(report: VerificationReport) -> None:
         print("\nruntime contract (what MNN's Stable Diffusion runtime loads):")
         for issue in report.contract:
             print(f"  - {issue.message}")
+    for note in report.notes:
+        print(f"\nnote: {note}")
     errors = [c for c in report.components if c.error]
     for c in errors:
         print(f"\n{c.name}: {c.error}")
-    if report.conditioning is not None:
-        print(f"\n{report.conditioning.summary()}")
+    for conditioning in report.conditionings:
+        print(f"\n{conditioning.summary()}")
     files = "".join(f"\nwrote {p}" for p in report.report_files)
     if report.passed:
         print(f"\nPASS: {len(report.components)} component(s) match ONNX Runtime and meet the runtime contract"
