@@ -10,6 +10,7 @@ The comparison with MNN's own C++ tokenizer is opt-in, as in test_mnn_tokenizer_
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -158,3 +159,21 @@ def test_mnn_tokenizer_gives_the_python_ids(t5_folder, runtime, hugging_face, tm
     if scheme == "diffusers":  # and so the device's ids, not only sd2mnn's, agree with diffusers'
         misses = {prompts[i] for i, ids in enumerate(cpp) if ids != hugging_face(prompts[i])}
         assert len(misses - set(KNOWN_MISSES)) <= len(read_corpus()) - CORPUS_AGREEMENT
+
+
+def test_t5_folder_whose_model_is_not_unigram(t5_folder, tmp_path):
+    folder = tmp_path / "tokenizer_3"
+    shutil.copytree(t5_folder, folder)
+    tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["model"] = {"type": "WordLevel", "vocab": {"<pad>": 0, "</s>": 1, "<unk>": 2, "\u2581a": 3}, "unk_token": "<unk>"}
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["id"] < 3]
+    (folder / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    out = tmp_path / MTOK_NAME
+    with pytest.raises(InputError, match=r"tokenizer_3/tokenizer\.json: a T5 tokenizer holds a Unigram model, "
+                                         r"this one a WordLevel model") as err:
+        write_mtok(folder, out)
+    assert "\n" not in str(err.value)
+    assert not out.exists()
+    with pytest.raises(InputError, match=r"tokenizer_3/tokenizer\.json: tokenizer model 'WordLevel' cannot be written"):
+        write_mtok(folder, out, "mnn")
+    assert not out.exists()  # not half a file either

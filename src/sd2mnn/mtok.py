@@ -13,6 +13,7 @@ File layout (little-endian; strings are u16 length + UTF-8 bytes):
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import struct
@@ -73,19 +74,20 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
     """
     from sd2mnn.conditioning import (bert_hugging_face_json, clip_end_of_word_json, uses_bert_scheme,
                                      uses_end_of_word_scheme)
-
     from sd2mnn.t5_scheme import t5_hugging_face_json, uses_t5_scheme
 
     src = load_tokenizer_source(Path(tokenizer_dir))
     tj = src.tokenizer_json
     if uses_t5_scheme(src.family, scheme):
-        tj = t5_hugging_face_json(tj)
+        tj = t5_hugging_face_json(tj, Path(tokenizer_dir) / "tokenizer.json")
     elif uses_end_of_word_scheme(tj, scheme):
         tj = clip_end_of_word_json(tj)
     elif uses_bert_scheme(tj, scheme):
         tj = bert_hugging_face_json(tj)
     out_path = Path(out_path)
-    with open(out_path, "wb") as fp:
+    json_path = Path(tokenizer_dir) / "tokenizer.json"
+    # Built in memory: a tokenizer the format cannot hold fails before the file is touched.
+    with io.BytesIO() as fp:
         ids = src.special_ids + src.stop_ids + src.prefix_ids
         header = (f"{MAGIC} {PIPELINE}\n"
                   f"{len(src.special_ids)} {len(src.stop_ids)} {len(src.prefix_ids)}\n"
@@ -93,7 +95,7 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
         fp.write(header.encode("utf-8"))
         _write_normalizer(fp, tj.get("normalizer"))
         _write_pre_tokenizer(fp, tj.get("pre_tokenizer"))
-        _write_model(fp, tj)
+        _write_model(fp, tj, json_path if json_path.is_file() else Path(tokenizer_dir))
         _write_decoder(fp, tj.get("decoder"))
         added = tj.get("added_tokens", [])
         fp.write(_u32(len(added)))
@@ -107,6 +109,7 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
         fp.write(_str(src.eos_token))
         fp.write(bytes([0x01 if src.clean_up_spaces else 0]))
         fp.write(_str(src.bos_token))
+        out_path.write_bytes(fp.getvalue())
     return out_path
 
 
@@ -455,7 +458,7 @@ def _write_pre_tokenizer(fp: BinaryIO, pre: dict | None) -> None:
         fp.write(_u8(PreTokenizer.NONE))
 
 
-def _write_model(fp: BinaryIO, tj: dict) -> None:
+def _write_model(fp: BinaryIO, tj: dict, source: Path) -> None:
     model = tj.get("model", {})
     kind = model.get("type", "")
     if not kind:  # old tokenizer.json files omit the type
@@ -483,7 +486,7 @@ def _write_model(fp: BinaryIO, tj: dict) -> None:
             if len(parts) != 2:
                 continue
             if parts[0] not in vocab or parts[1] not in vocab:
-                raise InputError(f"merge {' '.join(parts)!r} (rank {rank}) uses a token missing from the "
+                raise InputError(f"{source}: merge {' '.join(parts)!r} (rank {rank}) uses a token missing from the "
                                  "vocabulary; the tokenizer's merges and vocab do not match")
             pairs.append((vocab[parts[0]], vocab[parts[1]], rank))
         pairs.sort(key=lambda p: (p[0] << 32) | p[1])
@@ -502,7 +505,7 @@ def _write_model(fp: BinaryIO, tj: dict) -> None:
         for token, token_id, score in entries:
             fp.write(_str(token) + _u32(token_id) + struct.pack("<d", score))
     else:
-        raise InputError(f"tokenizer model {kind!r} cannot be written to tokenizer.mtok "
+        raise InputError(f"{source}: tokenizer model {kind!r} cannot be written to tokenizer.mtok "
                          "(MNN reads BPE, WordPiece and Unigram); use a tokenizer of one of those")
 
 

@@ -23,6 +23,7 @@ import base64
 import copy
 import functools
 import unicodedata
+from pathlib import Path
 
 from sd2mnn.errors import InputError
 
@@ -36,15 +37,19 @@ def uses_t5_scheme(family: str, scheme: str) -> bool:
     return scheme == "diffusers" and family == "t5"
 
 
-def t5_hugging_face_json(tokenizer_json: dict) -> dict:
-    """A copy of ``tokenizer_json`` whose .mtok encodes as transformers' T5 tokenizer does."""
+def t5_hugging_face_json(tokenizer_json: dict, source: Path = Path("tokenizer.json")) -> dict:
+    """A copy of ``tokenizer_json`` (read from ``source``, named in errors) whose .mtok encodes
+    as transformers' T5 tokenizer does."""
     tj = copy.deepcopy(tokenizer_json)
-    if (tj.get("model") or {}).get("type", "Unigram") != "Unigram":
-        raise InputError("tokenizer.json: a T5 tokenizer holds a Unigram model; this one does not "
-                         "(restore the model's tokenizer_3/ folder)")
-    charsmap = _find_charsmap(tj.get("normalizer"))
-    steps = [{"type": "Replace", "pattern": {"String": key}, "content": value}
-             for key, value in charsmap_steps(charsmap)]
+    kind = (tj.get("model") or {}).get("type", "Unigram")
+    if kind != "Unigram":
+        raise InputError(f"{source}: a T5 tokenizer holds a Unigram model, this one a {kind} model; "
+                         "restore the model's tokenizer_3/ folder")
+    try:
+        steps = [{"type": "Replace", "pattern": {"String": key}, "content": value}
+                 for key, value in charsmap_steps(_find_charsmap(tj.get("normalizer")))]
+    except ValueError as err:
+        raise InputError(f"{source}: {err}; restore the model's tokenizer_3/ folder") from err
     tj["normalizer"] = {"type": "Sequence", "normalizers": steps}
     tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "WhitespaceSplit"},
@@ -78,8 +83,7 @@ def charsmap_steps(charsmap: str) -> tuple[tuple[str, str], ...]:
         try:
             pre = normalizers.Precompiled(base64.b64decode(charsmap))
         except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types
-            raise InputError(f"tokenizer.json: the Precompiled normalizer's charsmap is unreadable ({err}); "
-                             "restore the model's tokenizer_3/ folder") from err
+            raise ValueError(f"the Precompiled normalizer's charsmap is unreadable ({err})") from err
         for cp in range(0x110000):
             if 0xD800 <= cp <= 0xDFFF:
                 continue
