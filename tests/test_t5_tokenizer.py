@@ -177,3 +177,17 @@ def test_t5_folder_whose_model_is_not_unigram(t5_folder, tmp_path):
     with pytest.raises(InputError, match=r"tokenizer_3/tokenizer\.json: tokenizer model 'WordLevel' cannot be written"):
         write_mtok(folder, out, "mnn")
     assert not out.exists()  # not half a file either
+
+
+@pytest.mark.parametrize("charsmap", ["AAAA", "CAAAAAAAAAAAAAAA"])  # cut short; a trie pointing outside itself
+def test_damaged_charsmap(t5_folder, tmp_path, charsmap):
+    folder = tmp_path / "tokenizer_3"
+    shutil.copytree(t5_folder, folder)
+    tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["normalizer"]["normalizers"][0]["precompiled_charsmap"] = charsmap
+    (folder / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    out = tmp_path / MTOK_NAME
+    with pytest.raises(InputError, match=r"tokenizer_3/tokenizer\.json: ") as err:
+        write_mtok(folder, out)
+    assert "\n" not in str(err.value)
+    assert not out.exists()

@@ -12,6 +12,7 @@ File layout (little-endian; strings are u16 length + UTF-8 bytes):
 """
 from __future__ import annotations
 
+import base64
 import functools
 import io
 import json
@@ -42,6 +43,8 @@ CLASS_DEFAULTS = {
     "t5": {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
     "generic": {},
 }
+# The texts the reference encodes to find stop and prefix tokens.
+PROBES = ("<|eot_id|>", "<end_of_turn>", "<turn|>", "A")
 # CLIP's pre-tokenizer split, as transformers' CLIPTokenizer builds it.
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -174,12 +177,17 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
 
     json_path = tokenizer_dir / "tokenizer.json"
     if json_path.is_file():
+        tj = _read_json(json_path)
+        _check_charsmaps(tj.get("normalizer"), json_path)
         try:
             tok = Tokenizer.from_file(str(json_path))
-        except Exception as err:
+            for probe in PROBES:  # what _stop_ids and _prefix_ids encode: panics surface here
+                tok.encode(probe)
+        except (Exception, BaseException) as err:  # a Rust panic is a BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
             raise InputError(f"{json_path}: the tokenizers library cannot load it ({err}); "
                              "re-save it with transformers or remove it") from err
-        tj = _read_json(json_path)
         # The reference reads this folder's own tokenizer_config.json as it is.
         chat_template = config.get("chat_template") or ""
         eos = _content(config.get("eos_token")) or ""
@@ -226,6 +234,24 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
         clean_up_spaces=config.get("clean_up_tokenization_spaces", False) is True,
         special_ids=special_ids, stop_ids=_stop_ids(tok, to_id(_content(named["eos_token"]))),
         prefix_ids=_prefix_ids(tok, decode), pad_id=to_id(_content(named["pad_token"])), family=family)
+
+
+def _check_charsmaps(norm, source: Path) -> None:
+    """A Precompiled charsmap the tokenizers library can parse (it panics on one it cannot): a
+    u32 trie size, the trie (whole u32 units), then the normalized strings."""
+    if not isinstance(norm, dict):
+        return
+    if norm.get("type") == "Precompiled":
+        try:
+            data = base64.b64decode(norm.get("precompiled_charsmap") or "", validate=True)
+        except (ValueError, TypeError):
+            data = b""
+        size = struct.unpack_from("<I", data)[0] if len(data) >= 4 else -1
+        if not (0 <= size <= len(data) - 4 and size % 4 == 0) and data != b"":
+            raise InputError(f"{source}: the Precompiled normalizer's charsmap is damaged; "
+                             "restore the tokenizer folder from the model")
+    for child in norm.get("normalizers") or []:
+        _check_charsmaps(child, source)
 
 
 def _check_dense_ids(tj: dict, source: Path) -> None:

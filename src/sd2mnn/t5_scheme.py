@@ -74,39 +74,16 @@ def _find_charsmap(norm: dict | None) -> str:
 def charsmap_steps(charsmap: str) -> tuple[tuple[str, str], ...]:
     """(text, replacement) pairs in the order MNN must run them: the charsmap's multi-character
     entries (longest first), then every code point it changes, then the whitespace MNN's split
-    does not know as a space."""
+    does not know as a space. ValueError for a charsmap the tokenizers library cannot run."""
     single: dict[str, str] = {}
     multi: dict[str, str] = {}
     if charsmap:
-        from tokenizers import normalizers
-
         try:
-            pre = normalizers.Precompiled(base64.b64decode(charsmap))
-        except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types
+            single, multi = _charsmap_tables(charsmap)
+        except (Exception, BaseException) as err:  # a Rust panic is a BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
             raise ValueError(f"the Precompiled normalizer's charsmap is unreadable ({err})") from err
-        for cp in range(0x110000):
-            if 0xD800 <= cp <= 0xDFFF:
-                continue
-            c = chr(cp)
-            mapped = pre.normalize_str(c)
-            if mapped != c:
-                single[c] = mapped
-
-        def per_char(text: str) -> str:
-            return "".join(single.get(c, c) for c in text)
-
-        # The charsmap's multi-character keys are (de)compositions: look them up where Unicode
-        # has them. Keep those whose result differs from mapping each character, and that the
-        # per-character steps that follow leave alone.
-        for cp in range(0x110000):
-            if 0xD800 <= cp <= 0xDFFF:
-                continue
-            for form in ("NFD", "NFKD"):
-                seq = unicodedata.normalize(form, chr(cp))
-                if len(seq) > 1 and seq not in multi:
-                    mapped = pre.normalize_str(seq)
-                    if mapped != per_char(seq) and per_char(mapped) == mapped:
-                        multi[seq] = mapped
     # Whitespace MNN's "\s" does not match is a space to WhitespaceSplit: make it one.
     for c in EXTRA_WHITESPACE:
         if single.get(c, c) == c:
@@ -116,3 +93,36 @@ def charsmap_steps(charsmap: str) -> tuple[tuple[str, str], ...]:
     multi = {seq: mapped.translate(spaced) for seq, mapped in multi.items()}
     ordered = sorted(multi.items(), key=lambda kv: (-len(kv[0]), kv[0]))
     return tuple(ordered) + tuple(sorted(single.items()))
+
+
+def _charsmap_tables(charsmap: str) -> tuple[dict[str, str], dict[str, str]]:
+    """What Hugging Face's Precompiled normalizer makes of each code point it changes, and of
+    each multi-character sequence it maps otherwise than character by character."""
+    from tokenizers import normalizers
+
+    pre = normalizers.Precompiled(base64.b64decode(charsmap))
+    single, multi = {}, {}
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        c = chr(cp)
+        mapped = pre.normalize_str(c)
+        if mapped != c:
+            single[c] = mapped
+
+    def per_char(text: str) -> str:
+        return "".join(single.get(c, c) for c in text)
+
+    # The charsmap's multi-character keys are (de)compositions: look them up where Unicode has
+    # them. Keep those whose result differs from mapping each character, and that the
+    # per-character steps that follow leave alone.
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        for form in ("NFD", "NFKD"):
+            seq = unicodedata.normalize(form, chr(cp))
+            if len(seq) > 1 and seq not in multi:
+                mapped = pre.normalize_str(seq)
+                if mapped != per_char(seq) and per_char(mapped) == mapped:
+                    multi[seq] = mapped
+    return single, multi
