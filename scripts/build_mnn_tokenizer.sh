@@ -5,8 +5,9 @@
 #   scripts/build_mnn_tokenizer.sh MNN_SRC_DIR OUT_DIR
 #
 # MNN_SRC_DIR: a checkout of MNN (tag 3.6.1). Writes OUT_DIR/mnn_tokenizer; run it as
-#   OUT_DIR/mnn_tokenizer MODEL_DIR PROMPTS_FILE [OUT_FILE]   (see mnn_tokenizer/main.cpp)
-# Then: SD2MNN_MNN_TOKENIZER=OUT_DIR/mnn_tokenizer pytest tests/test_mnn_tokenizer_match.py
+#   OUT_DIR/mnn_tokenizer MODEL_DIR PROMPTS_FILE [OUT_FILE] [--single BOS EOS MAXLEN]
+# (see mnn_tokenizer/main.cpp; --single -1 1 256 is SD3.5's T5). Then:
+#   SD2MNN_MNN_TOKENIZER=OUT_DIR/mnn_tokenizer pytest tests/test_mnn_tokenizer_match.py tests/test_t5_tokenizer.py
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
