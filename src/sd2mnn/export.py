@@ -1,7 +1,7 @@
 """Export a diffusers Stable Diffusion pipeline to the ONNX folder MNN's tools expect.
 
-Layout and tensor contract follow MNN's transformers/diffusion/export/onnx_export.py and the C++
-runtime (stable_diffusion.cpp)::
+SD1.x (SD1.5, Taiyi): layout and tensor contract follow MNN's transformers/diffusion/export/onnx_export.py
+and the C++ runtime (stable_diffusion.cpp)::
 
     ONNX_DIR/text_encoder/model.onnx   input_ids int32 [2, L] -> last_hidden_state, pooler_output
     ONNX_DIR/unet/model.onnx           sample f32 [2,4,h,w], timestep int32 [1],
@@ -11,7 +11,24 @@ runtime (stable_diffusion.cpp)::
     ONNX_DIR/tokenizer/                the pipeline's tokenizer files, as they are
 
 L is 77 for SD1.5 (CLIP) and 512 for Taiyi (BERT); h, w = H/f, W/f for the VAE's scale factor f
-(8 for SD1.5). Shapes are static. H and W default to the model's own size, as diffusers picks it:
+(8 for SD1.5).
+
+SD3.5 (a StableDiffusion3Pipeline folder): MNN ships no exporter; the contract is its runtime's
+(diffusion_sd35.cpp, sd2mnn.families.sd35)::
+
+    ONNX_DIR/text_encoder/model.onnx   CLIP-L: input_ids int32 [2,77] -> last_hidden_state, text_embeds
+    ONNX_DIR/text_encoder_2/model.onnx CLIP-G, the same tensors (+ weights.pb)
+    ONNX_DIR/text_encoder_3/model.onnx T5: input_ids int32 [2,256] -> last_hidden_state (+ weights.pb)
+    ONNX_DIR/transformer/model.onnx    hidden_states [2,C,h,w], encoder_hidden_states [2,333,D],
+      + transformer/weights.pb         pooled_projections [2,P], timestep f32 [2] -> out_hidden_states
+    ONNX_DIR/vae_decoder/model.onnx    latent_sample [1,C,h,w] -> sample
+    ONNX_DIR/tokenizer{,_2,_3}/        the pipeline's tokenizer files, as they are
+
+The CLIPs' ``last_hidden_state`` is their penultimate layer's output (``hidden_states[-2]``), the
+one diffusers' StableDiffusion3Pipeline conditions on, under the name the runtime reads. T5 may be
+left out (``components``): the runtime then conditions on zeros, as diffusers does without it.
+
+Shapes are static. H and W default to the model's own size, as diffusers picks it:
 ``unet.config.sample_size * vae_scale_factor`` (512 for SD1.5); MNN's runtime runs 64x64 latents
 only, which sd2mnn verify and generate point out for any other size.
 
@@ -42,9 +59,11 @@ from typing import Callable
 
 from sd2mnn import families
 from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError
-from sd2mnn.families import FAMILIES, SD15, Family
+from sd2mnn.families import FAMILIES, SD15, SD35Dims, Family
 
-COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # SD1.x, in export order
+# Every component some family exports (SD1.x's, then SD3.5's).
+KNOWN_COMPONENTS = tuple(dict.fromkeys((*COMPONENTS, *(n for f in FAMILIES.values() for n in f.components))))
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 UNET_WEIGHTS = SD15.components["unet"].weights_file
 TEXT_LENGTH = {name: f.text_length for name, f in FAMILIES.items()}
@@ -59,7 +78,8 @@ class ExportCheckError(Sd2MnnError):
 @dataclass(frozen=True)
 class ExportOptions:
     opset: int = 18
-    components: tuple[str, ...] = COMPONENTS
+    # None: every component of the model's family (SD3.5 without T5 when the pipeline has none).
+    components: tuple[str, ...] | None = None
     # Image size; None: the model's own (unet sample_size * the VAE's scale factor).
     height: int | None = None
     width: int | None = None
@@ -150,6 +170,10 @@ class _Source:
     index: dict  # model_index.json
     family: Family
 
+    def has(self, name: str) -> bool:
+        entry = self.index.get(name)
+        return isinstance(entry, list) and len(entry) == 2 and all(entry)
+
     @property
     def kind(self) -> str:
         return self.family.name
@@ -168,15 +192,35 @@ def _read_index(folder: Path) -> dict:
     return _json_object(path)
 
 
-def _open_source(folder: Path) -> _Source:
+def _open_source(folder: Path, components: tuple[str, ...] | None = None) -> _Source:
+    """The pipeline at ``folder``, checked for the folders that exporting ``components`` (None:
+    all) reads: every model's config (for the sizes), the weights of the ones exported."""
     index = _read_index(folder)
-    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+    family = families.detect(folder)
+    source = _Source(folder, index, family)
+    wanted = components or tuple(n for n, spec in family.components.items() if source.has(n) or not spec.runtime_optional)
+    models = dict.fromkeys("vae" if n.startswith("vae") else n for n, spec in family.components.items()
+                           if n in wanted or not spec.runtime_optional)
+    for name in components or ():
+        if family.components.get(name) and family.components[name].runtime_optional and not source.has(name):
+            raise InputError(f"{folder / 'model_index.json'}: no {name!r} component; leave it out of --components")
+    # MNN's SD3.5 runtime loads all three tokenizers, with or without T5 (SD35:98-109).
+    for name in models:
         if not (folder / name).is_dir():
-            raise InputError(f"{folder / name}: missing; a Stable Diffusion pipeline needs it")
-    for name in ("unet", "vae", "text_encoder"):
+            raise InputError(f"{folder / name}: missing; {_pipeline_name(family)} needs it")
+    for name in family.prompt_formats:
+        if not (folder / name).is_dir():
+            why = ("MNN's SD3.5 runtime loads it even without T5; add the model's T5 tokenizer folder"
+                   if family.denoiser == "transformer" else f"{_pipeline_name(family)} needs it")
+            raise InputError(f"{folder / name}: missing; {why}")
+    for name in models:
         if not (folder / name / "config.json").is_file():
             raise InputError(f"{folder / name / 'config.json'}: missing; re-download the model")
-    return _Source(folder, index, families.detect(folder))
+    return source
+
+
+def _pipeline_name(family: Family) -> str:
+    return "a Stable Diffusion 3 pipeline" if family.denoiser == "transformer" else "a Stable Diffusion pipeline"
 
 
 def _materialize_single_file(ckpt: Path, config: Path | None, work: Path) -> Path:
@@ -187,6 +231,9 @@ def _materialize_single_file(ckpt: Path, config: Path | None, work: Path) -> Pat
             "folder of the same model (model_index.json, */config.json, tokenizer/); no hub access"
         )
     _read_index(config)
+    if families.detect(config).denoiser != "unet":
+        raise InputError(f"{ckpt}: single-file SD3 checkpoints are not supported; export the diffusers folder "
+                         f"({config} with its weights) instead")
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -253,6 +300,43 @@ def _wrappers():
     return TextEncoder, Unet, VaeEncoder, VaeDecoder
 
 
+def _sd3_wrappers():
+    import torch
+
+    class ClipPenultimate(torch.nn.Module):
+        """CLIPTextModelWithProjection as StableDiffusion3Pipeline._get_clip_prompt_embeds uses it:
+        the penultimate layer's states (``hidden_states[-2]``, no final layer norm) and the
+        projected pooled output, named as MNN's runtime reads them (SD35:132)."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            out = self.model(input_ids=input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+            return out.hidden_states[-2], out.text_embeds
+
+    class T5Encoder(torch.nn.Module):
+        # diffusers' _get_t5_prompt_embeds: no attention mask, the padding attended to.
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids.to(torch.int64), return_dict=True).last_hidden_state
+
+    class Transformer(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+            return self.model(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+    return ClipPenultimate, T5Encoder, Transformer
+
+
 @dataclass
 class _Job:
     module: object  # torch.nn.Module
@@ -292,23 +376,23 @@ def _load(source: _Source, sub: str):
     return model.eval()
 
 
-def _load_tokenizer(source: _Source):
+def _load_tokenizer(source: _Source, folder: str = "tokenizer"):
     import transformers
 
-    _, cls_name = source.component_class("tokenizer")
+    cls_name = source.component_class(folder)[1] if source.has(folder) else ""
     cls = getattr(transformers, cls_name, None) or transformers.AutoTokenizer
     try:
-        return cls.from_pretrained(str(source.folder / "tokenizer"))
+        return cls.from_pretrained(str(source.folder / folder))
     except Exception as err:  # the libraries raise many types for unreadable files
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"{source.folder / 'tokenizer'}: cannot load the tokenizer ({first})") from err
+        raise InputError(f"{source.folder / folder}: cannot load the tokenizer ({first})") from err
 
 
-def _text_ids(source: _Source, length: int):
-    """[uncond, prompt] ids as MNN's runtime builds them: BOS ... EOS, padded with 0."""
+def _text_ids(source: _Source, length: int, folder: str = "tokenizer"):
+    """[uncond, prompt] ids as MNN's runtime builds them: BOS ... EOS (T5: ... EOS), padded with 0."""
     import torch
 
-    tokenizer = _load_tokenizer(source)
+    tokenizer = _load_tokenizer(source, folder)
     rows = []
     for prompt in source.family.check_prompts:
         ids = tokenizer(prompt, truncation=True, max_length=length)["input_ids"]
@@ -321,6 +405,8 @@ def _build_job(source: _Source, name: str, options: ExportOptions, text_length: 
 
     TextEncoder, Unet, VaeEncoder, VaeDecoder = _wrappers()
     gen = torch.Generator().manual_seed(options.seed)
+    if source.family.denoiser == "transformer" and name != "vae_decoder":
+        return _build_sd3_job(source, name, options, gen)
     if name == "text_encoder":
         model = _load(source, "text_encoder")
         positions = getattr(model.config, "max_position_embeddings", text_length)
@@ -355,6 +441,38 @@ def _build_job(source: _Source, name: str, options: ExportOptions, text_length: 
     return _Job(VaeDecoder(vae), {"latent_sample": latent}, ["sample"])
 
 
+def _build_sd3_job(source: _Source, name: str, options: ExportOptions, gen) -> _Job:
+    import torch
+
+    ClipPenultimate, T5Encoder, Transformer = _sd3_wrappers()
+    spec = source.family.components[name]
+    dims = _sd3_dims(source.folder)
+    if spec.prompt_ids:
+        model = _load(source, name)
+        length = source.family.prompt_formats[spec.tokenizer].max_length
+        positions = getattr(model.config, "max_position_embeddings", length)  # T5's are relative: none
+        if positions < length:
+            raise InputError(f"{source.folder / name / 'config.json'}: max_position_embeddings {positions} < "
+                             f"{length} tokens MNN's runtime feeds it")
+        ids = _text_ids(source, length, spec.tokenizer)
+        if not hasattr(model, "text_projection") and name != "text_encoder_3":
+            raise InputError(f"{source.folder / name}: {type(model).__name__} has no text projection; SD3 needs "
+                             "CLIPTextModelWithProjection (text_embeds)")
+        wrapper = T5Encoder(model) if name == "text_encoder_3" else ClipPenultimate(model)
+        return _Job(wrapper, {"input_ids": ids}, list(spec.outputs))
+    model = _load(source, name)
+    factor = _vae_factor(source)
+    latents = [2, dims.latent_channels, options.height // factor, options.width // factor]
+    inputs = {
+        "hidden_states": torch.randn(*latents, generator=gen),
+        "encoder_hidden_states": torch.randn(2, dims.text_length, dims.joint, generator=gen),
+        "pooled_projections": torch.randn(2, dims.pooled, generator=gen),
+        # A timestep of a 20-step run, the same for both rows (SD35:349).
+        "timestep": torch.full((2,), 857.0),
+    }
+    return _Job(Transformer(model), inputs, list(spec.outputs))
+
+
 def _vae_factor(source: _Source) -> int:
     return _scale_factor(_config(source.folder, "vae"))
 
@@ -383,21 +501,29 @@ def _pair(value) -> tuple[int, int]:
     return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
 
 
-def image_size(folder: Path, height: int | None, width: int | None) -> tuple[int, int]:
+def image_size(folder: Path, height: int | None, width: int | None, denoiser: str = "unet") -> tuple[int, int]:
     """(height, width) to export: the given ones, else the model's own as diffusers' pipeline
-    takes it (``unet.config.sample_size * vae_scale_factor``). Each must give latents the unet's
-    down-sampling divides."""
-    unet, vae = _config(folder, "unet"), _config(folder, "vae")
+    takes it (``sample_size * vae_scale_factor`` of the unet or SD3's transformer). Each must give
+    latents the denoiser's down-sampling (or patching) divides."""
+    model, vae = _config(folder, denoiser), _config(folder, "vae")
     factor = _scale_factor(vae)
-    size = _pair(unet.get("sample_size") or 64)
+    size = _pair(model.get("sample_size") or 64)
     height = height or size[0] * factor
     width = width or size[1] * factor
-    # The unet halves the latents once per down block but the last.
-    step = factor * 2 ** (len(unet.get("block_out_channels", [0])) - 1)
+    if denoiser == "transformer":
+        step = factor * int(model.get("patch_size") or 1)
+    else:  # the unet halves the latents once per down block but the last
+        step = factor * 2 ** (len(model.get("block_out_channels", [0])) - 1)
+    default = f"its default is {size[0] * factor}x{size[1] * factor}"
     for name, value in (("height", height), ("width", width)):
         if value % step:
             raise InputError(f"--{name} {value}: this model needs a multiple of {step} pixels "
-                             f"(VAE factor {factor}; its default is {size[0] * factor}x{size[1] * factor})")
+                             f"(VAE factor {factor}; {default})")
+    # SD3's positional embedding covers pos_embed_max_size patches a side, no more.
+    most = int(model.get("pos_embed_max_size") or 0) * step
+    if most and max(height, width) > most:
+        raise InputError(f"--height/--width {width}x{height}: this model's positional embedding covers at most "
+                         f"{most} pixels a side ({default})")
     return height, width
 
 
@@ -437,22 +563,34 @@ def check_bytes(folder: Path, name: str, height: int, width: int, text_length: i
         attention = tokens * tokens * 4
         # Level i works at 1/2**i of the image size with channels[i].
         activation = max(ch * (height >> i) * (width >> i) * 4 for i, ch in enumerate(channels))
+    elif name == "transformer":
+        # SD3's joint attention over the latent patches and the text tokens together.
+        model = _config(folder, "transformer")
+        patch = int(model.get("patch_size") or 2)
+        heads = int(model.get("num_attention_heads") or 24)
+        inner = heads * int(model.get("attention_head_dim") or 64)
+        tokens = (lh // patch) * (lw // patch) + text_length
+        attention = 2 * heads * tokens * tokens * 4
+        activation = 2 * tokens * inner * 4 * 4
     else:
-        hidden = int(_config(folder, "text_encoder").get("hidden_size", 768))
-        attention = 2 * 16 * text_length * text_length * 4
+        config = _config(folder, name if (folder / name / "config.json").is_file() else "text_encoder")
+        hidden = int(config.get("hidden_size") or config.get("d_model") or 768)
+        heads = int(config.get("num_attention_heads") or config.get("num_heads") or 16)
+        attention = 2 * heads * text_length * text_length * 4
         activation = 2 * text_length * hidden * 4 * 4
     return weights + weights // 4 + 2 * attention + 16 * activation
 
 
 def check_memory(folder: Path, names: list[str], height: int, width: int, text_length: int,
-                 budget: int | None = None) -> None:
+                 budget: int | None = None, lengths: dict[str, int] | None = None) -> None:
     """Refuse, with the numbers, an export whose check cannot fit in ``budget`` bytes (default:
-    the memory available now)."""
+    the memory available now). ``lengths``: a component's own text length, where not ``text_length``."""
     if budget is None:
         import psutil
 
         budget = psutil.virtual_memory().available
-    needs = {n: check_bytes(folder, n, height, width, text_length) for n in names}
+    lengths = lengths or {}
+    needs = {n: check_bytes(folder, n, height, width, lengths.get(n, text_length)) for n in names}
     worst = max(needs, key=needs.get)
     if needs[worst] > budget:
         raise InputError(
@@ -615,9 +753,10 @@ def check_onnx(model_path: Path, inputs: dict, expected: dict, in_process: bool 
 # The export
 # ---------------------------------------------------------------------------------------------
 def _validate_options(options: ExportOptions) -> None:
-    unknown = [c for c in options.components if c not in COMPONENTS]
-    if unknown or not options.components:
-        raise InputError(f"--components: unknown {unknown}; choose from {', '.join(COMPONENTS)}")
+    if options.components is not None:
+        unknown = [c for c in options.components if c not in KNOWN_COMPONENTS]
+        if unknown or not options.components:
+            raise InputError(f"--components: unknown {unknown}; choose from {', '.join(KNOWN_COMPONENTS)}")
     for name, value in (("height", options.height), ("width", options.width)):
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise InputError(f"--{name} {value}: must be a positive number of pixels")
@@ -665,21 +804,62 @@ def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | Non
 def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptions,
                    say: Progress) -> ExportReport:
     if model.is_dir():
-        source = _open_source(model)
+        source = _open_source(model, options.components)
     else:
         say("checkpoint", f"loading {model.name} with config {options.config}")
-        source = _open_source(_materialize_single_file(model, options.config, work))
+        source = _open_source(_materialize_single_file(model, options.config, work), options.components)
+    family = source.family
+    names = _component_names(source, options.components, say)
     staged = work / "onnx"
     staged.mkdir()
-    length = source.family.text_length
-    options = replace(options, **dict(zip(("height", "width"), image_size(source.folder, options.height, options.width))))
-    names = [c for c in COMPONENTS if c in options.components]
-    check_memory(source.folder, names, options.height, options.width, length, options.memory_budget)
+    length = family.text_length
+    size = image_size(source.folder, options.height, options.width, family.denoiser)
+    options = replace(options, **dict(zip(("height", "width"), size)))
+    lengths = {n: family.prompt_formats[s.tokenizer].max_length for n, s in family.components.items() if s.prompt_ids}
+    if family.denoiser == "transformer":
+        lengths["transformer"] = _sd3_dims(source.folder).text_length
+    check_memory(source.folder, names, options.height, options.width, length, options.memory_budget, lengths)
     report = ExportReport(model, onnx_dir, source.kind, length, options.opset, height=options.height, width=options.width)
-    shutil.copytree(source.folder / "tokenizer", staged / "tokenizer")
+    for folder in family.prompt_formats:
+        shutil.copytree(source.folder / folder, staged / folder)
     for name in names:
         report.components.append(_export_component(source, name, staged, options, length, say))
     return report
+
+
+def _component_names(source: _Source, wanted: tuple[str, ...] | None, say: Progress) -> list[str]:
+    """The components to export, in export order: ``wanted``, else all of the family's but an
+    optional one the pipeline does not have (SD3 saved without T5)."""
+    family = source.family
+    order = COMPONENTS if family.denoiser == "unet" else tuple(family.components)
+    if wanted is None:
+        names = []
+        for name in order:
+            if family.components[name].runtime_optional and not source.has(name):
+                say(name, "not in the pipeline: left out (MNN's runtime conditions on zeros without it)")
+            else:
+                names.append(name)
+        return names
+    foreign = [c for c in wanted if c not in order]
+    if foreign:
+        raise InputError(f"--components {','.join(foreign)}: not part of {_pipeline_name(family)} "
+                         f"({source.folder}); choose from {','.join(order)}")
+    return [c for c in order if c in wanted]
+
+
+def _sd3_dims(folder: Path) -> SD35Dims:
+    """The SD3 pipeline's widths, which must fit together as MNN's runtime joins the text encoders'
+    outputs: pooled = the two text_embeds side by side (SD35:243), the CLIP states side by side no
+    wider than the transformer's joint width they are padded to (SD35:236), T5's that wide (SD35:240)."""
+    dims = SD35Dims.from_configs(folder)
+    config = folder / "transformer" / "config.json"
+    if dims.pooled != dims.clip_l_embeds + dims.clip_g_embeds:
+        raise InputError(f"{config}: pooled_projection_dim {dims.pooled} is not the text encoders' projection "
+                         f"widths {dims.clip_l_embeds} + {dims.clip_g_embeds}; the text encoders do not belong to it")
+    if dims.clip_l + dims.clip_g > dims.joint or dims.t5 != dims.joint:
+        raise InputError(f"{config}: joint_attention_dim {dims.joint} does not take the CLIP states "
+                         f"({dims.clip_l} + {dims.clip_g}) and T5's ({dims.t5}); the text encoders do not belong to it")
+    return dims
 
 
 def _export_component(source: _Source, name: str, staged: Path, options: ExportOptions,

@@ -5,24 +5,29 @@ import argparse
 import sys
 from pathlib import Path
 
-from sd2mnn.export import COMPONENTS, ExportOptions, export
+from sd2mnn.export import COMPONENTS, KNOWN_COMPONENTS, ExportOptions, export
 
 EPILOG = """\
 MODEL is a local diffusers folder (model_index.json) or a .safetensors/.ckpt checkpoint; nothing
 is downloaded. A single file needs --config: a local diffusers folder of the same model with its
 configs and tokenizer (model_index.json, unet/ vae/ text_encoder/ config.json, tokenizer/,
 scheduler/); weights there are not needed, except Taiyi's BERT text encoder. The size defaults to
-the model's own; MNN's runtime runs 64x64 latents only (512x512 for SD1.5). Needs the export extra:
-pip install 'sd2mnn[export]'.
+the model's own; MNN's runtime runs 64x64 latents only (512x512 for SD1.5).
+
+An SD3 folder (StableDiffusion3Pipeline: SD3.5 Medium) exports text_encoder, text_encoder_2,
+text_encoder_3, transformer and vae_decoder with tokenizer/, tokenizer_2/, tokenizer_3/ (MNN's
+SD3.5 layout; the CLIPs' penultimate layer as last_hidden_state, as diffusers conditions).
+--components without text_encoder_3 leaves T5 out: MNN's runtime then conditions on zeros.
+Single-file SD3 checkpoints are not supported. Needs the export extra: pip install 'sd2mnn[export]'.
 """
 
 
 def _components(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in COMPONENTS]
+    unknown = [n for n in names if n not in KNOWN_COMPONENTS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown component(s) {', '.join(unknown) or '(none)'}; choose from {','.join(COMPONENTS)}"
+            f"unknown component(s) {', '.join(unknown) or '(none)'}; choose from {','.join(KNOWN_COMPONENTS)}"
         )
     return names
 
@@ -31,7 +36,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
         help="export a diffusers Stable Diffusion pipeline to the ONNX folder MNN expects",
-        description="Export a diffusers SD1.5/Taiyi pipeline to ONNX (static shapes, MNN's "
+        description="Export a diffusers SD1.5/Taiyi/SD3.5 pipeline to ONNX (static shapes, MNN's "
         "tensor names), checking each part against PyTorch.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -39,8 +44,10 @@ def register(subparsers) -> None:
     parser.add_argument("model", type=Path, metavar="MODEL")
     parser.add_argument("onnx_dir", type=Path, metavar="ONNX_DIR")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    parser.add_argument("--components", type=_components, default=COMPONENTS,
-                        help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all)")
+    parser.add_argument("--components", type=_components, default=None,
+                        help=f"comma-separated subset of {','.join(COMPONENTS)} (SD1.x) or "
+                        f"{','.join(c for c in KNOWN_COMPONENTS if c not in COMPONENTS)},vae_decoder (SD3) "
+                        "(default: all of the model's)")
     parser.add_argument("--height", type=int, default=None,
                         help="image height (default: the model's, unet sample_size x VAE factor; 512 for SD1.5)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's, as --height)")
@@ -53,7 +60,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
-        opset=args.opset, components=tuple(args.components), height=args.height,
+        opset=args.opset, components=tuple(args.components) if args.components else None, height=args.height,
         width=args.width, config=args.config, overwrite=args.overwrite,
     )
 
@@ -65,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
           f"to {report.onnx_dir}")
     for comp in report.components:
         errs = ", ".join(f"{k} {v:.2e}" for k, v in comp.max_abs_error.items())
-        print(f"  {comp.name:12} {comp.size_bytes / 1e6:8.1f} MB  max abs error vs PyTorch: {errs}")
+        print(f"  {comp.name:14} {comp.size_bytes / 1e6:8.1f} MB  max abs error vs PyTorch: {errs}")
     return 0

@@ -1,0 +1,200 @@
+"""sd2mnn export of an SD3 pipeline: a tiny StableDiffusion3Pipeline on disk -> the ONNX folder of
+MNN's SD3.5 runtime (diffusion_sd35.cpp), each part checked against PyTorch.
+
+The CLIP outputs are held against diffusers itself: the penultimate hidden state it conditions on,
+and the whole conditioning its pipeline builds from the three encoders.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sd2mnn import families
+from sd2mnn.errors import InputError
+from sd2mnn.families import SD35, SD35Dims
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from sd2mnn.export import ExportOptions, describe_io, export  # noqa: E402
+
+NO_T5 = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory) -> Path:
+    from builders import make_tiny_sd3_pipeline
+
+    return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipeline", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd3_export(sd3_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sd3_onnx") / "onnx"
+    return out, export(sd3_dir, out, ExportOptions())
+
+
+def _ort(path: Path, feeds: dict, outputs: list[str]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(outputs, feeds)
+
+
+def _no_leftovers(parent: Path) -> None:
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_detects_the_sd3_folder_and_its_export(sd3_dir, sd3_export):
+    onnx_dir, report = sd3_export
+    assert families.detect(sd3_dir) is SD35
+    assert families.detect(onnx_dir) is SD35
+    assert report.kind == "sd35"
+
+
+def test_export_writes_the_runtime_layout_at_the_models_widths(sd3_dir, sd3_export):
+    onnx_dir, report = sd3_export
+    assert [c.name for c in report.components] == list(SD35.runtime_components)
+    dims = SD35Dims.from_configs(sd3_dir)
+    assert (dims.clip_l, dims.clip_g, dims.joint, dims.pooled, dims.latent_height) == (16, 32, 64, 48, 16)
+    found = {}
+    for name, spec in SD35.components.items():
+        inputs, outputs = describe_io(onnx_dir / name / "model.onnx")
+        assert list(inputs) == list(spec.inputs) and list(outputs) == list(spec.outputs), name
+        found[name] = {n: (dtype, list(shape)) for n, (dtype, shape) in {**inputs, **outputs}.items()}
+        assert found[name] == spec.shapes(dims), name
+    assert found["transformer"]["timestep"] == ("float32", [2])
+    assert found["transformer"]["encoder_hidden_states"] == ("float32", [2, 77 + 256, 64])
+    assert SD35Dims.from_tensors(found) == dims
+    # Over 2 GB at full size: their weights gathered into one external file, as the unet's.
+    for name in ("text_encoder_2", "text_encoder_3", "transformer"):
+        assert (onnx_dir / name / "weights.pb").is_file(), name
+    for folder in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        for file in (sd3_dir / folder).iterdir():
+            assert (onnx_dir / folder / file.name).read_bytes() == file.read_bytes()
+    for comp in report.components:
+        assert comp.max_abs_error and all(0 <= e <= comp.tolerance for e in comp.max_abs_error.values()), comp
+
+
+def _clip_ids(sd3_dir: Path, folder: str, prompt: str) -> np.ndarray:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(sd3_dir / folder))
+    return np.asarray(tokenizer([prompt], padding="max_length", max_length=77, truncation=True).input_ids, np.int32)
+
+
+@pytest.mark.parametrize("name, folder", [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")])
+def test_clip_last_hidden_state_is_the_penultimate_layer_diffusers_conditions_on(sd3_dir, sd3_export, name, folder):
+    import torch
+    from transformers import CLIPTextModelWithProjection
+
+    onnx_dir, _ = sd3_export
+    ids = np.repeat(_clip_ids(sd3_dir, folder, "a photo of a cat"), 2, axis=0)
+    hidden, embeds = _ort(onnx_dir / name / "model.onnx", {"input_ids": ids}, ["last_hidden_state", "text_embeds"])
+    model = CLIPTextModelWithProjection.from_pretrained(str(sd3_dir / name)).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids).long(), output_hidden_states=True)
+    penultimate = out.hidden_states[-2].numpy()
+    np.testing.assert_allclose(hidden, penultimate, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(embeds, out.text_embeds.numpy(), atol=1e-4, rtol=0)
+    # The last layer (or its normed output) is far from it: an export of that would fail above.
+    for other in (out.hidden_states[-1].numpy(), out.last_hidden_state.numpy()):
+        assert np.abs(other - penultimate).max() > 100 * 1e-4
+
+
+def test_runtime_joins_the_exported_encoders_into_diffusers_conditioning(sd3_dir, sd3_export):
+    """The C++'s concatenation (SD35:232-243) of the exported outputs, fed the ids diffusers'
+    tokenizers make, is exactly StableDiffusion3Pipeline.encode_prompt's conditioning."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import T5TokenizerFast
+
+    onnx_dir, _ = sd3_export
+    prompt = "a photo of a cat"
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir))
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, do_classifier_free_guidance=False)
+    ids_l = _clip_ids(sd3_dir, "tokenizer", prompt)
+    ids_g = _clip_ids(sd3_dir, "tokenizer_2", prompt)
+    t5_tok = T5TokenizerFast.from_pretrained(str(sd3_dir / "tokenizer_3"))
+    ids_t5 = np.asarray(t5_tok([prompt], padding="max_length", max_length=256, truncation=True).input_ids, np.int32)
+    clip_l, pooled_l = _ort(onnx_dir / "text_encoder" / "model.onnx", {"input_ids": np.repeat(ids_l, 2, 0)},
+                            ["last_hidden_state", "text_embeds"])
+    clip_g, pooled_g = _ort(onnx_dir / "text_encoder_2" / "model.onnx", {"input_ids": np.repeat(ids_g, 2, 0)},
+                            ["last_hidden_state", "text_embeds"])
+    (t5,) = _ort(onnx_dir / "text_encoder_3" / "model.onnx", {"input_ids": np.repeat(ids_t5, 2, 0)},
+                 ["last_hidden_state"])
+    clip = np.concatenate([clip_l, clip_g], -1)
+    clip = np.concatenate([clip, np.zeros((2, 77, t5.shape[-1] - clip.shape[-1]), np.float32)], -1)
+    joined = np.concatenate([clip, t5], 1)
+    np.testing.assert_allclose(joined[1:], embeds.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.concatenate([pooled_l, pooled_g], -1)[1:], pooled.numpy(), atol=1e-4, rtol=0)
+
+
+def test_t5_can_be_left_out(sd3_dir, tmp_path):
+    out = tmp_path / "onnx"
+    report = export(sd3_dir, out, ExportOptions(components=NO_T5))
+    assert [c.name for c in report.components] == list(NO_T5)
+    # MNN's runtime loads tokenizer_3 with or without T5 (SD35:106-109): it is exported all the same.
+    assert sorted(p.name for p in out.iterdir()) == sorted([*NO_T5, "tokenizer", "tokenizer_2", "tokenizer_3"])
+    _no_leftovers(tmp_path)
+
+
+def test_a_pipeline_saved_without_t5_exports_without_it_but_needs_its_tokenizer(tmp_path):
+    from builders import make_tiny_sd3_pipeline
+
+    pipeline = make_tiny_sd3_pipeline(tmp_path / "pipeline", seed=1, with_t5=False)
+    with pytest.raises(InputError, match=r"tokenizer_3: missing; MNN's SD3.5 runtime loads it even without T5") as err:
+        export(pipeline, tmp_path / "onnx", ExportOptions())
+    assert "\n" not in str(err.value)
+    from t5_tokenizer import write_t5_tokenizer
+
+    write_t5_tokenizer(pipeline / "tokenizer_3")
+    with pytest.raises(InputError, match=r"model_index.json: no .text_encoder_3. component; leave it out of --components"):
+        export(pipeline, tmp_path / "onnx", ExportOptions(components=("text_encoder_3",)))
+    events = []
+    report = export(pipeline, tmp_path / "onnx", ExportOptions(), progress=lambda c, m: events.append((c, m)))
+    assert [c.name for c in report.components] == list(NO_T5)
+    assert ("text_encoder_3", "not in the pipeline: left out (MNN's runtime conditions on zeros without it)") in events
+    assert (tmp_path / "onnx" / "tokenizer_3" / "tokenizer.json").is_file()
+    _no_leftovers(tmp_path)
+
+
+def test_sd1_components_are_refused_for_an_sd3_pipeline(sd3_dir, tmp_path):
+    with pytest.raises(InputError, match=r"--components unet: not part of a Stable Diffusion 3 pipeline .*transformer"):
+        export(sd3_dir, tmp_path / "onnx", ExportOptions(components=("unet", "text_encoder")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_text_encoders_of_another_model_are_refused(sd3_dir, tmp_path):
+    broken = tmp_path / "pipeline"
+    shutil.copytree(sd3_dir, broken)
+    config_path = broken / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["pooled_projection_dim"] = 40
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"transformer/config.json: pooled_projection_dim 40 is not .* 16 \+ 32"):
+        export(broken, tmp_path / "onnx", ExportOptions(components=("transformer",)))
+    assert not (tmp_path / "onnx").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_a_transformer_without_its_config_is_one_line_from_the_cli(sd3_dir, tmp_path):
+    broken = tmp_path / "pipeline"
+    shutil.copytree(sd3_dir, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    (broken / "transformer" / "config.json").unlink()
+    out = tmp_path / "onnx"
+    proc = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "export", str(broken), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: {broken / 'transformer' / 'config.json'}: missing; re-download the model"], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    _no_leftovers(tmp_path)
