@@ -198,3 +198,12 @@ def test_a_transformer_without_its_config_is_one_line_from_the_cli(sd3_dir, tmp_
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     _no_leftovers(tmp_path)
+
+
+def test_a_single_file_sd3_checkpoint_is_refused_naming_the_way_that_works(sd3_dir, tmp_path):
+    ckpt = tmp_path / "sd3.5_medium.safetensors"
+    ckpt.write_bytes(b"\0" * 16)
+    with pytest.raises(InputError, match=r"sd3.5_medium.safetensors: single-file SD3 checkpoints are not supported; "
+                                         r"export the diffusers folder"):
+        export(ckpt, tmp_path / "onnx", ExportOptions(config=sd3_dir))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
