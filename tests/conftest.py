@@ -70,3 +70,29 @@ def bundle_copy(fp32_bundle, tmp_path) -> Path:
 def _package_converter(monkeypatch):
     # Tests use the MNN package's converter, whatever the developer has in $MNNCONVERT.
     monkeypatch.delenv("MNNCONVERT", raising=False)
+
+
+# -- a tiny SD3 pipeline (two CLIPs, T5, an MMDiT, a 16-channel VAE), exported and converted ----
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_onnx(tmp_path_factory) -> Path:
+    """tests/builders.make_tiny_sd3_pipeline exported by sd2mnn export. Do not modify it."""
+    pytest.importorskip("diffusers")
+    from builders import make_tiny_sd3_pipeline
+
+    from sd2mnn.export import export
+
+    root = tmp_path_factory.mktemp("sd3")
+    export(make_tiny_sd3_pipeline(root / "diffusers"), root / "onnx")
+    return root / "onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_bundle(tiny_sd3_onnx, tmp_path_factory) -> Path:
+    """tiny_sd3_onnx converted at fp32, all five components. Do not modify it."""
+    import sd2mnn
+
+    out = tmp_path_factory.mktemp("sd3-bundle") / "bundle"
+    sd2mnn.convert(tiny_sd3_onnx, out)
+    return out

@@ -255,17 +255,21 @@ def _tokenizer_scheme(onnx: OnnxPipeline, mnn_dir: Path, options: ConvertOptions
 
 def _prefixes(onnx: OnnxPipeline, options: ConvertOptions, scheme: str, scratch: Path) -> dict:
     """Each converted text encoder's prefix graph (sd2mnn.conditioning), where the scheme needs
-    one for its tokenizer, built from that tokenizer's staged .mtok."""
-    from sd2mnn.conditioning import TextEncoderPrefix, load_rewrite
+    one for its tokenizer (CLIP's end-of-word BPE), built from that tokenizer's staged .mtok."""
+    from sd2mnn.conditioning import TextEncoderPrefix, load_rewrite, uses_end_of_word_scheme
+    from sd2mnn.mtok import load_tokenizer_source
     from sd2mnn.tokenizer import PromptTokenizer
 
     prefixes = {}
     for name in options.components:
         spec = onnx.family.components[name]
-        if not spec.prompt_ids:
+        folder = onnx.root / spec.tokenizer
+        # Reading a .mtok back is not free (T5's holds thousands of normalizer steps): only the
+        # tokenizers the scheme rewrites are read.
+        if not spec.prompt_ids or not uses_end_of_word_scheme(load_tokenizer_source(folder).tokenizer_json, scheme):
             continue
         runtime = PromptTokenizer.from_dir(scratch / bundle_mtok(onnx.family, name))
-        rewrite = load_rewrite(onnx.root / spec.tokenizer, scheme, runtime)
+        rewrite = load_rewrite(folder, scheme, runtime)
         if rewrite is not None:
             prefixes[name] = TextEncoderPrefix(rewrite)
     return prefixes
@@ -480,6 +484,8 @@ def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], to
     components = dict(plan.previous.components) if plan.previous else {}
     components.update(plan.reused)
     components.update(records)
+    order = list(plan.onnx.family.components)  # the family's order, not the order they finished in
+    components = dict(sorted(components.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
     return Manifest(
         sd2mnn_version=__version__,
         converter=plan.converter.describe(),

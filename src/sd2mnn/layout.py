@@ -220,6 +220,9 @@ def open_onnx_pipeline(onnx_dir: str | os.PathLike, components: tuple[str, ...] 
     its tokenizers; read nothing big. ``family``: the folder's (default: detected)."""
     root = check_onnx_root(onnx_dir)
     family = family or folder_family(root)
+    if components is None:  # the defaults, less one the runtime runs without that was not exported
+        components = tuple(n for n in family.default_components
+                           if not (family.components[n].runtime_optional and not (root / n).exists()))
     names = parse_components(components, family)
     for folder in tokenizer_layout(family):
         if not (root / folder).is_dir():

@@ -105,9 +105,11 @@ class ConditioningReport:
 
 def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None = None, threads: int = 2,
                        isolate: bool = False, workdir: Path | None = None, family: Family = SD15,
-                       component: str = "text_encoder") -> ConditioningReport:
+                       component: str = "text_encoder", scheme: str | None = None) -> ConditioningReport:
     """Check ``component`` (a text encoder of ``family``) with its tokenizer. ``isolate``: run
-    each runtime in a child process (in ``workdir``), as verify does for big models."""
+    each runtime in a child process (in ``workdir``), as verify does for big models. ``scheme``:
+    the bundle's, as its manifest records it (default: what its .mtok shows, which only CLIP's
+    end-of-word .mtok does; T5's diffusers scheme changes no text encoder to show it by)."""
     import tempfile
 
     from sd2mnn._verify_pass import run_pass
@@ -140,7 +142,7 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
             worst, worst_prompt = cosine, prompts[i]
         if same[i]:
             matching = cosine if matching is None else min(matching, cosine)
-    return ConditioningReport(ids.scheme, len(prompts), sum(same), len(prompts) * length, positions, worst,
+    return ConditioningReport(scheme or ids.scheme, len(prompts), sum(same), len(prompts) * length, positions, worst,
                               worst_prompt, matching, len(chosen), [p for p, ok in zip(prompts, same) if not ok],
                               component)
 
