@@ -207,3 +207,16 @@ def test_a_single_file_sd3_checkpoint_is_refused_naming_the_way_that_works(sd3_d
                                          r"export the diffusers folder"):
         export(ckpt, tmp_path / "onnx", ExportOptions(config=sd3_dir))
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
+
+
+def test_a_transformer_check_that_cannot_fit_is_refused_before_loading(sd3_dir, tmp_path):
+    from sd2mnn.export import check_bytes
+
+    # Its joint attention spans the latent patches and the 77 + 256 text tokens together: the
+    # estimate grows with the image, as the score matrices do (tokens squared).
+    small, large = (check_bytes(sd3_dir, "transformer", size, size, 333) for size in (128, 512))
+    patches = (512 // 16) ** 2 + 333, (128 // 16) ** 2 + 333
+    assert large - small >= 2 * 2 * 2 * (patches[0] ** 2 - patches[1] ** 2) * 4
+    with pytest.raises(InputError, match=r"transformer: checking the transformer at 128x128 needs about .* GiB available"):
+        export(sd3_dir, tmp_path / "onnx", ExportOptions(components=("transformer",), memory_budget=1 << 20))
+    assert list(tmp_path.iterdir()) == []

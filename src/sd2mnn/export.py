@@ -124,7 +124,7 @@ class ComponentReport:
 class ExportReport:
     source: Path
     onnx_dir: Path
-    kind: str  # "sd15" or "taiyi"
+    kind: str  # the family: "sd15", "taiyi" or "sd35"
     text_length: int
     opset: int
     components: list[ComponentReport] = field(default_factory=list)
@@ -446,7 +446,6 @@ def _build_sd3_job(source: _Source, name: str, options: ExportOptions, gen) -> _
 
     ClipPenultimate, T5Encoder, Transformer = _sd3_wrappers()
     spec = source.family.components[name]
-    dims = _sd3_dims(source.folder)
     if spec.prompt_ids:
         model = _load(source, name)
         length = source.family.prompt_formats[spec.tokenizer].max_length
@@ -460,6 +459,7 @@ def _build_sd3_job(source: _Source, name: str, options: ExportOptions, gen) -> _
                              "CLIPTextModelWithProjection (text_embeds)")
         wrapper = T5Encoder(model) if name == "text_encoder_3" else ClipPenultimate(model)
         return _Job(wrapper, {"input_ids": ids}, list(spec.outputs))
+    dims = _sd3_dims(source.folder)
     model = _load(source, name)
     factor = _vae_factor(source)
     latents = [2, dims.latent_channels, options.height // factor, options.width // factor]
