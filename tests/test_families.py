@@ -116,3 +116,25 @@ def test_sd35_family_states_the_runtime_contract():
     assert SD35.components["transformer"].shapes(tiny)["encoder_hidden_states"] == ("float32", [2, 333, 64])
     assert SD35Dims.from_tensors({n: s.shapes(tiny) for n, s in SD35.components.items()}) == tiny
     assert SD35Dims().off_contract() == [] and "joint 64 (MNN's runtime: 4096)" in tiny.off_contract()
+
+
+def test_sd35_verify_feeds_are_the_runtimes_inputs_at_the_models_shapes():
+    import numpy as np
+
+    from sd2mnn.families import SD35, SD35Dims
+    from sd2mnn.schedulers.flow_match import sd35_timesteps
+
+    tiny = SD35Dims(joint=64, pooled=48, latent_height=16, latent_width=16)
+    rng = np.random.default_rng(0)
+    spec = SD35.components["transformer"]
+    tensors = spec.shapes(tiny)
+    shape = {n: tensors[n][1] for n in spec.inputs}
+    dtype = {n: np.dtype(tensors[n][0]) for n in spec.inputs}
+    feeds, what = spec.verify_feeds(shape, dtype, rng, [], None, spec.verify_cases)
+    assert [f["timestep"].tolist() for f in feeds] == [[float(t)] * 2 for t in sd35_timesteps(spec.verify_cases)]
+    for feed in feeds:
+        assert {n: (str(a.dtype), list(a.shape)) for n, a in feed.items()} == {n: tensors[n] for n in spec.inputs}
+        assert np.array_equal(feed["hidden_states"][0], feed["hidden_states"][1])  # [latent, latent]
+    spec = SD35.components["vae_decoder"]
+    (feed,), _ = spec.verify_feeds({"latent_sample": [1, 16, 64, 64]}, {"latent_sample": np.float32}, rng, [], None, 1)
+    assert abs(feed["latent_sample"].mean() - 0.0609) < 0.01 and abs(feed["latent_sample"].std() - 1 / 1.5305) < 0.01
