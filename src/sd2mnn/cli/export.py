@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sd2mnn import families
 from sd2mnn.export import COMPONENTS, KNOWN_COMPONENTS, ExportOptions, export
 
 EPILOG = """\
@@ -68,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"[export] {component}: {message}", file=sys.stderr, flush=True)
 
     report = export(args.model, args.onnx_dir, options, progress=progress)
-    print(f"exported {report.kind} ({report.text_length} tokens, {report.width}x{report.height}, opset {report.opset}) "
+    # SD3.5 feeds 77 tokens to its CLIPs and 256 to T5.
+    lengths = "+".join(str(f.max_length) for f in dict.fromkeys(families.by_name(report.kind).prompt_formats.values()))
+    print(f"exported {report.kind} ({lengths} tokens, {report.width}x{report.height}, opset {report.opset}) "
           f"to {report.onnx_dir}")
     for comp in report.components:
         errs = ", ".join(f"{k} {v:.2e}" for k, v in comp.max_abs_error.items())
