@@ -445,11 +445,12 @@ class Pipeline:
             else:
                 # As a conversion would write tokenizer.mtok, and the text encoder's id rewrite in numpy.
                 self.tokenizers[name] = PromptIds.for_tokenizer(folder, self.tokenizer_scheme)
+        self.tokenizer_notes = []
         if self.runtime == "mnn" and self.family.tokenizers:
             for folder in self.family.tokenizers:  # DiffusionSD35::load() fails without any of them
                 if not (self.source / folder / MTOK_NAME).is_file():
-                    self.load_notes.append(f"MNN's runtime would refuse this bundle: {folder}/{MTOK_NAME} is missing "
-                                           "(it loads all three tokenizers, with or without T5)")
+                    self.tokenizer_notes.append(f"MNN's runtime would refuse this bundle: {folder}/{MTOK_NAME} is "
+                                                "missing (it loads all three tokenizers, with or without T5)")
 
     def _load_mnn(self) -> tuple[float, float, list[str]]:
         names = [self.family.components[n] for n in self.components]
@@ -483,33 +484,40 @@ class Pipeline:
         """Sizes from the models, not the runtime's constants, so any converted pipeline runs: the
         denoiser's latents, each text encoder's length and vocabulary, the decoder's image;
         ``off_contract`` lists what the runtime itself would refuse."""
-        from sd2mnn.contract import onnx_vocabulary, read_tensors
-
         self.shapes = {name: self._models[name].input_shapes() for name in self.components}
         self.files = {name: self._model_file(name).relative_to(self.source).as_posix() for name in self.components}
-        self.off_contract = self.steps.contract_notes(self.shapes, self.files, self.source)
         sample = self.shapes[self.denoiser].get(self.steps.latent_input, [])
         self.latent_shape = (1, *sample[1:]) if len(sample) == 4 and min(sample) > 0 else self.family.recipe.latent_shape
         self.text_lengths = {}
         for name in self.text_encoders:
             ids = self.shapes[name].get("input_ids", [])
             self.text_lengths[name] = ids[1] if len(ids) == 2 and ids[1] > 0 else None
-        if self.runtime == "mnn":
-            found = read_tensors({**{n: (self._model_file(n), ["input_ids"]) for n in self.text_encoders},
-                                  "vae_decoder": (self._model_file("vae_decoder"), ["sample"])})
-            self.vocabularies = {n: (found.get(n) or {}).get("vocabulary") for n in self.text_encoders}
-            decoded = ((found.get("vae_decoder") or {}).get("tensors", {}).get("sample") or {}).get("shape") or []
-        else:
-            from sd2mnn.layout import load_component
-
-            self.vocabularies = {n: onnx_vocabulary(self._model_file(n)) for n in self.text_encoders}
-            outputs = load_component(self.source, "vae_decoder", self.family).summary.outputs
-            decoded = next((list(o.shape) for o in outputs if o.name == "sample"), [])
+        outputs = self._output_shapes()
+        self.off_contract = self.steps.contract_notes(self.shapes, outputs, self.files) + self.tokenizer_notes
+        decoded = outputs.get("vae_decoder", {}).get("sample", [])
         if len(decoded) == 4 and all(isinstance(d, int) and d > 0 for d in decoded):
             self.image_size = (decoded[2], decoded[3])
         else:  # a decoder of free size: the family's factor
             factor = self.family.recipe.image_size // self.family.recipe.latent_shape[-1]
             self.image_size = (self.latent_shape[2] * factor, self.latent_shape[3] * factor)
+
+    def _output_shapes(self) -> dict[str, dict[str, list[int]]]:
+        """The models' output shapes as their files declare them (MNN: read in a child process),
+        and each text encoder's vocabulary on the way."""
+        from sd2mnn.contract import onnx_vocabulary, read_tensors
+
+        if self.runtime == "mnn":
+            found = read_tensors({n: (self._model_file(n), list(self.family.components[n].outputs) + ["input_ids"])
+                                  for n in self.components})
+            self.vocabularies = {n: (found.get(n) or {}).get("vocabulary") for n in self.text_encoders}
+            return {n: {t: v["shape"] for t, v in ((found.get(n) or {}).get("tensors") or {}).items() if t != "input_ids"}
+                    for n in self.components}
+        from sd2mnn.layout import load_component
+
+        self.vocabularies = {n: onnx_vocabulary(self._model_file(n)) for n in self.text_encoders}
+        return {n: {o.name: [d if isinstance(d, int) and d > 0 else -1 for d in o.shape]
+                    for o in load_component(self.source, n, self.family).summary.outputs}
+                for n in self.components}
 
     # Kept for callers of the SD1.x engine.
     @property
@@ -586,7 +594,7 @@ class Pipeline:
             check_vocabulary(model_ids, self.vocabularies[name], self._model_file(name))
         t = time.perf_counter()
         outputs = {name: self._models[name].run({"input_ids": feeds[name]}) for name in self.text_encoders}
-        text, notes = self.steps.condition(outputs, self.shapes, self.files)
+        text = self.steps.condition(outputs, self.shapes, self.files)
         timings.text_encoder_s = time.perf_counter() - t
         report(StepEvent("text_encoder", 0, 1, timings.text_encoder_s))
 
@@ -610,18 +618,12 @@ class Pipeline:
         timings.vae_decoder_s = time.perf_counter() - t
         report(StepEvent("vae_decoder", 0, 1, timings.vae_decoder_s))
         timings.total_s = time.perf_counter() - started
-        # The conditioning step sees the text encoders' widths too: its notes, where it has any,
-        # cover the loaded inputs' as well.
-        off_contract = notes or list(self.off_contract)
-        divergences = params.divergences(self.family) + off_contract
-        return Generation(pixels, latent, params, timings, self.metadata(params, divergences, off_contract),
-                          off_contract, divergences=params.divergences(self.family), info=list(self.load_notes))
+        return Generation(pixels, latent, params, timings, self.metadata(params), list(self.off_contract),
+                          divergences=params.divergences(self.family), info=list(self.load_notes))
 
-    def metadata(self, params: GenerationParams, divergences: list[str] | None = None,
-                 off_contract: list[str] | None = None) -> dict[str, str]:
+    def metadata(self, params: GenerationParams) -> dict[str, str]:
         """What the PNG records: enough to redo the image and to know what made it."""
-        off_contract = self.off_contract if off_contract is None else off_contract
-        divergences = params.divergences(self.family) + off_contract if divergences is None else divergences
+        divergences = params.divergences(self.family) + self.off_contract
         meta = {"Software": f"sd2mnn {__version__}", "prompt": params.prompt}
         if params.negative_prompt:
             meta["negative_prompt"] = params.negative_prompt
@@ -654,8 +656,8 @@ class Pipeline:
         if not self.model_hash_exact:
             meta["hash_note"] = "files over 64 MiB not recorded in manifest.json are identified by size and mtime"
         meta["matches_mnn_runtime"] = "yes" if not divergences else "no: " + "; ".join(divergences)
-        if off_contract:
-            meta["mnn_runtime_contract"] = "; ".join(off_contract)
+        if self.off_contract:
+            meta["mnn_runtime_contract"] = "; ".join(self.off_contract)
         return meta
 
 

@@ -8,9 +8,9 @@ here, one module per MNN runtime:
 
 Each module defines a ``Steps`` object with:
 
-    condition(outputs, shapes) -> the denoiser's text feeds, from each text encoder's outputs
+    condition(outputs, shapes, files) -> the denoiser's text feeds, from each text encoder's outputs
     denoiser_feeds(latent, timestep, text_feeds) -> the denoiser's inputs for one call
-    contract_notes(shapes, files) -> what MNN's runtime would refuse in these models' shapes
+    contract_notes(inputs, outputs, files) -> what MNN's runtime would refuse in the models' shapes
 """
 from __future__ import annotations
 

@@ -79,18 +79,9 @@ def transformer_feeds(latent: np.ndarray, timestep, text: dict[str, np.ndarray])
     }
 
 
-def model_dims(shapes: dict[str, dict[str, list[int]]], outputs: dict[str, dict[str, np.ndarray]] | None = None) -> SD35Dims:
-    """The models' widths and sizes: the loaded inputs' shapes and, once they ran, the text
-    encoders' outputs'; what neither says is the runtime's."""
-    tensors = {c: {t: ("", list(d)) for t, d in s.items()} for c, s in shapes.items()}
-    for component, values in (outputs or {}).items():
-        tensors.setdefault(component, {}).update({t: ("", list(v.shape)) for t, v in values.items()})
-    return SD35Dims.from_tensors(tensors)
-
-
-def contract_line(dims: SD35Dims) -> list[str]:
-    issues = dims.off_contract()
-    return [f"MNN's runtime would refuse these models' sizes: {', '.join(issues)}"] if issues else []
+def model_dims(shapes: dict[str, dict[str, list[int]]]) -> SD35Dims:
+    """The models' widths and sizes from their tensors' shapes; what none says is the runtime's."""
+    return SD35Dims.from_tensors({c: {t: ("", list(d)) for t, d in s.items()} for c, s in shapes.items()})
 
 
 @dataclass(frozen=True)
@@ -98,10 +89,10 @@ class SD35Steps:
     latent_input: str = "hidden_states"
 
     def condition(self, outputs: dict[str, dict[str, np.ndarray]], shapes,
-                  files: dict[str, str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-        """The transformer's text inputs, and what MNN's runtime would refuse in the widths found."""
+                  files: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+        """The transformer's text inputs from the text encoders' outputs (T5 absent: zeros)."""
         files = files or {}
-        dims = model_dims(shapes, outputs)
+        dims = model_dims(shapes)
         clip_l, clip_g = outputs[CLIP_L]["last_hidden_state"], outputs[CLIP_G]["last_hidden_state"]
         t5 = outputs[T5]["last_hidden_state"] if T5 in outputs else None
         clip_width = clip_l.shape[-1] + clip_g.shape[-1]
@@ -116,20 +107,17 @@ class SD35Steps:
         t5_length = sequence - dims.clip_length if sequence > dims.clip_length else RUNTIME_DIMS.t5_length
         states = join_text_states(clip_l, clip_g, t5, dims.joint, t5_length)
         pooled = np.concatenate([outputs[CLIP_L]["text_embeds"], outputs[CLIP_G]["text_embeds"]], axis=-1)
-        notes = []
-        if clip_width != RUNTIME_DIMS.clip_l + RUNTIME_DIMS.clip_g:
-            notes.append(f"MNN's runtime would refuse {files.get(CLIP_L, CLIP_L)} and {files.get(CLIP_G, CLIP_G)}: it pads "
-                         f"their joint states by {RUNTIME_DIMS.joint - RUNTIME_DIMS.clip_l - RUNTIME_DIMS.clip_g} zeros "
-                         f"(SD35:229), they are {clip_width} wide")
-        return {"encoder_hidden_states": states, "pooled_projections": pooled.astype(np.float32)}, notes + contract_line(dims)
+        return {"encoder_hidden_states": states, "pooled_projections": pooled.astype(np.float32)}
 
     def denoiser_feeds(self, latent: np.ndarray, timestep, text: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return transformer_feeds(latent, timestep, text)
 
-    def contract_notes(self, shapes: dict[str, dict[str, list[int]]], files: dict[str, str], source) -> list[str]:
-        """The loaded inputs' sizes against those diffusion_sd35.cpp fixes (the text encoders'
-        widths are known once they ran: ``condition`` adds them)."""
-        return contract_line(model_dims(shapes))
+    def contract_notes(self, inputs: dict[str, dict[str, list[int]]], outputs: dict[str, dict[str, list[int]]],
+                       files: dict[str, str]) -> list[str]:
+        """The models' sizes against those diffusion_sd35.cpp fixes (SD35Dims.off_contract)."""
+        shapes = {c: {**outputs.get(c, {}), **inputs.get(c, {})} for c in {*inputs, *outputs}}
+        issues = model_dims(shapes).off_contract()
+        return [f"MNN's runtime would refuse these models' sizes: {', '.join(issues)}"] if issues else []
 
 
 STEPS = SD35Steps()

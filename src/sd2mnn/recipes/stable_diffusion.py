@@ -22,14 +22,14 @@ class StableDiffusionSteps:
     latent_input: str = "sample"  # the unet input that holds the latents
 
     def condition(self, outputs: dict[str, dict[str, np.ndarray]], shapes,
-                  files: dict[str, str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+                  files: dict[str, str] | None = None) -> dict[str, np.ndarray]:
         """text_encoder(): outputs[0] of {"last_hidden_state", "pooler_output"} conditions the unet."""
-        return {"encoder_hidden_states": outputs["text_encoder"]["last_hidden_state"]}, []
+        return {"encoder_hidden_states": outputs["text_encoder"]["last_hidden_state"]}
 
     def denoiser_feeds(self, latent: np.ndarray, timestep, text: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return unet_feeds(latent, int(timestep), text["encoder_hidden_states"])
 
-    def contract_notes(self, shapes: dict[str, dict[str, list[int]]], files: dict[str, str], source) -> list[str]:
+    def contract_notes(self, shapes: dict[str, dict[str, list[int]]], outputs, files: dict[str, str]) -> list[str]:
         """sd2mnn.contract's rules (stable_diffusion.cpp's fixed shapes) over the loaded inputs."""
         from sd2mnn.contract import check_tensors, runtime_notes
 
