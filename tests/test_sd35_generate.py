@@ -218,7 +218,7 @@ def test_diffusers_schedule_is_diffusers_scheduler_bit_for_bit():
 # Bad input
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
-    (["--height", "1024"], "transformer.mnn draws 128x128 images (latents 16x16, fixed at export); --height 1024 needs a "
+    (["--height", "1024"], "vae_decoder.mnn draws 128x128 images (fixed at export); --height 1024 needs a "
                            "pipeline exported at that size (sd2mnn export --height/--width); MNN's runtime draws "
                            "1024x1024 only"),
     (["--width", "512"], "--width 512 needs a pipeline exported at that size"),

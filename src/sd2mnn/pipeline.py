@@ -179,7 +179,10 @@ class GenerationParams:
             except UnicodeEncodeError:
                 raise InputError(f"the {name} is not valid text (undecodable bytes); pass it as UTF-8") from None
         if not _whole(self.steps) or not MIN_STEPS <= self.steps <= MAX_STEPS:
-            mnn = f" (MNN's runtime would quietly use {clamp_steps(self.steps)})" if _whole(self.steps) else ""
+            if family.recipe.scheduler != "plms":  # diffusion_sd35.cpp takes any count; 50 is sd2mnn's bound
+                mnn = " (sd2mnn's range for the flow-matching families; SD3.5 Medium draws well in 28-40)"
+            else:
+                mnn = f" (MNN's runtime would quietly use {clamp_steps(self.steps)})" if _whole(self.steps) else ""
             raise InputError(f"steps must be a whole number from {MIN_STEPS} to {MAX_STEPS}, got {self.steps!r}{mnn}")
         guidance = self.guidance_for(family)
         if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
@@ -551,14 +554,7 @@ class Pipeline:
 
     def check_size(self, params: GenerationParams) -> None:
         """A size asked for must be the one the models were exported at (static shapes)."""
-        height, width = self.image_size
-        for name, asked, have in (("height", params.height, height), ("width", params.width, width)):
-            if asked is not None and asked != have:
-                runtime = (f"; MNN's runtime draws {self.family.recipe.image_size}x{self.family.recipe.image_size} only"
-                           if self.family.denoiser == "transformer" else "")
-                raise InputError(f"{self.source / self.files[self.denoiser]} draws {width}x{height} images (latents "
-                                 f"{self.latent_shape[2]}x{self.latent_shape[3]}, fixed at export); --{name} {asked} needs "
-                                 f"a pipeline exported at that size (sd2mnn export --height/--width){runtime}")
+        check_image_size(params, self.image_size, self.source / self.files["vae_decoder"], self.family)
 
     def _prompt_ids(self, name: str, params: GenerationParams) -> tuple[np.ndarray, np.ndarray]:
         """(what the text encoder is fed, what its embedding table sees): MNN's runtime's ids (a
@@ -659,6 +655,37 @@ class Pipeline:
         if self.off_contract:
             meta["mnn_runtime_contract"] = "; ".join(self.off_contract)
         return meta
+
+
+def declared_image_size(source: str | os.PathLike, runtime: str, family: Family) -> tuple[int, int] | None:
+    """(height, width) of the image the VAE decoder's file declares, before loading anything
+    (None where it is not fixed or not readable)."""
+    source, spec = Path(source), family.components["vae_decoder"]
+    if runtime == "mnn":
+        from sd2mnn.contract import read_tensors
+
+        found = read_tensors({"d": (source / spec.mnn_name, ["sample"])})["d"] or {}
+        shape = ((found.get("tensors") or {}).get("sample") or {}).get("shape") or []
+    else:
+        from sd2mnn.layout import load_component
+
+        try:
+            outputs = load_component(source, "vae_decoder", family).summary.outputs
+        except InputError:
+            return None  # loading the pipeline says what is wrong with it
+        shape = next((list(o.shape) for o in outputs if o.name == "sample"), [])
+    return (shape[2], shape[3]) if len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape) else None
+
+
+def check_image_size(params: GenerationParams, size: tuple[int, int], decoder: Path, family: Family) -> None:
+    """Refuse --height/--width other than the models' (their shapes were fixed at export)."""
+    height, width = size
+    for name, asked, have in (("height", params.height, height), ("width", params.width, width)):
+        if asked is not None and asked != have:
+            runtime = f"; MNN's runtime draws {family.recipe.image_size}x{family.recipe.image_size} only" \
+                if family.denoiser == "transformer" else ""
+            raise InputError(f"{decoder} draws {width}x{height} images (fixed at export); --{name} {asked} needs a "
+                             f"pipeline exported at that size (sd2mnn export --height/--width){runtime}")
 
 
 def _check_finite(values: np.ndarray, what: str, params: GenerationParams, guidance: float = GUIDANCE_SCALE,

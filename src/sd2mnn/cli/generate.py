@@ -28,7 +28,8 @@ out.png <prompt>; for an SD3.5 bundle diffusion_sd35_demo <bundle> <memory_mode>
 build (--noise mnn: a Linux/GCC build; mnn-libc++: Android, iOS, macOS). These depart from it on purpose
 and say so in a note and in the PNG's metadata: --negative-prompt (MNN always uses ""), --guidance other
 than the runtime's (7.5; SD3.5: 5.0), --noise numpy/torch, --latents, --tokenizer hf, --schedule
-diffusers. Steps outside 1..50 are refused: MNN would silently use 50 for more and 10 for fewer than 1.
+diffusers. Steps outside 1..50 are refused: MNN would silently use 50 for more and 10 for fewer than 1
+(its SD3.5 runtime runs any count; sd2mnn keeps to 1..50 there too).
 The image size is the models' (fixed at export; MNN's SD3.5 runtime draws 1024x1024 only): --height and
 --width only check it. An SD3.5 bundle without text_encoder_3 (T5) is conditioned on zeros in its place,
 as MNN's runtime does.
@@ -45,8 +46,9 @@ def register(subparsers) -> None:
         usage="sd2mnn generate [options] BUNDLE PROMPT -o OUT.png\n"
         "       sd2mnn generate [options] --onnx ONNX_DIR PROMPT -o OUT.png",
         description="Draw an image from a prompt with an MNN bundle, following MNN's C++ SD runtime step\n"
-        "for step (tokenizer, std::mt19937 noise, PLMS, guidance 7.5, rounding, PNG file). With --onnx,\n"
-        "run the ONNX pipeline on ONNX Runtime with the same recipe, to compare the two.",
+        "for step (tokenizer, std::mt19937 noise, PLMS, guidance 7.5, rounding, PNG file; SD3.5: its three\n"
+        "text encoders, flow-match Euler with truncated timesteps, guidance 5.0). With --onnx, run the\n"
+        "ONNX pipeline on ONNX Runtime with the same recipe, to compare the two.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -170,7 +172,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path, progress: StepProgress | None):
     from sd2mnn import families
-    from sd2mnn.pipeline import GenerationParams, Pipeline, load_latents, mnn_runtime_config
+    from sd2mnn.pipeline import (GenerationParams, Pipeline, check_image_size, declared_image_size, load_latents,
+                                 mnn_runtime_config)
 
     family = families.detect(source) if source.is_dir() else families.SD15  # else Pipeline says what is wrong
     # A .txt holds bare numbers: its shape is the models', known once they are loaded.
@@ -181,6 +184,13 @@ def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path,
     params.validate(None, family)  # before minutes of loading
     if text_latents and not Path(args.latents).is_file():
         load_latents(args.latents)  # its one-line error
+    runtime = "mnn" if args.onnx is None else "onnxruntime"
+    if (args.height or args.width) and source.is_dir():  # before minutes of loading
+        size = declared_image_size(source, runtime, family)
+        if size is not None:
+            decoder = family.components["vae_decoder"]
+            check_image_size(params, size, source / (decoder.mnn_name if args.onnx is None else "vae_decoder/model.onnx"),
+                             family)
     if args.onnx is None:
         config = mnn_runtime_config(args.backend, args.threads, args.precision, args.memory_mode, args.cache_file, family)
         pipeline = Pipeline(source, "mnn", config)
