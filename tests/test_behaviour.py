@@ -15,4 +15,10 @@ def test_demo_behaviour_is_unchanged(tmp_path):
     assert now["files"] == recorded["files"]
     assert now["manifest"] == recorded["manifest"]
     assert now["pixels"] == recorded["pixels"]
+    # New in verify's report for families of several text encoders: the family, notes, and the
+    # conditioning check of each text encoder (SD1.5's one is "conditioning", as recorded).
+    verification = now["verification"]
+    assert verification.pop("family") == "sd15" and verification.pop("notes") == []
+    assert verification.pop("conditionings") == [verification["conditioning"]]
+    assert verification["conditioning"].pop("component") == "text_encoder"
     assert now["verification"] == recorded["verification"]

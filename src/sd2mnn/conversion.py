@@ -248,8 +248,10 @@ def _tokenizer_scheme(onnx: OnnxPipeline, mnn_dir: Path, options: ConvertOptions
         return previous.tokenizer_scheme
     what = ", ".join(kept)
     raise InputError(
-        f"{mnn_dir}: its {what} was converted with --tokenizer {previous.tokenizer_scheme}, and this run's "
-        f"--tokenizer {options.tokenizer} would change the tokenizers under it; add {what} to --components, "
+        f"{mnn_dir}: its {what} {'was' if len(kept) == 1 else 'were'} converted with --tokenizer "
+        f"{previous.tokenizer_scheme}, and this run's "
+        f"--tokenizer {options.tokenizer} would change the tokenizers under {'it' if len(kept) == 1 else 'them'}; "
+        f"add {what} to --components, "
         f"or pass --tokenizer {previous.tokenizer_scheme}")
 
 

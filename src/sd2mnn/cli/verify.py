@@ -18,7 +18,7 @@ def _defaults_text() -> str:
     for kind, label in (("fp32", "fp32 bundles"), ("quantized", "quantized (--weightQuantBits, --fp16, --hqq)")):
         lines.append(f"  {label}:")
         for name, limits in DEFAULT_THRESHOLDS[kind].items():
-            lines.append(f"    {name:<13} PSNR >= {limits.min_psnr:g} dB, cosine >= {limits.min_cosine:g}")
+            lines.append(f"    {name:<15} PSNR >= {limits.min_psnr:g} dB, cosine >= {limits.min_cosine:g}")
     return "\n".join(lines)
 
 
