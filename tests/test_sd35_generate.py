@@ -214,6 +214,18 @@ def test_diffusers_schedule_is_diffusers_scheduler_bit_for_bit():
         np.testing.assert_array_equal(sigmas, reference.sigmas.numpy())
 
 
+def test_latents_saved_and_given_at_the_models_shape(sd3_bundle, tmp_path):
+    # --save-latents writes the [1,16,H,W] noise drawn; a .txt of its numbers (MNN_DUMP_DATA's
+    # format) is read at the transformer's latent shape and draws the same image.
+    assert generate_cli(sd3_bundle, PROMPT, "-o", tmp_path / "a.png", "--steps", 1, "--seed", 9,
+                        "--save-latents", tmp_path / "noise.npy") == 0
+    saved = np.load(tmp_path / "noise.npy")
+    np.testing.assert_array_equal(saved, initial_noise(9, (1, 16, 16, 16), "mnn"))
+    np.savetxt(tmp_path / "random.txt", saved.reshape(-1), fmt="%.9g")
+    assert generate_cli(sd3_bundle, PROMPT, "-o", tmp_path / "b.png", "--steps", 1, "--latents", tmp_path / "random.txt") == 0
+    assert compare(tmp_path / "a.png", tmp_path / "b.png").identical
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

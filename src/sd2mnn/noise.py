@@ -7,6 +7,11 @@
     std::normal_distribution<float> normal(0, 1);
     for (int i = 0; i < 16384; i++) mInitNoise[i] = normal(rng);   // then memcpy into [1,4,64,64]
 
+``DiffusionSD35::run()`` (diffusion_sd35.cpp, SD3.5) draws the same way, ``std::mt19937 rng(seed)``
+then 1 * 16 * 128 * 128 values one after another into an NCHW vector: the same stream, longer
+(its first 16384 values are SD1.5's latent for the seed). ``initial_noise(seed, shape)`` draws
+any shape so.
+
 Both standard libraries implement ``normal_distribution`` with Marsaglia's polar method, but
 not identically, so the same seed gives different latents on different platforms:
 
@@ -49,7 +54,7 @@ import math
 import numpy as np
 
 METHODS = ("mnn", "mnn-libstdc++", "mnn-libc++", "numpy", "torch")
-LATENT_SHAPE = (1, 4, 64, 64)  # 16384 values: the C++ loop count
+LATENT_SHAPE = (1, 4, 64, 64)  # 16384 values: SD1.5's C++ loop count (SD3.5's: 1x16x128x128)
 
 _U32 = 0xFFFFFFFF
 
