@@ -93,8 +93,8 @@ def test_mnn_and_onnxruntime_draw_the_same_image(sd3_bundle, sd3_onnx, tmp_path)
 # MNN's recipe, step by step (diffusion_sd35.cpp)
 # ---------------------------------------------------------------------------------------------
 def test_three_tokenizers_feed_uncond_then_prompt(recorded):
-    # SD35:183-189 (CLIP-L), SD35:198-204 (CLIP-G): encode(prompt, 77), kPair: ["", prompt];
-    # SD35:214-223 (T5): encode("", 256) then encode(prompt, 256), kSingle: no BOS, EOS 1, pad 0.
+    # SD35:182-188 (CLIP-L), SD35:197-203 (CLIP-G): encode(prompt, 77), kPair: ["", prompt];
+    # SD35:214-222 (T5): encode("", 256) then encode(prompt, 256), kSingle: no BOS, EOS 1, pad 0.
     pipeline, calls, _ = recorded
     for name, folder in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")):
         ids = calls[name][0][0]["input_ids"]
@@ -109,7 +109,7 @@ def test_three_tokenizers_feed_uncond_then_prompt(recorded):
 
 
 def test_conditioning_is_clip_concat_zero_padded_then_t5(recorded):
-    # SD35:225-243: concat(clip_l, clip_g, -1), zeros to the joint width, T5 after on axis 1;
+    # SD35:231-243: concat(clip_l, clip_g, -1), zeros to the joint width, T5 after on axis 1;
     # pooled = concat(text_embeds_l, text_embeds_g).
     _, calls, _ = recorded
     l_out, g_out = calls["text_encoder"][0][1], calls["text_encoder_2"][0][1]
@@ -127,8 +127,8 @@ def test_conditioning_is_clip_concat_zero_padded_then_t5(recorded):
 
 
 def test_noise_timesteps_and_euler_steps(recorded):
-    # SD35:322-334 mt19937 noise [1,16,H,W] in NCHW order; SD35:348-349 [x, x] and _Const(t, {2}),
-    # t the truncated integer; SD35:351-357 CFG 5.0 and x + v * (sigma_next - sigma).
+    # SD35:323-334 mt19937 noise [1,16,H,W] in NCHW order; SD35:348-349 [x, x] and _Const(t, {2}),
+    # t the truncated integer (SD35:308); SD35:358 CFG 5.0; SD35:255-259 x + v * (sigma_next - sigma).
     pipeline, calls, generation = recorded
     latent = initial_noise(11, pipeline.latent_shape, "mnn")
     assert pipeline.latent_shape == (1, 16, 16, 16)

@@ -2,25 +2,25 @@
 decoder, read line by line from transformers/diffusion/engine/src/diffusion_sd35.cpp (MNN 3.6.1;
 ``SD35:n`` cites its lines).
 
-``encode_prompt()`` (SD35:156-248)
+``encode_prompt()`` (SD35:162-246)
     CLIP-L (``text_encoder``) and CLIP-G (``text_encoder_2``) each take ``[uncond "", prompt]``
     ids, int32 [2, 77] (MtokTokenizer kPair, BOS/EOS 49406/49407, padded with 0), and give
     ``last_hidden_state`` and ``text_embeds``. T5 (``text_encoder_3``) takes ``encode("")`` and
     ``encode(prompt)`` (kSingle: no BOS, EOS 1, padded with 0 to 256); when its model does not
-    load, zeros [2, 256, 4096] stand in for its output (SD35:136-141, 220-222).
+    load, zeros [2, 256, 4096] stand in for its output (SD35:146-151, 228).
     ``encoder_hidden_states = concat(concat(clip_l, clip_g, -1) zero-padded to 4096, t5, axis 1)``
     ([2, 77+256, 4096]); ``pooled_projections = concat(text_embeds_l, text_embeds_g, -1)``.
-``run()`` (SD35:282-357)
+``run()`` (SD35:286-379)
     noise [1,16,128,128] from std::mt19937 (sd2mnn.noise), ``mTimeSteps`` int-truncated
     (sd2mnn.schedulers.flow_match), per step ``hidden_states = [x, x]``, ``timestep`` float
     [2] both the step's integer, CFG ``uncond + (text - uncond) * 5.0``, Euler step.
-``vae_decoder()`` (SD35:265-280)
+``vae_decoder()`` (SD35:269-285)
     ``latent * (1 / 1.5305f) + 0.0609f``, then the SD1.5 image arithmetic (clamp by
     Maximum/Minimum instead of Relu6: the same for finite values), cvtColor, imwrite.
 
 What the C++ hard-codes and sd2mnn takes from the models instead (so small test models run;
 each departure from the runtime's shapes is reported as off-contract): 77 and 256 tokens (the
-text encoders' ``input_ids``), the 2048-wide zero padding (``4096 - 2048`` at SD35:229, whatever
+text encoders' ``input_ids``), the 2048-wide zero padding (``4096 - 2048`` at SD35:236, whatever
 the CLIPs' widths: here the transformer's width minus theirs), the T5 zeros' [256, 4096] (the
 transformer's sequence minus the CLIPs' length, its width), the 16x128x128 latents and the
 1024x1024 image (the transformer's ``hidden_states``).
@@ -28,7 +28,7 @@ transformer's sequence minus the CLIPs' length, its width), the 16x128x128 laten
 Where the runtime's recipe departs from diffusers' ``StableDiffusion3Pipeline`` (diffusers 0.3x,
 ``pipeline_stable_diffusion_3.py``), so what ``benchmarks/sd35_recipe_fidelity.py`` measures:
 
-* Timesteps (SD35:300-309): MNN stores ``1000 * shift(t)`` in an ``int`` vector, so the
+* Timesteps (SD35:296-310): MNN stores ``1000 * shift(t)`` in an ``int`` vector, so the
   transformer sees truncated integers and the Euler steps use sigmas rounded down to 1/1000, and
   its schedule ends at ``shift(1/1000)``; diffusers feeds float ``1000 * sigma`` and ends its
   linspace at the already shifted ``sigma_min``, shifting it twice (flow_match.py).
@@ -37,9 +37,9 @@ Where the runtime's recipe departs from diffusers' ``StableDiffusion3Pipeline`` 
   causal, so only the states after the prompt change, but all 77 condition the transformer. A
   bundle converted with sd2mnn's default ``--tokenizer diffusers`` feeds CLIP-L diffusers' ids
   (its text encoder rewrites the padding); ``--tokenizer mnn`` keeps MNN's.
-* Size (SD35:316-320): 1024x1024 whatever the models; diffusers draws any multiple of 16
+* Size (SD35:317-321): 1024x1024 whatever the models; diffusers draws any multiple of 16
   (here: the size the transformer was exported at).
-* The VAE's scaling and shift are constants (SD35:266-267), not the VAE's config (the same
+* The VAE's scaling and shift are constants (SD35:270-273), not the VAE's config (the same
   numbers for SD3.5 Medium); the image is rounded half away from zero (``_Round``), diffusers'
   numpy postprocess rounds half to even (one level, on pixels that land exactly on .5).
 * Guidance 5.0 fixed (diffusers: ``guidance_scale``, default 7.0); the unconditional prompt is
@@ -69,7 +69,7 @@ def join_text_states(clip_l: np.ndarray, clip_g: np.ndarray, t5: np.ndarray | No
 
 
 def transformer_feeds(latent: np.ndarray, timestep, text: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """SD35:327-331: ``_Concat({sample, sample}, 0)``, ``_Const(t, {2})`` with ``float t =
+    """SD35:345-349: ``_Concat({sample, sample}, 0)``, ``_Const(t, {2})`` with ``float t =
     mTimeSteps[i]`` (an integer there; a fraction in the diffusers recipe)."""
     return {
         "hidden_states": np.concatenate([latent, latent], axis=0),
