@@ -169,3 +169,10 @@ def test_changing_the_scheme_under_a_kept_text_encoder_is_refused(tiny_sd3_bundl
     report = sd2mnn.convert(tiny_sd3_onnx, bundle, components=["vae_decoder"], tokenizer="mnn")
     assert [(c.name, c.status) for c in report.components] == [("vae_decoder", "reused")]
     assert json.loads((bundle / "manifest.json").read_text())["tokenizer_scheme"] == "diffusers"
+
+
+def test_an_sd15_bundle_is_not_mixed_with_sd35_components(tiny_sd3_onnx, bundle_copy):
+    before = tree_state(bundle_copy)
+    with pytest.raises(InputError, match=r"holds an sd15 bundle, and .* is an sd35 pipeline; convert it into another"):
+        sd2mnn.convert(tiny_sd3_onnx, bundle_copy, components=["vae_decoder"])
+    assert tree_state(bundle_copy) == before

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, SD15, Family, PromptFormat
-from sd2mnn.layout import COMPONENTS, MTOK_NAME, bundle_mtok, folder_family
+from sd2mnn.layout import COMPONENTS, bundle_mtoks, folder_family
 
 # The models the runtime loads (vae_encoder: never), and each SD1.x family's text length and
 # BOS/EOS: the families' facts (sd2mnn.families), by the text length a converted text encoder shows.
@@ -321,17 +321,12 @@ def tensor_infos(specs: dict[str, tuple[list, list]]) -> dict[str, dict]:
             for name, (ins, outs) in specs.items()}
 
 
-def bundle_tokenizers(family: Family) -> list[str]:
-    """The bundle-relative tokenizer.mtok files the family's runtime loads."""
-    return list(dict.fromkeys(bundle_mtok(family, n) for n, spec in family.components.items() if spec.prompt_ids))
-
-
 def _check_tokenizer(mnn_dir: Path, family: Family = SD15) -> list[ContractIssue]:
     # SD:122-133 both SD1.5 and Taiyi load an MtokTokenizer from the bundle folder; TOK:15 reads
     # "<dir>/tokenizer.mtok" (no vocab.txt, no tokenizer.json). SD35:98-108 loads one from each of
     # tokenizer/, tokenizer_2/ and tokenizer_3/, T5's too when text_encoder_3.mnn is absent.
     issues = []
-    for rel in bundle_tokenizers(family):
+    for rel in bundle_mtoks(family):
         path = mnn_dir / rel
         if not path.is_file():
             issues.append(ContractIssue("tokenizer", rel, "missing file", "the tokenizer in MNN's binary format",

@@ -23,8 +23,8 @@ from sd2mnn.bundle import BundleDir
 from sd2mnn.children import Child, ChildResult, child_env, log_tail
 from sd2mnn.converter import find_converter
 from sd2mnn.errors import ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError
-from sd2mnn.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bundle_mtok, check_component_names,
-                           open_onnx_pipeline, split_components, tokenizer_layout)
+from sd2mnn.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bundle_mtok, bundle_mtoks,
+                           check_component_names, open_onnx_pipeline, split_components)
 from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
 from sd2mnn.mtok import write_mtok
 from sd2mnn.onnx_scan import TensorSpec, check_external_data
@@ -118,11 +118,12 @@ def convert(
     previous = _read_previous_manifest(mnn_path / MANIFEST_NAME)
     if mnn_path.resolve() == onnx.root.resolve():
         raise InputError(f"{mnn_path} is the ONNX folder itself; write the bundle to another folder")
+    _check_same_family(onnx, mnn_path, previous)
 
     with _os_errors_as_one_line(mnn_path), BundleDir(mnn_path) as bundle:
         # The tokenizers first: a tokenizer sd2mnn cannot write must fail before any converter
         # runs. Each text encoder's prefix graph is built from the very tokenizer.mtok staged.
-        mtoks = [f"{folder}/{MTOK_NAME}" if folder else MTOK_NAME for folder in tokenizer_layout(onnx.family).values()]
+        mtoks = bundle_mtoks(onnx.family)
         progress.update("tokenizer", "writing", ", ".join(mtoks))
         scheme = _tokenizer_scheme(onnx, mnn_path, options, previous)
         tokenizer_scratch = bundle.new_scratch("tokenizer")
@@ -523,6 +524,15 @@ def _check_output_folder(mnn_dir: Path) -> None:
         raise InputError(f"{mnn_dir} {what}; choose another output folder") from None
 
 
+def _check_same_family(onnx: OnnxPipeline, mnn_dir: Path, previous: Manifest | None) -> None:
+    """Refuse to mix two families' components in one bundle (no runtime loads such a folder)."""
+    others = [n for n in (previous.components if previous else ()) if n not in onnx.family.components]
+    if others:
+        what = f"an {previous.family} bundle" if previous.family else f"a bundle with {', '.join(others)}"
+        raise InputError(f"{mnn_dir} holds {what}, and {onnx.root} is an {onnx.family.name} pipeline; "
+                         "convert it into another folder")
+
+
 def _read_previous_manifest(path: Path) -> Manifest | None:
     try:
         return read_manifest(path)
@@ -537,7 +547,7 @@ def _bundle_targets(plan: ConversionPlan) -> list[str]:
         spec = plan.onnx.components[name].spec
         targets += [spec.mnn_name, spec.weight_name, f"{LOGS_DIR}/{name}.log"]
     targets += [rel for rel, _ in _tokenizer_files(plan.onnx)]
-    targets += [f"{folder}/{MTOK_NAME}" if folder else MTOK_NAME for folder in tokenizer_layout(plan.onnx.family).values()]
+    targets += bundle_mtoks(plan.onnx.family)
     return [*targets, MANIFEST_NAME]
 
 

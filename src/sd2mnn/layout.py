@@ -90,6 +90,12 @@ def tokenizer_layout(family: Family) -> dict[str, str]:
     return {TOKENIZER_DIR: ""} if folders == [TOKENIZER_DIR] else {f: f for f in folders}
 
 
+def bundle_mtoks(family: Family) -> list[str]:
+    """The bundle-relative tokenizer.mtok files of the family, one per tokenizer, all of which its
+    runtime loads."""
+    return [f"{folder}/{MTOK_NAME}" if folder else MTOK_NAME for folder in tokenizer_layout(family).values()]
+
+
 def bundle_mtok(family: Family, component: str) -> str:
     """The bundle-relative tokenizer.mtok whose ids the runtime feeds ``component``."""
     folder = tokenizer_layout(family)[family.components[component].tokenizer]
