@@ -244,6 +244,25 @@ def test_size_flags_other_than_the_models_are_refused(sd3_bundle, tmp_path, caps
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("runtime, remove, message", [
+    ("mnn", "tokenizer_2/tokenizer.mtok", "tokenizer_2/tokenizer.mtok is missing (MNN's runtime reads only this tokenizer "
+                                          "file); reconvert the bundle with sd2mnn convert"),
+    ("mnn", "text_encoder_3.mnn.weight", "text_encoder_3.mnn.weight is missing; reconvert text_encoder_3.mnn"),
+    ("onnx", "tokenizer_3", "tokenizer_3 is missing: text_encoder_3 is fed its ids; export the pipeline with its tokenizers"),
+    ("onnx", "transformer", "transformer/model.onnx is missing; export the pipeline with sd2mnn export"),
+])
+def test_a_missing_part_is_one_line(sd3_bundle, sd3_onnx, tmp_path, capsys, runtime, remove, message):
+    source = tmp_path / "source"
+    shutil.copytree(sd3_bundle if runtime == "mnn" else sd3_onnx, source)
+    target = source / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    args = [source] if runtime == "mnn" else ["--onnx", source]
+    assert generate_cli(*args, PROMPT, "-o", tmp_path / "x.png", "--steps", 1) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_size_flags_equal_to_the_models_are_taken(sd3_bundle, tmp_path):
     assert generate_cli(sd3_bundle, PROMPT, "-o", tmp_path / "x.png", "--steps", 1, "--height", 128, "--width", 128) == 0
 

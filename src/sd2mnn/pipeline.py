@@ -446,6 +446,9 @@ class Pipeline:
                                      "reconvert the bundle with sd2mnn convert")
                 self.tokenizers[name] = PromptIds.for_bundle(folder)
             else:
+                if not folder.is_dir():
+                    raise InputError(f"{folder} is missing: {name} is fed its ids; export the pipeline with its "
+                                     "tokenizers (sd2mnn export)")
                 # As a conversion would write tokenizer.mtok, and the text encoder's id rewrite in numpy.
                 self.tokenizers[name] = PromptIds.for_tokenizer(folder, self.tokenizer_scheme)
         self.tokenizer_notes = []
