@@ -203,6 +203,18 @@ def test_without_t5_zeros_stand_in_as_in_diffusers(sd3_dir, sd3_onnx, sd3_bundle
     assert "text_encoder_3.mnn: conditioned on zeros" in meta["notes"]
 
 
+def test_without_t5_or_its_tokenizer_draws_and_says_the_runtime_would_refuse(sd3_bundle, tmp_path):
+    # DiffusionSD35::load() fails without tokenizer_3/tokenizer.mtok, T5 or not (SD35:96-107).
+    bundle = tmp_path / "bundle"
+    shutil.copytree(sd3_bundle, bundle)
+    for name in ("text_encoder_3.mnn", "text_encoder_3.mnn.weight"):
+        (bundle / name).unlink()
+    shutil.rmtree(bundle / "tokenizer_3")
+    assert generate_cli(bundle, PROMPT, "-o", tmp_path / "x.png", "--steps", 1) == 0
+    _, meta = read_image(tmp_path / "x.png")
+    assert "tokenizer_3/tokenizer.mtok is missing (it loads every tokenizer" in meta["mnn_runtime_contract"]
+
+
 def test_diffusers_schedule_is_diffusers_scheduler_bit_for_bit():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

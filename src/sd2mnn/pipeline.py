@@ -33,7 +33,7 @@ from sd2mnn import __version__
 from sd2mnn.conditioning import DEFAULT_SCHEME, PromptIds
 from sd2mnn.contract import check_vocabulary
 from sd2mnn.errors import InputError, MissingExtraError
-from sd2mnn.layout import MANIFEST_NAME, MTOK_NAME
+from sd2mnn.layout import MANIFEST_NAME, MTOK_NAME, bundle_mtok, bundle_mtoks
 from sd2mnn.manifest import FileRecord, read_manifest, record_mismatch
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
 from sd2mnn.runtime import WINOGRAD_MEMORY_LEVEL, MnnModel, OrtModel, RuntimeConfig, mnn_runtime_manager
@@ -430,11 +430,12 @@ class Pipeline:
         return self.source / (spec.mnn_name if self.runtime == "mnn" else f"{name}/model.onnx")
 
     def _tokenizer_folder(self, name: str) -> Path:
-        """Where a text encoder's tokenizer is: SD1.x bundles keep tokenizer.mtok at the top
-        (stable_diffusion.cpp loads "<dir>/tokenizer.mtok"), SD3.5 bundles and every ONNX folder in
-        its own folder (diffusion_sd35.cpp: "<dir>/tokenizer_2/tokenizer.mtok")."""
-        folder = self.family.components[name].tokenizer
-        return self.source if self.runtime == "mnn" and not self.family.tokenizers else self.source / folder
+        """Where a text encoder's tokenizer is: in a bundle, beside the tokenizer.mtok the runtime
+        reads for it (SD1.x: the bundle itself; SD3.5: tokenizer_2/...); in an ONNX folder, its
+        tokenizer folder."""
+        if self.runtime == "mnn":
+            return (self.source / bundle_mtok(self.family, name)).parent
+        return self.source / self.family.components[name].tokenizer
 
     def _load_tokenizers(self) -> None:
         self.tokenizers: dict[str, PromptIds] = {}
@@ -452,11 +453,11 @@ class Pipeline:
                 # As a conversion would write tokenizer.mtok, and the text encoder's id rewrite in numpy.
                 self.tokenizers[name] = PromptIds.for_tokenizer(folder, self.tokenizer_scheme)
         self.tokenizer_notes = []
-        if self.runtime == "mnn" and self.family.tokenizers:
-            for folder in self.family.tokenizers:  # DiffusionSD35::load() fails without any of them
-                if not (self.source / folder / MTOK_NAME).is_file():
-                    self.tokenizer_notes.append(f"MNN's runtime would refuse this bundle: {folder}/{MTOK_NAME} is "
-                                                "missing (it loads all three tokenizers, with or without T5)")
+        if self.runtime == "mnn":
+            for mtok in bundle_mtoks(self.family):  # DiffusionSD35::load() fails without any of them
+                if not (self.source / mtok).is_file():
+                    self.tokenizer_notes.append(f"MNN's runtime would refuse this bundle: {mtok} is missing (it loads "
+                                                "every tokenizer, SD3.5's three with or without T5)")
 
     def _load_mnn(self) -> tuple[float, float, list[str]]:
         names = [self.family.components[n] for n in self.components]
