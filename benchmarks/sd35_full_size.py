@@ -21,6 +21,9 @@ after another, the small parts first and the transformer last:
                    and its verify
   flow conditioning  the mnn flow bundle's CLIP tokenizers checked as verify checks sd2mnn's
   bench            sd2mnn bench --onnx on the fp32 bundle (skipped with --no-bench)
+  1024             where export's estimate refused the transformer at 1024x1024 (the runtime's
+                   size), the same export with the machine's whole memory as its budget, then
+                   convert and bench at that size (skipped with --no-1024)
 
 A step whose process tree leaves less than --min-free-gib of the machine's memory available is
 killed (its process group) and recorded as not fitting, with the peak seen; a step over
@@ -98,7 +101,7 @@ class Run:
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
         self.log = work / "progress.log"
         self.diffusers = work / "diffusers"
-        self.onnx = work / "onnx"  # every exported part, hard links into the export folders
+        self.onnx = work / "onnx"  # every exported part, moved here from its export folder
         self.fp32, self.w8, self.flow = work / "mnn-fp32", work / "mnn-w8", work / "mnn-flow"
 
     def say(self, message: str) -> None:
@@ -250,6 +253,20 @@ def mnn_flow(onnx_root: Path, mnn_root: Path, models: list[str], tokenizers: boo
         report.write_text(json.dumps(done, indent=2))
 
 
+def export_whole_memory(diffusers: Path, out: Path) -> None:
+    """sd2mnn export of the transformer at its own size, the check's memory estimate judged
+    against the machine's whole memory instead of what is available now (the guard stops it if
+    it does not fit)."""
+    import psutil
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from sd2mnn.export import ExportOptions, export
+
+    say = lambda component, message: print(f"[export] {component}: {message}", file=sys.stderr, flush=True)  # noqa: E731
+    export(diffusers, out, ExportOptions(components=("transformer",), memory_budget=psutil.virtual_memory().total),
+           progress=say)
+
+
 def flow_conditioning(onnx_root: Path, mnn_root: Path, embedded: int) -> None:
     """The CLIP tokenizers of the mnn flow bundle, checked as verify checks a bundle's (ids on the
     built-in corpus; the text embeddings of ``embedded`` differing prompts through both chains)."""
@@ -272,15 +289,15 @@ def flow_conditioning(onnx_root: Path, mnn_root: Path, embedded: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def link_into(src: Path, dst: Path) -> None:
-    """Hard-link the folder ``src``'s files into ``dst`` (same disk: no second copy)."""
-    for path in src.rglob("*"):
-        target = dst / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        elif not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(path, target)
+def move_into(src: Path, dst: Path) -> None:
+    """Move the folder ``src``'s entries into ``dst`` (a rename: no second copy on disk; hard
+    links would not do, as onnx's checker refuses external data with several links)."""
+    if not src.is_dir():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if not (dst / path.name).exists():
+            path.rename(dst / path.name)
 
 
 def export_figures(folder: Path, components) -> dict:
@@ -305,7 +322,7 @@ def run_all(run: Run) -> None:
         if "onnx" not in rec:
             rec["onnx"] = export_figures(parts, SMALL)
             run.save("export_small", rec)
-        link_into(parts, run.onnx)
+        move_into(parts, run.onnx)
         flow_report = work / "mnn-flow-report.json"
         rec = run.step("flow_small", me("--mnn-flow", str(run.onnx), str(run.flow), str(flow_report),
                                         "text_encoder,text_encoder_2,text_encoder_3,vae_decoder", "--tokenizers"))
@@ -341,7 +358,7 @@ def run_all(run: Run) -> None:
     if "onnx" not in rec:
         rec["onnx"] = export_figures(tdir, ("transformer",))
         run.save(f"export_transformer_{size}", rec)
-    link_into(tdir / "transformer", run.onnx / "transformer")
+    move_into(tdir, run.onnx)
     flow_report = work / "mnn-flow-report.json"
     rec = run.step("flow_transformer", me("--mnn-flow", str(run.onnx), str(run.flow), str(flow_report), "transformer"))
     if "flow" not in rec and flow_report.exists():
@@ -363,6 +380,27 @@ def run_all(run: Run) -> None:
                                        "transformer", "--runs", "1", "--threads", "2", "--json"], parse_bench,
                  json_out=True)
 
+    # --- the transformer at the runtime's 1024x1024, if export's estimate refused it above ---
+    if args.no_1024 or run.results["export_transformer_1024"]["returncode"] == 0:
+        return
+    # Two more copies of the 9 GB transformer follow (ONNX, MNN): the smaller export's fp32 MNN
+    # files, measured above, make room for them.
+    for p in run.fp32.glob("transformer.mnn*"):
+        p.unlink()
+    rec = run.step("export_transformer_1024_whole_memory", me("--export-whole-memory", str(run.diffusers), str(full)))
+    if rec["returncode"] != 0:
+        return
+    if "onnx" not in rec:
+        rec["onnx"] = export_figures(full, ("transformer",))
+        run.save("export_transformer_1024_whole_memory", rec)
+    bundle = work / "mnn-fp32-1024"
+    rec = run.step("convert_fp32_transformer_1024", [*SD2MNN, "convert", str(full), str(bundle), "--components",
+                                                     "transformer", "--json"], parse_convert)
+    if rec["returncode"] == 0 and not args.no_bench:
+        run.step("bench_transformer_1024", [*SD2MNN, "bench", str(bundle), "--onnx", str(full), "--components",
+                                            "transformer", "--runs", "1", "--threads", "2", "--json"], parse_bench,
+                 json_out=True)
+
 
 def summary(run: Run) -> dict:
     import psutil
@@ -375,7 +413,8 @@ def summary(run: Run) -> dict:
         "min_free_gib": run.args.min_free_gib,
     }, "steps": r}
     out["bundle_files"] = {name: _files(folder) for name, folder in
-                           (("fp32", run.fp32), ("w8", run.w8), ("mnn_flow", run.flow)) if folder.is_dir()}
+                           (("fp32", run.fp32), ("w8", run.w8), ("mnn_flow", run.flow),
+                            ("fp32_1024_transformer", run.work / "mnn-fp32-1024")) if folder.is_dir()}
     return out
 
 
@@ -384,6 +423,9 @@ def main() -> int:
         onnx_root, mnn_root, report, models = sys.argv[2:6]
         mnn_flow(Path(onnx_root), Path(mnn_root), models.split(","), "--tokenizers" in sys.argv, Path(report))
         return 0  # as convert_mnn_sd35.py: whatever the converter said
+    if len(sys.argv) > 1 and sys.argv[1] == "--export-whole-memory":
+        export_whole_memory(Path(sys.argv[2]), Path(sys.argv[3]))
+        return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--flow-conditioning":
         flow_conditioning(Path(sys.argv[2]), Path(sys.argv[3]), embedded=8)
         return 0
@@ -392,6 +434,8 @@ def main() -> int:
     parser.add_argument("--transformer-size", type=int, default=256,
                         help="image size the transformer is exported and checked at, when 1024 cannot be (default 256)")
     parser.add_argument("--no-bench", action="store_true", help="leave out sd2mnn bench")
+    parser.add_argument("--no-1024", action="store_true",
+                        help="do not retry the transformer at 1024x1024 with the whole memory as export's budget")
     parser.add_argument("--min-free-gib", type=float, default=1.0,
                         help="stop a step when the machine's available memory falls below this (default 1.0)")
     parser.add_argument("--step-timeout", type=float, default=3600, help="stop a step after this long (default 3600 s)")
