@@ -492,7 +492,7 @@ def prepend_rewrite(source: Path, target: Path, rw: IdRewrite, input_name: str =
     graph.node.extend(nodes + existing)
     graph.initializer.extend(inits)
     # Weights beside the model only where protobuf's 2 GB limit forces it (CLIP is ~0.5 GB).
-    large = model.ByteSize() > 1_800_000_000
+    large = sum(t.ByteSize() for t in graph.initializer) > 1_800_000_000  # ByteSize() itself fails over 2 GB
     onnx.save_model(model, str(target), save_as_external_data=large, location=target.name + ".data")
     return target
 
