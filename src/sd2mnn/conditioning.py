@@ -22,15 +22,15 @@ diffusers does:
    pre-token, when nothing follows it, cannot (the runtime adds nothing after the text).
 2. **The text encoder** (``rewrite_graph``): int32 operations in front of the CLIP model, inside
    ``text_encoder.mnn`` (interface unchanged: ``input_ids`` int32 [2,77]), that take the ids
-   after the last end-of-word token and replace their longest tail found in a table of
-   last-word rewrites (the text of every token of the vocabulary, whole-word or not, from the
-   runtime's ids to Hugging Face's; where no tail is found, the last id becomes its end-of-word
-   twin), and pad with the tokenizer's pad id instead of 0. ``rewrite_ids`` is the same function
-   in numpy, for ONNX Runtime and tests.
+   after the last end-of-word token, spell them back into characters and run CLIP's BPE on
+   them with the last character in its end-of-word form (the merge loop unrolled, merges found
+   through a hash table), so the last word gets exactly Hugging Face's ids; and pad with the
+   tokenizer's pad id instead of 0. ``rewrite_ids`` is the same function in numpy, for ONNX
+   Runtime and tests.
 
-What stays different is listed by kind in the README (rare last words that CLIP splits
-elsewhere, prompts that overflow 77 tokens by exactly their last word, contractions after
-punctuation, decomposed accents, control and zero-width characters).
+What stays different is listed by kind in the README (characters MNN's normalizer turns into
+spaces, such as a zero-width joiner; last words over MAX_WORD characters; prompts that overflow
+77 tokens by exactly their last word; contractions after punctuation; decomposed accents).
 """
 from __future__ import annotations
 
@@ -50,14 +50,15 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("diffusers", "mnn")  # the .mtok + text encoder a bundle gets; "mnn" is MNN's own flow
 DEFAULT_SCHEME = "diffusers"
-SCHEME_VERSION = "clip-eow-1"  # bump when the .mtok or the graph this module writes changes
+SCHEME_VERSION = "clip-eow-2"  # bump when the .mtok or the graph this module writes changes
 
 END_OF_WORD = "</w>"
 MARKER = "\u0120"  # "Ġ": the byte-level character of " ", the end-of-word mark in the .mtok
 PLACEHOLDER = "\x01"  # around punctuation while normalizing; user controls became spaces first
 APOSTROPHE = "\x04"  # a protected contraction's apostrophe while normalizing
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-KEY_LENGTH = 8  # the longest last word (in runtime tokens) the rewrite table holds
+MAX_WORD = 40  # the longest last word (in characters) the text encoder re-encodes exactly
+HASH_SIZE = 1 << 16  # buckets of the merge table (CLIP has 48,894 merges)
 
 # CLIP's pre-tokenizer split with one optional trailing space kept in each pre-token.
 CLIP_SPLIT_KEEPING_SPACE = "|".join(
@@ -236,7 +237,12 @@ def bert_hugging_face_json(tokenizer_json: dict) -> dict:
 
 @dataclass(frozen=True, eq=False)
 class IdRewrite:
-    """Everything the id rewrite needs; the same arrays feed the ONNX graph and ``rewrite_ids``."""
+    """Everything the id rewrite needs; the same arrays feed the ONNX graph and ``rewrite_ids``.
+
+    The last word is re-encoded exactly as CLIP's BPE encodes a pre-token: its characters (from
+    the runtime's tokens), the last one in its end-of-word form, then merges, lowest rank first,
+    leftmost first, until none applies. Merges are found through a hash table of buckets, so each
+    step is a few gathers instead of a comparison against every merge."""
 
     bos: int
     eos: int
@@ -244,28 +250,86 @@ class IdRewrite:
     always: np.ndarray  # int32 [V]: applied to every id first (runtime-only spellings of contractions)
     boundary: np.ndarray  # int32 [V]: 1 for end-of-word tokens and BOS: a pre-token ends there
     final: np.ndarray  # int32 [V]: a token's end-of-word twin (itself where it has none)
-    keys: np.ndarray  # int32 [E, K]: the runtime's ids of a last word, -1 padded
-    values: np.ndarray  # int32 [E, K]: Hugging Face's ids of that word, -1 padded
-    lengths: np.ndarray  # int32 [E]: how many of ``values`` count
+    char_start: np.ndarray  # int32 [V]: where a token's characters start in ``chars``
+    char_count: np.ndarray  # int32 [V]: how many characters a token has
+    chars: np.ndarray  # int32 [N]: every token's characters, as the ids of the one-character tokens
+    merge_left: np.ndarray  # int32 [M + 1]: merge r joins merge_left[r] and merge_right[r] ...
+    merge_right: np.ndarray
+    merge_result: np.ndarray  # ... into merge_result[r]; entry M matches nothing
+    buckets: np.ndarray  # int32 [HASH_SIZE, D]: the merges of a hash value, M where empty
+    hash_left: int  # hash(a, b) = (a * hash_left % HASH_SIZE + b * hash_right % HASH_SIZE) % HASH_SIZE
+    hash_right: int
+
+    @property
+    def no_merge(self) -> int:
+        return len(self.merge_left) - 1
 
     @functools.cached_property
-    def lookup(self) -> dict[tuple[int, ...], int]:
-        return {tuple(int(t) for t in key if t >= 0): i for i, key in enumerate(self.keys)}
+    def ranks(self) -> dict[tuple[int, int], int]:
+        return {(int(a), int(b)): r for r, (a, b) in enumerate(zip(self.merge_left[:-1], self.merge_right[:-1]))}
+
+    def word_symbols(self, tokens) -> list[int]:
+        """The characters of the runtime's ``tokens`` of a last word, the last one end-of-word."""
+        symbols = [int(c) for t in tokens for c in self.chars[self.char_start[t]:self.char_start[t] + self.char_count[t]]]
+        if symbols:
+            symbols[-1] = int(self.final[symbols[-1]])
+        return symbols
+
+    def encode_word(self, symbols: list[int]) -> list[int]:
+        """CLIP's BPE on ``symbols``: the lowest-ranked adjacent pair merged, leftmost first."""
+        symbols = list(symbols)
+        while len(symbols) > 1:
+            ranks = [self.ranks.get(pair, self.no_merge) for pair in zip(symbols, symbols[1:])]
+            best = min(ranks)
+            if best == self.no_merge:
+                break
+            at = ranks.index(best)
+            symbols[at:at + 2] = [int(self.merge_result[best])]
+        return symbols
 
     def digest(self) -> str:
         h = hashlib.sha256(SCHEME_VERSION.encode())
-        for part in (self.always, self.boundary, self.final, self.keys, self.values, self.lengths,
-                     np.array([self.bos, self.eos, self.pad], np.int32)):
+        for part in (self.always, self.boundary, self.final, self.char_start, self.char_count, self.chars,
+                     self.merge_left, self.merge_right, self.merge_result, self.buckets,
+                     np.array([self.bos, self.eos, self.pad, self.hash_left, self.hash_right], np.int32)):
             h.update(part.tobytes())
         return h.hexdigest()[:16]
 
 
+def _hash(left, right, hash_left: int, hash_right: int):
+    return (left * hash_left % HASH_SIZE + right * hash_right % HASH_SIZE) % HASH_SIZE
+
+
+def _merge_buckets(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Buckets of merge indices by hash, for the multipliers that make the fullest bucket
+    smallest: its size is how many merges each graph step compares. MNN multiplies int32 by a
+    constant in float32, so every product stays below 2**24, where float32 counts exactly."""
+    ids = max(int(left.max(initial=0)), int(right.max(initial=0))) + 1
+    primes = [p for p in range(3, min(256, (1 << 24) // ids + 1)) if all(p % q for q in range(2, int(p ** 0.5) + 1))]
+    best = None
+    for hash_left in primes:
+        for hash_right in primes:
+            if hash_left == hash_right:
+                continue
+            h = _hash(left.astype(np.int64), right.astype(np.int64), hash_left, hash_right)
+            depth = int(np.bincount(h, minlength=HASH_SIZE).max()) if len(h) else 1
+            if best is None or depth < best[0]:
+                best = (depth, h, hash_left, hash_right)
+    if best is None:
+        raise InputError(f"tokenizer.json: a vocabulary of {ids} ids is too large for the end-of-word scheme; "
+                         "convert with --tokenizer mnn")
+    depth, h, hash_left, hash_right = best
+    buckets = np.full((HASH_SIZE, depth), len(left), np.int32)
+    fill = np.zeros(HASH_SIZE, np.int64)
+    for index, value in enumerate(h):  # in rank order, so a bucket lists its merges by rank
+        buckets[value, fill[value]] = index
+        fill[value] += 1
+    return buckets, hash_left, hash_right
+
+
 def build_id_rewrite(tokenizer_json: dict, runtime, bos: int, eos: int, pad: int) -> IdRewrite:
     """The tables for a CLIP ``tokenizer_json`` and ``runtime``, the PromptTokenizer of the
-    .mtok this scheme writes for it (its vocabulary, and how it tokenizes a word, as byte-level
-    characters, when the word is a prompt's last pre-token)."""
-    from tokenizers import Tokenizer
-
+    .mtok this scheme writes for it (its vocabulary, and how it spells contractions)."""
     vocab: dict[str, int] = tokenizer_json["model"]["vocab"]
     runtime_vocab, runtime_bpe = runtime.vocabulary, runtime.model_ids
     # Every id the runtime can feed: the vocabulary's, and BOS/EOS, which it adds whatever the
@@ -290,43 +354,39 @@ def build_id_rewrite(tokenizer_json: dict, runtime, bos: int, eos: int, pad: int
             always[plain] = marked
             boundary[plain] = 1
 
-    # The words a prompt can end in without a marker (letter runs and contractions; a prompt
-    # ending in a digit or punctuation is already exact): the text of every token, whole-word
-    # (cat</w>) or not (cat), so that a last word's final tokens are found whole or, failing
-    # that, for its longest tail that is a token's text.
-    hf = Tokenizer.from_str(json.dumps(tokenizer_json))
-    from sd2mnn.tokenizer import CHAR_TO_BYTE as decoder
-    words, seen = [], set()
-    for token in vocab:
-        core = token[:-len(END_OF_WORD)] if token.endswith(END_OF_WORD) else token
-        try:
-            text = bytes(decoder[c] for c in core).decode("utf-8")
-        except (KeyError, UnicodeDecodeError):
-            continue
-        if ((text.isalpha() and text == text.lower()) or text in CONTRACTIONS) and text not in seen:
-            seen.add(text)
-            words.append((core, text))
-    expected = hf.encode_batch([text for _, text in words], add_special_tokens=False)
-    keys, values = [], []
-    for (core, _), encoding in zip(words, expected):
-        key, value = runtime_bpe(core), encoding.ids
-        fallback = key[:-1] + [int(final[key[-1]])] if key else []
-        if key and value != fallback and len(key) <= KEY_LENGTH and len(value) <= KEY_LENGTH:
-            keys.append(key + [-1] * (KEY_LENGTH - len(key)))
-            values.append(value + [-1] * (KEY_LENGTH - len(value)))
-    if not keys:  # one entry that no key matches keeps the graph's shapes non-empty
-        keys, values = [[-2] * KEY_LENGTH], [[-2] * KEY_LENGTH]
-    lengths = np.array([sum(v >= 0 for v in row) for row in values], np.int32)
-    return IdRewrite(bos, eos, pad, always, boundary, final,
-                     np.array(keys, np.int32).reshape(-1, KEY_LENGTH),
-                     np.array(values, np.int32).reshape(-1, KEY_LENGTH), lengths)
+    # Each token's characters as one-character token ids (the runtime's own spelling for the ids
+    # its .mtok adds); a character the vocabulary lacks stands for itself as "no merge" would.
+    texts = {i: t[:-len(END_OF_WORD)] if t.endswith(END_OF_WORD) else t for t, i in vocab.items()}
+    for text, token_id in runtime_vocab.items():
+        texts.setdefault(token_id, text)
+    char_start = np.zeros(size, np.int32)
+    char_count = np.zeros(size, np.int32)
+    chars: list[int] = []
+    for token_id in range(size):
+        spelled = [vocab.get(c, -1) for c in texts.get(token_id, "")]
+        if -1 in spelled:
+            spelled = []
+        char_start[token_id], char_count[token_id] = len(chars), len(spelled)
+        chars += spelled
+
+    ranks: dict[tuple[int, int], tuple[int, int]] = {}
+    for merge in tokenizer_json["model"].get("merges", []):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if a in vocab and b in vocab and a + b in vocab:
+            ranks.setdefault((vocab[a], vocab[b]), (len(ranks), vocab[a + b]))  # the first rank wins
+    pairs = sorted(ranks.items(), key=lambda item: item[1][0])
+    left = np.array([p[0][0] for p in pairs] + [-2], np.int32)
+    right = np.array([p[0][1] for p in pairs] + [-2], np.int32)
+    result = np.array([p[1][1] for p in pairs] + [-1], np.int32)
+    buckets, hash_left, hash_right = _merge_buckets(left[:-1], right[:-1])
+    return IdRewrite(bos, eos, pad, always, boundary, final, char_start, char_count,
+                     np.array(chars or [0], np.int32), left, right, result, buckets, hash_left, hash_right)
 
 
 def rewrite_ids(ids: np.ndarray, rw: IdRewrite) -> np.ndarray:
     """int32 [B, L] runtime ids -> the ids Hugging Face's tokenizer gives (numpy twin of the graph)."""
     out = rw.always[np.asarray(ids, np.int32)]
     length = out.shape[1]
-    table = rw.lookup
     for row in out:
         eos_at = np.flatnonzero(row == rw.eos)
         e = int(eos_at[0]) if eos_at.size else length - 1
@@ -335,14 +395,11 @@ def rewrite_ids(ids: np.ndarray, rw: IdRewrite) -> np.ndarray:
         if e == s or e == length - 1:  # nothing to rewrite, or cut at 77 tokens: keep
             row[e + 1:] = rw.pad
             continue
-        # The longest run of trailing ids that spells a word of the table, else the last id's twin.
-        hit = next(((j, table[key]) for j in range(max(s, e - KEY_LENGTH), e)
-                    if (key := tuple(int(t) for t in row[j:e])) in table), None)
-        if hit is not None:
-            j, entry = hit
-            word = rw.values[entry, :rw.lengths[entry]]
-        else:
-            j, word = e - 1, rw.final[row[e - 1:e]]
+        symbols = rw.word_symbols(row[s:e])
+        if 0 < len(symbols) <= MAX_WORD:
+            j, word = s, rw.encode_word(symbols)
+        else:  # a word too long for the graph's steps: the last id's end-of-word twin
+            j, word = e - 1, [int(rw.final[row[e - 1]])]
         tail = np.concatenate([word, [rw.eos]])[:length - j]
         row[j:j + len(tail)] = tail
         row[j + len(tail):] = rw.pad
@@ -355,10 +412,11 @@ def rewrite_graph(rw: IdRewrite, length: int, input_name: str = "input_ids", out
                   opset: int = 18):
     """ONNX nodes and initializers computing ``rewrite_ids`` on ``input_name`` (int32 [B, length]).
     Only int32 Gather/GatherElements, comparisons, Where, arithmetic and reductions: operations
-    MNN's converter and CPU backend run exactly."""
+    MNN's converter and CPU backend run exactly. The BPE's merge loop is unrolled: MAX_WORD - 1
+    steps, each merging one pair or, once none is left, nothing."""
     from onnx import TensorProto, helper, numpy_helper
 
-    K = KEY_LENGTH
+    W = MAX_WORD
     nodes, inits = [], []
 
     def const(name, value, dtype=np.int32):
@@ -377,8 +435,8 @@ def rewrite_graph(rw: IdRewrite, length: int, input_name: str = "input_ids", out
             return op(kind, [x, const(name + "_axes", [axis], np.int64)], name, keepdims=keepdims)
         return op(kind, [x], name, axes=[axis], keepdims=keepdims)
 
-    def argmax(x, axis, name):
-        return as_int(op("ArgMax", [x], name + "64", axis=axis, keepdims=1), name)
+    def unsqueeze(x, axis, name):
+        return op("Unsqueeze", [x, const(name + "_axis", [axis], np.int64)], name)
 
     pos = const("pos", np.arange(length).reshape(1, length))
     zero, one, last = const("zero", 0), const("one", 1), const("last", length - 1)
@@ -393,35 +451,72 @@ def rewrite_graph(rw: IdRewrite, length: int, input_name: str = "input_ids", out
     ended = op("Mul", [op("Gather", [const("boundary", rw.boundary), ids], "bnd", axis=0),
                        as_int(op("Less", [pos, e], "before_e_b"), "before_e")], "ended")
     s = reduce("ReduceMax", op("Mul", [ended, op("Add", [pos, one], "pos1")], "ended_at"), 1, "s")
-    # candidate c: the last c+1 ids (starting at j_c), valid when j_c >= s
-    j_c = op("Sub", [op("Sub", [e, one], "e1"), const("c", np.arange(K).reshape(1, K))], "j_c")
-    valid = as_int(op("Greater", [op("Add", [j_c, one], "j_c1"), s], "valid_b"), "valid")
-    at = op("Add", [op("Unsqueeze", [j_c, const("axis2", [2], np.int64)], "j_c3"),
-                    const("t", np.arange(K).reshape(1, 1, K))], "at")
-    flat = op("Reshape", [op("Clip", [at, zero, last], "at_c"), const("flat", [0, K * K], np.int64)], "at_flat")
-    gathered = op("Reshape", [op("GatherElements", [ids, flat], "key_flat", axis=1),
-                              const("cube", [0, K, K], np.int64)], "key_raw")
-    in_key = const("in_key", (np.arange(K)[None, :] <= np.arange(K)[:, None]).reshape(1, K, K), np.bool_)
-    key = op("Where", [in_key, gathered, minus1], "key")
-    same = as_int(op("Equal", [op("Unsqueeze", [key, const("axis2b", [2], np.int64)], "key4"),
-                               const("keys", rw.keys[None, None])], "same_b"), "same")
-    hit = as_int(op("Equal", [reduce("ReduceSum", same, 3, "score", keepdims=0), const("klen", K)], "hit_b"), "hit")
-    found_c = op("Squeeze", [reduce("ReduceMax", hit, 2, "found_c3"), const("axis2c", [2], np.int64)], "found_c")
-    entry_c = op("Squeeze", [argmax(hit, 2, "entry_c3"), const("axis2d", [2], np.int64)], "entry_c")
-    score = op("Mul", [op("Mul", [found_c, valid], "usable"), const("c1", np.arange(1, K + 1).reshape(1, K))], "pick")
-    best = reduce("ReduceMax", score, 1, "best")  # the longest suffix found (0: none)
-    entry = op("GatherElements", [entry_c, argmax(score, 1, "best_c")], "entry", axis=1)  # [B,1]
-    found = op("Greater", [best, zero], "found")
-    j = op("Where", [found, op("Sub", [e, best], "e_best"), op("Sub", [e, one], "e_one")], "j")
-    value = op("Reshape", [op("Gather", [const("values", rw.values), entry], "value3", axis=0),
-                           const("rows", [-1, K], np.int64)], "value")
-    m = op("Where", [found, op("Gather", [const("lengths", rw.lengths), entry], "m_table", axis=0), one], "m")
-    rel = op("Clip", [op("Sub", [pos, j], "rel"), zero, const("kmax", K - 1)], "rel_c")
-    body = op("Where", [found, op("GatherElements", [value, rel], "from_table", axis=1),
-                        op("Gather", [const("final", rw.final), ids], "twin", axis=0)], "body")
+
+    # The last word's tokens (k < e - s) and their characters, laid end to end in W slots.
+    k = const("k", np.arange(W).reshape(1, W))
+    token = op("GatherElements", [ids, op("Clip", [op("Add", [s, k], "s_k"), zero, last], "s_k_c")], "token", axis=1)
+    in_word = as_int(op("Less", [k, op("Sub", [e, s], "n_tokens")], "in_word_b"), "in_word")
+    count = op("Mul", [op("Gather", [const("char_count", rw.char_count), token], "count_raw", axis=0), in_word], "count")
+    start = op("Gather", [const("char_start", rw.char_start), token], "start", axis=0)
+    before = const("before", (np.arange(W)[None, :] < np.arange(W)[:, None]).astype(np.int32)[None])  # [1,k,k']
+    offset = reduce("ReduceSum", op("Mul", [unsqueeze(count, 1, "count3"), before], "offset3"), 2, "offset", keepdims=0)
+    total = reduce("ReduceSum", count, 1, "total")
+    slot = const("slot", np.arange(W).reshape(1, W, 1))
+    owner = op("Sub", [reduce("ReduceSum", as_int(op("LessOrEqual", [unsqueeze(offset, 1, "offset_row"), slot], "owns_b"),
+                                                  "owns"), 2, "owners", keepdims=0), one], "owner_raw")
+    owner = op("Clip", [owner, zero, const("w1", W - 1)], "owner")
+    at = op("Sub", [op("Add", [op("GatherElements", [start, owner], "owner_start", axis=1), k], "at_raw"),
+                    op("GatherElements", [offset, owner], "owner_offset", axis=1)], "at")
+    char = op("Gather", [const("chars", rw.chars), op("Clip", [at, zero, const("n_chars", len(rw.chars) - 1)], "at_c")],
+              "char", axis=0)
+    symbols = op("Where", [op("Less", [k, total], "in_text"), char, minus1], "symbols0")
+    final = const("final", rw.final)
+    end_char = op("Gather", [final, op("Max", [char, zero], "char0")], "end_char", axis=0)
+    symbols = op("Where", [op("Equal", [k, op("Sub", [total, one], "total1")], "is_last"), end_char, symbols], "symbols")
+
+    # CLIP's BPE: each step finds every adjacent pair's rank through its hash bucket and merges the
+    # lowest-ranked, leftmost pair; a merge index stands for its rank (merges are in rank order).
+    size, no_merge = const("hash_size", HASH_SIZE), const("no_merge", rw.no_merge)
+    left_t, right_t = const("merge_left", rw.merge_left), const("merge_right", rw.merge_right)
+    result_t, buckets = const("merge_result", rw.merge_result), const("buckets", rw.buckets)
+    hash_left, hash_right = const("hash_left", rw.hash_left), const("hash_right", rw.hash_right)
+    pair_at = const("pair_at", np.arange(W - 1).reshape(1, W - 1))
+    next_at = const("next_at", np.minimum(np.arange(W) + 1, W - 1))
+    first_pair, second_pair = const("first_pair", [0], np.int64), const("second_pair", [1], np.int64)
+    pairs_end, symbols_end = const("pairs_end", [W - 1], np.int64), const("symbols_end", [W], np.int64)
+    axis1, far, w_last = const("axis1", [1], np.int64), const("far", W), const("w_last", W - 1)
+    for step in range(W - 1):
+        n = f"{step}_"
+        a = op("Slice", [symbols, first_pair, pairs_end, axis1], n + "a")
+        b = op("Slice", [symbols, second_pair, symbols_end, axis1], n + "b")
+        h = op("Mod", [op("Add", [op("Mod", [op("Mul", [op("Max", [a, zero], n + "a0"), hash_left], n + "ha"), size], n + "ham", fmod=0),
+                                  op("Mod", [op("Mul", [op("Max", [b, zero], n + "b0"), hash_right], n + "hb"), size], n + "hbm", fmod=0)],
+                           n + "hsum"), size], n + "h", fmod=0)
+        candidates = op("Gather", [buckets, h], n + "cand", axis=0)  # [B, W-1, D]
+        match = op("And", [op("Equal", [op("Gather", [left_t, candidates], n + "cl", axis=0), unsqueeze(a, 2, n + "a3")], n + "ml"),
+                           op("Equal", [op("Gather", [right_t, candidates], n + "cr", axis=0), unsqueeze(b, 2, n + "b3")], n + "mr")],
+                    n + "match")
+        rank = reduce("ReduceMin", op("Where", [match, candidates, no_merge], n + "ranks3"), 2, n + "rank", keepdims=0)
+        best = reduce("ReduceMin", rank, 1, n + "best")
+        where = reduce("ReduceMin", op("Where", [op("Equal", [rank, best], n + "is_best"), pair_at, far], n + "best_at"), 1, n + "where")
+        merged = op("Gather", [result_t, best], n + "merged", axis=0)
+        shifted = op("Gather", [symbols, next_at], n + "shifted_raw", axis=1)
+        shifted = op("Where", [op("Equal", [k, w_last], n + "at_w"), minus1, shifted], n + "shifted")
+        stepped = op("Where", [op("Less", [k, where], n + "keep"), symbols,
+                               op("Where", [op("Equal", [k, where], n + "here"), merged, shifted], n + "after")], n + "stepped")
+        symbols = op("Where", [op("Less", [best, no_merge], n + "merges"), stepped, symbols], n + "symbols")
+
+    # The word's ids from s on, then EOS and the padding, cut at ``length`` as Hugging Face cuts.
+    usable = op("And", [op("Greater", [total, zero], "some"), op("LessOrEqual", [total, const("w", W)], "fits")], "usable")
+    n_out = reduce("ReduceSum", as_int(op("GreaterOrEqual", [symbols, zero], "is_symbol_b"), "is_symbol"), 1, "n_out")
+    j = op("Where", [usable, s, op("Sub", [e, one], "e_one")], "j")
+    m = op("Where", [usable, n_out, one], "m")
+    rel = op("Clip", [op("Sub", [pos, j], "rel"), zero, const("w_1", W - 1)], "rel_c")
+    body = op("Where", [usable, op("GatherElements", [symbols, rel], "from_bpe", axis=1),
+                        op("Gather", [final, ids], "twin", axis=0)], "body")
     end = op("Add", [j, m], "end")
     tail = op("Where", [op("Equal", [pos, end], "at_end"), eos, pad], "tail")
-    word = op("Where", [op("Less", [pos, end], "in_word"), body, tail], "word")
+    word = op("Where", [op("Less", [pos, end], "in_word_ids"), body, tail], "word")
     rewritten = op("Where", [op("Less", [pos, j], "in_head"), ids, word], "rewritten")
     cut = op("Where", [op("Equal", [pos, last], "at_cut"), eos, rewritten], "cut")
     rewritten = op("Where", [op("Greater", [end, last], "overflow"), cut, rewritten], "rewritten_cut")
