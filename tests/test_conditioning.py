@@ -122,6 +122,41 @@ def test_the_rewrite_leaves_diffusers_ids_alone(clip_ids, diffusers_ids):
         assert (rewrite_ids(ids, clip_ids.rewrite) == ids).all(), prompt
 
 
+# SD3's CLIP-G tokenizer (tokenizer_2) pads with "!", an added token Hugging Face cuts out of the
+# text first: every "!" is the plain id 0 and the word before it ends there.
+PAD_CHARACTER_PROMPTS = ["hello, world!", "!!!", "wow?! a cat!", "a!b", "sunset!!! over the sea", "(cat)!dog",
+                         "it's!'s great", "a cat !", "!a", "a 35mm!photo", "héllo!wörld?!", "cat!" * 30]
+
+
+@pytest.fixture(scope="session")
+def clip_g_dir(tmp_path_factory) -> Path:
+    from builders import write_sd3_tokenizers
+
+    return write_sd3_tokenizers(tmp_path_factory.mktemp("sd3-tokenizers")) / "tokenizer_2"
+
+
+@pytest.fixture(scope="session")
+def clip_g_ids(clip_g_dir) -> PromptIds:
+    return PromptIds.for_tokenizer(clip_g_dir, "diffusers")
+
+
+def test_a_pad_character_conditions_like_diffusers(clip_g_dir, clip_g_ids):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(clip_g_dir)
+    assert tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0
+
+    def diffusers(prompt: str) -> list[int]:
+        return tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    assert diffusers("hello, world!")[:6] == [49406, 3306, 267, 1002, 0, 49407]
+    for prompt in PAD_CHARACTER_PROMPTS:
+        assert clip_g_ids.model_pair(prompt)[1].tolist() == diffusers(prompt), prompt
+        assert clip_g_ids.hf_pair(prompt)[1].tolist() == diffusers(prompt), prompt
+    # The corpus as for CLIP-L: all but a zero-width joiner (spaced by MNN's normalizer).
+    differ = [p for p in PROMPTS if clip_g_ids.model_pair(p)[1].tolist() != diffusers(p)]
+    assert all("\u200d" in p for p in differ) and len(differ) <= len(PROMPTS) // 100, differ[:10]
+    assert sum("!" in p for p in PROMPTS) >= 7
+
+
 def _rewrite_model(rw, path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
@@ -136,11 +171,13 @@ def _rewrite_model(rw, path: Path) -> Path:
     return path
 
 
-def test_the_rewrite_graph_gives_the_numpy_ids_on_onnxruntime_and_mnn(clip_ids, tmp_path):
+@pytest.mark.parametrize("which", ["clip_ids", "clip_g_ids"])
+def test_the_rewrite_graph_gives_the_numpy_ids_on_onnxruntime_and_mnn(which, request, tmp_path):
     from sd2mnn.converter import find_converter
     from sd2mnn.plan import converter_argv
     from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
 
+    clip_ids = request.getfixturevalue(which)
     source = _rewrite_model(clip_ids.rewrite, tmp_path / "rewrite.onnx")
     target = tmp_path / "rewrite.mnn"
     argv = find_converter().argv(converter_argv(source, target, ()))
@@ -148,7 +185,7 @@ def test_the_rewrite_graph_gives_the_numpy_ids_on_onnxruntime_and_mnn(clip_ids, 
     assert "Converted Success" in log.stdout, log.stdout[-2000:]
     ort = OrtModel(source, threads=1)
     mnn = MnnModel(target, ["input_ids"], ["ids"], RuntimeConfig(threads=4, precision="low"))  # as MNN's runtime
-    cases = [clip_ids.runtime_pair(p) for p in PROMPTS]
+    cases = [clip_ids.runtime_pair(p) for p in PROMPTS + PAD_CHARACTER_PROMPTS]
     cases.append(np.array([[49406, 49407] + [0] * 75] * 2, np.int32))  # two empty prompts
     for ids in cases:
         expected = rewrite_ids(ids, clip_ids.rewrite)

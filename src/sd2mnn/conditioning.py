@@ -20,6 +20,12 @@ diffusers does:
      Hugging Face starts it (last character in its end-of-word form) and the same merges follow.
    Every pre-token followed by anything gets its end-of-word ids; only the prompt's last
    pre-token, when nothing follows it, cannot (the runtime adds nothing after the text).
+   An added token that is one punctuation character (SD3's CLIP-G pads with "!", id 0) is cut out
+   of the text by Hugging Face before anything else: it is always its plain id, and the text
+   before it ends a pre-token. The runtime would cut it too, but then the word before it has
+   nothing after it; so the .mtok leaves such a character to the text instead (out of its
+   special and added tokens, ``split_out_characters``): the normalizer puts spaces around it,
+   and the split regex matches it alone, without the following space, so its BPE is the plain id.
 2. **The text encoder** (``rewrite_graph``): int32 operations in front of the CLIP model, inside
    ``text_encoder.mnn`` (interface unchanged: ``input_ids`` int32 [2,77]), that take the ids
    after the last end-of-word token, spell them back into characters and run CLIP's BPE on
@@ -50,7 +56,7 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("diffusers", "mnn")  # the .mtok + text encoder a bundle gets; "mnn" is MNN's own flow
 DEFAULT_SCHEME = "diffusers"
-SCHEME_VERSION = "clip-eow-2"  # bump when the .mtok or the graph this module writes changes
+SCHEME_VERSION = "clip-eow-3"  # bump when the .mtok or the graph this module writes changes
 
 END_OF_WORD = "</w>"
 MARKER = "\u0120"  # "Ġ": the byte-level character of " ", the end-of-word mark in the .mtok
@@ -60,10 +66,45 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 MAX_WORD = 40  # the longest last word (in characters) the text encoder re-encodes exactly
 HASH_SIZE = 1 << 16  # buckets of the merge table (CLIP has 48,894 merges)
 
-# CLIP's pre-tokenizer split with one optional trailing space kept in each pre-token.
-CLIP_SPLIT_KEEPING_SPACE = "|".join(
-    alt + " ?" for alt in (r"<\|startoftext\|>", r"<\|endoftext\|>", *CONTRACTIONS,
-                           r"[\p{L}]+", r"[\p{N}]", r"[^\s\p{L}\p{N}]+"))
+REGEX_SPECIAL = set("\\^$.|?*+()[]{}")
+
+
+def clip_split_keeping_space(split: str = "") -> str:
+    """CLIP's pre-tokenizer split with one optional trailing space kept in each pre-token; each
+    character of ``split`` (see ``split_out_characters``) first, alone and without the space."""
+    alone = ["\\" + c if c in REGEX_SPECIAL else c for c in split]
+    return "|".join(alone + [alt + " ?" for alt in (r"<\|startoftext\|>", r"<\|endoftext\|>", *CONTRACTIONS,
+                                                    r"[\p{L}]+", r"[\p{N}]", r"[^\s\p{L}\p{N}]+")])
+
+
+CLIP_SPLIT_KEEPING_SPACE = clip_split_keeping_space()
+
+
+def _is_clip_punctuation(c: str) -> bool:
+    r"""What CLIP's regex calls [^\s\p{L}\p{N}]: punctuation, symbols, marks, format characters."""
+    category = unicodedata.category(c)
+    return category[0] in "PSM" or category == "Cf"
+
+
+def split_out_characters(tokenizer_json: dict) -> dict[str, int]:
+    """The added tokens Hugging Face cuts out of a prompt that are one punctuation character
+    with that same id in the vocabulary (SD3's CLIP-G pad "!"): character -> id. Each is its
+    plain id wherever it stands, and the text before it ends a pre-token."""
+    vocab = tokenizer_json.get("model", {}).get("vocab", {})
+    found = {}
+    for added in tokenizer_json.get("added_tokens", []):
+        c = added.get("content", "")
+        if (len(c) == 1 and _is_clip_punctuation(c) and vocab.get(c) == added.get("id")
+                and not any(added.get(k, False) for k in ("lstrip", "rstrip", "single_word"))):
+            found[c] = added["id"]
+    return found
+
+
+def end_of_word_special_ids(tokenizer_json: dict, special_ids: list[int]) -> list[int]:
+    """The special ids the runtime cuts out of the text in a .mtok of this scheme: all but those
+    of ``split_out_characters``, which its normalizer and split regex handle instead."""
+    split = set(split_out_characters(tokenizer_json).values())
+    return [i for i in special_ids if i not in split]
 
 
 def uses_end_of_word_scheme(tokenizer_json: dict, scheme: str) -> bool:
@@ -100,25 +141,30 @@ def _literal(pattern: str, content: str) -> dict:
     return {"type": "Replace", "pattern": {"String": pattern}, "content": content}
 
 
-def _normalizer_steps() -> list[dict]:
+def _normalizer_steps(split: str = "") -> list[dict]:
     """Literal replacements after NFC (which turns control characters into spaces in MNN, so the
-    placeholders cannot come from the prompt) and lowercasing. Order matters; see above."""
+    placeholders cannot come from the prompt) and lowercasing. Order matters; see above. Each
+    character of ``split`` gets spaces around it instead of placeholders, so it is never part of
+    a run of punctuation and the text before it ends with a space."""
     steps = [_literal(c, " ") for c in "\t\n\r\x0b\x0c\u2028\u2029" + "".join(_codepoints("Z"))
              if c != " "]
     steps += [_literal(c, APOSTROPHE + c[1:]) for c in CONTRACTIONS]
     # What CLIP's regex calls [^\s\p{L}\p{N}]: punctuation, symbols, marks, format characters.
     others = _codepoints("P", "S", "M") + [c for c in _codepoints("C") if unicodedata.category(c) == "Cf"]
-    steps += [_literal(c, PLACEHOLDER + c + PLACEHOLDER) for c in others]
+    steps += [_literal(c, PLACEHOLDER + c + PLACEHOLDER) for c in others if c not in split]
     steps.append(_literal(PLACEHOLDER * 2, ""))  # adjacent punctuation stays one pre-token
     steps += [_literal(c, f" {c} ") for c in _codepoints("N")]
     steps.append(_literal(PLACEHOLDER, " "))
     steps.append(_literal(APOSTROPHE, " '"))
+    steps += [_literal(c, f" {c} ") for c in split]
     return steps
 
 
 def clip_end_of_word_json(tokenizer_json: dict) -> dict:
     """``tokenizer_json`` (a CLIP tokenizer.json) rewritten for the .mtok writer as above."""
     tj = json.loads(json.dumps(tokenizer_json))
+    split = "".join(split_out_characters(tokenizer_json))
+    tj["added_tokens"] = [a for a in tj.get("added_tokens", []) if a.get("content") not in split]
     model = tj["model"]
     vocab: dict[str, int] = model["vocab"]
     renamed = {(t[:-len(END_OF_WORD)] + MARKER if t.endswith(END_OF_WORD) else t): i for t, i in vocab.items()}
@@ -159,9 +205,9 @@ def clip_end_of_word_json(tokenizer_json: dict) -> dict:
     children = norm["normalizers"] if norm.get("type") == "Sequence" else [norm]
     kept = [n for n in children if n.get("type") != "Replace"]  # CLIP's regex \s+ collapse: ours below
     # After NFC and lowercasing: contractions are matched in lower case, as CLIP's regex sees them.
-    tj["normalizer"] = {"type": "Sequence", "normalizers": kept + _normalizer_steps()}
+    tj["normalizer"] = {"type": "Sequence", "normalizers": kept + _normalizer_steps(split)}
     tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": CLIP_SPLIT_KEEPING_SPACE}, "behavior": "Removed", "invert": True},
+        {"type": "Split", "pattern": {"Regex": clip_split_keeping_space(split)}, "behavior": "Removed", "invert": True},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     return tj
 
@@ -344,6 +390,8 @@ def build_id_rewrite(tokenizer_json: dict, runtime, bos: int, eos: int, pad: int
             if twin is not None:
                 final[twin] = token_id
     boundary[bos] = 1
+    for token_id in split_out_characters(tokenizer_json).values():  # always plain, and a word ends before it
+        boundary[token_id] = 1
     # A contraction is one CLIP pre-token ("'s" -> 's</w>); the runtime leaves it without its end
     # mark when letters follow ("'moody" -> 'm + oody). Hugging Face never emits the unmarked
     # token, so it can be mapped to the marked one wherever it stands.

@@ -75,8 +75,8 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
     For T5 (SD3.5's tokenizer_3/) ``"diffusers"`` writes ``sd2mnn.t5_scheme``'s normalizer and
     split, which make the runtime's ids Hugging Face's with the text encoder unchanged.
     """
-    from sd2mnn.conditioning import (bert_hugging_face_json, clip_end_of_word_json, uses_bert_scheme,
-                                     uses_end_of_word_scheme)
+    from sd2mnn.conditioning import (bert_hugging_face_json, clip_end_of_word_json, end_of_word_special_ids,
+                                     uses_bert_scheme, uses_end_of_word_scheme)
     from sd2mnn.t5_scheme import t5_hugging_face_json, uses_t5_scheme
 
     src = load_tokenizer_source(Path(tokenizer_dir))
@@ -84,6 +84,7 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
     if uses_t5_scheme(src.family, scheme):
         tj = t5_hugging_face_json(tj, Path(tokenizer_dir) / "tokenizer.json")
     elif uses_end_of_word_scheme(tj, scheme):
+        src.special_ids = end_of_word_special_ids(tj, src.special_ids)  # its text handles some
         tj = clip_end_of_word_json(tj)
     elif uses_bert_scheme(tj, scheme):
         tj = bert_hugging_face_json(tj)
