@@ -548,3 +548,18 @@ def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, *, transformer: d
         shutil.copytree(tokenizers / name, out / name)
     shutil.rmtree(tokenizers)
     return out
+
+
+def record_model_calls(pipeline, params):
+    """(calls, generation): ``pipeline.run(params)`` with every model call's feeds (copied) and
+    outputs recorded per model name, for tests that check each step of the recipe."""
+    import numpy as np
+
+    calls = {name: [] for name in pipeline._models}
+    for name, model in pipeline._models.items():
+        def spy(feeds, _run=model.run, _calls=calls[name]):
+            out = _run(feeds)
+            _calls.append(({k: np.array(v, copy=True) for k, v in feeds.items()}, out))
+            return out
+        model.run = spy
+    return calls, pipeline.run(params)

@@ -18,6 +18,8 @@ import struct
 import numpy as np
 import pytest
 
+from builders import record_model_calls
+
 from sd2mnn.images import write_png
 from sd2mnn.noise import initial_noise
 from sd2mnn.pipeline import (
@@ -44,14 +46,7 @@ F = pytest.importorskip("MNN.expr")
 def recorded(fp32_bundle):
     """One run of the MNN pipeline with every model call's feeds and outputs recorded."""
     pipeline = Pipeline(fp32_bundle, config=mnn_runtime_config(threads=2))
-    calls = {name: [] for name in pipeline._models}
-    for name, model in pipeline._models.items():
-        def spy(feeds, _run=model.run, _calls=calls[name]):
-            out = _run(feeds)
-            _calls.append(({k: np.array(v, copy=True) for k, v in feeds.items()}, out))
-            return out
-        model.run = spy
-    generation = pipeline.run(GenerationParams(PROMPT, steps=STEPS, seed=SEED))
+    calls, generation = record_model_calls(pipeline, GenerationParams(PROMPT, steps=STEPS, seed=SEED))
     return pipeline, calls, generation
 
 

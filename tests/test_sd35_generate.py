@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from builders import record_model_calls
+
 pytest.importorskip("diffusers")
 
 from sd2mnn.cli import main  # noqa: E402
@@ -52,14 +54,7 @@ def ort_pipe(sd3_onnx):
 def recorded(sd3_bundle):
     """One MNN run with every model call's feeds and outputs recorded."""
     pipeline = Pipeline(sd3_bundle, config=mnn_runtime_config(threads=2, family=_family(sd3_bundle)))
-    calls = {name: [] for name in pipeline._models}
-    for name, model in pipeline._models.items():
-        def spy(feeds, _run=model.run, _calls=calls[name]):
-            out = _run(feeds)
-            _calls.append(({k: np.array(v, copy=True) for k, v in feeds.items()}, out))
-            return out
-        model.run = spy
-    generation = pipeline.run(GenerationParams(PROMPT, steps=STEPS, seed=11))
+    calls, generation = record_model_calls(pipeline, GenerationParams(PROMPT, steps=STEPS, seed=11))
     return pipeline, calls, generation
 
 
