@@ -151,6 +151,8 @@ def test_a_pad_character_conditions_like_diffusers(clip_g_dir, clip_g_ids):
     for prompt in PAD_CHARACTER_PROMPTS:
         assert clip_g_ids.model_pair(prompt)[1].tolist() == diffusers(prompt), prompt
         assert clip_g_ids.hf_pair(prompt)[1].tolist() == diffusers(prompt), prompt
+        hf = clip_g_ids.hf_pair(prompt)  # fed diffusers' ids, the rewrite keeps them
+        assert (rewrite_ids(hf, clip_g_ids.rewrite) == hf).all(), prompt
     # The corpus as for CLIP-L: all but a zero-width joiner (spaced by MNN's normalizer).
     differ = [p for p in PROMPTS if clip_g_ids.model_pair(p)[1].tolist() != diffusers(p)]
     assert all("\u200d" in p for p in differ) and len(differ) <= len(PROMPTS) // 100, differ[:10]

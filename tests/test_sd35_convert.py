@@ -100,6 +100,26 @@ def test_the_converted_rewrite_runs_inside_the_text_encoders(tiny_sd3_bundle, ti
             assert np.max(np.abs(got[output] - expected[output])) < 1e-3, f"{name}.{output}"
 
 
+def test_clip_gs_pad_character_in_a_prompt_conditions_as_diffusers_on_mnn(tiny_sd3_bundle, tiny_sd3_onnx):
+    """diffusers' CLIP-G tokenizer cuts its pad "!" out of the text (the plain id 0, the word
+    before it ending there): the runtime's ids through the bundled text_encoder_2 give what
+    transformers' ids give through the ONNX one."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tiny_sd3_onnx / "tokenizer_2")
+    ids = PromptIds.for_bundle(tiny_sd3_bundle / "tokenizer_2")
+    spec = SD35.components["text_encoder_2"]
+    mnn = MnnModel(tiny_sd3_bundle / spec.mnn_name, spec.inputs, spec.outputs)
+    onnx = OrtModel(tiny_sd3_onnx / "text_encoder_2" / "model.onnx")
+    for prompt in ("hello, world!", "wow?! a cat!", "a!b", "sunset!!! over the sea"):
+        diffusers = np.array([tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+                              for text in ("", prompt)], np.int32)
+        assert (ids.model_pair(prompt) == diffusers).all(), prompt
+        got = mnn.run({"input_ids": ids.runtime_pair(prompt)})
+        expected = onnx.run({"input_ids": diffusers})
+        for output in spec.outputs:
+            assert np.max(np.abs(got[output] - expected[output])) < 1e-3, (prompt, output)
+
+
 def test_rerun_reuses_everything_and_changes_nothing(tiny_sd3_bundle, tiny_sd3_onnx, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_sd3_bundle, bundle)

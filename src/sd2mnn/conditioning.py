@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("diffusers", "mnn")  # the .mtok + text encoder a bundle gets; "mnn" is MNN's own flow
 DEFAULT_SCHEME = "diffusers"
-SCHEME_VERSION = "clip-eow-3"  # bump when the .mtok or the graph this module writes changes
+SCHEME_VERSION = "clip-eow-2"  # bump when the graph changes beyond its tables (they are in the digest)
 
 END_OF_WORD = "</w>"
 MARKER = "\u0120"  # "Ġ": the byte-level character of " ", the end-of-word mark in the .mtok
