@@ -343,7 +343,7 @@ def run_all(run: Run) -> None:
                  lambda text: {"conditioning": json.loads(text.strip().splitlines()[-1])})
         if not args.no_bench:
             run.step("bench_small", [*SD2MNN, "bench", str(run.fp32), "--onnx", str(run.onnx), "--components",
-                                     ",".join(SMALL), "--runs", "2", "--threads", "2", "--json"], parse_bench,
+                                     ",".join(SMALL), "--runs", "1", "--threads", "2", "--json"], parse_bench,
                      json_out=True)
 
     # --- the 2.5B transformer ---
