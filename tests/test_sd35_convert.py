@@ -4,6 +4,7 @@ sd2mnn export and converted by the real converter: the bundle MNN's SD3.5 runtim
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,15 @@ def test_missing_t5_tokenizer_is_refused_before_any_conversion(tiny_sd3_onnx, tm
     shutil.copytree(tiny_sd3_onnx, onnx, ignore=shutil.ignore_patterns("tokenizer_3"))
     done = cli("convert", onnx, tmp_path / "b", "--components", WITHOUT_T5)
     one_line_error(done, str(onnx / "tokenizer_3"), "missing")
+    assert not (tmp_path / "b").exists()
+
+
+def test_hard_linked_weights_are_one_line_not_onnxs_traceback(tiny_sd3_onnx, tmp_path):
+    # onnx will not read external data with several links (cp -al), where the id rewrite loads CLIP-G.
+    onnx = tmp_path / "onnx"
+    shutil.copytree(tiny_sd3_onnx, onnx, copy_function=os.link)
+    done = cli("convert", onnx, tmp_path / "b", "--components", "text_encoder_2", "--quiet")
+    one_line_error(done, str(onnx / "text_encoder_2" / "model.onnx"), "hard links", "cp -r")
     assert not (tmp_path / "b").exists()
 
 

@@ -610,7 +610,12 @@ def prepend_rewrite(source: Path, target: Path, rw: IdRewrite, input_name: str =
     """Write ``target``: the ONNX model ``source`` with the id rewrite in front of ``input_name``."""
     import onnx
 
-    model = onnx.load(str(source))
+    try:
+        model = onnx.load(str(source))
+    except onnx.checker.ValidationError as err:
+        # onnx refuses external data files with several hard links (a folder copied with cp -al).
+        raise InputError(f"{source}: ONNX will not read its weights ({str(err).splitlines()[0]}); copy the "
+                         "folder without hard links (cp -r), or convert with --tokenizer mnn") from None
     graph = model.graph
     spec = next((i for i in graph.input if i.name == input_name), None)
     if spec is None:
