@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, TensorShapes
-from sd2mnn.families.stable_diffusion import SD15, _text_encoder_feeds
+from sd2mnn.families.stable_diffusion import SD15, _text_encoder_feeds, denoiser_inputs
 
 SCALING_FACTOR = 1.5305  # SD35:270
 SHIFT_FACTOR = 0.0609  # SD35:271
@@ -191,19 +191,13 @@ def _transformer_feeds(shape, dtype, rng, ids, embeddings, cases):
 
     # The runtime's timesteps of a `cases`-step run: 1000 first, then its shifted, truncated ones.
     steps = sd35_timesteps(max(cases, 1))
-    hidden_shape = shape["encoder_hidden_states"]
-    usable = bool(embeddings) and list(embeddings[0].shape) == hidden_shape
     feeds = []
-    for i, step in enumerate(steps):
-        batch, *latent = shape["hidden_states"]
-        latents = rng.standard_normal([1, *latent]).astype(np.float32)
-        hidden = embeddings[i % len(embeddings)] if usable else rng.standard_normal(hidden_shape).astype(np.float32)
-        feeds.append({
-            "hidden_states": np.repeat(latents, batch, axis=0),  # SD35:348 [latent, latent]
-            "encoder_hidden_states": hidden.astype(np.float32),
-            "pooled_projections": rng.standard_normal(shape["pooled_projections"]).astype(np.float32),
-            "timestep": np.full(shape["timestep"], step, dtype=dtype["timestep"]),  # SD35:349
-        })
+    # SD35:348 hidden_states = [latent, latent]; SD35:349 the step's timestep for both.
+    usable, inputs = denoiser_inputs(shape, rng, embeddings, steps, "hidden_states")
+    for step, (latents, hidden) in zip(steps, inputs):
+        feeds.append({"hidden_states": latents, "encoder_hidden_states": hidden,
+                      "pooled_projections": rng.standard_normal(shape["pooled_projections"]).astype(np.float32),
+                      "timestep": np.full(shape["timestep"], step, dtype=dtype["timestep"])})
     text = "the text encoders' conditioning" if usable else "random conditioning and pooled projections"
     return feeds, f"timesteps {', '.join(map(str, steps))}; latents ~N(0,1); {text}"
 

@@ -38,22 +38,30 @@ def _text_encoder_feeds(shape, dtype, rng, ids, embeddings, cases):
     return [{"input_ids": i.astype(dtype["input_ids"])} for i in ids], f"{len(ids)} prompts"
 
 
+def denoiser_inputs(shape, rng, embeddings, steps, latent_name: str):
+    """(the text embeddings are usable, [(latents, hidden)] per step): a denoiser's batch of the
+    same latents twice (the runtime's [latents, latents]) and its text conditioning, the text
+    encoder's output where its shape fits, else random. Draws in the same order for every family."""
+    import numpy as np
+
+    hidden_shape = shape["encoder_hidden_states"]
+    usable = bool(embeddings) and list(embeddings[0].shape) == hidden_shape
+    cases = []
+    for i, _ in enumerate(steps):
+        batch, *latent = shape[latent_name]
+        latents = rng.standard_normal([1, *latent]).astype(np.float32)
+        hidden = embeddings[i % len(embeddings)] if usable else rng.standard_normal(hidden_shape).astype(np.float32)
+        cases.append((np.repeat(latents, batch, axis=0), hidden.astype(np.float32)))
+    return usable, cases
+
+
 def _unet_feeds(shape, dtype, rng, ids, embeddings, cases):
     import numpy as np
 
     steps = np.linspace(999, 1, cases).round().astype(int)
-    hidden_shape = shape["encoder_hidden_states"]
-    usable = embeddings and list(embeddings[0].shape) == hidden_shape
-    feeds = []
-    for i, step in enumerate(steps):
-        batch, *latent = shape["sample"]
-        latents = rng.standard_normal([1, *latent]).astype(np.float32)
-        hidden = embeddings[i % len(embeddings)] if usable else rng.standard_normal(hidden_shape).astype(np.float32)
-        feeds.append({
-            "sample": np.repeat(latents, batch, axis=0),  # the runtime's [latents, latents] batch
-            "timestep": np.array([step], dtype=dtype["timestep"]),
-            "encoder_hidden_states": hidden.astype(np.float32),
-        })
+    usable, inputs = denoiser_inputs(shape, rng, embeddings, steps, "sample")
+    feeds = [{"sample": latents, "timestep": np.array([step], dtype=dtype["timestep"]), "encoder_hidden_states": hidden}
+             for step, (latents, hidden) in zip(steps, inputs)]
     text = "ONNX text encoder output" if usable else "random text embeddings (no usable text encoder)"
     return feeds, f"timesteps {', '.join(map(str, steps))}; latents ~N(0,1); {text}"
 
