@@ -576,17 +576,18 @@ def rewrite_graph(rw: IdRewrite, length: int, input_name: str = "input_ids", out
     return nodes, inits
 
 
-def load_rewrite(tokenizer_dir: Path, scheme: str, runtime=None) -> IdRewrite | None:
+def load_rewrite(tokenizer_dir: Path, scheme: str, runtime=None, mtok: Path | None = None) -> IdRewrite | None:
     """The id rewrite a bundle of the tokenizer in ``tokenizer_dir`` gets under ``scheme``
     (None where the scheme leaves the tokenizer as MNN writes it). ``runtime``: the PromptTokenizer
-    of that bundle's tokenizer.mtok, when it is at hand (else the .mtok is written to a temp file)."""
+    of that bundle's tokenizer.mtok, when it is at hand; else ``mtok``, that file, read only if
+    the scheme rewrites the tokenizer (else the .mtok is written to a temp file)."""
     from sd2mnn.mtok import load_tokenizer_source
     from sd2mnn.tokenizer import PromptTokenizer
 
     source = load_tokenizer_source(Path(tokenizer_dir))
     if not uses_end_of_word_scheme(source.tokenizer_json, scheme):
         return None
-    runtime = runtime or PromptTokenizer.from_dir(Path(tokenizer_dir), scheme)
+    runtime = runtime or PromptTokenizer.from_dir(Path(mtok) if mtok else Path(tokenizer_dir), scheme)
     fmt = runtime.format
     pad = source.pad_id if source.pad_id is not None else fmt.eos_id
     return build_id_rewrite(source.tokenizer_json, runtime, fmt.bos_id, fmt.eos_id, pad)

@@ -259,20 +259,16 @@ def _tokenizer_scheme(onnx: OnnxPipeline, mnn_dir: Path, options: ConvertOptions
 def _prefixes(onnx: OnnxPipeline, options: ConvertOptions, scheme: str, scratch: Path) -> dict:
     """Each converted text encoder's prefix graph (sd2mnn.conditioning), where the scheme needs
     one for its tokenizer (CLIP's end-of-word BPE), built from that tokenizer's staged .mtok."""
-    from sd2mnn.conditioning import TextEncoderPrefix, load_rewrite, uses_end_of_word_scheme
-    from sd2mnn.mtok import load_tokenizer_source
-    from sd2mnn.tokenizer import PromptTokenizer
+    from sd2mnn.conditioning import TextEncoderPrefix, load_rewrite
 
     prefixes = {}
     for name in options.components:
         spec = onnx.family.components[name]
-        folder = onnx.root / spec.tokenizer
-        # Reading a .mtok back is not free (T5's holds thousands of normalizer steps): only the
-        # tokenizers the scheme rewrites are read.
-        if not spec.prompt_ids or not uses_end_of_word_scheme(load_tokenizer_source(folder).tokenizer_json, scheme):
+        if not spec.prompt_ids:
             continue
-        runtime = PromptTokenizer.from_dir(scratch / bundle_mtok(onnx.family, name))
-        rewrite = load_rewrite(folder, scheme, runtime)
+        # The staged .mtok is read back (not free: T5's holds thousands of normalizer steps) only
+        # for the tokenizers the scheme rewrites.
+        rewrite = load_rewrite(onnx.root / spec.tokenizer, scheme, mtok=scratch / bundle_mtok(onnx.family, name))
         if rewrite is not None:
             prefixes[name] = TextEncoderPrefix(rewrite)
     return prefixes
