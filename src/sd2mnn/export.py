@@ -39,6 +39,8 @@ cannot fit in the available memory is refused with the numbers, before anything 
 One component is loaded, exported, freed, then checked against the PyTorch outputs it produced
 on the same inputs (ONNX Runtime runs in a child process, since it does not give memory back).
 The folder is written beside ONNX_DIR and renamed into place only when every part passed.
+A single-file checkpoint is first written as a diffusers folder in that scratch space, one model at
+a time (sd2mnn.checkpoint).
 
 torch, diffusers and transformers are the ``export`` extra and are imported only when needed.
 """
@@ -57,14 +59,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from sd2mnn import families
+from sd2mnn import checkpoint, families
 from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError
+from sd2mnn.files import read_json_object
 from sd2mnn.families import FAMILIES, SD15, SD35Dims, Family
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # SD1.x, in export order
 # Every component some family exports (SD1.x's, then SD3.5's).
 KNOWN_COMPONENTS = tuple(dict.fromkeys((*COMPONENTS, *(n for f in FAMILIES.values() for n in f.components))))
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 UNET_WEIGHTS = SD15.components["unet"].weights_file
 TEXT_LENGTH = {name: f.text_length for name, f in FAMILIES.items()}
 # Prompts the checks feed the text encoder (runtime order: unconditional first).
@@ -83,9 +85,8 @@ class ExportOptions:
     # Image size; None: the model's own (unet sample_size * the VAE's scale factor).
     height: int | None = None
     width: int | None = None
-    # For a single-file checkpoint: a local diffusers folder with the configs and tokenizer
-    # (model_index.json, unet/config.json, vae/config.json, text_encoder/config.json,
-    # tokenizer/, scheduler/), e.g. the same model's diffusers repository without weights.
+    # For a single-file checkpoint: a local diffusers folder of the same model with its configs,
+    # tokenizers and scheduler (sd2mnn.checkpoint), weights only for the models the file lacks.
     config: Path | None = None
     overwrite: bool = False
     check: bool = True
@@ -144,7 +145,7 @@ def is_diffusers_model(path: str | Path) -> bool:
     p = Path(path)
     if p.is_dir():
         return (p / "model_index.json").is_file()
-    return p.is_file() and p.suffix.lower() in SINGLE_FILE_SUFFIXES
+    return p.is_file() and p.suffix.lower() in checkpoint.SUFFIXES
 
 
 def require_export_extra() -> None:
@@ -199,7 +200,7 @@ def _open_source(folder: Path, components: tuple[str, ...] | None = None) -> _So
     family = families.detect(folder)
     source = _Source(folder, index, family)
     wanted = components or tuple(n for n, spec in family.components.items() if source.has(n) or not spec.runtime_optional)
-    models = dict.fromkeys("vae" if n.startswith("vae") else n for n, spec in family.components.items()
+    models = dict.fromkeys(family.model_folder(n) for n, spec in family.components.items()
                            if n in wanted or not spec.runtime_optional)
     for name in components or ():
         if family.components.get(name) and family.components[name].runtime_optional and not source.has(name):
@@ -221,40 +222,6 @@ def _open_source(folder: Path, components: tuple[str, ...] | None = None) -> _So
 
 def _pipeline_name(family: Family) -> str:
     return "a Stable Diffusion 3 pipeline" if family.denoiser == "transformer" else "a Stable Diffusion pipeline"
-
-
-def _materialize_single_file(ckpt: Path, config: Path | None, work: Path) -> Path:
-    """Load a single-file checkpoint with a local config folder; save it as a diffusers folder."""
-    if config is None:
-        raise InputError(
-            f"{ckpt}: a single-file checkpoint needs a local config: pass --config DIR, a diffusers "
-            "folder of the same model (model_index.json, */config.json, tokenizer/); no hub access"
-        )
-    _read_index(config)
-    if families.detect(config).denoiser != "unet":
-        raise InputError(f"{ckpt}: single-file SD3 checkpoints are not supported; export the diffusers folder "
-                         f"({config} with its weights) instead")
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(ckpt), config=str(config), local_files_only=True, torch_dtype=torch.float32,
-            safety_checker=None, requires_safety_checker=False,
-        )
-    except Exception as err:  # diffusers raises many types for unreadable or mismatched files
-        raise InputError(
-            f"{ckpt}: cannot load as a Stable Diffusion checkpoint with config {config} "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        ) from err
-    out = work / "_diffusers"
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    del pipe
-    gc.collect()
-    # The tokenizer as the config folder has it (save_pretrained rewrites its layout).
-    shutil.rmtree(out / "tokenizer", ignore_errors=True)
-    shutil.copytree(config / "tokenizer", out / "tokenizer")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,13 +450,7 @@ def _config(folder: Path, sub: str) -> dict:
 
 def _json_object(path: Path) -> dict:
     """A model's JSON file (model_index.json, a config.json), or a one-line error."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: unreadable ({err}); re-download the model") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: not a JSON object; re-download the model")
-    return data
+    return read_json_object(path)
 
 
 def _scale_factor(vae_config: dict) -> int:
@@ -807,7 +768,8 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
         source = _open_source(model, options.components)
     else:
         say("checkpoint", f"loading {model.name} with config {options.config}")
-        source = _open_source(_materialize_single_file(model, options.config, work), options.components)
+        source = _open_source(checkpoint.materialize(model, options.config, work, options.components, say),
+                              options.components)
     family = source.family
     names = _component_names(source, options.components, say)
     staged = work / "onnx"

@@ -9,17 +9,20 @@ from sd2mnn import families
 from sd2mnn.export import COMPONENTS, KNOWN_COMPONENTS, ExportOptions, export
 
 EPILOG = """\
-MODEL is a local diffusers folder (model_index.json) or a .safetensors/.ckpt checkpoint; nothing
-is downloaded. A single file needs --config: a local diffusers folder of the same model with its
-configs and tokenizer (model_index.json, unet/ vae/ text_encoder/ config.json, tokenizer/,
-scheduler/); weights there are not needed, except Taiyi's BERT text encoder. The size defaults to
-the model's own; MNN's runtime runs 64x64 latents only (512x512 for SD1.5).
+MODEL is a local diffusers folder (model_index.json) or a .safetensors/.ckpt checkpoint in the
+original layout (CompVis's SD1.x files, Stability's SD3 files); nothing is downloaded. A single
+file needs --config: a local diffusers folder of the same model with its configs, tokenizers and
+scheduler (model_index.json, */config.json, tokenizer*/, scheduler/); weights there are needed
+only for models the file lacks (Taiyi's BERT; the text encoders of sd3.5_medium.safetensors).
+Models are read from the file one at a time, as diffusers' from_single_file converts them. The
+size defaults to the model's own; MNN's runtime runs 64x64 latents only (512x512 for SD1.5).
 
-An SD3 folder (StableDiffusion3Pipeline: SD3.5 Medium) exports text_encoder, text_encoder_2,
-text_encoder_3, transformer and vae_decoder with tokenizer/, tokenizer_2/, tokenizer_3/ (MNN's
-SD3.5 layout; the CLIPs' penultimate layer as last_hidden_state, as diffusers conditions).
---components without text_encoder_3 leaves T5 out: MNN's runtime then conditions on zeros.
-Single-file SD3 checkpoints are not supported. Needs the export extra: pip install 'sd2mnn[export]'.
+An SD3 folder or file (StableDiffusion3Pipeline: SD3.5 Medium) exports text_encoder,
+text_encoder_2, text_encoder_3, transformer and vae_decoder with tokenizer/, tokenizer_2/,
+tokenizer_3/ (MNN's SD3.5 layout; the CLIPs' penultimate layer as last_hidden_state, as diffusers
+conditions). --components without text_encoder_3 leaves T5 out: MNN's runtime then conditions on
+zeros; so does a single file without T5 whose --config folder has no T5 weights (said on the way).
+Needs the export extra: pip install 'sd2mnn[export]'.
 """
 
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from sd2mnn.errors import InputError
+from sd2mnn.files import read_json_object
 from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, TensorShapes
 from sd2mnn.families.sd35 import SD35, SD35Dims
 from sd2mnn.families.stable_diffusion import SD15, TAIYI
@@ -51,12 +52,7 @@ def by_text_length(length: int | None) -> Family | None:
 def _from_diffusers_index(index_path: Path) -> Family:
     # A diffusers folder names its classes: an SD3 pipeline or transformer is SD3.5, a BERT
     # tokenizer or text encoder is Taiyi.
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{index_path}: not readable JSON ({err}); re-download the model") from None
-    if not isinstance(index, dict):
-        raise InputError(f"{index_path}: not a JSON object; re-download the model")
+    index = read_json_object(index_path)
     if str(index.get("_class_name") or "").startswith("StableDiffusion3") or "transformer" in index:
         return SD35
     classes = [((index.get(part) or [None, ""])[1] or "") for part in ("tokenizer", "text_encoder")]

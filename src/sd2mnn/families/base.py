@@ -76,6 +76,16 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class SingleFileLayout:
+    """Where an original-layout single-file checkpoint (CompVis's SD1.x files, Stability's SD3
+    files) keeps each diffusers model: its keys' prefixes per model folder, and a key part that
+    only the family's denoiser has (what tells an SD1 file from an SD3 one)."""
+
+    prefixes: dict[str, tuple[str, ...]]
+    denoiser_marker: str
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     prompt: PromptFormat
@@ -87,6 +97,12 @@ class Family:
     # Tokenizer folder -> its format, for a family with several (SD3.5); empty: {"tokenizer": prompt}.
     tokenizers: dict[str, PromptFormat] = field(default_factory=dict)
     denoiser: str = "unet"  # the component the scheduler steps with (its diffusers folder too)
+    single_file: SingleFileLayout | None = None  # None: no single-file checkpoints
+
+    @staticmethod
+    def model_folder(component: str) -> str:
+        """The diffusers folder a component is exported from (vae_encoder, vae_decoder: vae)."""
+        return "vae" if component.startswith("vae") else component
 
     @property
     def prompt_formats(self) -> dict[str, PromptFormat]:

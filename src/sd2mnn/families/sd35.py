@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, TensorShapes
+from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, SingleFileLayout, TensorShapes
 from sd2mnn.families.stable_diffusion import SD15, _text_encoder_feeds, denoiser_inputs
 
 SCALING_FACTOR = 1.5305  # SD35:270
@@ -52,24 +52,17 @@ class SD35Dims:
         """The dims of a diffusers StableDiffusion3Pipeline folder, from its config.json files
         (text_encoder_3 may be absent: T5's width is then the transformer's joint width)."""
         from sd2mnn.errors import InputError
+        from sd2mnn.files import read_json_object
 
         folder = Path(folder)
 
         def config(sub: str, required: bool = True) -> dict:
-            import json
-
             path = folder / sub / "config.json"
             if not path.is_file():
                 if not required:
                     return {}
                 raise InputError(f"{path}: missing; an SD3 pipeline needs it (re-download the model)")
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError) as err:
-                raise InputError(f"{path}: unreadable ({err}); re-download the model") from None
-            if not isinstance(data, dict):
-                raise InputError(f"{path}: not a JSON object; re-download the model")
-            return data
+            return read_json_object(path)
 
         clip_l, clip_g = config("text_encoder"), config("text_encoder_2")
         t5, transformer, vae = config("text_encoder_3", required=False), config("transformer"), config("vae")
@@ -257,5 +250,12 @@ RECIPE = Recipe(scheduler="flow_match_euler", guidance=5.0, latent_scale=1 / SCA
                 image_size=RUNTIME_DIMS.image_height, latent_shift=SHIFT_FACTOR)
 
 # tokenizer_model: T5's Unigram is what no SD1.x family has (its CLIP BPE is SD1.5's).
+# Stability's files (sd3.5_medium.safetensors, sd3_medium_incl_clips*.safetensors): the MMDiT under
+# model.diffusion_model., each text encoder under text_encoders.<name>.transformer. when included.
+SINGLE_FILE = SingleFileLayout({"transformer": ("model.diffusion_model.",), "vae": ("first_stage_model.",),
+                                "text_encoder": ("text_encoders.clip_l.transformer.",),
+                                "text_encoder_2": ("text_encoders.clip_g.transformer.",),
+                                "text_encoder_3": ("text_encoders.t5xxl.transformer.",)},
+                               denoiser_marker="joint_blocks.")
 SD35 = Family("sd35", CLIP_FORMAT, "Unigram", COMPONENTS, RUNTIME_COMPONENTS, RECIPE,
-              ("", "a photo of a cat"), tokenizers=TOKENIZERS, denoiser="transformer")
+              ("", "a photo of a cat"), tokenizers=TOKENIZERS, denoiser="transformer", single_file=SINGLE_FILE)

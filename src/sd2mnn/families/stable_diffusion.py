@@ -4,7 +4,7 @@
 SD:n cites transformers/diffusion/engine/src/stable_diffusion.cpp of MNN 3.6.1."""
 from __future__ import annotations
 
-from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, TensorShapes
+from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, SingleFileLayout, TensorShapes
 
 # SD:84: mLatentVar = _Input({1, 4, 64, 64}, NCHW, float); SD:90: sample = _Concat({latent, latent}, 0).
 LATENT = [1, 4, 64, 64]
@@ -118,7 +118,12 @@ RECIPE = Recipe(scheduler="plms", guidance=7.5, latent_scale=1 / 0.18215,
 
 # SD:32 (mMaxTextLen = 77 for STABLE_DIFFUSION_1_5), SD:34 (512 for STABLE_DIFFUSION_TAIYI_CHINESE);
 # SD:123 MtokTokenizer(kPair, 49406, 49407), SD:125 MtokTokenizer(kPair, 101, 102).
+# CompVis's layout (v1-5-pruned.safetensors and the like), as diffusers' from_single_file reads it;
+# an OpenCLIP text encoder sits under cond_stage_model.model.
+SINGLE_FILE = SingleFileLayout({"unet": ("model.diffusion_model.",), "vae": ("first_stage_model.",),
+                                "text_encoder": ("cond_stage_model.transformer.", "cond_stage_model.model.")},
+                               denoiser_marker="input_blocks.")
 SD15 = Family("sd15", PromptFormat("sd15", 0, 49406, 49407, 77), "BPE", COMPONENTS, RUNTIME_COMPONENTS,
-              RECIPE, ("", "a photo of a cat"))
+              RECIPE, ("", "a photo of a cat"), single_file=SINGLE_FILE)
 TAIYI = Family("taiyi", PromptFormat("taiyi", 1, 101, 102, 512), "WordPiece", COMPONENTS, RUNTIME_COMPONENTS,
-               RECIPE, ("", "一只猫的照片"))
+               RECIPE, ("", "一只猫的照片"), single_file=SINGLE_FILE)

@@ -1,0 +1,200 @@
+"""Single-file checkpoints: an original-layout ``.safetensors`` or ``.ckpt`` (CompVis's SD1.x
+files, Stability's SD3 files) with a local diffusers folder of the same model for the configs and
+tokenizers (``--config``), turned into the diffusers folder that export reads.
+
+Each model is loaded as diffusers' ``from_single_file`` loads it (the same key conversions, SD3's
+CLIP-L with the identity projection diffusers gives it), but one at a time: only its tensors are
+read from a ``.safetensors`` file, it is saved, then freed, so a 2.5B-parameter transformer never
+shares memory with the text encoders. A model the file does not include (Stability's
+``sd3.5_medium.safetensors`` has no text encoders) comes from the config folder when that folder
+has its weights; T5, which MNN's SD3.5 runtime can run without, is otherwise left out.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sd2mnn import families
+from sd2mnn.errors import InputError
+from sd2mnn.families import Family
+from sd2mnn.files import read_json_object
+
+SUFFIXES = (".safetensors", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+Progress = Callable[[str, str], None]  # (component, message)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one diffusers model of the pipeline comes from."""
+
+    folder: str  # the model's diffusers folder (unet, transformer, vae, text_encoder, ...)
+    keys: int  # tensors the checkpoint has for it (0: not in the checkpoint)
+    from_config: bool = False  # loaded from the config folder's own weights
+    left_out: bool = False  # neither has it and the runtime runs without it
+
+
+def materialize(ckpt: Path, config: Path | None, work: Path, components: tuple[str, ...] | None,
+                say: Progress) -> Path:
+    """Write ``ckpt`` as a diffusers folder under ``work``, the models that exporting
+    ``components`` (None: the family's) needs with weights, the others with their configs only.
+    Returns the folder."""
+    if config is None:
+        raise InputError(
+            f"{ckpt}: a single-file checkpoint needs a local config: pass --config DIR, a diffusers "
+            "folder of the same model (model_index.json, */config.json, tokenizer/); no hub access"
+        )
+    if not (config / "model_index.json").is_file():
+        raise InputError(f"{config}: not a diffusers folder (no model_index.json); --config needs the checkpoint's "
+                         "model as a diffusers folder, weights optional")
+    family = families.detect(config)
+    if family.single_file is None:
+        raise InputError(f"{ckpt}: {family.name} models have no single-file layout; export the diffusers folder")
+    index = read_json_object(config / "model_index.json")
+    models = [f for f in family.single_file.prefixes if _listed(index, f)]
+    for folder in models:
+        if not (config / folder / "config.json").is_file():
+            raise InputError(f"{config / folder / 'config.json'}: missing; --config must be a diffusers folder "
+                             "of the checkpoint's model")
+    wanted = _wanted_folders(family, components)
+    out = work / "_diffusers"
+    out.mkdir()
+    with _Checkpoint(ckpt) as checkpoint:
+        denoiser = family.single_file.prefixes[family.denoiser]
+        if not any(family.single_file.denoiser_marker in k for k in checkpoint.keys_under(denoiser)):
+            raise InputError(f"{ckpt}: not a {_title(family)} checkpoint (no {denoiser[0]}"
+                             f"{family.single_file.denoiser_marker}* tensors, which {config} needs); "
+                             "pass the config folder of the checkpoint's model")
+        for folder in models:
+            if wanted is not None and folder not in wanted:
+                (out / folder).mkdir()
+                shutil.copy2(config / folder / "config.json", out / folder / "config.json")
+                continue
+            source = _write_model(checkpoint, family, config, index, folder, out, explicit=wanted is not None)
+            if source.left_out:
+                index[folder] = [None, None]
+                say(folder, f"not in {ckpt.name} nor {config / folder}: left out (the runtime runs without it)")
+            elif source.from_config:
+                say(folder, f"not in {ckpt.name}: from {config / folder}")
+            else:
+                say(folder, f"{source.keys} tensors from {ckpt.name}")
+    for name in index:
+        if name not in family.single_file.prefixes and (config / name).is_dir():
+            shutil.copytree(config / name, out / name)  # tokenizers, the scheduler
+    (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return out
+
+
+def _write_model(checkpoint: "_Checkpoint", family: Family, config: Path, index: dict, folder: str,
+                 out: Path, explicit: bool) -> ModelSource:
+    keys = checkpoint.keys_under(family.single_file.prefixes[folder])
+    if not keys:
+        if _has_weights(config / folder):
+            # The config folder's own copy, linked rather than copied (a T5 is ~19 GB).
+            (out / folder).symlink_to((config / folder).resolve(), target_is_directory=True)
+            return ModelSource(folder, 0, from_config=True)
+        spec = family.components.get(folder)
+        prefix = family.single_file.prefixes[folder][0]
+        if spec is not None and spec.runtime_optional:
+            if explicit:
+                raise InputError(f"{checkpoint.path}: no {folder} weights ({prefix}*) and {config / folder} has "
+                                 f"none; leave {folder} out of --components")
+            return ModelSource(folder, 0, left_out=True)
+        raise InputError(f"{checkpoint.path}: no {folder} weights ({prefix}*) and {config / folder} has none; "
+                         f"use a checkpoint that includes it or a --config folder with {folder}'s weights")
+    state = {k: checkpoint.tensor(k) for k in keys}
+    _tie_t5_embeddings(state, family.single_file.prefixes[folder])
+    model = _load(checkpoint.path, config, index, folder, state)
+    del state
+    model.save_pretrained(str(out / folder), safe_serialization=True)
+    del model
+    gc.collect()
+    return ModelSource(folder, len(keys))
+
+
+def _load(ckpt: Path, config: Path, index: dict, folder: str, state: dict):
+    """One model from its tensors, as diffusers' from_single_file loads each pipeline component."""
+    import diffusers.pipelines
+    import torch
+    from diffusers.loaders.single_file import load_single_file_sub_model
+
+    library, class_name = index[folder]
+    try:
+        return load_single_file_sub_model(
+            library_name=library, class_name=class_name, name=folder, checkpoint=state,
+            pipelines=diffusers.pipelines, is_pipeline_module=hasattr(diffusers.pipelines, library),
+            cached_model_config_path=str(config), torch_dtype=torch.float32, local_files_only=True,
+        )
+    except Exception as err:  # diffusers and transformers raise many types for mismatched weights
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(f"{ckpt}: cannot load its {folder} with {config / folder / 'config.json'} "
+                         f"({type(err).__name__}: {message[:300]}); is --config the checkpoint's model?") from err
+
+
+class _Checkpoint:
+    """The checkpoint's tensors by name: a .safetensors file read one tensor at a time, a .ckpt
+    (a pickled state dict, loaded weights-only) whole."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+        self._state: dict | None = None
+
+    def __enter__(self) -> "_Checkpoint":
+        try:
+            if self.path.suffix.lower() == ".safetensors":
+                from safetensors import safe_open
+
+                self._file = safe_open(str(self.path), framework="pt")
+                self._keys = list(self._file.keys())
+            else:
+                from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+                self._state = load_single_file_checkpoint(str(self.path), local_files_only=True)
+                self._keys = list(self._state)
+        except Exception as err:  # safetensors, torch and pickle raise many types for damaged files
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise InputError(f"{self.path}: cannot load as a single-file checkpoint ({type(err).__name__}: "
+                             f"{message[:200]}); re-download it") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file = self._state = None
+
+    def keys_under(self, prefixes: tuple[str, ...]) -> list[str]:
+        return [k for k in self._keys if k.startswith(prefixes)]
+
+    def tensor(self, key: str):
+        return self._file.get_tensor(key) if self._file is not None else self._state[key]
+
+
+def _tie_t5_embeddings(state: dict, prefixes: tuple[str, ...]) -> None:
+    """T5 ties its encoder's token embedding to ``shared``; files saved by transformers keep only
+    ``shared.weight``, and diffusers loads the state strictly when accelerate is not installed."""
+    for prefix in prefixes:
+        shared, embed = prefix + "shared.weight", prefix + "encoder.embed_tokens.weight"
+        if shared in state and embed not in state:
+            state[embed] = state[shared]
+
+
+def _wanted_folders(family: Family, components: tuple[str, ...] | None) -> set[str] | None:
+    return None if components is None else {family.model_folder(c) for c in components}
+
+
+def _listed(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and all(entry)
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir())
+
+
+def _title(family: Family) -> str:
+    return "Stable Diffusion 3" if family.denoiser == "transformer" else "Stable Diffusion 1.x"
+
