@@ -550,6 +550,124 @@ def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, *, transformer: d
     return out
 
 
+# Stability's SD3 single-file names per diffusers folder (text encoders only in the *_incl_* files).
+SD3_SINGLE_FILE_PREFIXES = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
+                            "text_encoder": "text_encoders.clip_l.transformer.",
+                            "text_encoder_2": "text_encoders.clip_g.transformer.",
+                            "text_encoder_3": "text_encoders.t5xxl.transformer."}
+
+
+def _swap_halves(value):
+    """SD3's original adaLN order (shift, scale) against diffusers' (scale, shift); its own inverse."""
+    import torch
+
+    first, second = value.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _sd3_transformer_to_original(state: dict) -> dict:
+    """A diffusers SD3Transformer2DModel state dict in Stability's MMDiT names: the exact inverse of
+    diffusers' convert_sd3_transformer_checkpoint_to_diffusers (fused qkv, swapped adaLN halves)."""
+    import torch
+
+    state = dict(state)
+    out = {}
+
+    def move(new, old, transform=None):
+        value = state.pop(old)
+        out[new] = transform(value) if transform else value
+
+    def fuse(new, olds):
+        out[new] = torch.cat([state.pop(o) for o in olds], dim=0)
+
+    for suffix in ("weight", "bias"):
+        move(f"x_embedder.proj.{suffix}", f"pos_embed.proj.{suffix}")
+        move(f"context_embedder.{suffix}", f"context_embedder.{suffix}")
+        move(f"final_layer.linear.{suffix}", f"proj_out.{suffix}")
+        move(f"final_layer.adaLN_modulation.1.{suffix}", f"norm_out.linear.{suffix}", _swap_halves)
+        for i, (mlp, text) in enumerate((("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder"))):
+            move(f"{mlp}.mlp.0.{suffix}", f"time_text_embed.{text}.linear_1.{suffix}")
+            move(f"{mlp}.mlp.2.{suffix}", f"time_text_embed.{text}.linear_2.{suffix}")
+    move("pos_embed", "pos_embed.pos_embed")
+    layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks."))
+    for i in range(layers):
+        x, c, d = f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block", f"transformer_blocks.{i}"
+        last = i == layers - 1
+        for suffix in ("weight", "bias"):
+            fuse(f"{x}.attn.qkv.{suffix}", [f"{d}.attn.to_{p}.{suffix}" for p in "qkv"])
+            fuse(f"{c}.attn.qkv.{suffix}", [f"{d}.attn.add_{p}_proj.{suffix}" for p in "qkv"])
+            move(f"{x}.attn.proj.{suffix}", f"{d}.attn.to_out.0.{suffix}")
+            move(f"{x}.adaLN_modulation.1.{suffix}", f"{d}.norm1.linear.{suffix}")
+            move(f"{c}.adaLN_modulation.1.{suffix}", f"{d}.norm1_context.linear.{suffix}",
+                 _swap_halves if last else None)
+            move(f"{x}.mlp.fc1.{suffix}", f"{d}.ff.net.0.proj.{suffix}")
+            move(f"{x}.mlp.fc2.{suffix}", f"{d}.ff.net.2.{suffix}")
+            if not last:
+                move(f"{c}.attn.proj.{suffix}", f"{d}.attn.to_add_out.{suffix}")
+                move(f"{c}.mlp.fc1.{suffix}", f"{d}.ff_context.net.0.proj.{suffix}")
+                move(f"{c}.mlp.fc2.{suffix}", f"{d}.ff_context.net.2.{suffix}")
+            if f"{d}.attn2.to_q.{suffix}" in state:
+                fuse(f"{x}.attn2.qkv.{suffix}", [f"{d}.attn2.to_{p}.{suffix}" for p in "qkv"])
+                move(f"{x}.attn2.proj.{suffix}", f"{d}.attn2.to_out.0.{suffix}")
+        for new, old in (("attn.ln_q", "attn.norm_q"), ("attn.ln_k", "attn.norm_k"),
+                         ("attn2.ln_q", "attn2.norm_q"), ("attn2.ln_k", "attn2.norm_k")):
+            if f"{d}.{old}.weight" in state:
+                move(f"{x}.{new}.weight", f"{d}.{old}.weight")
+        for new, old in (("attn.ln_q", "attn.norm_added_q"), ("attn.ln_k", "attn.norm_added_k")):
+            if f"{d}.{old}.weight" in state:
+                move(f"{c}.{new}.weight", f"{d}.{old}.weight")
+    if state:
+        raise ValueError(f"no original SD3 name for {sorted(state)[:5]}")
+    return out
+
+
+def save_sd3_single_file(pipeline_dir: str | Path, out_file: str | Path,
+                         models: tuple[str, ...] = tuple(SD3_SINGLE_FILE_PREFIXES)) -> Path:
+    """Write the ``models`` of an SD3 diffusers folder as one Stability-layout .safetensors file
+    (``sd3_medium_incl_clips_t5xxl``-like with all of them, ``sd3.5_medium``-like with
+    ("transformer", "vae")): the MMDiT under model.diffusion_model., the VAE under
+    first_stage_model. (LDM names), each text encoder under text_encoders.<clip_l|clip_g|t5xxl>.transformer."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(pipeline_dir), Path(out_file)
+    state: dict = {}
+    for folder in models:
+        prefix = SD3_SINGLE_FILE_PREFIXES[folder]
+        weights = load_file(next((src / folder).glob("*.safetensors")))
+        if folder == "transformer":
+            weights = _sd3_transformer_to_original(weights)
+        elif folder == "vae":
+            vae_cfg = json.loads((src / "vae" / "config.json").read_text(encoding="utf-8"))
+            converted = {}
+            for key, value in weights.items():
+                ldm = _vae_key_to_ldm(key, vae_cfg)
+                if ".mid.attn_1." in ldm and ldm.endswith("weight") and value.ndim == 2:
+                    value = value[:, :, None, None]
+                converted[ldm] = value
+            weights = converted
+        elif folder in ("text_encoder", "text_encoder_2"):
+            weights = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+                       for k, v in weights.items()}
+        state.update({prefix + k: v.contiguous() for k, v in weights.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out))
+    return out
+
+
+def set_identity_clip_l_projection(pipeline_dir: str | Path) -> Path:
+    """Give an SD3 folder's CLIP-L the identity text projection that diffusers' from_single_file
+    gives an SD3 file's CLIP-L, so a folder and its single file hold the same model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = Path(pipeline_dir) / "text_encoder" / "model.safetensors"
+    weights = load_file(path)
+    width = weights["text_projection.weight"].shape[0]
+    weights["text_projection.weight"] = torch.eye(width, dtype=weights["text_projection.weight"].dtype)
+    save_file(weights, str(path), metadata={"format": "pt"})
+    return Path(pipeline_dir)
+
+
 def record_model_calls(pipeline, params):
     """(calls, generation): ``pipeline.run(params)`` with every model call's feeds (copied) and
     outputs recorded per model name, for tests that check each step of the recipe."""

@@ -200,13 +200,117 @@ def test_a_transformer_without_its_config_is_one_line_from_the_cli(sd3_dir, tmp_
     _no_leftovers(tmp_path)
 
 
-def test_a_single_file_sd3_checkpoint_is_refused_naming_the_way_that_works(sd3_dir, tmp_path):
-    ckpt = tmp_path / "sd3.5_medium.safetensors"
-    ckpt.write_bytes(b"\0" * 16)
-    with pytest.raises(InputError, match=r"sd3.5_medium.safetensors: single-file SD3 checkpoints are not supported; "
-                                         r"export the diffusers folder"):
-        export(ckpt, tmp_path / "onnx", ExportOptions(config=sd3_dir))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
+# -- single-file checkpoints (Stability's layout) with a local --config folder ----------------------
+
+
+@pytest.fixture(scope="module")
+def sd3_single_file(sd3_dir, tmp_path_factory):
+    """(checkpoint with every model, checkpoint with the MMDiT and VAE only, config folder without weights)."""
+    from builders import make_config_folder, save_sd3_single_file
+
+    root = tmp_path_factory.mktemp("sd3_single")
+    everything = save_sd3_single_file(sd3_dir, root / "sd3_medium_incl_clips_t5xxl.safetensors")
+    dit = save_sd3_single_file(sd3_dir, root / "sd3.5_medium.safetensors", models=("transformer", "vae"))
+    return everything, dit, make_config_folder(sd3_dir, root / "config")
+
+
+def _same_files(a: Path, b: Path) -> None:
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()), (a, b)
+    for path in a.iterdir():
+        assert path.read_bytes() == (b / path.name).read_bytes(), path
+
+
+def test_a_single_file_exports_the_models_diffusers_loads_from_it(sd3_dir, sd3_export, sd3_single_file, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    ckpt, _, config = sd3_single_file
+    events = []
+    report = export(ckpt, tmp_path / "onnx", ExportOptions(config=config), progress=lambda c, m: events.append((c, m)))
+    onnx_dir = tmp_path / "onnx"
+    assert report.kind == "sd35" and [c.name for c in report.components] == list(SD35.components)
+    assert ("text_encoder_3", "21 tensors from sd3_medium_incl_clips_t5xxl.safetensors") in events
+    # The same weights as the diffusers folder the file was written from give the same ONNX bytes.
+    for name in ("transformer", "vae_decoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                 "tokenizer_3"):
+        _same_files(onnx_dir / name, sd3_export[0] / name)
+    # CLIP-L: diffusers gives an SD3 file's CLIP-L the identity projection; the export follows it.
+    pipe = StableDiffusion3Pipeline.from_single_file(str(ckpt), config=str(config), local_files_only=True,
+                                                     text_encoder_3=None, tokenizer_3=None)
+    ids = np.concatenate([_clip_ids(sd3_dir, "tokenizer", p) for p in ("", "a photo of a cat")])  # the runtime's pair
+    import torch
+
+    with torch.no_grad():
+        want = pipe.text_encoder(torch.from_numpy(ids).long(), output_hidden_states=True)
+    embeds, hidden = _ort(onnx_dir / "text_encoder" / "model.onnx", {"input_ids": ids},
+                          ["text_embeds", "last_hidden_state"])
+    np.testing.assert_allclose(embeds, want.text_embeds.numpy(), atol=1e-5)
+    np.testing.assert_allclose(hidden, want.hidden_states[-2].numpy(), atol=1e-5)
+    assert torch.equal(pipe.text_encoder.text_projection.weight, torch.eye(embeds.shape[-1]))
+    _no_leftovers(tmp_path)
+
+
+def test_models_a_single_file_lacks_come_from_the_config_folder(sd3_dir, sd3_export, sd3_single_file, tmp_path):
+    from conftest import tree_state
+
+    _, dit, _ = sd3_single_file
+    config_before = tree_state(sd3_dir)
+    events = []
+    export(dit, tmp_path / "onnx", ExportOptions(config=sd3_dir, components=("text_encoder", "transformer")),
+           progress=lambda c, m: events.append((c, m)))
+    assert ("text_encoder", f"not in sd3.5_medium.safetensors: from {sd3_dir / 'text_encoder'}") in events
+    for name in ("text_encoder", "transformer"):
+        _same_files(tmp_path / "onnx" / name, sd3_export[0] / name)
+    assert tree_state(sd3_dir) == config_before  # its weights were read in place, not moved or changed
+    _no_leftovers(tmp_path)
+
+
+def test_without_t5_in_the_file_or_the_config_the_export_leaves_it_out(sd3_dir, sd3_single_file, tmp_path):
+    from builders import save_sd3_single_file
+
+    _, _, config = sd3_single_file
+    ckpt = save_sd3_single_file(sd3_dir, tmp_path / "sd3_medium_incl_clips.safetensors",
+                                models=("transformer", "vae", "text_encoder", "text_encoder_2"))
+    with pytest.raises(InputError, match=r"sd3_medium_incl_clips.safetensors: no text_encoder_3 weights "
+                                         r"\(text_encoders.t5xxl.transformer.\*\) and .*config/text_encoder_3 has "
+                                         r"none; leave text_encoder_3 out of --components"):
+        export(ckpt, tmp_path / "onnx", ExportOptions(config=config, components=("text_encoder_3",)))
+    assert not (tmp_path / "onnx").exists()
+    events = []
+    report = export(ckpt, tmp_path / "onnx", ExportOptions(config=config), progress=lambda c, m: events.append((c, m)))
+    assert [c.name for c in report.components] == list(NO_T5)
+    assert (tmp_path / "onnx" / "tokenizer_3").is_dir() and not (tmp_path / "onnx" / "text_encoder_3").exists()
+    assert any(c == "text_encoder_3" and "left out" in m for c, m in events), events
+    _no_leftovers(tmp_path)
+
+
+def test_a_single_file_without_the_text_encoders_and_a_config_without_weights_is_one_line(sd3_single_file, tmp_path):
+    _, dit, config = sd3_single_file
+    out = tmp_path / "onnx"
+    proc = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "export", str(dit), str(out), "--config", str(config)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {dit}: no text_encoder weights (text_encoders.clip_l.transformer.*) and {config / 'text_encoder'} "
+        "has none; use a checkpoint that includes it or a --config folder with text_encoder's weights"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
+def test_a_checkpoint_of_the_other_family_is_refused_before_loading(sd3_dir, sd3_single_file, tmp_path):
+    from builders import make_config_folder, make_tiny_pipeline, save_single_file
+
+    ckpt, _, config = sd3_single_file
+    sd15 = make_tiny_pipeline(tmp_path / "sd15")
+    sd15_ckpt = save_single_file(sd15, tmp_path / "v1-5.safetensors")
+    with pytest.raises(InputError, match=r"v1-5.safetensors: not a Stable Diffusion 3 checkpoint \(no "
+                                         r"model.diffusion_model.joint_blocks.\* tensors"):
+        export(sd15_ckpt, tmp_path / "a", ExportOptions(config=config))
+    with pytest.raises(InputError, match=r"sd3_medium_incl_clips_t5xxl.safetensors: not a Stable Diffusion 1.x "
+                                         r"checkpoint \(no model.diffusion_model.input_blocks"):
+        export(ckpt, tmp_path / "b", ExportOptions(config=make_config_folder(sd15, tmp_path / "sd15_config")))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    _no_leftovers(tmp_path)
 
 
 def test_a_transformer_check_that_cannot_fit_is_refused_before_loading(sd3_dir, tmp_path):
