@@ -170,7 +170,13 @@ class _Checkpoint:
         return [k for k in self._keys if k.startswith(prefixes)]
 
     def tensor(self, key: str):
-        return self._file.get_tensor(key) if self._file is not None else self._state[key]
+        if self._file is None:
+            return self._state[key]
+        try:
+            return self._file.get_tensor(key)
+        except Exception as err:  # a damaged file can pass the header check and fail here
+            raise InputError(f"{self.path}: cannot read tensor {key} ({type(err).__name__}: {err}); "
+                             "re-download it") from None
 
 
 def _tie_t5_embeddings(state: dict, prefixes: tuple[str, ...]) -> None:
