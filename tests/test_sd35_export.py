@@ -313,6 +313,24 @@ def test_a_checkpoint_of_the_other_family_is_refused_before_loading(sd3_dir, sd3
     _no_leftovers(tmp_path)
 
 
+def test_an_onnx_dir_that_is_or_holds_what_export_reads_is_refused_even_with_overwrite(sd3_dir, sd3_single_file,
+                                                                                      tmp_path):
+    from conftest import tree_state
+
+    model = shutil.copytree(sd3_dir, tmp_path / "sd35")
+    ckpt, _, config = sd3_single_file
+    inside = Path(shutil.copy2(ckpt, model / ckpt.name))
+    before = tree_state(model)
+    # (MODEL, ONNX_DIR, --config): the pipeline itself, a folder above it, the folder of the file,
+    # the config folder.
+    for source, out, cfg in [(model, model, None), (model, tmp_path, None), (inside, model, config),
+                             (ckpt, model, model)]:
+        with pytest.raises(InputError, match=f"{out}: holds .*, which export reads; choose another ONNX_DIR"):
+            export(source, out, ExportOptions(overwrite=True, config=cfg))
+    assert tree_state(model) == before
+    _no_leftovers(tmp_path)
+
+
 def test_a_transformer_check_that_cannot_fit_is_refused_before_loading(sd3_dir, tmp_path):
     from sd2mnn.export import check_bytes
 

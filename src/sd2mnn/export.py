@@ -725,6 +725,14 @@ def _validate_options(options: ExportOptions) -> None:
         raise InputError(f"--opset {options.opset}: use 14..20 (MNN's docs use 18)")
 
 
+def _refuse_replacing_sources(onnx_dir: Path, *sources: Path | None) -> None:
+    """ONNX_DIR is replaced as a whole (with --overwrite): it must not be, or hold, what export reads."""
+    target = onnx_dir.resolve()
+    for source in sources:
+        if source is not None and (source.resolve() == target or target in source.resolve().parents):
+            raise InputError(f"{onnx_dir}: holds {source}, which export reads; choose another ONNX_DIR")
+
+
 def _prepare_target(onnx_dir: Path, overwrite: bool) -> None:
     if onnx_dir.exists() and not onnx_dir.is_dir():
         raise InputError(f"{onnx_dir}: exists and is not a folder; choose another ONNX_DIR")
@@ -746,6 +754,7 @@ def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | Non
             f"{model}: not a diffusers pipeline (no model_index.json) or a .safetensors/.ckpt file"
         )
     require_export_extra()
+    _refuse_replacing_sources(onnx_dir, model, options.config)
     _prepare_target(onnx_dir, options.overwrite)
     say = progress or (lambda component, message: None)
 
