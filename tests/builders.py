@@ -622,18 +622,19 @@ def _sd3_transformer_to_original(state: dict) -> dict:
 
 
 def save_sd3_single_file(pipeline_dir: str | Path, out_file: str | Path,
-                         models: tuple[str, ...] = tuple(SD3_SINGLE_FILE_PREFIXES)) -> Path:
+                         models: tuple[str, ...] = tuple(SD3_SINGLE_FILE_PREFIXES), dtype=None) -> Path:
     """Write the ``models`` of an SD3 diffusers folder as one Stability-layout .safetensors file
     (``sd3_medium_incl_clips_t5xxl``-like with all of them, ``sd3.5_medium``-like with
     ("transformer", "vae")): the MMDiT under model.diffusion_model., the VAE under
-    first_stage_model. (LDM names), each text encoder under text_encoders.<clip_l|clip_g|t5xxl>.transformer."""
+    first_stage_model. (LDM names), each text encoder under text_encoders.<clip_l|clip_g|t5xxl>.transformer.
+    ``dtype``: the tensors' type in the file (Stability's files are float16); None keeps the folder's."""
     from safetensors.torch import load_file, save_file
 
     src, out = Path(pipeline_dir), Path(out_file)
     state: dict = {}
     for folder in models:
         prefix = SD3_SINGLE_FILE_PREFIXES[folder]
-        weights = load_file(next((src / folder).glob("*.safetensors")))
+        weights = {k: v for shard in sorted((src / folder).glob("*.safetensors")) for k, v in load_file(shard).items()}
         if folder == "transformer":
             weights = _sd3_transformer_to_original(weights)
         elif folder == "vae":
@@ -648,7 +649,8 @@ def save_sd3_single_file(pipeline_dir: str | Path, out_file: str | Path,
         elif folder in ("text_encoder", "text_encoder_2"):
             weights = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
                        for k, v in weights.items()}
-        state.update({prefix + k: v.contiguous() for k, v in weights.items()})
+        state.update({prefix + k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in weights.items()})
+        del weights
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out))
     return out

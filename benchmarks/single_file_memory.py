@@ -1,0 +1,128 @@
+"""A single-file SD3.5 checkpoint (Stability's layout, float16) turned into the diffusers folder
+that export reads: sd2mnn's model-at-a-time reading against diffusers' whole-pipeline
+``StableDiffusion3Pipeline.from_single_file`` + ``save_pretrained``, run in the same script, each
+in a child process (its process tree's summed RSS sampled; wait4's ru_maxrss). Prints one JSON object.
+
+    python benchmarks/single_file_memory.py WORK_DIR [--source DIR] [--transformer-layers 6]
+
+The checkpoint holds SD3.5 Medium's CLIP-L, CLIP-G and 16-channel VAE at full size (random
+weights, benchmarks/_sd35_model.py) and its MMDiT at full width with --transformer-layers of its
+24 layers (all 24 make a 5 GB float16 file and a 10 GB float32 folder per run, more than this
+machine's disk spares twice); no T5. --source: a full-size folder from _sd35_model.py whose
+CLIPs and VAE are reused (built into WORK_DIR/source when absent). Both outputs are compared
+tensor by tensor. Results: WORK_DIR/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import _sd35_model  # noqa: E402
+from _measure import measure  # noqa: E402
+
+GiB = 2**30
+FILE_MODELS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+SD2MNN_READ = """
+import sys
+from pathlib import Path
+from sd2mnn import checkpoint
+ckpt, config, work = map(Path, sys.argv[1:4])
+work.mkdir()
+checkpoint.materialize(ckpt, config, work, None, lambda component, message: print(component, message, flush=True))
+"""
+
+DIFFUSERS_READ = """
+import sys
+import torch
+from diffusers import StableDiffusion3Pipeline
+ckpt, config, out = sys.argv[1:4]
+pipe = StableDiffusion3Pipeline.from_single_file(ckpt, config=config, local_files_only=True, torch_dtype=torch.float32,
+                                                 text_encoder_3=None, tokenizer_3=None)
+pipe.save_pretrained(out, safe_serialization=True)
+"""
+
+
+def build_pipeline(work: Path, source: Path, layers: int) -> Path:
+    """WORK/pipeline: the source's CLIPs, VAE, tokenizers and scheduler (linked) and a transformer
+    of ``layers`` layers at full width (built here, seeded)."""
+    pipeline = work / "pipeline"
+    if (pipeline / "transformer" / "config.json").is_file():
+        return pipeline
+    _sd35_model.build_pipeline(source, parts=("text_encoder", "text_encoder_2", "vae"),
+                               say=lambda m: print(m, file=sys.stderr, flush=True))
+    shutil.rmtree(pipeline, ignore_errors=True)
+    pipeline.mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.name != "transformer":
+            (pipeline / entry.name).symlink_to(entry.resolve())
+    _sd35_model.TRANSFORMER.update(num_layers=layers, dual_attention_layers=tuple(range(min(13, layers))))
+    _sd35_model.build_part(pipeline, "transformer")
+    return pipeline
+
+
+def same_tensors(a: Path, b: Path) -> dict[str, bool]:
+    """Per model folder: the two folders hold the same tensors (one model in memory at a time)."""
+    from safetensors.torch import load_file
+
+    result = {}
+    for model in FILE_MODELS:
+        left = {k: v for f in sorted((a / model).glob("*.safetensors")) for k, v in load_file(f).items()}
+        right = {k: v for f in sorted((b / model).glob("*.safetensors")) for k, v in load_file(f).items()}
+        result[model] = left.keys() == right.keys() and all(bool((left[k] == right[k]).all()) for k in left)
+        del left, right
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--source", type=Path, default=None)
+    parser.add_argument("--transformer-layers", type=int, default=6)
+    args = parser.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    source = (args.source or work / "source").resolve()
+
+    from builders import make_config_folder, save_sd3_single_file
+    import torch
+
+    pipeline = build_pipeline(work, source, args.transformer_layers)
+    ckpt = work / "sd3.5_medium_incl_clips.safetensors"
+    if not ckpt.is_file():
+        save_sd3_single_file(pipeline, ckpt, models=FILE_MODELS, dtype=torch.float16)
+    config = work / "config"
+    shutil.rmtree(config, ignore_errors=True)
+    make_config_folder(pipeline, config)
+
+    results = {"checkpoint_bytes": ckpt.stat().st_size, "transformer_layers": args.transformer_layers}
+    runs = {"sd2mnn": (SD2MNN_READ, work / "sd2mnn-read"), "diffusers": (DIFFUSERS_READ, work / "diffusers-read")}
+    for name, (script, out) in runs.items():
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.strftime("%H:%M:%S")
+        print(f"{started} {name}: reading {ckpt.name}", file=sys.stderr, flush=True)
+        results[name] = measure([sys.executable, "-c", script, str(ckpt), str(config), str(out)])
+    sd2mnn_folder = work / "sd2mnn-read" / "_diffusers"
+    if all(results[n]["returncode"] == 0 for n in runs):
+        results["same_tensors"] = same_tensors(sd2mnn_folder, work / "diffusers-read")
+        results["folder_bytes"] = sum(p.stat().st_size for p in sd2mnn_folder.rglob("*.safetensors"))
+        peaks = {n: results[n]["tree_peak_bytes"] for n in runs}
+        results["peak_ratio_sd2mnn_over_diffusers"] = round(peaks["sd2mnn"] / peaks["diffusers"], 3)
+        results["peaks_gib"] = {n: round(v / GiB, 2) for n, v in peaks.items()}
+    for _, out in runs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
