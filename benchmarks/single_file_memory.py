@@ -104,7 +104,13 @@ def main() -> None:
     shutil.rmtree(config, ignore_errors=True)
     make_config_folder(pipeline, config)
 
-    results = {"checkpoint_bytes": ckpt.stat().st_size, "transformer_layers": args.transformer_layers}
+    from sd2mnn import checkpoint
+    from sd2mnn.families import SD35
+
+    with checkpoint.Checkpoint(ckpt) as opened:
+        estimates = checkpoint.reading_bytes(opened, SD35, list(FILE_MODELS))
+    results = {"checkpoint_bytes": ckpt.stat().st_size, "transformer_layers": args.transformer_layers,
+               "sd2mnn_estimate_gib": {m: round(v / GiB, 2) for m, v in estimates.items()}}
     runs = {"sd2mnn": (SD2MNN_READ, work / "sd2mnn-read"), "diffusers": (DIFFUSERS_READ, work / "diffusers-read")}
     for name, (script, out) in runs.items():
         shutil.rmtree(out, ignore_errors=True)

@@ -297,6 +297,16 @@ def test_a_single_file_without_the_text_encoders_and_a_config_without_weights_is
     _no_leftovers(tmp_path)
 
 
+def test_reading_a_model_of_a_single_file_that_cannot_fit_is_refused_before_reading(sd3_single_file, tmp_path):
+    ckpt, _, config = sd3_single_file
+    with pytest.raises(InputError, match=r"sd3_medium_incl_clips_t5xxl.safetensors: reading its text_encoder_2 needs "
+                                         r"about 1.3 GiB, 1.0 GiB available; free memory, or export the model's "
+                                         r"diffusers folder"):
+        export(ckpt, tmp_path / "onnx", ExportOptions(config=config, memory_budget=2**30))
+    assert not (tmp_path / "onnx").exists()
+    _no_leftovers(tmp_path)
+
+
 def test_a_checkpoint_of_the_other_family_is_refused_before_loading(sd3_dir, sd3_single_file, tmp_path):
     from builders import make_config_folder, make_tiny_pipeline, save_single_file
 

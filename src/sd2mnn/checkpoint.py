@@ -25,6 +25,15 @@ from sd2mnn.files import read_json_object
 
 SUFFIXES = (".safetensors", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Reading a model holds its tensors as stored, the key conversion's copies (SD3's split qkv), the
+# float32 model, and torch itself: SD3.5 Medium's MMDiT at full width (6 of its 24 layers, 1.54 GiB
+# float16 in the file) peaked at 6.17 GiB, this estimate's 6.63 GiB (benchmarks/single_file_memory.py).
+STORED_FACTOR = 1.5
+READ_OVERHEAD = 1.25 * 2**30
+
+# safetensors' dtype names -> bytes per element.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 Progress = Callable[[str, str], None]  # (component, message)
 
@@ -40,10 +49,11 @@ class ModelSource:
 
 
 def materialize(ckpt: Path, config: Path | None, work: Path, components: tuple[str, ...] | None,
-                say: Progress) -> Path:
+                say: Progress, budget: int | None = None) -> Path:
     """Write ``ckpt`` as a diffusers folder under ``work``, the models that exporting
     ``components`` (None: the family's) needs with weights, the others with their configs only.
-    Returns the folder."""
+    A model whose reading cannot fit in ``budget`` bytes (default: the memory available now) is
+    refused before any is read. Returns the folder."""
     if config is None:
         raise InputError(
             f"{ckpt}: a single-file checkpoint needs a local config: pass --config DIR, a diffusers "
@@ -64,12 +74,13 @@ def materialize(ckpt: Path, config: Path | None, work: Path, components: tuple[s
     wanted = _wanted_folders(family, components)
     out = work / "_diffusers"
     out.mkdir()
-    with _Checkpoint(ckpt) as checkpoint:
+    with Checkpoint(ckpt) as checkpoint:
         denoiser = family.single_file.prefixes[family.denoiser]
         if not any(family.single_file.denoiser_marker in k for k in checkpoint.keys_under(denoiser)):
             raise InputError(f"{ckpt}: not a {_title(family)} checkpoint (no {denoiser[0]}"
                              f"{family.single_file.denoiser_marker}* tensors, which {config} needs); "
                              "pass the config folder of the checkpoint's model")
+        _check_memory(checkpoint, family, [f for f in models if wanted is None or f in wanted], budget)
         for folder in models:
             if wanted is not None and folder not in wanted:
                 (out / folder).mkdir()
@@ -90,7 +101,7 @@ def materialize(ckpt: Path, config: Path | None, work: Path, components: tuple[s
     return out
 
 
-def _write_model(checkpoint: "_Checkpoint", family: Family, config: Path, index: dict, folder: str,
+def _write_model(checkpoint: "Checkpoint", family: Family, config: Path, index: dict, folder: str,
                  out: Path, explicit: bool) -> ModelSource:
     keys = checkpoint.keys_under(family.single_file.prefixes[folder])
     if not keys:
@@ -136,7 +147,7 @@ def _load(ckpt: Path, config: Path, index: dict, folder: str, state: dict):
                          f"({type(err).__name__}: {message[:300]}); is --config the checkpoint's model?") from err
 
 
-class _Checkpoint:
+class Checkpoint:
     """The checkpoint's tensors by name: a .safetensors file read one tensor at a time, a .ckpt
     (a pickled state dict, loaded weights-only) whole."""
 
@@ -145,7 +156,7 @@ class _Checkpoint:
         self._file = None
         self._state: dict | None = None
 
-    def __enter__(self) -> "_Checkpoint":
+    def __enter__(self) -> "Checkpoint":
         try:
             if self.path.suffix.lower() == ".safetensors":
                 from safetensors import safe_open
@@ -169,6 +180,23 @@ class _Checkpoint:
     def keys_under(self, prefixes: tuple[str, ...]) -> list[str]:
         return [k for k in self._keys if k.startswith(prefixes)]
 
+    def nbytes(self, keys: list[str]) -> tuple[int, int]:
+        """(bytes as stored, bytes as float32) of these tensors, from the header alone."""
+        import math
+
+        stored = float32 = 0
+        for key in keys:
+            if self._file is not None:
+                view = self._file.get_slice(key)
+                count = math.prod(view.get_shape())
+                size = DTYPE_BYTES.get(view.get_dtype(), 4)
+            else:
+                tensor = self._state[key]
+                count, size = tensor.numel(), tensor.element_size()
+            stored += count * size
+            float32 += count * 4
+        return stored, float32
+
     def tensor(self, key: str):
         if self._file is None:
             return self._state[key]
@@ -177,6 +205,27 @@ class _Checkpoint:
         except Exception as err:  # a damaged file can pass the header check and fail here
             raise InputError(f"{self.path}: cannot read tensor {key} ({type(err).__name__}: {err}); "
                              "re-download it") from None
+
+
+def reading_bytes(checkpoint: "Checkpoint", family: Family, folders: list[str]) -> dict[str, int]:
+    """Per model folder: an upper estimate of the peak memory of reading it from the file (0: not in it)."""
+    needs = {}
+    for folder in folders:
+        stored, float32 = checkpoint.nbytes(checkpoint.keys_under(family.single_file.prefixes[folder]))
+        needs[folder] = int(STORED_FACTOR * stored + float32 + READ_OVERHEAD) if stored else 0
+    return needs
+
+
+def _check_memory(checkpoint: "Checkpoint", family: Family, folders: list[str], budget: int | None) -> None:
+    if budget is None:
+        import psutil
+
+        budget = psutil.virtual_memory().available
+    needs = reading_bytes(checkpoint, family, folders)
+    worst = max(needs, key=needs.get, default=None)
+    if worst is not None and needs[worst] > budget:
+        raise InputError(f"{checkpoint.path}: reading its {worst} needs about {needs[worst] / 2**30:.1f} GiB, "
+                         f"{budget / 2**30:.1f} GiB available; free memory, or export the model's diffusers folder")
 
 
 def _tie_t5_embeddings(state: dict, prefixes: tuple[str, ...]) -> None:

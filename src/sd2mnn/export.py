@@ -777,8 +777,8 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
         source = _open_source(model, options.components)
     else:
         say("checkpoint", f"loading {model.name} with config {options.config}")
-        source = _open_source(checkpoint.materialize(model, options.config, work, options.components, say),
-                              options.components)
+        folder = checkpoint.materialize(model, options.config, work, options.components, say, options.memory_budget)
+        source = _open_source(folder, options.components)
     family = source.family
     names = _component_names(source, options.components, say)
     staged = work / "onnx"
