@@ -639,28 +639,32 @@ def _torch_export(job: _Job, path: Path, opset: int) -> None:
 
 def consolidate_external_data(model_path: Path, location: str = UNET_WEIGHTS,
                               size_threshold: int = 1024) -> None:
-    """Move every initializer of ``size_threshold`` bytes or more into one file ``location``.
+    """Leave ``model_path``'s folder with the model and one weights file, ``location``.
 
+    Every initializer of ``size_threshold`` bytes or more moves into ``location``. Over 2 GiB of
+    initializers, torch's exporter writes every tensor of more than 1024 elements to a file of its
+    own, node attributes included (a LayerNorm without affine weights exports its ones and zeros as
+    Constant values: SD3.5's transformer gets 192 such files); those go back inline, as torch
+    writes them below 2 GiB, so the external data is initializers only, which convert checks.
     Streams tensor by tensor (a full-size UNet never sits in memory twice) and removes the
-    per-tensor files the exporter wrote for models over 2 GB.
+    per-tensor files the exporter wrote.
     """
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo
 
     folder = model_path.parent
     model = onnx.load(str(model_path), load_external_data=False)
     old_files: set[Path] = set()
+    for tensor in _nested_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.raw_data = _read_external(folder, tensor, old_files)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
     tmp = folder / (location + ".tmp")
     offset = 0
     with open(tmp, "wb") as out:
         for tensor in model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                info = ExternalDataInfo(tensor)
-                src = folder / info.location
-                old_files.add(src)
-                with open(src, "rb") as f:
-                    f.seek(info.offset or 0)
-                    data = f.read(info.length) if info.length else f.read()
+                data = _read_external(folder, tensor, old_files)
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
                 data = tensor.raw_data
             else:
@@ -682,6 +686,36 @@ def consolidate_external_data(model_path: Path, location: str = UNET_WEIGHTS,
             old.unlink(missing_ok=True)
     os.replace(tmp, folder / location)
     onnx.save(model, str(model_path))
+
+
+def _read_external(folder: Path, tensor, sources: set[Path]) -> bytes:
+    """The bytes of ``tensor``'s external data in ``folder``; its file is added to ``sources``."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(tensor)
+    src = folder / info.location
+    sources.add(src)
+    with open(src, "rb") as f:
+        f.seek(info.offset or 0)
+        return f.read(info.length) if info.length else f.read()
+
+
+def _nested_tensors(model):
+    """Every tensor of ``model`` but its main graph's initializers: node attributes (Constant
+    values) and subgraphs', in the graph and in its functions."""
+    def in_nodes(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from graph.initializer
+                    yield from in_nodes(graph.node)
+
+    yield from in_nodes(model.graph.node)
+    for function in model.functions:
+        yield from in_nodes(function.node)
 
 
 def set_static_output_shapes(model_path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
