@@ -32,9 +32,10 @@ Shapes are static. H and W default to the model's own size, as diffusers picks i
 ``unet.config.sample_size * vae_scale_factor`` (512 for SD1.5); MNN's runtime runs 64x64 latents
 only, which sd2mnn verify and generate point out for any other size.
 
-Before a component is built, the memory its check needs (PyTorch's reference run, then ONNX
-Runtime's, which materializes every attention matrix) is estimated from the configs; a size that
-cannot fit in the available memory is refused with the numbers, before anything is loaded.
+Before a component is built, the memory its export needs (torch.onnx.export's copies of the
+weights, then ONNX Runtime's check, which materializes every attention matrix) is estimated from
+the configs; a size that cannot fit in the available memory is refused with the numbers, before
+anything is loaded.
 
 One component is loaded, exported, freed, then checked against the PyTorch outputs it produced
 on the same inputs (ONNX Runtime runs in a child process, since it does not give memory back).
@@ -527,24 +528,39 @@ def image_size(folder: Path, height: int | None, width: int | None, denoiser: st
     return height, width
 
 
+# Over this many bytes of initializers torch.onnx.export writes each tensor to a file of its own
+# (protobuf's limit, INT_MAX); below it the model proto holds every weight inline.
+TORCH_EXTERNAL_DATA_SWITCH = 2**31 - 1
+# The exporting process itself: Python with torch, diffusers and transformers loaded (0.31 GiB
+# measured before loading a model, 0.44 GiB beside SD3.5's 1024x1024 check).
+EXPORTER_BYTES = 2**29
+
+
 def _per_block(value, blocks: int) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value or 1)] * blocks
 
 
 def check_bytes(folder: Path, name: str, height: int, width: int, text_length: int) -> int:
-    """An estimate of the peak memory of one component's export check, in bytes.
+    """An estimate of the peak memory of one component's export, in bytes: the larger of its two
+    phases, which never overlap (the PyTorch module is freed before ONNX Runtime's check starts).
 
-    ONNX Runtime materializes each attention's score matrix (batch x heads x tokens x tokens,
-    float32) and its softmax, holds the weights (a quarter more while it loads them) and keeps
-    a dozen or so feature maps of the widest level alive. Measured against the full-size SD1.5
-    export (5.3 GB peak), this errs on the high side by about a quarter.
+    - Loading and torch.onnx.export: below torch's 2 GiB switch, the weights, the model proto
+      holding them all inline and its serialized copy (3x the weights); above it, where the
+      exporter writes tensor by tensor to files, the weights and half as much again (measured).
+    - The check: ONNX Runtime's weights, each attention's score matrix (batch x heads x tokens x
+      tokens, float32) and its softmax.
+    Both keep eight feature maps of the widest level, and the exporting process itself.
+
+    Measured on a 2-core, 24 GiB machine (the tests pin these): SD3.5 Medium's transformer peaks at
+    12.85 GiB at 256x256 (export phase) and 17.04 GiB at 1024x1024 (check phase); a 4-layer one of
+    its widths, below the switch, 6.95 GiB at 512x512; the estimate is 8-13% above each.
     """
     weights_dir = folder / ("vae" if name.startswith("vae") else name)
     weights = sum(p.stat().st_size for p in weights_dir.glob("*") if p.suffix in (".safetensors", ".bin"))
     vae = _config(folder, "vae")
     factor = _scale_factor(vae)
     lh, lw = height // factor, width // factor
-    attention = activation = 0
+    attention = activation = folded = 0
     if name == "unet":
         unet = _config(folder, "unet")
         channels = list(unet.get("block_out_channels", [320]))
@@ -572,13 +588,17 @@ def check_bytes(folder: Path, name: str, height: int, width: int, text_length: i
         tokens = (lh // patch) * (lw // patch) + text_length
         attention = 2 * heads * tokens * tokens * 4
         activation = 2 * tokens * inner * 4 * 4
+        # torch folds the crop of the positional table into a constant: the table is not exported.
+        folded = int(model.get("pos_embed_max_size") or 0) ** 2 * inner * 4
     else:
         config = _config(folder, name if (folder / name / "config.json").is_file() else "text_encoder")
         hidden = int(config.get("hidden_size") or config.get("d_model") or 768)
         heads = int(config.get("num_attention_heads") or config.get("num_heads") or 16)
         attention = 2 * heads * text_length * text_length * 4
         activation = 2 * text_length * hidden * 4 * 4
-    return weights + weights // 4 + 2 * attention + 16 * activation
+    export_phase = weights + (weights // 2 if weights - folded > TORCH_EXTERNAL_DATA_SWITCH else 2 * weights)
+    check_phase = weights + 2 * attention
+    return EXPORTER_BYTES + 8 * activation + max(export_phase, check_phase)
 
 
 def check_memory(folder: Path, names: list[str], height: int, width: int, text_length: int,
