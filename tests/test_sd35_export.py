@@ -252,8 +252,10 @@ def test_tensors_torch_wrote_one_file_each_end_in_one_weights_file_and_still_con
     consolidate_external_data(path, "weights.pb")
     assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "weights.pb"]
     saved = onnx.load(str(path), load_external_data=False)
-    assert all(t.data_location == onnx.TensorProto.EXTERNAL and t.external_data[0].value == "weights.pb"
-               for t in saved.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    external = [t for t in saved.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(t.external_data[0].value == "weights.pb" for t in external)
+    assert not [a for n in saved.graph.node for a in n.attribute
+                if a.HasField("t") and a.t.data_location == onnx.TensorProto.EXTERNAL]
     names = [o.name for o in saved.graph.output]
     feeds = {i.name: np.random.default_rng(0).standard_normal(
         [d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in saved.graph.input}
