@@ -347,6 +347,73 @@ def test_size_the_model_cannot_take(sd15_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# -- the memory estimate against measured exports -------------------------------------------------
+
+GiB = 2**30
+# The pipelines the peaks below were measured on: the real architectures' configs (the benchmarks'
+# own) and the bytes of each model's safetensors, random weights.
+MEASURED_PIPELINES = {
+    "sd15": {"unet": ("UNET", 3_438_167_536), "vae": ("VAE", 334_643_268), "text_encoder": ("CLIP", 492_263_008)},
+    "sd35": {"transformer": ("TRANSFORMER", 9_878_759_952), "vae": ("VAE", 335_306_212),
+             "text_encoder": ("CLIP_L", 494_624_560), "text_encoder_2": ("CLIP_G", 2_778_701_912)},
+    # SD3.5 Medium's transformer with 4 layers (all dual attention): below torch's 2 GiB switch.
+    "sd35_4_layers": {"transformer": ("TRANSFORMER_4_LAYERS", 2_448_201_888), "vae": ("VAE", 335_306_212)},
+}
+# Peaks of sd2mnn export on a 2-core, 24 GiB machine (sampled RSS of its process tree); a run of
+# several parts has one peak, which the largest of their estimates must hold.
+MEASURED_EXPORT_PEAKS = [
+    # benchmarks/sd35_full_size.py: export --components transformer --height 256 --width 256
+    ("sd35", ("transformer",), 256, 12.85 * GiB),
+    # the same at 1024x1024 (the estimate judged against the whole memory, API memory_budget)
+    ("sd35", ("transformer",), 1024, 17.04 * GiB),
+    # the same script: export --components text_encoder,text_encoder_2,vae_decoder (1024x1024)
+    ("sd35", ("text_encoder", "text_encoder_2", "vae_decoder"), 1024, 5.74 * GiB),
+    # export --components transformer --height 512 --width 512 of tests/builders.make_tiny_sd3_pipeline
+    # with transformer=TRANSFORMER_4_LAYERS (its text encoders and VAE tiny)
+    ("sd35_4_layers", ("transformer",), 512, 6.95 * GiB),
+    # README: benchmarks/full_size.py's SD1.5 exported whole, 5.3 GB
+    ("sd15", ("text_encoder", "unet", "vae_encoder", "vae_decoder"), 512, 5.3e9),
+]
+
+
+@pytest.fixture(scope="module")
+def measured_pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Each pipeline's configs with weight files of the measured sizes (sparse: nothing is written)."""
+    benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        import _sd35_model
+        import full_size
+    finally:
+        sys.path.remove(benchmarks)
+    configs = {"UNET": full_size.UNET, "CLIP": full_size.CLIP, "TRANSFORMER": _sd35_model.TRANSFORMER,
+               "CLIP_L": _sd35_model.CLIP_L, "CLIP_G": _sd35_model.CLIP_G,
+               "TRANSFORMER_4_LAYERS": dict(_sd35_model.TRANSFORMER, num_layers=4, dual_attention_layers=(0, 1, 2, 3))}
+    root = tmp_path_factory.mktemp("measured")
+    folders = {}
+    for pipeline, models in MEASURED_PIPELINES.items():
+        for model, (config, size) in models.items():
+            folder = root / pipeline / model
+            folder.mkdir(parents=True)
+            vae = full_size.VAE if pipeline == "sd15" else _sd35_model.VAE
+            (folder / "config.json").write_text(json.dumps(vae if config == "VAE" else configs[config]))
+            with open(folder / "model.safetensors", "wb") as f:
+                f.truncate(size)
+        folders[pipeline] = root / pipeline
+    return folders
+
+
+@pytest.mark.parametrize("pipeline, components, size, peak", MEASURED_EXPORT_PEAKS,
+                         ids=[f"{p}-{'+'.join(c)}-{s}" for p, c, s, _ in MEASURED_EXPORT_PEAKS])
+def test_the_memory_estimate_holds_each_measured_peak_within_a_fifth(measured_pipelines, pipeline, components, size,
+                                                                     peak):
+    from sd2mnn.export import check_bytes
+
+    folder = measured_pipelines[pipeline]
+    estimate = max(check_bytes(folder, c, size, size, 333 if c == "transformer" else 77) for c in components)
+    assert peak <= estimate <= 1.2 * peak, f"{estimate / GiB:.2f} GiB estimated, {peak / GiB:.2f} GiB measured"
+
+
 # -- the optional extra --------------------------------------------------------------------------
 
 

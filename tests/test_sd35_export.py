@@ -352,3 +352,50 @@ def test_a_transformer_check_that_cannot_fit_is_refused_before_loading(sd3_dir, 
     with pytest.raises(InputError, match=r"transformer: checking the transformer at 128x128 needs about .* GiB available"):
         export(sd3_dir, tmp_path / "onnx", ExportOptions(components=("transformer",), memory_budget=1 << 20))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tensors_torch_wrote_one_file_each_end_in_one_weights_file_and_still_convert(sd3_export, tmp_path):
+    """Over 2 GiB of initializers (SD3.5 Medium's transformer), torch's exporter writes every tensor of
+    more than 1024 elements to a file of its own, node attributes included: the Constant ones and
+    zeros of each LayerNorm without affine weights, 192 files such as
+    _model_norm_out_norm_Constant_attr__value beside weights.pb. The tiny transformer, far below that
+    switch, is written so by onnx's own writer (one file per tensor, Constant values too); export's
+    save step then leaves model.onnx and weights.pb only, and the model runs, converts and verifies."""
+    import onnx
+
+    import sd2mnn
+    from sd2mnn.export import consolidate_external_data
+    from sd2mnn.verification import verify
+
+    onnx_dir, _ = sd3_export
+    copy = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, copy)
+    folder = copy / "transformer"
+    path = folder / "model.onnx"
+    model = onnx.load(str(path))
+    (folder / "weights.pb").unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0,
+                    convert_attribute=True)
+    written = onnx.load(str(path), load_external_data=False)
+    constants = [a.t for n in written.graph.node if n.op_type == "Constant" for a in n.attribute if a.HasField("t")]
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in constants) >= 10
+    assert len(list(folder.iterdir())) > len(constants)
+
+    consolidate_external_data(path, "weights.pb")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "weights.pb"]
+    saved = onnx.load(str(path), load_external_data=False)
+    external = [t for t in saved.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(t.external_data[0].value == "weights.pb" for t in external)
+    assert not [a for n in saved.graph.node for a in n.attribute
+                if a.HasField("t") and a.t.data_location == onnx.TensorProto.EXTERNAL]
+    names = [o.name for o in saved.graph.output]
+    feeds = {i.name: np.random.default_rng(0).standard_normal(
+        [d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in saved.graph.input}
+    np.testing.assert_array_equal(_ort(path, feeds, names)[0], _ort(onnx_dir / "transformer" / "model.onnx", feeds, names)[0])
+
+    bundle = tmp_path / "bundle"
+    sd2mnn.convert(copy, bundle, components=["transformer"])
+    (result,) = verify(copy, bundle, components="transformer").components
+    # MNN against ONNX Runtime; the contract flags only the tiny widths, off the runtime's.
+    assert result.name == "transformer" and result.error is None and result.outputs
+    assert not [f for o in result.outputs for f in o.failures(result.thresholds)], result.to_dict()

@@ -32,9 +32,10 @@ Shapes are static. H and W default to the model's own size, as diffusers picks i
 ``unet.config.sample_size * vae_scale_factor`` (512 for SD1.5); MNN's runtime runs 64x64 latents
 only, which sd2mnn verify and generate point out for any other size.
 
-Before a component is built, the memory its check needs (PyTorch's reference run, then ONNX
-Runtime's, which materializes every attention matrix) is estimated from the configs; a size that
-cannot fit in the available memory is refused with the numbers, before anything is loaded.
+Before a component is built, the memory its export needs (torch.onnx.export's copies of the
+weights, then ONNX Runtime's check, which materializes every attention matrix) is estimated from
+the configs; a size that cannot fit in the available memory is refused with the numbers, before
+anything is loaded.
 
 One component is loaded, exported, freed, then checked against the PyTorch outputs it produced
 on the same inputs (ONNX Runtime runs in a child process, since it does not give memory back).
@@ -488,24 +489,39 @@ def image_size(folder: Path, height: int | None, width: int | None, denoiser: st
     return height, width
 
 
+# Over this many bytes of initializers torch.onnx.export writes each tensor to a file of its own
+# (protobuf's limit, INT_MAX); below it the model proto holds every weight inline.
+TORCH_EXTERNAL_DATA_SWITCH = 2**31 - 1
+# The exporting process itself: Python with torch, diffusers and transformers loaded (0.31 GiB
+# measured before loading a model, 0.44 GiB beside SD3.5's 1024x1024 check).
+EXPORTER_BYTES = 2**29
+
+
 def _per_block(value, blocks: int) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value or 1)] * blocks
 
 
 def check_bytes(folder: Path, name: str, height: int, width: int, text_length: int) -> int:
-    """An estimate of the peak memory of one component's export check, in bytes.
+    """An estimate of the peak memory of one component's export, in bytes: the larger of its two
+    phases, which never overlap (the PyTorch module is freed before ONNX Runtime's check starts).
 
-    ONNX Runtime materializes each attention's score matrix (batch x heads x tokens x tokens,
-    float32) and its softmax, holds the weights (a quarter more while it loads them) and keeps
-    a dozen or so feature maps of the widest level alive. Measured against the full-size SD1.5
-    export (5.3 GB peak), this errs on the high side by about a quarter.
+    - Loading and torch.onnx.export: below torch's 2 GiB switch, the weights, the model proto
+      holding them all inline and its serialized copy (3x the weights); above it, where the
+      exporter writes tensor by tensor to files, the weights and half as much again (measured).
+    - The check: ONNX Runtime's weights, each attention's score matrix (batch x heads x tokens x
+      tokens, float32) and its softmax.
+    Both keep eight feature maps of the widest level, and the exporting process itself.
+
+    Measured on a 2-core, 24 GiB machine (the tests pin these): SD3.5 Medium's transformer peaks at
+    12.85 GiB at 256x256 (export phase) and 17.04 GiB at 1024x1024 (check phase); a 4-layer one of
+    its widths, below the switch, 6.95 GiB at 512x512; the estimate is 8-13% above each.
     """
     weights_dir = folder / ("vae" if name.startswith("vae") else name)
     weights = sum(p.stat().st_size for p in weights_dir.glob("*") if p.suffix in (".safetensors", ".bin"))
     vae = _config(folder, "vae")
     factor = _scale_factor(vae)
     lh, lw = height // factor, width // factor
-    attention = activation = 0
+    attention = activation = folded = 0
     if name == "unet":
         unet = _config(folder, "unet")
         channels = list(unet.get("block_out_channels", [320]))
@@ -533,13 +549,17 @@ def check_bytes(folder: Path, name: str, height: int, width: int, text_length: i
         tokens = (lh // patch) * (lw // patch) + text_length
         attention = 2 * heads * tokens * tokens * 4
         activation = 2 * tokens * inner * 4 * 4
+        # torch folds the crop of the positional table into a constant: the table is not exported.
+        folded = int(model.get("pos_embed_max_size") or 0) ** 2 * inner * 4
     else:
         config = _config(folder, name if (folder / name / "config.json").is_file() else "text_encoder")
         hidden = int(config.get("hidden_size") or config.get("d_model") or 768)
         heads = int(config.get("num_attention_heads") or config.get("num_heads") or 16)
         attention = 2 * heads * text_length * text_length * 4
         activation = 2 * text_length * hidden * 4 * 4
-    return weights + weights // 4 + 2 * attention + 16 * activation
+    export_phase = weights + (weights // 2 if weights - folded > TORCH_EXTERNAL_DATA_SWITCH else 2 * weights)
+    check_phase = weights + 2 * attention
+    return EXPORTER_BYTES + 8 * activation + max(export_phase, check_phase)
 
 
 def check_memory(folder: Path, names: list[str], height: int, width: int, text_length: int,
@@ -600,28 +620,32 @@ def _torch_export(job: _Job, path: Path, opset: int) -> None:
 
 def consolidate_external_data(model_path: Path, location: str = UNET_WEIGHTS,
                               size_threshold: int = 1024) -> None:
-    """Move every initializer of ``size_threshold`` bytes or more into one file ``location``.
+    """Leave ``model_path``'s folder with the model and one weights file, ``location``.
 
+    Every initializer of ``size_threshold`` bytes or more moves into ``location``. Over 2 GiB of
+    initializers, torch's exporter writes every tensor of more than 1024 elements to a file of its
+    own, node attributes included (a LayerNorm without affine weights exports its ones and zeros as
+    Constant values: SD3.5's transformer gets 192 such files); those go back inline, as torch
+    writes them below 2 GiB, so the external data is initializers only, which convert checks.
     Streams tensor by tensor (a full-size UNet never sits in memory twice) and removes the
-    per-tensor files the exporter wrote for models over 2 GB.
+    per-tensor files the exporter wrote.
     """
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo
 
     folder = model_path.parent
     model = onnx.load(str(model_path), load_external_data=False)
     old_files: set[Path] = set()
+    for tensor in _nested_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.raw_data = _read_external(folder, tensor, old_files)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
     tmp = folder / (location + ".tmp")
     offset = 0
     with open(tmp, "wb") as out:
         for tensor in model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                info = ExternalDataInfo(tensor)
-                src = folder / info.location
-                old_files.add(src)
-                with open(src, "rb") as f:
-                    f.seek(info.offset or 0)
-                    data = f.read(info.length) if info.length else f.read()
+                data = _read_external(folder, tensor, old_files)
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
                 data = tensor.raw_data
             else:
@@ -643,6 +667,36 @@ def consolidate_external_data(model_path: Path, location: str = UNET_WEIGHTS,
             old.unlink(missing_ok=True)
     os.replace(tmp, folder / location)
     onnx.save(model, str(model_path))
+
+
+def _read_external(folder: Path, tensor, sources: set[Path]) -> bytes:
+    """The bytes of ``tensor``'s external data in ``folder``; its file is added to ``sources``."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(tensor)
+    src = folder / info.location
+    sources.add(src)
+    with open(src, "rb") as f:
+        f.seek(info.offset or 0)
+        return f.read(info.length) if info.length else f.read()
+
+
+def _nested_tensors(model):
+    """Every tensor of ``model`` but its main graph's initializers: node attributes (Constant
+    values) and subgraphs', in the graph and in its functions."""
+    def in_nodes(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from graph.initializer
+                    yield from in_nodes(graph.node)
+
+    yield from in_nodes(model.graph.node)
+    for function in model.functions:
+        yield from in_nodes(function.node)
 
 
 def set_static_output_shapes(model_path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
