@@ -109,10 +109,9 @@ def mnn_runtime_config(
     thread count, so other thread counts can move a few pixels. On OpenCL, buffer memory with fast
     tuning, as load() sets; a ``cache_file`` keeps the tuning between runs (load(): ".tempcache").
 
-    SD3.5 (``DiffusionSD35::load()``): the same CPU settings without any hint (its memory_mode
-    only decides when models are loaded and freed, which changes no pixel: Pipeline's
-    ``memory_mode``); OpenCL with buffer memory,
-    no tuning flag, Winograd off."""
+    SD3.5 (``DiffusionSD35::load()``): the same CPU settings without any hint; OpenCL with buffer
+    memory, no tuning flag, Winograd off. Its memory_mode only decides when models are loaded and
+    freed, which changes no pixel: Pipeline's ``memory_mode``."""
     check_memory_mode(memory_mode)
     if family.denoiser == "transformer":
         backend = backend.upper()
