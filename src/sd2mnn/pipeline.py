@@ -23,7 +23,9 @@ import math
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +38,8 @@ from sd2mnn.errors import InputError, MissingExtraError
 from sd2mnn.layout import MANIFEST_NAME, MTOK_NAME, bundle_mtok, bundle_mtoks
 from sd2mnn.manifest import FileRecord, read_manifest, record_mismatch
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
-from sd2mnn.runtime import WINOGRAD_MEMORY_LEVEL, MnnModel, OrtModel, RuntimeConfig, mnn_runtime_manager
+from sd2mnn.runtime import (WINOGRAD_MEMORY_LEVEL, MnnModel, OrtModel, RuntimeConfig, check_mnn_files,
+                             mnn_runtime_manager)
 from sd2mnn import families, recipes, schedulers
 from sd2mnn.families import SD15, Family
 from sd2mnn.recipes.stable_diffusion import unet_feeds
@@ -106,11 +109,10 @@ def mnn_runtime_config(
     thread count, so other thread counts can move a few pixels. On OpenCL, buffer memory with fast
     tuning, as load() sets; a ``cache_file`` keeps the tuning between runs (load(): ".tempcache").
 
-    SD3.5 (``DiffusionSD35::load()``): the same CPU settings without any hint (its memory_mode
-    only decides which models stay loaded, which changes no pixel); OpenCL with buffer memory,
-    no tuning flag, Winograd off."""
-    if memory_mode not in (0, 1, 2):
-        raise InputError(f"memory mode must be 0, 1 or 2 (diffusion_demo's memory_mode), got {memory_mode}")
+    SD3.5 (``DiffusionSD35::load()``): the same CPU settings without any hint; OpenCL with buffer
+    memory, no tuning flag, Winograd off. Its memory_mode only decides when models are loaded and
+    freed, which changes no pixel: Pipeline's ``memory_mode``."""
+    check_memory_mode(memory_mode)
     if family.denoiser == "transformer":
         backend = backend.upper()
         if backend == "CPU":
@@ -137,6 +139,11 @@ def mnn_runtime_config(
         winograd=memory_mode != 0,
         hints=tuple(hints),
     )
+
+
+def check_memory_mode(memory_mode) -> None:
+    if memory_mode not in recipes.MEMORY_MODES:
+        raise InputError(f"memory mode must be 0, 1 or 2 (diffusion_demo's memory_mode), got {memory_mode}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +303,7 @@ class StepEvent:
 
 @dataclass
 class Timings:
-    load_s: float  # loading the three models
+    load_s: float  # loading the models (and freeing them, where the memory mode does)
     tokenizer_s: float = 0.0  # loading (ONNX side: building) the tokenizer
     text_encoder_s: float = 0.0
     step_s: list[float] = field(default_factory=list)
@@ -349,6 +356,79 @@ class Generation:
 
 
 # ---------------------------------------------------------------------------------------------
+# Which models are held when
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelEvent:
+    """What happened to one of a pipeline's models: ``action`` "load", "run" (one call) or
+    "release"; in order, they say which models were held at each use."""
+
+    action: str
+    model: str
+
+
+def _mnn_collect() -> None:
+    """``Executor::getGlobalExecutor()->gc(Executor::FULL)``, as DiffusionSD35 calls it before each
+    load and after each release."""
+    import MNN.expr as F
+
+    F.gc(1)
+
+
+class HeldModel:
+    """One model of a pipeline behind the MnnModel/OrtModel interface, loaded and freed when the
+    family's ModelLifetime says; ``events`` (shared by the pipeline's models) records each load,
+    call and release. ``declared_inputs``: its input shapes as its file declares them, for
+    ``input_shapes()`` while it is not loaded."""
+
+    def __init__(self, name: str, open_model: Callable[[], object], events: list[ModelEvent],
+                 collect: Callable[[], None] | None = None, declared_inputs: dict[str, list[int]] | None = None):
+        self.name = name
+        self._open = open_model
+        self._events = events
+        self._collect = collect
+        self.declared_inputs = declared_inputs
+        self._model = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> float:
+        """Load it unless it is held; the seconds that took."""
+        if self._model is not None:
+            return 0.0
+        started = time.perf_counter()
+        if self._collect:
+            self._collect()
+        self._model = self._open()
+        self._events.append(ModelEvent("load", self.name))
+        return time.perf_counter() - started
+
+    def release(self) -> float:
+        """Free it if it is held; the seconds that took."""
+        if self._model is None:
+            return 0.0
+        started = time.perf_counter()
+        self._model = None
+        if self._collect:
+            self._collect()
+        self._events.append(ModelEvent("release", self.name))
+        return time.perf_counter() - started
+
+    def run(self, feeds):
+        self.load()
+        self._events.append(ModelEvent("run", self.name))
+        return self._model.run(feeds)
+
+    def input_shapes(self) -> dict[str, list[int]]:
+        if self._model is None and self.declared_inputs is not None:
+            return {k: list(v) for k, v in self.declared_inputs.items()}
+        self.load()
+        return self._model.input_shapes()
+
+
+# ---------------------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------------------
 class Pipeline:
@@ -358,15 +438,22 @@ class Pipeline:
     ``Pipeline(onnx_dir, runtime="onnxruntime")`` or ``Pipeline.from_onnx(onnx_dir)`` runs the
     ONNX pipeline it was converted from, on ONNX Runtime, with the same recipe. The family
     (sd2mnn.families.detect) says which models, tokenizers and recipe.
+
+    ``memory_mode`` (MNN): the demo's memory_mode, for when models are loaded and freed, as the
+    family's runtime does it (recipes ``lifetime``; SD3.5: each before its first use, and freed
+    after it unless the mode is 1). ``model_events`` records each load, call and release.
     """
 
     def __init__(self, source: str | os.PathLike, runtime: str = "mnn", config: RuntimeConfig | None = None,
-                 tokenizer_scheme: str = DEFAULT_SCHEME):
+                 tokenizer_scheme: str = DEFAULT_SCHEME, memory_mode: int = 1):
         """``tokenizer_scheme`` (ONNX Runtime only): the ``sd2mnn convert --tokenizer`` whose
         bundle to imitate; a bundle's own tokenizer.mtok says what it is."""
         self.tokenizer_scheme = tokenizer_scheme
         if runtime not in RUNTIMES:
             raise InputError(f"unknown runtime {runtime!r}; choose {' or '.join(RUNTIMES)}")
+        check_memory_mode(memory_mode)
+        self.memory_mode = memory_mode
+        self.model_events: list[ModelEvent] = []
         self.source = Path(source)
         self.runtime = runtime
         kind = "MNN bundle" if runtime == "mnn" else "ONNX pipeline folder"
@@ -376,6 +463,7 @@ class Pipeline:
             raise InputError(f"{self.source} {what}; give an {kind} ({fix})")
         self.family = families.detect(self.source)
         self.steps = recipes.steps_for(self.family)
+        self.lifetime = self.steps.lifetime(memory_mode) if runtime == "mnn" else recipes.KEEP_ALL
         self.config = config or mnn_runtime_config(family=self.family)
         self.load_notes: list[str] = []  # what this pipeline does that the runtime does not say
         present = self._present_components()
@@ -396,6 +484,11 @@ class Pipeline:
     @property
     def denoiser(self) -> str:
         return self.family.denoiser
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """The models loaded now, in the runtime's order."""
+        return tuple(name for name, model in self._models.items() if model.loaded)
 
     def _present_components(self) -> set[str]:
         """The runtime's components; an optional one (SD3.5's T5) may be absent: zeros stand in,
@@ -468,11 +561,18 @@ class Pipeline:
         # As load(): one runtime manager for the modules, and shapeMutable = false, so MNN
         # resizes each module (plans memory, packs weights) as it loads, not in the first step.
         manager = mnn_runtime_manager(self.config)
+        collect = None if self.lifetime.at_start else _mnn_collect
         self._models = {
-            spec.name: MnnModel(self.source / spec.mnn_name, spec.inputs, spec.outputs, self.config,
-                                shape_mutable=False, runtime_manager=manager)
+            spec.name: HeldModel(spec.name, partial(MnnModel, self.source / spec.mnn_name, spec.inputs, spec.outputs,
+                                                    self.config, shape_mutable=False, runtime_manager=manager),
+                                 self.model_events, collect)
             for spec in names
         }
+        for spec in names:
+            if self.lifetime.at_start:
+                self._models[spec.name].load()
+            else:
+                check_mnn_files(self.source / spec.mnn_name)  # now, not after minutes of drawing
         mtoks = [(self._tokenizer_folder(n) / MTOK_NAME).relative_to(self.source).as_posix() for n in self.text_encoders]
         files = mtoks + [f for spec in names for f in (spec.mnn_name, spec.weight_name)]
         return loaded - start, time.perf_counter() - loaded, files
@@ -481,7 +581,10 @@ class Pipeline:
         start = time.perf_counter()
         self._load_tokenizers()
         loaded = time.perf_counter()
-        self._models = {name: OrtModel(self._model_file(name), threads=self.config.threads) for name in self.components}
+        self._models = {name: HeldModel(name, partial(OrtModel, self._model_file(name), threads=self.config.threads),
+                                        self.model_events) for name in self.components}
+        for model in self._models.values():
+            model.load()
         folders = {*self.components, *(self.family.components[n].tokenizer for n in self.text_encoders)}
         files = sorted(p.relative_to(self.source).as_posix() for n in folders
                        for p in (self.source / n).rglob("*") if p.is_file())
@@ -491,6 +594,7 @@ class Pipeline:
         """Sizes from the models, not the runtime's constants, so any converted pipeline runs: the
         denoiser's latents, each text encoder's length and vocabulary, the decoder's image;
         ``off_contract`` lists what the runtime itself would refuse."""
+        outputs = self._output_shapes()
         self.shapes = {name: self._models[name].input_shapes() for name in self.components}
         self.files = {name: self._model_file(name).relative_to(self.source).as_posix() for name in self.components}
         sample = self.shapes[self.denoiser].get(self.steps.latent_input, [])
@@ -499,7 +603,6 @@ class Pipeline:
         for name in self.text_encoders:
             ids = self.shapes[name].get("input_ids", [])
             self.text_lengths[name] = ids[1] if len(ids) == 2 and ids[1] > 0 else None
-        outputs = self._output_shapes()
         self.off_contract = self.steps.contract_notes(self.shapes, outputs, self.files) + self.tokenizer_notes
         decoded = outputs.get("vae_decoder", {}).get("sample", [])
         if len(decoded) == 4 and all(isinstance(d, int) and d > 0 for d in decoded):
@@ -510,15 +613,21 @@ class Pipeline:
 
     def _output_shapes(self) -> dict[str, dict[str, list[int]]]:
         """The models' output shapes as their files declare them (MNN: read in a child process),
-        and each text encoder's vocabulary on the way."""
+        and each text encoder's vocabulary on the way; for a model not loaded yet, its inputs'."""
         from sd2mnn.contract import onnx_vocabulary, read_tensors
 
         if self.runtime == "mnn":
-            found = read_tensors({n: (self._model_file(n), list(self.family.components[n].outputs) + ["input_ids"])
-                                  for n in self.components})
+            specs = {n: self.family.components[n] for n in self.components}
+            found = read_tensors({n: (self._model_file(n), [*spec.outputs, *spec.inputs]) for n, spec in specs.items()})
             self.vocabularies = {n: (found.get(n) or {}).get("vocabulary") for n in self.text_encoders}
-            return {n: {t: v["shape"] for t, v in ((found.get(n) or {}).get("tensors") or {}).items() if t != "input_ids"}
-                    for n in self.components}
+            tensors = {n: (found.get(n) or {}).get("tensors") or {} for n in self.components}
+            for name, model in self._models.items():
+                if not model.loaded:
+                    if found.get(name) is None:  # it would fail to load after minutes of drawing
+                        raise InputError(f"MNN cannot read {self._model_file(name)}; reconvert it (sd2mnn convert "
+                                         "--force), or check it with sd2mnn verify")
+                    model.declared_inputs = {t: v["shape"] for t, v in tensors[name].items() if t in specs[name].inputs}
+            return {n: {t: v["shape"] for t, v in tensors[n].items() if t in specs[n].outputs} for n in self.components}
         from sd2mnn.layout import load_component
 
         self.vocabularies = {n: onnx_vocabulary(self._model_file(n)) for n in self.text_encoders}
@@ -592,34 +701,52 @@ class Pipeline:
         for name in self.text_encoders:
             feeds[name], model_ids = self._prompt_ids(name, params)
             check_vocabulary(model_ids, self.vocabularies[name], self._model_file(name))
-        t = time.perf_counter()
-        outputs = {name: self._models[name].run({"input_ids": feeds[name]}) for name in self.text_encoders}
+        t, moved = time.perf_counter(), timings.load_s
+        outputs = {}
+        for name in self.text_encoders:
+            with self._holding(name, timings):
+                outputs[name] = self._models[name].run({"input_ids": feeds[name]})
         text = self.steps.condition(outputs, self.shapes, self.files)
-        timings.text_encoder_s = time.perf_counter() - t
+        timings.text_encoder_s = time.perf_counter() - t - (timings.load_s - moved)
         report(StepEvent("text_encoder", 0, 1, timings.text_encoder_s))
 
         latent = params.initial_latents(self.latent_shape)
         scheduler = self._scheduler(params)
         output = self.family.components[self.denoiser].outputs[0]
-        for i, timestep in enumerate(scheduler.timesteps):
-            t = time.perf_counter()
-            out = self._models[self.denoiser].run(self.steps.denoiser_feeds(latent, timestep, text))[output]
-            latent = scheduler.step(guide(out, guidance), i, latent)
-            timings.step_s.append(time.perf_counter() - t)
-            report(StepEvent(self.denoiser, i, params.steps, timings.step_s[-1]))
+        with self._holding(self.denoiser, timings):
+            for i, timestep in enumerate(scheduler.timesteps):
+                t = time.perf_counter()
+                out = self._models[self.denoiser].run(self.steps.denoiser_feeds(latent, timestep, text))[output]
+                latent = scheduler.step(guide(out, guidance), i, latent)
+                timings.step_s.append(time.perf_counter() - t)
+                report(StepEvent(self.denoiser, i, params.steps, timings.step_s[-1]))
 
         t = time.perf_counter()
         recipe = self.family.recipe
         scaled = scale_latents(latent, recipe.latent_scale, recipe.latent_shift)
         _check_finite(scaled, "the latents", params, guidance, recipe.guidance)
-        decoded = self._models["vae_decoder"].run({"latent_sample": scaled})["sample"]
-        _check_finite(decoded, "the VAE decoder's output", params, guidance, recipe.guidance)
-        pixels = decoded_to_pixels(decoded)
-        timings.vae_decoder_s = time.perf_counter() - t
+        moved = timings.load_s
+        with self._holding("vae_decoder", timings):
+            decoded = self._models["vae_decoder"].run({"latent_sample": scaled})["sample"]
+            _check_finite(decoded, "the VAE decoder's output", params, guidance, recipe.guidance)
+            pixels = decoded_to_pixels(decoded)
+            timings.vae_decoder_s = time.perf_counter() - t - (timings.load_s - moved)
         report(StepEvent("vae_decoder", 0, 1, timings.vae_decoder_s))
-        timings.total_s = time.perf_counter() - started
+        timings.total_s = time.perf_counter() - started - (timings.load_s - self.load_s)
         return Generation(pixels, latent, params, timings, self.metadata(params), list(self.off_contract),
                           divergences=params.divergences(self.family), info=list(self.load_notes))
+
+    @contextmanager
+    def _holding(self, name: str, timings: Timings):
+        """``name`` loaded for the block (unless held already: loadModule) and, where the lifetime
+        says so, freed after it; the time both take goes to ``timings.load_s``."""
+        model = self._models[name]
+        timings.load_s += model.load()
+        try:
+            yield
+        finally:
+            if self.lifetime.release_after_use:
+                timings.load_s += model.release()
 
     def metadata(self, params: GenerationParams) -> dict[str, str]:
         """What the PNG records: enough to redo the image and to know what made it."""

@@ -113,6 +113,16 @@ class _native_stdout_captured:
         os.write(1, data)
 
 
+def check_mnn_files(path: Path) -> None:
+    """A one-line error unless the model and its external weights are there."""
+    if not path.is_file():
+        raise InputError(f"{path} is missing; convert the bundle first (sd2mnn convert)")
+    weight = path.with_name(path.name + ".weight")
+    if not weight.is_file():
+        # MNN loads a model whose external weights are missing and computes garbage.
+        raise InputError(f"{weight} is missing; reconvert {path.name} (sd2mnn convert --force)")
+
+
 class MnnModel:
     """A loaded ``.mnn`` module with fixed input and output names."""
 
@@ -130,12 +140,7 @@ class MnnModel:
         import MNN.nn as nn
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path} is missing; convert the bundle first (sd2mnn convert)")
-        weight = self.path.with_name(self.path.name + ".weight")
-        if not weight.is_file():
-            # MNN loads a model whose external weights are missing and computes garbage.
-            raise InputError(f"{weight} is missing; reconvert {self.path.name} (sd2mnn convert --force)")
+        check_mnn_files(self.path)
         self.input_names = list(input_names)
         self.output_names = list(output_names)
         self._runtime = runtime_manager or mnn_runtime_manager(config)

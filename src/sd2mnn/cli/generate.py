@@ -90,8 +90,10 @@ def register(subparsers) -> None:
     run.add_argument("--memory-mode", type=int, choices=(0, 1, 2), default=1,
                      help="diffusion_demo's memory_mode: its Winograd setting (0 off, 1 default, 2 level 1). Measured on "
                           "an SD1.5 unet on CPU: 0 loads 5x faster in half the memory but steps 1.3x slower; 2 "
-                          "halves mode 1's load time and memory for steps within 5%% (default: %(default)s). SD3.5's "
-                          "runtime sets no Winograd level: the mode changes nothing there")
+                          "halves mode 1's load time and memory for steps within 5%% (default: %(default)s). SD3.5 "
+                          "(diffusion_sd35_demo's): no Winograd level; each model is loaded just before its first "
+                          "use, and 0 and 2 free it once used (one model held at a time: an SD3 of the C++'s shapes "
+                          "peaks at 0.61x mode 1's memory), 1 keeps it; the pixels are the same in every mode")
     run.add_argument("--cache-file", metavar="PATH", help="MNN cache file for GPU backends' tuned kernels")
     out = parser.add_argument_group("output")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
@@ -193,7 +195,7 @@ def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path,
                              family)
     if args.onnx is None:
         config = mnn_runtime_config(args.backend, args.threads, args.precision, args.memory_mode, args.cache_file, family)
-        pipeline = Pipeline(source, "mnn", config)
+        pipeline = Pipeline(source, "mnn", config, memory_mode=args.memory_mode)
     else:
         pipeline = Pipeline.from_onnx(source, threads=args.threads, tokenizer_scheme=args.tokenizer_scheme)
     pipeline.check_size(params)

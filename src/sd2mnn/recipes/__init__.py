@@ -11,10 +11,29 @@ Each module defines a ``Steps`` object with:
     condition(outputs, shapes, files) -> the denoiser's text feeds, from each text encoder's outputs
     denoiser_feeds(latent, timestep, text_feeds) -> the denoiser's inputs for one call
     contract_notes(inputs, outputs, files) -> what MNN's runtime would refuse in the models' shapes
+    lifetime(memory_mode) -> ModelLifetime: when the runtime loads its models and frees them
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sd2mnn.families import Family
+
+MEMORY_MODES = (0, 1, 2)  # diffusion_demo's and diffusion_sd35_demo's memory_mode argument
+
+
+@dataclass(frozen=True)
+class ModelLifetime:
+    """When a runtime holds its models. ``at_start``: all are loaded before the first prompt
+    (in ``load()``); else each just before its first use. ``release_after_use``: each is freed
+    once its stage is done (so loaded again for the next prompt); else kept to the end."""
+
+    at_start: bool
+    release_after_use: bool
+
+
+# Every model loaded up front and kept: ONNX Runtime's sessions, and sd2mnn's SD1.x engine.
+KEEP_ALL = ModelLifetime(at_start=True, release_after_use=False)
 
 
 def steps_for(family: Family):

@@ -17,6 +17,14 @@ decoder, read line by line from transformers/diffusion/engine/src/diffusion_sd35
 ``vae_decoder()`` (SD35:269-285)
     ``latent * (1 / 1.5305f) + 0.0609f``, then the SD1.5 image arithmetic (clamp by
     Maximum/Minimum instead of Relu6: the same for finite values), cvtColor, imwrite.
+Model lifetime (``memory_mode``, SD35:52-159, 165-176, 286-378)
+    ``load()`` loads the tokenizers only, in every mode; ``loadModule(i)`` loads a model just
+    before its first use (CLIP-L 181, CLIP-G 196, T5 212, the transformer 342 before the first
+    step, the VAE decoder 369), after a full garbage collection. With ``memory_mode`` other than
+    1 each is freed once used: each text encoder right after its forward (``run_encoder``, 172),
+    the transformer after the last step (367), the VAE decoder after ``imwrite`` (376); mode 1
+    keeps each to the end. (diffusion_sd35_demo says mode 1 initializes every model at start;
+    the code does not.) Only when models live changes: the pixels are the same in every mode.
 
 What the C++ hard-codes and sd2mnn takes from the models instead (so small test models run;
 each departure from the runtime's shapes is reported as off-contract): 77 and 256 tokens (the
@@ -53,6 +61,7 @@ import numpy as np
 
 from sd2mnn.errors import InputError
 from sd2mnn.families.sd35 import RUNTIME_DIMS, SD35Dims
+from sd2mnn.recipes import ModelLifetime
 
 CLIP_L, CLIP_G, T5 = "text_encoder", "text_encoder_2", "text_encoder_3"
 
@@ -118,6 +127,10 @@ class SD35Steps:
         shapes = {c: {**outputs.get(c, {}), **inputs.get(c, {})} for c in {*inputs, *outputs}}
         issues = model_dims(shapes).off_contract()
         return [f"MNN's runtime would refuse these models' sizes: {', '.join(issues)}"] if issues else []
+
+    def lifetime(self, memory_mode: int) -> ModelLifetime:
+        """Each model loaded before its first use; freed after it unless ``memory_mode`` is 1."""
+        return ModelLifetime(at_start=False, release_after_use=memory_mode != 1)
 
 
 STEPS = SD35Steps()

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sd2mnn.recipes import KEEP_ALL, ModelLifetime
+
 
 def unet_feeds(latent: np.ndarray, timestep: int, text_embeddings: np.ndarray) -> dict[str, np.ndarray]:
     """``mSampleVar = _Concat({plms, plms}, 0)``; the timestep goes through a float and
@@ -39,6 +41,11 @@ class StableDiffusionSteps:
         infos = {name: {"inputs": list(s), "tensors": {t: {"shape": d, "dtype": dtype(t)} for t, d in s.items()}}
                  for name, s in shapes.items()}
         return runtime_notes(check_tensors(infos, files, complete=False))
+
+    def lifetime(self, memory_mode: int) -> ModelLifetime:
+        """The three models loaded up front and kept, whatever the mode. (stable_diffusion.cpp's
+        load() also loads all three; in modes 0 and 2 it then frees each after its stage.)"""
+        return KEEP_ALL
 
 
 STEPS = StableDiffusionSteps()
