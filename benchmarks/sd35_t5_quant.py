@@ -2,7 +2,7 @@
 T5-XXL's full width, depth-truncated (seeded random weights). Prints one JSON object.
 
     python benchmarks/sd35_t5_quant.py WORK_DIR [--layers 2,4,6] [--variants fp32,fp16,w8,...]
-                                       [--no-bench] [--keep] [--prompts 4]
+                                       [--no-bench] [--keep] [--prompts 4] [--summary-only]
                                        [--min-free-gib 1.0] [--step-timeout SECONDS]
 
 T5-XXL's encoder (24 layers, d_model 4096, d_ff 10240, 64 heads of 64, vocab 32128, gated-gelu,
@@ -266,6 +266,8 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"sd2mnn sweep's named variants (default {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--no-bench", action="store_true", help="leave out sd2mnn bench")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run nothing: print the table of what WORK_DIR/results.json holds for --layers and --variants")
     parser.add_argument("--keep", action="store_true", help="keep each depth's diffusers T5, export and bundles")
     parser.add_argument("--prompts", type=int, default=4,
                         help="built-in prompts for verify's conditioning check (default 4; verify's own: 660)")
@@ -280,6 +282,10 @@ def main() -> int:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     run = Run(work, args)
+    if args.summary_only:
+        json.dump(summary(run), sys.stdout, indent=2)
+        print()
+        return 0
     try:
         base = work / "tiny-sd3"
         rec = run.step("build_base", me("--build-base", str(base)))
