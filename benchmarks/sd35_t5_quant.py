@@ -171,9 +171,9 @@ def run_depth(run: Run, layers: int, base: Path, prompts: Path) -> None:
     args, work = run.args, run.work
     depth = work / f"d{layers}"
     diffusers, onnx = depth / "diffusers", depth / "onnx"
-    # Two copies at once at most (the diffusers T5 and its export, then the export and the fp32
-    # bundle): a depth that cannot have them is recorded, not started.
-    needed = 2 * t5_bytes(layers) + GiB
+    # Three fp32 copies at once at most: the diffusers T5 beside its export, whose weights export
+    # writes once per tensor and again into one weights.pb. A depth without room is recorded, not started.
+    needed = 3 * t5_bytes(layers) + GiB
     if f"d{layers}_export" not in run.results and not depth.is_dir() and shutil.disk_usage(work).free < needed:
         run.say(f"d{layers}: needs {needed / GiB:.1f} GiB of disk, {free_disk_gib(work)} GiB free: skipped")
         run.save(f"d{layers}_disk", {"does_not_fit": f"needs {needed / GiB:.1f} GiB of disk, "
