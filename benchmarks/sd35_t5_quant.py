@@ -1,7 +1,7 @@
 """Which weight quantization SD3.5's T5-XXL text encoder (text_encoder_3) tolerates in MNN, at
 T5-XXL's full width, depth-truncated (seeded random weights). Prints one JSON object.
 
-    python benchmarks/sd35_t5_quant.py WORK_DIR [--layers 2,4,6] [--variants fp32,fp16,w8,...]
+    python benchmarks/sd35_t5_quant.py WORK_DIR [--layers 1,2,4] [--variants fp32,fp16,w8,...]
                                        [--no-bench] [--keep] [--prompts 4] [--summary-only]
                                        [--min-free-gib 1.0] [--step-timeout SECONDS]
 
@@ -262,7 +262,8 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path)
-    parser.add_argument("--layers", default="2,4,6", help="T5 depths to measure, smallest first (default 2,4,6)")
+    parser.add_argument("--layers", default="1,2,4",
+                        help="T5 depths to measure, smallest first (default 1,2,4; each needs 3 x 0.72 GiB per layer + 0.5 GiB of free disk)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"sd2mnn sweep's named variants (default {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--no-bench", action="store_true", help="leave out sd2mnn bench")
