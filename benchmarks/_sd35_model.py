@@ -39,6 +39,15 @@ VAE = dict(
     scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
 )
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+# text_encoder_3's config (T5 v1.1 XXL's encoder). Built only depth-truncated (build_t5): all 24
+# layers are 4.7B parameters, which do not fit this machine to export.
+T5_XXL = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    dense_act_fn="gelu_new", is_gated_act=True, layer_norm_epsilon=1e-6, initializer_factor=1.0, dropout_rate=0.0,
+    tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False,
+    use_cache=False,
+)
 PARTS = ("text_encoder", "text_encoder_2", "vae", "transformer")
 INDEX = {
     "_class_name": "StableDiffusion3Pipeline",
@@ -84,6 +93,27 @@ def build_part(out: Path, name: str, seed: int = 0) -> None:
     model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="2GB")
     del model
     tmp.rename(out / name)
+
+
+def build_t5(out: Path, layers: int, seed: int = 0) -> Path:
+    """T5-XXL's encoder (T5_XXL) cut to its first ``layers`` blocks, with T5's own seeded init
+    (norm scales then jittered as build_part does), saved as out/text_encoder_3."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed + len(PARTS))
+    model = T5EncoderModel(T5Config(**{**T5_XXL, "num_layers": layers})).eval()
+    gen = torch.Generator().manual_seed(seed + 10 + len(PARTS))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool(p.min() == p.max()):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    tmp = out / ".text_encoder_3.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="2GB")
+    del model
+    tmp.rename(out / "text_encoder_3")
+    return out / "text_encoder_3"
 
 
 def build_pipeline(out: Path, parts=PARTS, seed: int = 0, say=print) -> Path:
