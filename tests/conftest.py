@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,31 @@ def tiny_sd3_bundle(tiny_sd3_onnx, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sd3-bundle") / "bundle"
     sd2mnn.convert(tiny_sd3_onnx, out)
     return out
+
+
+# A full disk while writing: one line, no partial file, the earlier file intact.
+FULL_DISK = r"""
+dir=$1; keep=$2; listing=$3; shift 3
+mount -t tmpfs -o size=64k tmpfs "$dir" || exit 77
+cp "$keep" "$dir/out.png"
+cat /dev/zero > "$dir/fill" 2>/dev/null
+"$@"; rc=$?
+ls -A "$dir" > "$listing"
+cmp -s "$keep" "$dir/out.png" || echo "out.png changed" >> "$listing"
+exit $rc
+"""
+
+
+def on_full_disk(tmp_path: Path, keep: Path, make_args) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run sd2mnn with a full tmpfs (in a private mount namespace) at ``disk``, which holds a copy
+    of ``keep`` as out.png; returns the run and what the disk held afterwards."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount a small tmpfs")
+    disk, listing = tmp_path / "disk", tmp_path / "listing.txt"
+    disk.mkdir()
+    command = [sys.executable, "-m", "sd2mnn.cli", *map(str, make_args(disk))]
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", FULL_DISK, "sh", disk, keep, listing, *command],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode == 77 or not listing.exists():
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[-200:]}")
+    return done, listing.read_text().split("\n")[:-1]

@@ -341,6 +341,17 @@ def test_an_onnx_dir_that_is_or_holds_what_export_reads_is_refused_even_with_ove
     _no_leftovers(tmp_path)
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(sd3_dir, tmp_path):
+    from conftest import on_full_disk
+
+    done, left = on_full_disk(tmp_path, sd3_dir / "model_index.json", lambda disk: [
+        "export", sd3_dir, disk / "onnx", "--components", "text_encoder"])
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'disk' / 'onnx'} ran out of disk "
+                                                           "space ("), done.stderr
+    assert sorted(left) == ["fill", "out.png"]  # no ONNX_DIR, no scratch folder
+
+
 def test_a_transformer_check_that_cannot_fit_is_refused_before_loading(sd3_dir, tmp_path):
     from sd2mnn.export import check_bytes
 

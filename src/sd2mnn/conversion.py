@@ -5,7 +5,6 @@ plan (what to convert, reuse or resume) -> run (child converters, each output lo
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -22,7 +21,8 @@ from sd2mnn import __version__, families
 from sd2mnn.bundle import BundleDir
 from sd2mnn.children import Child, ChildResult, child_env, log_tail
 from sd2mnn.converter import find_converter
-from sd2mnn.errors import ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError
+from sd2mnn.errors import (ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError,
+                           os_errors_as_one_line)
 from sd2mnn.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bundle_mtok, bundle_mtoks,
                            check_component_names, open_onnx_pipeline, split_components)
 from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
@@ -120,7 +120,7 @@ def convert(
         raise InputError(f"{mnn_path} is the ONNX folder itself; write the bundle to another folder")
     _check_same_family(onnx, mnn_path, previous)
 
-    with _os_errors_as_one_line(mnn_path), BundleDir(mnn_path) as bundle:
+    with os_errors_as_one_line(mnn_path, "the bundle is unchanged"), BundleDir(mnn_path) as bundle:
         # The tokenizers first: a tokenizer sd2mnn cannot write must fail before any converter
         # runs. Each text encoder's prefix graph is built from the very tokenizer.mtok staged.
         mtoks = bundle_mtoks(onnx.family)
@@ -599,21 +599,3 @@ def _check_disk_space(plan: ConversionPlan, bundle: BundleDir) -> None:
             f"{bundle.root} has {_size(free)} free but the conversion needs about "
             f"{_size(needed)}; free {_size(needed - free)} or choose another folder"
         )
-
-
-@contextlib.contextmanager
-def _os_errors_as_one_line(mnn_dir: Path):
-    """A full disk or an unwritable file met while the bundle is written: a one-line error.
-    The bundle is left as it was (the commit undoes itself; scratch files are removed)."""
-    try:
-        yield
-    except OSError as err:
-        where = err.filename or mnn_dir
-        if err.errno == errno.ENOSPC:
-            raise DiskSpaceError(
-                f"{mnn_dir} ran out of disk space ({where}); the bundle is unchanged: free some space and run again"
-            ) from err
-        raise InputError(
-            f"{where}: {err.strerror or err}; the bundle is unchanged: fix that file or folder "
-            "(or choose another output folder) and run again"
-        ) from err

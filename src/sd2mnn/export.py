@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Callable
 
 from sd2mnn import checkpoint, families
-from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError
+from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError, os_errors_as_one_line
 from sd2mnn.files import read_json_object
 from sd2mnn.families import FAMILIES, SD15, SD35Dims, Family
 
@@ -812,17 +812,18 @@ def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | Non
     _prepare_target(onnx_dir, options.overwrite)
     say = progress or (lambda component, message: None)
 
-    work = Path(tempfile.mkdtemp(prefix=f".{onnx_dir.name}.export-", dir=onnx_dir.parent))
-    try:
-        with _quiet_libraries():
-            report = _export_staged(model, work, onnx_dir, options, say)
-        staged = work / "onnx"
-        _move_into_place(staged, onnx_dir)
-        for comp in report.components:
-            comp.path = onnx_dir / comp.path.relative_to(staged)
-        return report
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with os_errors_as_one_line(onnx_dir, f"{onnx_dir.name} is unchanged"):
+        work = Path(tempfile.mkdtemp(prefix=f".{onnx_dir.name}.export-", dir=onnx_dir.parent))
+        try:
+            with _quiet_libraries():
+                report = _export_staged(model, work, onnx_dir, options, say)
+            staged = work / "onnx"
+            _move_into_place(staged, onnx_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    for comp in report.components:
+        comp.path = onnx_dir / comp.path.relative_to(staged)
+    return report
 
 
 def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptions,
