@@ -10,7 +10,7 @@ weights, benchmarks/_sd35_model.py) and its MMDiT at full width with --transform
 24 layers (all 24 make a 5 GB float16 file and a 10 GB float32 folder per run, more than this
 machine's disk spares twice); no T5. --source: a full-size folder from _sd35_model.py whose
 CLIPs and VAE are reused (built into WORK_DIR/source when absent). Both outputs are compared
-tensor by tensor. Results: WORK_DIR/results.json.
+tensor by tensor (by digest, one on disk at a time). Results: WORK_DIR/results.json.
 """
 from __future__ import annotations
 
@@ -70,17 +70,25 @@ def build_pipeline(work: Path, source: Path, layers: int) -> Path:
     return pipeline
 
 
-def same_tensors(a: Path, b: Path) -> dict[str, bool]:
-    """Per model folder: the two folders hold the same tensors (one model in memory at a time)."""
+def tensor_digests(folder: Path) -> dict[str, str]:
+    """Per model folder: a digest of its tensors' names, dtypes, shapes and bytes (one model in
+    memory at a time), so two outputs compare without both on disk at once."""
+    import hashlib
+
+    import torch
     from safetensors.torch import load_file
 
-    result = {}
+    digests = {}
     for model in FILE_MODELS:
-        left = {k: v for f in sorted((a / model).glob("*.safetensors")) for k, v in load_file(f).items()}
-        right = {k: v for f in sorted((b / model).glob("*.safetensors")) for k, v in load_file(f).items()}
-        result[model] = left.keys() == right.keys() and all(bool((left[k] == right[k]).all()) for k in left)
-        del left, right
-    return result
+        state = {k: v for f in sorted((folder / model).glob("*.safetensors")) for k, v in load_file(f).items()}
+        digest = hashlib.sha256()
+        for key in sorted(state):
+            tensor = state[key].contiguous()
+            digest.update(f"{key}{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        digests[model] = digest.hexdigest()
+        del state
+    return digests
 
 
 def main() -> None:
@@ -112,20 +120,22 @@ def main() -> None:
     results = {"checkpoint_bytes": ckpt.stat().st_size, "transformer_layers": args.transformer_layers,
                "sd2mnn_estimate_gib": {m: round(v / GiB, 2) for m, v in estimates.items()}}
     runs = {"sd2mnn": (SD2MNN_READ, work / "sd2mnn-read"), "diffusers": (DIFFUSERS_READ, work / "diffusers-read")}
+    digests = {}
     for name, (script, out) in runs.items():
         shutil.rmtree(out, ignore_errors=True)
         started = time.strftime("%H:%M:%S")
         print(f"{started} {name}: reading {ckpt.name}", file=sys.stderr, flush=True)
         results[name] = measure([sys.executable, "-c", script, str(ckpt), str(config), str(out)])
-    sd2mnn_folder = work / "sd2mnn-read" / "_diffusers"
-    if all(results[n]["returncode"] == 0 for n in runs):
-        results["same_tensors"] = same_tensors(sd2mnn_folder, work / "diffusers-read")
-        results["folder_bytes"] = sum(p.stat().st_size for p in sd2mnn_folder.rglob("*.safetensors"))
+        folder = out / "_diffusers" if name == "sd2mnn" else out
+        if results[name]["returncode"] == 0:
+            results[name]["folder_bytes"] = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+            digests[name] = tensor_digests(folder)
+        shutil.rmtree(out, ignore_errors=True)  # the disk holds one output at a time
+    if len(digests) == len(runs):
+        results["same_tensors"] = {m: digests["sd2mnn"][m] == digests["diffusers"][m] for m in FILE_MODELS}
         peaks = {n: results[n]["tree_peak_bytes"] for n in runs}
         results["peak_ratio_sd2mnn_over_diffusers"] = round(peaks["sd2mnn"] / peaks["diffusers"], 3)
         results["peaks_gib"] = {n: round(v / GiB, 2) for n, v in peaks.items()}
-    for _, out in runs.values():
-        shutil.rmtree(out, ignore_errors=True)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
