@@ -294,6 +294,10 @@ def test_a_single_file_without_the_text_encoders_and_a_config_without_weights_is
         "has none; use a checkpoint that includes it or a --config folder with text_encoder's weights"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+    events = []  # settled before reading anything: the transformer is not read for nothing
+    with pytest.raises(InputError, match="no text_encoder weights"):
+        export(dit, out, ExportOptions(config=config), progress=lambda c, m: events.append((c, m)))
+    assert not [e for e in events if "tensors from" in e[1]], events
     _no_leftovers(tmp_path)
 
 

@@ -80,20 +80,26 @@ def materialize(ckpt: Path, config: Path | None, work: Path, components: tuple[s
             raise InputError(f"{ckpt}: not a {_title(family)} checkpoint (no {denoiser[0]}"
                              f"{family.single_file.denoiser_marker}* tensors, which {config} needs); "
                              "pass the config folder of the checkpoint's model")
-        _check_memory(checkpoint, family, [f for f in models if wanted is None or f in wanted], budget)
+        # Where each model comes from is settled, and its reading sized, before any is read.
+        sources = [_source(checkpoint, family, config, folder, explicit=wanted is not None)
+                   for folder in models if wanted is None or folder in wanted]
+        _check_memory(checkpoint, family, [s.folder for s in sources if s.keys], budget)
         for folder in models:
             if wanted is not None and folder not in wanted:
                 (out / folder).mkdir()
                 shutil.copy2(config / folder / "config.json", out / folder / "config.json")
-                continue
-            source = _write_model(checkpoint, family, config, index, folder, out, explicit=wanted is not None)
+        for source in sources:
             if source.left_out:
-                index[folder] = [None, None]
-                say(folder, f"not in {ckpt.name} nor {config / folder}: left out (the runtime runs without it)")
+                index[source.folder] = [None, None]
+                say(source.folder, f"not in {ckpt.name} nor {config / source.folder}: left out (the runtime runs "
+                                   "without it)")
             elif source.from_config:
-                say(folder, f"not in {ckpt.name}: from {config / folder}")
+                # The config folder's own copy, linked rather than copied (a T5 is ~19 GB).
+                (out / source.folder).symlink_to((config / source.folder).resolve(), target_is_directory=True)
+                say(source.folder, f"not in {ckpt.name}: from {config / source.folder}")
             else:
-                say(folder, f"{source.keys} tensors from {ckpt.name}")
+                _read_model(checkpoint, family, config, index, source.folder, out)
+                say(source.folder, f"{source.keys} tensors from {ckpt.name}")
     for name in index:
         if name not in family.single_file.prefixes and (config / name).is_dir():
             shutil.copytree(config / name, out / name)  # tokenizers, the scheduler
@@ -101,31 +107,34 @@ def materialize(ckpt: Path, config: Path | None, work: Path, components: tuple[s
     return out
 
 
-def _write_model(checkpoint: "Checkpoint", family: Family, config: Path, index: dict, folder: str,
-                 out: Path, explicit: bool) -> ModelSource:
+def _source(checkpoint: "Checkpoint", family: Family, config: Path, folder: str, explicit: bool) -> ModelSource:
+    """Where ``folder``'s model comes from: the file, else the config folder's weights, else (for
+    a model the runtime runs without) nowhere; otherwise an error naming both."""
     keys = checkpoint.keys_under(family.single_file.prefixes[folder])
-    if not keys:
-        if _has_weights(config / folder):
-            # The config folder's own copy, linked rather than copied (a T5 is ~19 GB).
-            (out / folder).symlink_to((config / folder).resolve(), target_is_directory=True)
-            return ModelSource(folder, 0, from_config=True)
-        spec = family.components.get(folder)
-        prefix = family.single_file.prefixes[folder][0]
-        if spec is not None and spec.runtime_optional:
-            if explicit:
-                raise InputError(f"{checkpoint.path}: no {folder} weights ({prefix}*) and {config / folder} has "
-                                 f"none; leave {folder} out of --components")
-            return ModelSource(folder, 0, left_out=True)
-        raise InputError(f"{checkpoint.path}: no {folder} weights ({prefix}*) and {config / folder} has none; "
-                         f"use a checkpoint that includes it or a --config folder with {folder}'s weights")
-    state = {k: checkpoint.tensor(k) for k in keys}
+    if keys:
+        return ModelSource(folder, len(keys))
+    if _has_weights(config / folder):
+        return ModelSource(folder, 0, from_config=True)
+    spec = family.components.get(folder)
+    prefix = family.single_file.prefixes[folder][0]
+    if spec is not None and spec.runtime_optional:
+        if explicit:
+            raise InputError(f"{checkpoint.path}: no {folder} weights ({prefix}*) and {config / folder} has "
+                             f"none; leave {folder} out of --components")
+        return ModelSource(folder, 0, left_out=True)
+    raise InputError(f"{checkpoint.path}: no {folder} weights ({prefix}*) and {config / folder} has none; "
+                     f"use a checkpoint that includes it or a --config folder with {folder}'s weights")
+
+
+def _read_model(checkpoint: "Checkpoint", family: Family, config: Path, index: dict, folder: str, out: Path) -> None:
+    """Load ``folder``'s model from its tensors alone, save it under ``out``, free it."""
+    state = {k: checkpoint.tensor(k) for k in checkpoint.keys_under(family.single_file.prefixes[folder])}
     _tie_t5_embeddings(state, family.single_file.prefixes[folder])
     model = _load(checkpoint.path, config, index, folder, state)
     del state
     model.save_pretrained(str(out / folder), safe_serialization=True)
     del model
     gc.collect()
-    return ModelSource(folder, len(keys))
 
 
 def _load(ckpt: Path, config: Path, index: dict, folder: str, state: dict):
