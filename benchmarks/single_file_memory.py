@@ -4,6 +4,7 @@ that export reads: sd2mnn's model-at-a-time reading against diffusers' whole-pip
 in a child process (its process tree's summed RSS sampled; wait4's ru_maxrss). Prints one JSON object.
 
     python benchmarks/single_file_memory.py WORK_DIR [--source DIR] [--transformer-layers 6]
+                                            [--min-free-gib 1.0]
 
 The checkpoint holds SD3.5 Medium's CLIP-L, CLIP-G and 16-channel VAE at full size (random
 weights, benchmarks/_sd35_model.py) and its MMDiT at full width with --transformer-layers of its
@@ -27,7 +28,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import _sd35_model  # noqa: E402
-from _measure import measure  # noqa: E402
+from sd35_full_size import guarded_run  # noqa: E402
 
 GiB = 2**30
 FILE_MODELS = ("transformer", "vae", "text_encoder", "text_encoder_2")
@@ -65,6 +66,10 @@ def build_pipeline(work: Path, source: Path, layers: int) -> Path:
     for entry in source.iterdir():
         if entry.name != "transformer":
             (pipeline / entry.name).symlink_to(entry.resolve())
+    if layers == _sd35_model.TRANSFORMER["num_layers"]:
+        _sd35_model.build_pipeline(source, parts=("transformer",), say=lambda m: print(m, file=sys.stderr, flush=True))
+        (pipeline / "transformer").symlink_to((source / "transformer").resolve())
+        return pipeline
     _sd35_model.TRANSFORMER.update(num_layers=layers, dual_attention_layers=tuple(range(min(13, layers))))
     _sd35_model.build_part(pipeline, "transformer")
     return pipeline
@@ -96,6 +101,7 @@ def main() -> None:
     parser.add_argument("work", type=Path)
     parser.add_argument("--source", type=Path, default=None)
     parser.add_argument("--transformer-layers", type=int, default=6)
+    parser.add_argument("--min-free-gib", type=float, default=1.0)
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -125,7 +131,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         started = time.strftime("%H:%M:%S")
         print(f"{started} {name}: reading {ckpt.name}", file=sys.stderr, flush=True)
-        results[name] = measure([sys.executable, "-c", script, str(ckpt), str(config), str(out)])
+        results[name] = guarded_run([sys.executable, "-c", script, str(ckpt), str(config), str(out)],
+                                    work / f"{name}.log", int(args.min_free_gib * GiB), timeout=3600)
         folder = out / "_diffusers" if name == "sd2mnn" else out
         if results[name]["returncode"] == 0:
             results[name]["folder_bytes"] = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
@@ -133,9 +140,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)  # the disk holds one output at a time
     if len(digests) == len(runs):
         results["same_tensors"] = {m: digests["sd2mnn"][m] == digests["diffusers"][m] for m in FILE_MODELS}
-        peaks = {n: results[n]["tree_peak_bytes"] for n in runs}
-        results["peak_ratio_sd2mnn_over_diffusers"] = round(peaks["sd2mnn"] / peaks["diffusers"], 3)
-        results["peaks_gib"] = {n: round(v / GiB, 2) for n, v in peaks.items()}
+        results["peak_ratio_sd2mnn_over_diffusers"] = round(
+            results["sd2mnn"]["tree_peak_gib"] / results["diffusers"]["tree_peak_gib"], 3)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
