@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import multiprocessing
 import os
 import shutil
@@ -191,7 +190,7 @@ def _read_index(folder: Path) -> dict:
     path = folder / "model_index.json"
     if not path.exists():
         raise InputError(f"{path}: not found; MODEL must be a diffusers pipeline folder")
-    return _json_object(path)
+    return read_json_object(path)
 
 
 def _open_source(folder: Path, components: tuple[str, ...] | None = None) -> _Source:
@@ -390,7 +389,7 @@ def _build_job(source: _Source, name: str, options: ExportOptions, text_length: 
         cfg = model.config
         factor = _vae_factor(source)
         h, w = options.height // factor, options.width // factor
-        te_cfg = json.loads((source.folder / "text_encoder" / "config.json").read_text())
+        te_cfg = _config(source.folder, "text_encoder")
         hidden = int(cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int)
                      else te_cfg["hidden_size"])
         inputs = {
@@ -446,12 +445,7 @@ def _vae_factor(source: _Source) -> int:
 
 
 def _config(folder: Path, sub: str) -> dict:
-    return _json_object(folder / sub / "config.json")
-
-
-def _json_object(path: Path) -> dict:
-    """A model's JSON file (model_index.json, a config.json), or a one-line error."""
-    return read_json_object(path)
+    return read_json_object(folder / sub / "config.json")
 
 
 def _scale_factor(vae_config: dict) -> int:
