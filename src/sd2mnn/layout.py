@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd2mnn.errors import InputError, UnsafeModelError
+from sd2mnn.files import is_inside
 from sd2mnn.families import SD15, ComponentSpec, Family
 from sd2mnn.onnx_scan import OnnxSummary, scan_onnx
 
@@ -131,14 +132,6 @@ class ComponentSource:
         return sum(f.stat().st_size for f in self.files)
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
-
-
 def _check_external_location(location: str, model: Path, folder: Path) -> Path:
     """Refuse external-data locations that leave the component's folder (untrusted models)."""
     if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location.split("/")[0]:
@@ -157,7 +150,7 @@ def _check_external_location(location: str, model: Path, folder: Path) -> Path:
             f"{model} needs its external data file {target}, which is missing; "
             "copy it beside the model (re-export if it was lost)"
         )
-    if not _inside(target.resolve(), folder.resolve()):
+    if not is_inside(target.resolve(), folder.resolve()):
         raise UnsafeModelError(
             f"{target} is a link that leaves {folder}; replace it with the real file"
         )
@@ -187,7 +180,7 @@ def load_component(onnx_dir: Path, name: str, family: Family = SD15) -> Componen
         raise InputError(
             f"{model} is missing; export the {name} (sd2mnn export) or leave it out with --components"
         )
-    if not _inside(model.resolve(), folder.resolve()):
+    if not is_inside(model.resolve(), folder.resolve()):
         raise UnsafeModelError(f"{model} is a link that leaves {folder}; replace it with the real file")
     summary = scan_onnx(model)
     _check_signature(spec, model, summary)
