@@ -783,9 +783,9 @@ def _refuse_replacing_sources(onnx_dir: Path, *sources: Path | None) -> None:
         if source is None:
             continue
         if is_inside(source.resolve(), target):
-            raise InputError(f"{onnx_dir}: holds {source}, which export reads; choose an ONNX_DIR outside it")
+            raise InputError(f"{onnx_dir}: holds {source}, which export reads; choose another ONNX_DIR outside it")
         if is_inside(target, source.resolve()):
-            raise InputError(f"{onnx_dir}: lies inside {source}, which export reads; choose an ONNX_DIR outside it")
+            raise InputError(f"{onnx_dir}: lies inside {source}, which export reads; choose another ONNX_DIR outside it")
 
 
 def _prepare_target(onnx_dir: Path, overwrite: bool) -> None:
