@@ -118,7 +118,8 @@ def refuse_unsafe_pickle(err: BaseException, path: Path) -> None:
     loader refusing a pickle that calls code beyond plain tensors: such a file is never run."""
     while err is not None:
         if isinstance(err, pickle.UnpicklingError) and "weights only load failed" in str(err).lower():
-            detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
+            line = next((line for line in str(err).splitlines() if "GLOBAL" in line), "")
+            detail = line.split(". Please")[0].replace("WeightsUnpickler error:", "").strip()
             raise UnsafeModelError(f"{path}: refused as unsafe: its pickle calls code beyond plain tensors"
                                    f"{f' ({detail[:200]})' if detail else ''}, which sd2mnn never runs; use the "
                                    "model's .safetensors file") from None

@@ -96,12 +96,23 @@ def check_pipeline(folder: Path, index: dict, family: Family, models: tuple[str,
     _check_classes(folder / "model_index.json", index, family)
     tokenizers = tuple(family.prompt_formats)
     if confine:
+        root, inside = _link_root(folder)
         for name in (*models, *tokenizers):
-            confined_tree(folder, name, LINK_FIX)
+            confined_tree(root, inside / name, LINK_FIX)
     for name in models:
         _check_config(folder / name / "config.json", class_of(index, family, name)[1], family)
     for name in tokenizers:
         _check_tokenizer(folder / name, class_of(index, family, name)[1])
+
+
+def _link_root(folder: Path) -> tuple[Path, Path]:
+    """(the folder a pipeline's links may lead into, the pipeline's place in it): the pipeline
+    itself, or for a snapshot in Hugging Face's cache (REPO/snapshots/REVISION, whose files link
+    to REPO/blobs/) its repository folder."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots":
+        return real.parent.parent, Path("snapshots", real.name)
+    return folder, Path()
 
 
 def _check_classes(path: Path, index: dict, family: Family) -> None:

@@ -785,7 +785,8 @@ def _refuse_replacing_sources(onnx_dir: Path, *sources: Path | None) -> None:
         if is_inside(source.resolve(), target):
             raise InputError(f"{onnx_dir}: holds {source}, which export reads; choose another ONNX_DIR outside it")
         if is_inside(target, source.resolve()):
-            raise InputError(f"{onnx_dir}: lies inside {source}, which export reads; choose another ONNX_DIR outside it")
+            raise InputError(f"{onnx_dir}: lies inside {source}, which export reads; "
+                             "choose another ONNX_DIR outside it")
 
 
 def _prepare_target(onnx_dir: Path, overwrite: bool) -> None:
@@ -793,6 +794,9 @@ def _prepare_target(onnx_dir: Path, overwrite: bool) -> None:
         raise InputError(f"{onnx_dir}: exists and is not a folder; choose another ONNX_DIR")
     if onnx_dir.is_dir() and any(onnx_dir.iterdir()) and not overwrite:
         raise InputError(f"{onnx_dir}: exists and is not empty; pass --overwrite or another ONNX_DIR")
+    above = next(p for p in onnx_dir.parents if p.exists())
+    if not above.is_dir():
+        raise InputError(f"{above}: a file, not a folder, so {onnx_dir} cannot be made in it; choose another ONNX_DIR")
     with os_errors_as_one_line(onnx_dir, "nothing was written"):
         onnx_dir.parent.mkdir(parents=True, exist_ok=True)
 
