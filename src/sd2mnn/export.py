@@ -37,6 +37,11 @@ weights, then ONNX Runtime's check, which materializes every attention matrix) i
 the configs; a size that cannot fit in the available memory is refused with the numbers, before
 anything is loaded.
 
+Before anything is loaded or written, the folder is checked (sd2mnn.diffusers_folder): the classes
+model_index.json names (only those the family loads: a model's own code never runs), the config
+values export sizes with, the latent channels MNN's runtime draws with, the tokenizer files, and
+links that leave the folder.
+
 One component is loaded, exported, freed, then checked against the PyTorch outputs it produced
 on the same inputs (ONNX Runtime runs in a child process, since it does not give memory back).
 The folder is written beside ONNX_DIR and renamed into place only when every part passed.
@@ -52,6 +57,7 @@ import gc
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -956,12 +962,26 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
 
 def _move_into_place(staged: Path, onnx_dir: Path) -> None:
     old = None
-    if onnx_dir.exists():
-        old = staged.parent / "old"
-        os.replace(onnx_dir, old)
+    with _interrupts_deferred():  # between the renames the old ONNX_DIR sits in the staging folder
+        if onnx_dir.exists():
+            old = staged.parent / "old"
+            os.replace(onnx_dir, old)
+        try:
+            os.replace(staged, onnx_dir)
+        except OSError:
+            if old is not None:
+                os.replace(old, onnx_dir)
+            raise
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM until the block is done (where the platform can)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        os.replace(staged, onnx_dir)
-    except OSError:
-        if old is not None:
-            os.replace(old, onnx_dir)
-        raise
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
