@@ -268,18 +268,34 @@ def test_onnx_dir_under_a_file_is_one_line(sd15, tmp_path, capsys):
     assert blocker.read_text() == "mine"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_parent_is_one_line(sd15, tmp_path, capsys):
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    parent.chmod(0o555)
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """An empty folder nobody may write in (root too: chattr +i where chmod does not hold it)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if os.access(folder, os.W_OK) and shutil.which("chattr"):
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
     try:
-        code = main(["export", str(sd15), str(parent / "onnx"), "--components", "vae_decoder"])
-        err = capsys.readouterr().err
+        (folder / "probe").touch()
+    except OSError:
+        yield folder
+    else:
+        pytest.skip("this user writes into read-only folders")
     finally:
-        parent.chmod(0o755)
-    assert code != 0 and len(err.strip().splitlines()) == 1 and err.startswith(f"error: {parent}"), err
-    assert "Permission denied" in err and list(parent.iterdir()) == []
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_read_only_parent_is_one_line(sd15, read_only_folder, capsys):
+    for onnx_dir in (read_only_folder / "onnx", read_only_folder / "sub" / "onnx"):
+        code = main(["export", str(sd15), str(onnx_dir), "--components", "vae_decoder"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: {onnx_dir.parent}: ") and "run again" in err, err
+        assert list(read_only_folder.iterdir()) == []
 
 
 # -- pickles --------------------------------------------------------------------------------------

@@ -831,7 +831,7 @@ def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | Non
     say = progress or (lambda component, message: None)
 
     with os_errors_as_one_line(onnx_dir, f"{onnx_dir.name} is unchanged"):
-        work = Path(tempfile.mkdtemp(prefix=f".{onnx_dir.name}.export-", dir=onnx_dir.parent))
+        work = _staging_folder(onnx_dir)
         try:
             with _quiet_libraries():
                 report = _export_staged(model, work, onnx_dir, options, say)
@@ -842,6 +842,15 @@ def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | Non
     for comp in report.components:
         comp.path = onnx_dir / comp.path.relative_to(staged)
     return report
+
+
+def _staging_folder(onnx_dir: Path) -> Path:
+    """A hidden folder beside ONNX_DIR that the export is written in, then renamed from."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{onnx_dir.name}.export-", dir=onnx_dir.parent))
+    except OSError as err:
+        err.filename = str(onnx_dir.parent)  # the user's folder, not the name tried in it
+        raise
 
 
 def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptions,
