@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import gc
 import json
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from sd2mnn import families
-from sd2mnn.errors import InputError
+from sd2mnn.errors import InputError, UnsafeModelError
 from sd2mnn.families import Family
 from sd2mnn.files import read_json_object
 
@@ -54,14 +55,7 @@ def materialize(ckpt: Path, config: Path | None, work: Path, components: tuple[s
     ``components`` (None: the family's) needs with weights, the others with their configs only.
     A model whose reading cannot fit in ``budget`` bytes (default: the memory available now) is
     refused before any is read. Returns the folder."""
-    if config is None:
-        raise InputError(
-            f"{ckpt}: a single-file checkpoint needs a local config: pass --config DIR, a diffusers "
-            "folder of the same model (model_index.json, */config.json, tokenizer/); no hub access"
-        )
-    if not (config / "model_index.json").is_file():
-        raise InputError(f"{config}: not a diffusers folder (no model_index.json); --config needs the checkpoint's "
-                         "model as a diffusers folder, weights optional")
+    require_config(ckpt, config)
     family = families.detect(config)
     if family.single_file is None:
         raise InputError(f"{ckpt}: {family.name} models have no single-file layout; export the diffusers folder")
@@ -100,11 +94,36 @@ def materialize(ckpt: Path, config: Path | None, work: Path, components: tuple[s
             else:
                 _read_model(checkpoint, family, config, index, source.folder, out)
                 say(source.folder, f"{source.keys} tensors from {ckpt.name}")
-    for name in index:
-        if name not in family.single_file.prefixes and (config / name).is_dir():
-            shutil.copytree(config / name, out / name)  # tokenizers, the scheduler
+    for name in (*family.prompt_formats, "scheduler"):  # the tokenizers export copies, the scheduler
+        if (config / name).is_dir():
+            shutil.copytree(config / name, out / name)
     (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return out
+
+
+def require_config(ckpt: Path, config: Path | None) -> None:
+    """Refuse a single file without a --config diffusers folder."""
+    if config is None:
+        raise InputError(
+            f"{ckpt}: a single-file checkpoint needs a local config: pass --config DIR, a diffusers "
+            "folder of the same model (model_index.json, */config.json, tokenizer/); no hub access"
+        )
+    if not (config / "model_index.json").is_file():
+        raise InputError(f"{config}: not a diffusers folder (no model_index.json); --config needs the checkpoint's "
+                         "model as a diffusers folder, weights optional")
+
+
+def refuse_unsafe_pickle(err: BaseException, path: Path) -> None:
+    """Raise UnsafeModelError when ``err`` (or what it was raised from) is torch's weights-only
+    loader refusing a pickle that calls code beyond plain tensors: such a file is never run."""
+    while err is not None:
+        if isinstance(err, pickle.UnpicklingError) and "weights only load failed" in str(err).lower():
+            line = next((line for line in str(err).splitlines() if "GLOBAL" in line), "")
+            detail = line.split(". Please")[0].replace("WeightsUnpickler error:", "").strip()
+            raise UnsafeModelError(f"{path}: refused as unsafe: its pickle calls code beyond plain tensors"
+                                   f"{f' ({detail[:200]})' if detail else ''}, which sd2mnn never runs; use the "
+                                   "model's .safetensors file") from None
+        err = err.__cause__ or err.__context__
 
 
 def _source(checkpoint: "Checkpoint", family: Family, config: Path, folder: str, explicit: bool) -> ModelSource:
@@ -178,6 +197,7 @@ class Checkpoint:
                 self._state = load_single_file_checkpoint(str(self.path), local_files_only=True)
                 self._keys = list(self._state)
         except Exception as err:  # safetensors, torch and pickle raise many types for damaged files
+            refuse_unsafe_pickle(err, self.path)
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise InputError(f"{self.path}: cannot load as a single-file checkpoint ({type(err).__name__}: "
                              f"{message[:200]}); re-download it") from None

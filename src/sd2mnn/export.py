@@ -37,6 +37,11 @@ weights, then ONNX Runtime's check, which materializes every attention matrix) i
 the configs; a size that cannot fit in the available memory is refused with the numbers, before
 anything is loaded.
 
+Before anything is loaded or written, the folder is checked (sd2mnn.diffusers_folder): the classes
+model_index.json names (only those the family loads: a model's own code never runs), the config
+values export sizes with, the latent channels MNN's runtime draws with, the tokenizer files, and
+links that leave the folder.
+
 One component is loaded, exported, freed, then checked against the PyTorch outputs it produced
 on the same inputs (ONNX Runtime runs in a child process, since it does not give memory back).
 The folder is written beside ONNX_DIR and renamed into place only when every part passed.
@@ -52,6 +57,7 @@ import gc
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -59,9 +65,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from sd2mnn import checkpoint, families
+from sd2mnn import checkpoint, diffusers_folder, families
 from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError, os_errors_as_one_line
-from sd2mnn.files import read_json_object
+from sd2mnn.files import is_inside, read_json_object
 from sd2mnn.families import FAMILIES, SD15, SD35Dims, Family
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # SD1.x, in export order
@@ -186,17 +192,12 @@ class _Source:
         return entry[0], entry[1]
 
 
-def _read_index(folder: Path) -> dict:
-    path = folder / "model_index.json"
-    if not path.exists():
-        raise InputError(f"{path}: not found; MODEL must be a diffusers pipeline folder")
-    return read_json_object(path)
-
-
-def _open_source(folder: Path, components: tuple[str, ...] | None = None) -> _Source:
-    """The pipeline at ``folder``, checked for the folders that exporting ``components`` (None:
-    all) reads: every model's config (for the sizes), the weights of the ones exported."""
-    index = _read_index(folder)
+def _open_source(folder: Path, components: tuple[str, ...] | None = None, confine: bool = True) -> _Source:
+    """The pipeline at ``folder``, checked for what exporting ``components`` (None: all) reads:
+    every model's config (for the sizes), its tokenizers, the classes model_index.json names
+    (sd2mnn.diffusers_folder); ``confine``: no link may leave ``folder``. Weights are checked
+    when loaded."""
+    index = diffusers_folder.read_index(folder)
     family = families.detect(folder)
     source = _Source(folder, index, family)
     wanted = components or tuple(n for n, spec in family.components.items() if source.has(n) or not spec.runtime_optional)
@@ -217,6 +218,7 @@ def _open_source(folder: Path, components: tuple[str, ...] | None = None) -> _So
     for name in models:
         if not (folder / name / "config.json").is_file():
             raise InputError(f"{folder / name / 'config.json'}: missing; re-download the model")
+    diffusers_folder.check_pipeline(folder, index, family, tuple(models), confine)
     return source
 
 
@@ -328,7 +330,9 @@ def _load(source: _Source, sub: str):
             f"upgrade {library}"
         )
     folder = source.folder / sub
-    kwargs = {"torch_dtype": torch.float32}
+    kwargs = {"torch_dtype": torch.float32, "local_files_only": True}
+    if library == "transformers":
+        kwargs["trust_remote_code"] = False  # a model's own code never runs, and nothing asks
     names = {p.name for p in folder.iterdir()}
     if not any(n.split(".")[-1] in ("safetensors", "bin") and ".fp16." not in n for n in names):
         if any(".fp16." in n for n in names):
@@ -338,6 +342,7 @@ def _load(source: _Source, sub: str):
     try:
         model = cls.from_pretrained(str(folder), **kwargs)
     except Exception as err:  # the libraries raise many types for unreadable or mismatched files
+        checkpoint.refuse_unsafe_pickle(err, folder)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{folder}: cannot load {cls_name} ({first})") from err
     return model.eval()
@@ -346,10 +351,13 @@ def _load(source: _Source, sub: str):
 def _load_tokenizer(source: _Source, folder: str = "tokenizer"):
     import transformers
 
-    cls_name = source.component_class(folder)[1] if source.has(folder) else ""
-    cls = getattr(transformers, cls_name, None) or transformers.AutoTokenizer
+    cls_name = diffusers_folder.class_of(source.index, source.family, folder)[1]
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise InputError(f"{source.folder / 'model_index.json'}: transformers has no class {cls_name}; "
+                         "upgrade transformers")
     try:
-        return cls.from_pretrained(str(source.folder / folder))
+        return cls.from_pretrained(str(source.folder / folder), local_files_only=True, trust_remote_code=False)
     except Exception as err:  # the libraries raise many types for unreadable files
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{source.folder / folder}: cannot load the tokenizer ({first})") from err
@@ -774,11 +782,17 @@ def _validate_options(options: ExportOptions) -> None:
 
 
 def _refuse_replacing_sources(onnx_dir: Path, *sources: Path | None) -> None:
-    """ONNX_DIR is replaced as a whole (with --overwrite): it must not be, or hold, what export reads."""
+    """ONNX_DIR is replaced as a whole (with --overwrite) and staged beside itself: it must not
+    be, hold or lie inside what export reads."""
     target = onnx_dir.resolve()
     for source in sources:
-        if source is not None and (source.resolve() == target or target in source.resolve().parents):
-            raise InputError(f"{onnx_dir}: holds {source}, which export reads; choose another ONNX_DIR")
+        if source is None:
+            continue
+        if is_inside(source.resolve(), target):
+            raise InputError(f"{onnx_dir}: holds {source}, which export reads; choose another ONNX_DIR outside it")
+        if is_inside(target, source.resolve()):
+            raise InputError(f"{onnx_dir}: lies inside {source}, which export reads; "
+                             "choose another ONNX_DIR outside it")
 
 
 def _prepare_target(onnx_dir: Path, overwrite: bool) -> None:
@@ -786,7 +800,11 @@ def _prepare_target(onnx_dir: Path, overwrite: bool) -> None:
         raise InputError(f"{onnx_dir}: exists and is not a folder; choose another ONNX_DIR")
     if onnx_dir.is_dir() and any(onnx_dir.iterdir()) and not overwrite:
         raise InputError(f"{onnx_dir}: exists and is not empty; pass --overwrite or another ONNX_DIR")
-    onnx_dir.parent.mkdir(parents=True, exist_ok=True)
+    above = next(p for p in onnx_dir.parents if p.exists())
+    if not above.is_dir():
+        raise InputError(f"{above}: a file, not a folder, so {onnx_dir} cannot be made in it; choose another ONNX_DIR")
+    with os_errors_as_one_line(onnx_dir, "nothing was written"):
+        onnx_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
 def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | None = None,
@@ -803,11 +821,17 @@ def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | Non
         )
     require_export_extra()
     _refuse_replacing_sources(onnx_dir, model, options.config)
+    # Everything export reads is checked before anything is written or loaded.
+    if model.is_dir():
+        _open_source(model, options.components)
+    else:
+        checkpoint.require_config(model, options.config)
+        _open_source(options.config, options.components)
     _prepare_target(onnx_dir, options.overwrite)
     say = progress or (lambda component, message: None)
 
     with os_errors_as_one_line(onnx_dir, f"{onnx_dir.name} is unchanged"):
-        work = Path(tempfile.mkdtemp(prefix=f".{onnx_dir.name}.export-", dir=onnx_dir.parent))
+        work = _staging_folder(onnx_dir)
         try:
             with _quiet_libraries():
                 report = _export_staged(model, work, onnx_dir, options, say)
@@ -820,6 +844,15 @@ def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | Non
     return report
 
 
+def _staging_folder(onnx_dir: Path) -> Path:
+    """A hidden folder beside ONNX_DIR that the export is written in, then renamed from."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{onnx_dir.name}.export-", dir=onnx_dir.parent))
+    except OSError as err:
+        err.filename = str(onnx_dir.parent)  # the user's folder, not the name tried in it
+        raise
+
+
 def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptions,
                    say: Progress) -> ExportReport:
     if model.is_dir():
@@ -827,7 +860,8 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
     else:
         say("checkpoint", f"loading {model.name} with config {options.config}")
         folder = checkpoint.materialize(model, options.config, work, options.components, say, options.memory_budget)
-        source = _open_source(folder, options.components)
+        # Written by materialize from the checked --config folder, whose own weights it links to.
+        source = _open_source(folder, options.components, confine=False)
     family = source.family
     names = _component_names(source, options.components, say)
     staged = work / "onnx"
@@ -937,12 +971,26 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
 
 def _move_into_place(staged: Path, onnx_dir: Path) -> None:
     old = None
-    if onnx_dir.exists():
-        old = staged.parent / "old"
-        os.replace(onnx_dir, old)
+    with _interrupts_deferred():  # between the renames the old ONNX_DIR sits in the staging folder
+        if onnx_dir.exists():
+            old = staged.parent / "old"
+            os.replace(onnx_dir, old)
+        try:
+            os.replace(staged, onnx_dir)
+        except OSError:
+            if old is not None:
+                os.replace(old, onnx_dir)
+            raise
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM until the block is done (where the platform can)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        os.replace(staged, onnx_dir)
-    except OSError:
-        if old is not None:
-            os.replace(old, onnx_dir)
-        raise
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -68,3 +68,13 @@ def check_replaceable(path: str | os.PathLike, overwrite: bool, what: str = "it"
         f"{path} already exists ({kind}); {what} would replace it: choose another path, "
         f"or pass {OVERWRITE_FLAG} to replace it"
     )
+
+
+def confined_tree(root: str | os.PathLike, relative: str | os.PathLike, fix: str) -> Path:
+    """``confined(root, relative, fix)``, and so is everything beneath it: a folder whose files
+    link out of ``root`` is refused as a whole before anything in it is read."""
+    top = confined(root, relative, fix)
+    for folder, dirs, names in os.walk(top):
+        for name in (*dirs, *names):
+            confined(root, Path(folder, name).relative_to(root), fix)
+    return top

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from sd2mnn import families
+from sd2mnn.cli._common import terminate_as_interrupt
 from sd2mnn.export import COMPONENTS, KNOWN_COMPONENTS, ExportOptions, export
 
 EPILOG = """\
@@ -63,6 +64,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    terminate_as_interrupt()  # SIGTERM removes the staging folder as Ctrl-C does
     options = ExportOptions(
         opset=args.opset, components=tuple(args.components) if args.components else None, height=args.height,
         width=args.width, config=args.config, overwrite=args.overwrite,

@@ -98,6 +98,9 @@ class Family:
     tokenizers: dict[str, PromptFormat] = field(default_factory=dict)
     denoiser: str = "unet"  # the component the scheduler steps with (its diffusers folder too)
     single_file: SingleFileLayout | None = None  # None: no single-file checkpoints
+    # model_index.json entry -> the (library, class) pairs export loads it as, the first the
+    # default; any other is refused, so a model folder never picks the code that reads it.
+    classes: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
     @staticmethod
     def model_folder(component: str) -> str:

@@ -257,5 +257,13 @@ SINGLE_FILE = SingleFileLayout({"transformer": ("model.diffusion_model.",), "vae
                                 "text_encoder_2": ("text_encoders.clip_g.transformer.",),
                                 "text_encoder_3": ("text_encoders.t5xxl.transformer.",)},
                                denoiser_marker="joint_blocks.")
+CLIP_WITH_PROJECTION = (("transformers", "CLIPTextModelWithProjection"),)
+CLIP_TOKENIZER = (("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast"))
+CLASSES = {"text_encoder": CLIP_WITH_PROJECTION, "text_encoder_2": CLIP_WITH_PROJECTION,
+           "text_encoder_3": (("transformers", "T5EncoderModel"),), "tokenizer": CLIP_TOKENIZER,
+           "tokenizer_2": CLIP_TOKENIZER,
+           "tokenizer_3": (("transformers", "T5TokenizerFast"), ("transformers", "T5Tokenizer")),
+           "transformer": (("diffusers", "SD3Transformer2DModel"),), "vae": (("diffusers", "AutoencoderKL"),)}
 SD35 = Family("sd35", CLIP_FORMAT, "Unigram", COMPONENTS, RUNTIME_COMPONENTS, RECIPE,
-              ("", "a photo of a cat"), tokenizers=TOKENIZERS, denoiser="transformer", single_file=SINGLE_FILE)
+              ("", "a photo of a cat"), tokenizers=TOKENIZERS, denoiser="transformer", single_file=SINGLE_FILE,
+              classes=CLASSES)
