@@ -148,8 +148,9 @@ def check_keep_onnx(args: argparse.Namespace) -> Path | None:
         raise InputError("--keep-onnx is an empty string; give a folder for the exported ONNX pipeline")
     keep = check_output_folder(args.keep_onnx, "--keep-onnx")
     _refuse_overlap(keep, Path(args.mnn_dir), "MNN_DIR", "the bundle")
-    for source in filter(None, (args.onnx_dir, args.config)):
-        _refuse_overlap(keep, Path(source), "the model", "what the export reads")
+    for source, name in ((args.onnx_dir, "the model"), (args.config, "the --config folder")):
+        if source:
+            _refuse_overlap(keep, Path(source), name, "what the export reads")
     check_replaceable(keep, args.overwrite, "the exported ONNX pipeline")
     return keep
 
