@@ -149,14 +149,14 @@ def test_compare_refuses_a_diff_path_that_is_an_input(files):
 # ---------------------------------------------------------------------------------------------
 def test_generate_on_a_full_disk(fp32_bundle, files):
     done, left = on_full_disk(files, files / "a.png", lambda disk: [
-        "generate", fp32_bundle, PROMPT, "-o", disk / "out.png", "--steps", 1, "--threads", 2, "-q"])
+        "generate", fp32_bundle, PROMPT, "-o", disk / "out.png", "--steps", 1, "--threads", 2, "-q", "--overwrite"])
     assert_clean_error(done, "out.png: No space left on device")
     assert sorted(left) == ["fill", "out.png"]  # no temporary file, the earlier PNG unchanged
 
 
 def test_compare_diff_on_a_full_disk(files):
     done, left = on_full_disk(files, files / "a.png", lambda disk: [
-        "compare", files / "a.png", files / "b.png", "--diff", disk / "out.png"])
+        "compare", files / "a.png", files / "b.png", "--diff", disk / "out.png", "--overwrite"])
     assert_clean_error(done, "No space left on device")
     assert sorted(left) == ["fill", "out.png"]
 

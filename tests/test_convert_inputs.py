@@ -244,7 +244,7 @@ def test_demo_does_not_replace_another_bundle(fp32_bundle, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     before = tree_state(bundle)
     done = sd2mnn_cli("demo", bundle, "-q")
-    assert_one_line_error(done, f"{bundle} already holds a bundle converted from {tmp_path / 'some-other-onnx'}", "--force")
+    assert_one_line_error(done, f"{bundle} already holds a bundle converted from {tmp_path / 'some-other-onnx'}", "--overwrite")
     assert tree_state(bundle) == before
     done = sd2mnn_cli("demo", bundle, "-q", "--force")
     assert done.returncode == 0, done.stderr

@@ -41,6 +41,7 @@ from sd2mnn.errors import InputError
 from sd2mnn.families import SD15, Family
 from sd2mnn.layout import MANIFEST_NAME, folder_family, load_component, parse_components
 from sd2mnn.manifest import read_manifest
+from sd2mnn.sources import check_sources
 from sd2mnn.runtime import PRECISIONS
 from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static_shape
 
@@ -112,6 +113,7 @@ class BenchReport:
     memory_method: str = MEMORY_METHOD
     wall_s: float = 0.0
     off_contract: list[str] = field(default_factory=list)  # what MNN's runtime would refuse in the bundle
+    warnings: list[str] = field(default_factory=list)  # what could not be checked (an ONNX folder's origin)
 
     @property
     def errors(self) -> list[str]:
@@ -122,7 +124,7 @@ class BenchReport:
                 "threads": self.threads, "precision": self.precision, "runs": self.runs,
                 "memory_method": self.memory_method, "wall_s": round(self.wall_s, 3),
                 "components": [c.to_dict() for c in self.components], "errors": self.errors,
-                "off_contract": self.off_contract}
+                "off_contract": self.off_contract, "warnings": self.warnings}
 
 
 # -- choosing components and inputs ------------------------------------------------------------
@@ -234,6 +236,7 @@ def bench(bundle, onnx_dir=None, components=None, threads: int = 2, precision: s
         raise InputError("benchmarking ONNX Runtime needs the ONNX folder; give it with --onnx")
     family = folder_family(bundle)
     names = _select(bundle, onnx_dir, components, family)
+    warnings = check_sources(onnx_dir, bundle, names) if onnx_dir is not None else []
     issues = check_contract(bundle, names, family)
     for issue in issues:
         if issue.kind == "vocabulary":  # the runtime's own ids overflow the embedding table: nothing can run
@@ -256,7 +259,7 @@ def bench(bundle, onnx_dir=None, components=None, threads: int = 2, precision: s
                 progress.update(f"{name} {runtime}", "failed" if timing.error else "done", detail)
             results.append(entry)
     return BenchReport(bundle, onnx_dir, threads, precision, runs, results, wall_s=time.monotonic() - started,
-                       off_contract=runtime_notes(issues))
+                       off_contract=runtime_notes(issues), warnings=warnings)
 
 
 # -- the child -------------------------------------------------------------------------------

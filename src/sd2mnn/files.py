@@ -78,3 +78,36 @@ def confined_tree(root: str | os.PathLike, relative: str | os.PathLike, fix: str
         for name in (*dirs, *names):
             confined(root, Path(folder, name).relative_to(root), fix)
     return top
+
+
+# A text file the user names (prompts, latents as numbers) is read up to these limits: a device
+# such as /dev/zero or a runaway file is refused after this much, never read to the end.
+TEXT_LIMIT_BYTES = 4 << 20
+TEXT_LINE_LIMIT = 10_000
+
+
+def read_user_text(path: str | os.PathLike, what: str, fix: str, limit: int = TEXT_LIMIT_BYTES,
+                   line_limit: int | None = TEXT_LINE_LIMIT) -> str:
+    """The UTF-8 text of ``path`` (``what`` it holds, e.g. "the prompts"), read at most ``limit``
+    bytes deep; a pipe or device is read the same bounded way. A folder, a missing or unreadable
+    file, one over ``limit`` bytes or with a line over ``line_limit`` characters: an InputError
+    that names it and ``fix``."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file of {what} ({fix})")
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(limit + 1)
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist; give a file of {what} ({fix})") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read {what} ({err.strerror or err}); {fix}") from None
+    if len(data) > limit:
+        raise InputError(f"{path} holds more than {limit >> 20} MiB, more than {what} ever need; {fix}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; give a text file of {what} ({fix})") from None
+    if line_limit is not None and any(len(line) > line_limit for line in text.split("\n")):
+        raise InputError(f"{path} has a line over {line_limit} characters, longer than {what} take; {fix}")
+    return text

@@ -19,6 +19,7 @@ images.py (the PNG file).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import statistics
@@ -35,6 +36,7 @@ from sd2mnn import __version__
 from sd2mnn.conditioning import DEFAULT_SCHEME, PromptIds
 from sd2mnn.contract import check_vocabulary
 from sd2mnn.errors import InputError, MissingExtraError
+from sd2mnn.files import read_user_text
 from sd2mnn.layout import MANIFEST_NAME, MTOK_NAME, bundle_mtok, bundle_mtoks
 from sd2mnn.manifest import FileRecord, read_manifest, record_mismatch
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
@@ -264,6 +266,10 @@ def check_latents(latents, source: str, shape: tuple[int, ...] | None = LATENT_S
     return array.astype(np.float32)
 
 
+# Latents are at most SD3.5's [1,16,128,128]: 1 MiB as float32, a few MiB as text.
+LATENTS_LIMIT_BYTES = 64 << 20
+
+
 def load_latents(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Initial latents from a .npy file, or a .txt of numbers in NCHW order (the random.txt that
     MNN's SD1.5 runtime reads instead of drawing noise when built with MNN_DUMP_DATA: 16384).
@@ -271,16 +277,19 @@ def load_latents(path: str | os.PathLike, shape: tuple[int, ...] | None = None) 
     a .txt as SD1.5's [1,4,64,64]."""
     path = Path(path)
     expected = tuple(shape or LATENT_SHAPE)
-    if not path.is_file():
-        state = "is a folder" if path.is_dir() else "does not exist"
-        raise InputError(f"{path} {state}; give a .npy file of float32 {list(expected)} latents")
+    fix = f"give a .npy file of float32 {list(expected)} latents"
+    if path.is_dir() or not path.exists():
+        raise InputError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}; {fix}")
     try:
         if path.suffix.lower() == ".txt":
-            array = np.loadtxt(path, dtype=np.float32).reshape(-1)
+            text = read_user_text(path, "latents", fix, LATENTS_LIMIT_BYTES, line_limit=None)
+            array = np.loadtxt(io.StringIO(text), dtype=np.float32).reshape(-1)
             if array.size != math.prod(expected):
                 raise ValueError(f"{array.size} numbers, not {math.prod(expected)}")
             array = array.reshape(expected)
         else:
+            if not path.is_file() or path.stat().st_size > LATENTS_LIMIT_BYTES:
+                raise InputError(f"{path} is not a file of at most {LATENTS_LIMIT_BYTES >> 20} MiB; {fix}")
             array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise InputError(f"{path} is not a latents file sd2mnn can read ({err}); save one with numpy.save") from None

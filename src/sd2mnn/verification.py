@@ -47,6 +47,7 @@ from sd2mnn.families import FAMILIES, Family
 from sd2mnn.layout import MANIFEST_NAME, bundle_mtok, folder_family, load_component, parse_components
 from sd2mnn.manifest import read_manifest, record_mismatch, write_json_atomic
 from sd2mnn.progress import NullProgress, Progress
+from sd2mnn.sources import check_sources
 from sd2mnn.verify_conditioning import ConditioningReport, check_conditioning
 from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static_shape
 
@@ -170,6 +171,7 @@ class VerificationReport:
     conditionings: list[ConditioningReport] = field(default_factory=list)
     family: str = ""
     notes: list[str] = field(default_factory=list)  # what the bundle means to the runtime, pass or fail
+    warnings: list[str] = field(default_factory=list)  # what could not be checked (the ONNX folder's origin)
 
     @property
     def conditioning(self) -> ConditioningReport | None:
@@ -195,6 +197,7 @@ class VerificationReport:
             "failures": self.failures, "report_files": [str(p) for p in self.report_files],
             "conditioning": self.conditioning.to_dict() if self.conditioning is not None else None,
             "conditionings": [c.to_dict() for c in self.conditionings], "family": self.family, "notes": self.notes,
+            "warnings": self.warnings,
         }
 
 
@@ -373,6 +376,8 @@ class _Session:
             result.error = f"{'MNN' if result.runs else 'ONNX Runtime'} failed: {err}"
             self.progress.update(name, "failed", result.error)
             return result
+        _check_outputs(source, references, source.model)
+        _check_outputs(source, candidates, self.mnn_dir / source.spec.mnn_name)
         for output in source.spec.outputs:
             result.outputs.append(_worst_case(output, [r[output] for r in references], [c[output] for c in candidates]))
         if spec.conditioning_output and name == self.feeder:
@@ -382,6 +387,18 @@ class _Session:
         worst = min(o.psnr for o in result.outputs)
         self.progress.update(name, "done" if result.passed else "failed", f"worst PSNR {worst:.1f} dB")
         return result
+
+
+def _check_outputs(source, results: list[dict], model: Path) -> None:
+    """Refuse a model that gave no output of the name the runtime reads (one of another pipeline,
+    whose tensors differ): nothing can be compared."""
+    for outputs in results:
+        missing = [name for name in source.spec.outputs if name not in outputs]
+        if missing:
+            raise InputError(
+                f"{model}: gives no {', '.join(map(repr, missing))} output for the inputs {source.model} takes "
+                f"(it gives {sorted(outputs) or 'none'}); its inputs and outputs do not match: give the ONNX folder "
+                "the bundle was converted from, or reconvert the bundle from this one")
 
 
 def verify(
@@ -426,6 +443,7 @@ def verify(
     names = _select(onnx_dir, mnn_dir, components, family)
     for name in names:
         progress.update(name, "waiting")
+    warnings = check_sources(onnx_dir, mnn_dir, names)  # before any number is computed from them
     manifest = read_manifest(mnn_dir / MANIFEST_NAME)
     contract = (check_contract(mnn_dir, None if components is None else names, family)
                 + damaged_files(mnn_dir, manifest, names))
@@ -449,7 +467,7 @@ def verify(
                                                     scheme))
             progress.update(label, "done", conditionings[-1].summary())
     report = VerificationReport(onnx_dir, mnn_dir, seed, results, contract, conditionings=conditionings,
-                                family=family.name, notes=contract_notes(mnn_dir, family))
+                                family=family.name, notes=contract_notes(mnn_dir, family), warnings=warnings)
     report.wall_s = time.monotonic() - started
     if report_dir is not None:
         report.report_files = write_report(Path(report_dir), report, session.decoded)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sd2mnn.errors import InputError
+from sd2mnn.files import read_user_text
 from sd2mnn.families import SD15, Family
 from sd2mnn.layout import bundle_mtok
 
@@ -40,10 +41,7 @@ def builtin_prompts() -> list[str]:
 
 def read_prompts(path: Path) -> list[str]:
     """One prompt per line (kept as written, trailing spaces included); blank lines skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: cannot read the prompts ({err}); give a UTF-8 text file, one prompt per line") from None
+    text = read_user_text(path, "prompts", "give a UTF-8 text file, one prompt per line")
     prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     if not prompts:
         raise InputError(f"{path}: no prompts; write one prompt per line")

@@ -96,7 +96,7 @@ def run_command(args: argparse.Namespace) -> int:
     report = bench(args.bundle, args.onnx, components=args.components, threads=args.threads,
                    precision=args.precision, runs=args.runs, seed=args.seed, timeout=args.timeout, progress=progress)
     progress.close()
-    for line in report.off_contract:
+    for line in report.off_contract + report.warnings:
         print(f"warning: {line}", file=sys.stderr)
     if args.json:
         print_json(report.to_dict())

@@ -5,8 +5,9 @@ import argparse
 import math
 from pathlib import Path
 
-from sd2mnn.cli._common import native_stdout_to_stderr, print_json, table
+from sd2mnn.cli._common import add_overwrite_flag, native_stdout_to_stderr, print_json, table
 from sd2mnn.errors import InputError
+from sd2mnn.files import check_replaceable
 from sd2mnn.images import check_diff_path, compare_pixels, read_image
 
 
@@ -24,6 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-diff", action="store_true", help="write no diff picture")
     parser.add_argument("--min-psnr", type=float, metavar="DB", help="exit 1 if PSNR is below this")
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout")
+    add_overwrite_flag(parser, "an existing diff picture")
     parser.set_defaults(func=run_command)
 
 
@@ -34,6 +36,7 @@ def run_command(args: argparse.Namespace) -> int:
     diff = None if args.no_diff else Path(args.diff or a.with_name(f"{a.stem}_vs_{b.stem}.diff.png"))
     if diff is not None:
         check_diff_path(diff, a, b)  # before reading: a bad --diff costs nothing
+        check_replaceable(diff, args.overwrite, "the diff picture")
     (pixels_a, meta_a), (pixels_b, meta_b) = read_image(a), read_image(b)
     with native_stdout_to_stderr():  # MNN's PNG encoder prints on import
         result = compare_pixels(pixels_a, pixels_b, a, b, diff)

@@ -7,8 +7,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from sd2mnn.cli._common import human_bytes, print_json, table, terminate_as_interrupt
+from sd2mnn.cli._checks import check_output_folder
+from sd2mnn.cli._common import add_overwrite_flag, human_bytes, print_json, table, terminate_as_interrupt
 from sd2mnn.conversion import ConversionReport, check_before_export, convert
+from sd2mnn.errors import InputError, os_errors_as_one_line
+from sd2mnn.files import check_replaceable, is_inside
 from sd2mnn.layout import component_choices, split_components
 from sd2mnn.plan import ConvertOptions
 from sd2mnn.progress import make_progress
@@ -65,12 +68,13 @@ def register(subparsers) -> None:
     run.add_argument("--converter", metavar="PATH", help="MNNConvert executable (default: $MNNCONVERT, PATH, then the MNN package)")
     run.add_argument("--jobs", "-j", type=int, metavar="N", help="components converted at once (default: from cores and free memory)")
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="kill a component's conversion after this long")
-    run.add_argument("--force", action="store_true",
-                     help="reconvert every component, even if up to date, and replace files in MNN_DIR that sd2mnn did not write")
+    add_overwrite_flag(run, "files in MNN_DIR that sd2mnn did not write and a non-empty --keep-onnx folder, "
+                            "reconverting every component even if up to date")
     run.add_argument("--verify", action="store_true", help="verify the bundle against the ONNX models afterwards")
     source = parser.add_argument_group("when ONNX_DIR is a diffusers model (exported first; needs sd2mnn[export])")
     source.add_argument("--config", metavar="DIR", help="local diffusers folder with the configs, for a single-file checkpoint")
-    source.add_argument("--keep-onnx", metavar="DIR", help="keep the exported ONNX folder here (default: a temporary folder)")
+    source.add_argument("--keep-onnx", metavar="DIR", help="keep the exported ONNX folder here (default: a temporary "
+                        "folder); a folder of its own: not MNN_DIR, nor in or around it or the model")
     out = parser.add_argument_group("output")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     out.add_argument("--json", action="store_true", help="print the run's report as JSON on stdout")
@@ -88,7 +92,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         fp16=args.fp16,
         extra=args.extra,
         converter=args.converter,
-        force=args.force,
+        force=args.overwrite,
         jobs=args.jobs,
         timeout=args.timeout,
         tokenizer=args.tokenizer,
@@ -117,16 +121,48 @@ def onnx_source(args: argparse.Namespace, options: ConvertOptions, progress) -> 
     if not str(args.onnx_dir).strip() or not is_diffusers_model(args.onnx_dir):
         yield args.onnx_dir
         return
-    check_before_export(Path(args.mnn_dir), options)  # not after minutes of exporting
+    # Not after minutes of exporting: every output is checked first.
+    keep = check_keep_onnx(args)
+    check_output_folder(args.mnn_dir, "MNN_DIR")
+    check_before_export(Path(args.mnn_dir), options)
     chosen = {"components": options.components} if options.components is not None else {}
-    export_options = ExportOptions(config=Path(args.config) if args.config else None, overwrite=True, **chosen)
+    export_options = ExportOptions(config=Path(args.config) if args.config else None, overwrite=args.overwrite, **chosen)
     scratch_parent = Path(args.mnn_dir).absolute().parent
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".sd2mnn-export-", dir=scratch_parent) as tmp:
-        onnx_dir = Path(args.keep_onnx) if args.keep_onnx else Path(tmp) / "onnx"
+    with os_errors_as_one_line(Path(args.mnn_dir), "nothing was written"):
+        scratch_parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(prefix=".sd2mnn-export-", dir=scratch_parent)
+    with scratch as tmp:
+        onnx_dir = keep or Path(tmp) / "onnx"
         export(args.onnx_dir, onnx_dir, export_options,
                progress=lambda name, message: progress.update(name, "exporting", message))
         yield onnx_dir
+
+
+def check_keep_onnx(args: argparse.Namespace) -> Path | None:
+    """--keep-onnx DIR, checked before the export: never MNN_DIR, a folder in or around it, or one
+    overlapping the model the export reads (--overwrite or not); a non-empty one only with
+    --overwrite."""
+    if args.keep_onnx is None:
+        return None
+    if not args.keep_onnx.strip():  # Path("") is ".": an unset shell variable must not mean here
+        raise InputError("--keep-onnx is an empty string; give a folder for the exported ONNX pipeline")
+    keep = check_output_folder(args.keep_onnx, "--keep-onnx")
+    _refuse_overlap(keep, Path(args.mnn_dir), "MNN_DIR", "the bundle")
+    for source, name in ((args.onnx_dir, "the model"), (args.config, "the --config folder")):
+        if source:
+            _refuse_overlap(keep, Path(source), name, "what the export reads")
+    check_replaceable(keep, args.overwrite, "the exported ONNX pipeline")
+    return keep
+
+
+def _refuse_overlap(keep: Path, other: Path, name: str, what: str) -> None:
+    """Refuse --keep-onnx ``keep`` when it is ``other``, lies inside it or holds it."""
+    target, against = keep.resolve(), other.resolve()
+    relation = ("is" if target == against else "lies inside" if is_inside(target, against)
+                else "holds" if is_inside(against, target) else None)
+    if relation:
+        raise InputError(f"--keep-onnx {keep} {relation} {name} {other}; the exported ONNX pipeline needs a folder "
+                         f"apart from {what}: choose another --keep-onnx folder")
 
 
 def run_command(args: argparse.Namespace) -> int:

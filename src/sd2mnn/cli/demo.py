@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd2mnn.cli._common import terminate_as_interrupt
+from sd2mnn.cli._common import add_overwrite_flag, terminate_as_interrupt
 from sd2mnn.cli.convert import print_report
 from sd2mnn.conversion import convert
 from sd2mnn.demo import demo_pipeline_dir
 from sd2mnn.errors import InputError
+from sd2mnn.files import OVERWRITE_FLAG
 from sd2mnn.layout import MANIFEST_NAME
 from sd2mnn.manifest import read_manifest
 from sd2mnn.progress import make_progress
@@ -21,13 +22,13 @@ def register(subparsers) -> None:
     )
     parser.add_argument("out_dir", metavar="DIR", nargs="?", default="sd2mnn-demo", help="bundle folder (default: %(default)s)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress display")
-    parser.add_argument("--force", action="store_true", help="replace what DIR holds (another bundle, other files)")
+    add_overwrite_flag(parser, "what DIR holds (another bundle, other files)")
     parser.set_defaults(func=run)
 
 
 def _check_replaces_nothing(out: Path, source: Path) -> None:
     """DIR may be new, empty, or an earlier demo bundle (then the run reuses it): anything else
-    would be replaced, so it needs --force."""
+    would be replaced, so it needs --overwrite."""
     if not out.is_dir():
         return  # new; or not a folder, which convert refuses
     entries = sorted(p.name for p in out.iterdir() if p.name != ".sd2mnn")
@@ -37,7 +38,7 @@ def _check_replaces_nothing(out: Path, source: Path) -> None:
     if manifest is not None and Path(manifest.onnx_dir) == source.resolve():
         return
     what = f"a bundle converted from {manifest.onnx_dir}" if manifest else f"{len(entries)} entries ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})"
-    raise InputError(f"{out} already holds {what}; the demo would replace it: choose another folder, or pass --force")
+    raise InputError(f"{out} already holds {what}; the demo would replace it: choose another folder, or pass {OVERWRITE_FLAG}")
 
 
 def run(args) -> int:
@@ -46,10 +47,10 @@ def run(args) -> int:
     if not args.out_dir.strip():  # Path("") is ".": an unset shell variable must not mean here
         raise InputError("DIR is an empty string; give a folder for the demo bundle")
     out = Path(args.out_dir)
-    if not args.force:
+    if not args.overwrite:
         _check_replaces_nothing(out, source)
     print(f"converting the demo pipeline {source}")
-    report = convert(source, out, progress=make_progress(args.quiet), force=args.force)
+    report = convert(source, out, progress=make_progress(args.quiet), force=args.overwrite)
     print_report(report)
     print()
     for record in report.files:

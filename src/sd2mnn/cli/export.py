@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from sd2mnn import families
-from sd2mnn.cli._common import terminate_as_interrupt
+from sd2mnn.cli._common import add_overwrite_flag, terminate_as_interrupt
 from sd2mnn.export import COMPONENTS, KNOWN_COMPONENTS, ExportOptions, export
 
 EPILOG = """\
@@ -58,8 +58,7 @@ def register(subparsers) -> None:
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's, as --height)")
     parser.add_argument("--config", type=Path, default=None, metavar="DIR",
                         help="local diffusers config folder for a single-file checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace ONNX_DIR if it exists and is not empty")
+    add_overwrite_flag(parser, "ONNX_DIR if it exists and is not empty")
     parser.set_defaults(func=run)
 
 

@@ -10,8 +10,9 @@ from typing import TextIO
 
 import numpy as np
 
-from sd2mnn.cli._common import native_stdout_to_stderr, print_json, terminate_as_interrupt
+from sd2mnn.cli._common import add_overwrite_flag, native_stdout_to_stderr, print_json, terminate_as_interrupt
 from sd2mnn.errors import InputError
+from sd2mnn.files import check_replaceable
 from sd2mnn.images import check_png_path, probe_folder, write_failure
 from sd2mnn.noise import METHODS
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS
@@ -98,6 +99,7 @@ def register(subparsers) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
     out.add_argument("--json", action="store_true", help="print timings and metadata as JSON on stdout")
+    add_overwrite_flag(out, "an existing OUT.png or --save-latents file")
     parser.set_defaults(func=run_command)
 
 
@@ -148,8 +150,10 @@ def run_command(args: argparse.Namespace) -> int:
     terminate_as_interrupt()
     source, prompt = split_words(args)
     output = check_png_path(args.output)
+    check_replaceable(output, args.overwrite, "the image")
     if args.save_latents:
         check_npy_path(args.save_latents)
+        check_replaceable(args.save_latents, args.overwrite, "the latents")
     if args.cache_file:
         check_file_beside(Path(args.cache_file), "--cache-file")
     progress = None if args.quiet else StepProgress(sys.stderr)

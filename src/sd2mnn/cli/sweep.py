@@ -7,9 +7,10 @@ from pathlib import Path
 
 from sd2mnn.cli._checks import (check_at_least, check_finite, check_folder, check_output_folder, check_png_output,
                                 check_positive, check_seed)
-from sd2mnn.cli._common import print_json, table, terminate_as_interrupt
+from sd2mnn.cli._common import add_overwrite_flag, print_json, table, terminate_as_interrupt
 from sd2mnn.converter import find_converter
 from sd2mnn.errors import InputError
+from sd2mnn.files import check_replaceable
 from sd2mnn.images import write_failure
 from sd2mnn.layout import component_choices
 from sd2mnn.progress import make_progress
@@ -72,6 +73,7 @@ def register(subparsers) -> None:
     out.add_argument("--markdown", action="store_true", help="print the table as markdown")
     out.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress")
+    add_overwrite_flag(out, "an existing --plot picture")
     parser.set_defaults(func=run_command)
 
 
@@ -100,6 +102,7 @@ def run_command(args: argparse.Namespace) -> int:
     check_positive(args.timeout, "--timeout")
     if args.plot:
         check_png_output(args.plot, "--plot")
+        check_replaceable(args.plot, args.overwrite, "the plot")
     find_converter(args.converter)  # a bad --converter would fail every variant the same way
     progress = make_progress(quiet=args.quiet or args.json)
     report = sweep(args.onnx_dir, args.out_dir, args.variants, args.min_psnr, components=args.components,

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
-from sd2mnn.cli._common import print_json, table, terminate_as_interrupt
+from sd2mnn.cli._common import add_overwrite_flag, print_json, table, terminate_as_interrupt
 from sd2mnn.errors import InputError, VerificationError
+from sd2mnn.files import check_replaceable
 from sd2mnn.layout import MANIFEST_NAME, component_choices
 from sd2mnn.progress import make_progress
-from sd2mnn.verification import DEFAULT_THRESHOLDS, VerificationReport, verify
+from sd2mnn.verification import DEFAULT_THRESHOLDS, REPORT_FILES, VerificationReport, verify
 from sd2mnn.verify_conditioning import read_prompts
 
 
@@ -85,6 +87,7 @@ def register(subparsers) -> None:
     out.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress, no table")
     out.add_argument("--threads", type=int, metavar="N", help="threads per runtime (default: up to 4)")
+    add_overwrite_flag(out, "the --report folder's vae_decoder.png and verification.json")
     parser.set_defaults(func=run_command)
 
 
@@ -154,11 +157,15 @@ def run_command(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     prompts = read_prompts(Path(args.prompts)) if args.prompts else None
+    for name in REPORT_FILES if args.report else ():
+        check_replaceable(Path(args.report) / name, args.overwrite, "the verification report")
     progress = make_progress(quiet=args.quiet or args.json)
     report = verify(args.onnx_dir, args.mnn_dir, components=args.components, seed=args.seed,
                     thresholds=thresholds_from_args(args), report_dir=args.report, progress=progress, threads=args.threads,
                     prompts=prompts)
     progress.close()
+    for line in report.warnings:
+        print(f"warning: {line}", file=sys.stderr)
     if args.json:
         print_json(report.to_dict())
     elif not args.quiet:
