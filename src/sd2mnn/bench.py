@@ -40,6 +40,7 @@ from sd2mnn.contract import check_contract, onnx_vocabulary, runtime_notes
 from sd2mnn.errors import InputError
 from sd2mnn.families import SD15, Family
 from sd2mnn.layout import MANIFEST_NAME, folder_family, load_component, parse_components
+from sd2mnn.bundle import check_for_use
 from sd2mnn.manifest import read_manifest
 from sd2mnn.runtime import PRECISIONS
 from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static_shape
@@ -234,6 +235,7 @@ def bench(bundle, onnx_dir=None, components=None, threads: int = 2, precision: s
         raise InputError("benchmarking ONNX Runtime needs the ONNX folder; give it with --onnx")
     family = folder_family(bundle)
     names = _select(bundle, onnx_dir, components, family)
+    check_for_use(bundle, family, names)
     issues = check_contract(bundle, names, family)
     for issue in issues:
         if issue.kind == "vocabulary":  # the runtime's own ids overflow the embedding table: nothing can run

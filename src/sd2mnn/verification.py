@@ -265,7 +265,7 @@ def damaged_files(mnn_dir: Path, manifest, names) -> list[ContractIssue]:
     owned += [("tokenizer", f) for f in manifest.tokenizer]
     issues = []
     for name, record in owned:
-        mismatch = record_mismatch(record, mnn_dir, content=True)
+        mismatch = record_mismatch(record, mnn_dir)
         if mismatch:
             issues.append(ContractIssue(name, record.path, DAMAGED, "the file manifest.json records",
                                         f"{mismatch}: reconvert it (sd2mnn convert)"))
