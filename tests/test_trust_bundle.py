@@ -146,7 +146,7 @@ def test_external_data_on_a_node_attribute_is_checked_like_an_initializer(onnx_c
 # -- links in tokenizer folders ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["added_tokens.json", "vocab.json"])
+@pytest.mark.parametrize("name", ["added_tokens.json", "vocab.json", "tokenizer.mtok"])
 def test_a_tokenizer_file_linked_outside_its_folder_is_refused(onnx_copy, tmp_path, secret, name):
     link = onnx_copy / "tokenizer" / name
     link.unlink(missing_ok=True)
@@ -216,12 +216,14 @@ def test_a_copied_bundle_with_new_mtimes_and_the_same_content_is_taken(bundle_co
     assert (tmp_path / "x.png").is_file()
 
 
-def test_a_model_file_linked_outside_the_bundle_is_refused(bundle_copy, tmp_path):
+def test_a_model_file_linked_outside_the_bundle_is_refused(bundle_copy, demo_onnx, tmp_path):
     weight = bundle_copy / "vae_decoder.mnn.weight"
     shutil.move(weight, tmp_path / "outside.weight")
     weight.symlink_to(tmp_path / "outside.weight")
-    done = sd2mnn("generate", bundle_copy, PROMPT, "-o", tmp_path / "x.png", "--steps", 1)
-    assert_clean_error(done, f"{weight} is a link that leaves {bundle_copy}")
+    for done in (sd2mnn("generate", bundle_copy, PROMPT, "-o", tmp_path / "x.png", "--steps", 1),
+                 sd2mnn("bench", bundle_copy, "--runs", 1),
+                 sd2mnn("verify", demo_onnx, bundle_copy)):
+        assert_clean_error(done, f"{weight} is a link that leaves {bundle_copy}")
     assert not (tmp_path / "x.png").exists()
 
 

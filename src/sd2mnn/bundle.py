@@ -203,10 +203,7 @@ def check_for_use(root: Path, family, names) -> None:
     mtime moved (``record_mismatch``, as convert decides reuse). A bundle without a readable
     manifest is checked for links only: it still runs."""
     root = Path(root)
-    fix = "replace the link with the file itself, or reconvert the bundle (sd2mnn convert)"
-    for rel in [*(f for n in names for f in (family.components[n].mnn_name, family.components[n].weight_name)),
-                *bundle_mtoks(family)]:
-        confined(root, rel, fix)
+    confine_runtime_files(root, family, names)
     manifest = _manifest_for_use(root)
     if manifest is None:
         return
@@ -221,6 +218,15 @@ def check_for_use(root: Path, family, names) -> None:
         if mismatch:
             raise InputError(f"{record.at(root)} is damaged: {mismatch}; reconvert the bundle "
                              f"(sd2mnn convert ONNX_DIR {root}) or copy the file again")
+
+
+def confine_runtime_files(root: Path, family, names) -> None:
+    """Refuse a file the runtime reads for ``names`` (models, weights, every tokenizer.mtok) that
+    is a link leaving the bundle."""
+    fix = "replace the link with the file itself, or reconvert the bundle (sd2mnn convert)"
+    for rel in [*(f for n in names for f in (family.components[n].mnn_name, family.components[n].weight_name)),
+                *bundle_mtoks(family)]:
+        confined(root, rel, fix)
 
 
 def _manifest_for_use(root: Path) -> Manifest | None:

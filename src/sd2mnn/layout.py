@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd2mnn.errors import InputError, UnsafeModelError
-from sd2mnn.files import confined, is_inside
+from sd2mnn.errors import InputError
+from sd2mnn.files import confined
 from sd2mnn.families import SD15, ComponentSpec, Family
 from sd2mnn.onnx_scan import OnnxSummary, scan_onnx
 
@@ -169,15 +169,13 @@ def load_component(onnx_dir: Path, name: str, family: Family = SD15) -> Componen
     """Find and check one of the ``family``'s components in an ONNX pipeline folder."""
     spec = family.components[name]
     folder = confined(onnx_dir, name, f"replace the link with the {name} folder itself")
-    model = folder / "model.onnx"
+    model = confined(folder, "model.onnx", "replace the link with the file itself")
     if model.is_dir():
         raise InputError(f"{model} is a folder, not an ONNX file; put the {name}'s model.onnx there")
     if not model.is_file():
         raise InputError(
             f"{model} is missing; export the {name} (sd2mnn export) or leave it out with --components"
         )
-    if not is_inside(model.resolve(), folder.resolve()):
-        raise UnsafeModelError(f"{model} is a link that leaves {folder}; replace it with the real file")
     summary = scan_onnx(model)
     _check_signature(spec, model, summary)
     data_files = tuple(_check_external_location(loc, model, folder) for loc in summary.external_locations)

@@ -40,7 +40,7 @@ import numpy as np
 
 from sd2mnn import __version__
 from sd2mnn._verify_pass import PassError, RunStats, run_pass
-from sd2mnn.bundle import BundleDir
+from sd2mnn.bundle import BundleDir, confine_runtime_files
 from sd2mnn.contract import ContractIssue, check_contract, contract_notes, onnx_vocabulary
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, Family
@@ -426,6 +426,7 @@ def verify(
     names = _select(onnx_dir, mnn_dir, components, family)
     for name in names:
         progress.update(name, "waiting")
+    confine_runtime_files(mnn_dir, family, names)
     manifest = read_manifest(mnn_dir / MANIFEST_NAME)
     contract = (check_contract(mnn_dir, None if components is None else names, family)
                 + damaged_files(mnn_dir, manifest, names))
