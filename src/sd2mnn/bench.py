@@ -36,11 +36,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from sd2mnn.bundle import check_for_use
 from sd2mnn.contract import check_contract, onnx_vocabulary, runtime_notes
 from sd2mnn.errors import InputError
 from sd2mnn.families import SD15, Family
 from sd2mnn.layout import MANIFEST_NAME, folder_family, load_component, parse_components
-from sd2mnn.bundle import check_for_use
 from sd2mnn.manifest import read_manifest
 from sd2mnn.runtime import PRECISIONS
 from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static_shape
