@@ -298,7 +298,7 @@ def point_external_data_at(onnx_dir: Path, location: str) -> None:
 @pytest.mark.parametrize("location", ["/etc/passwd", "../../secret.bin", "sub/../../x.bin"])
 def test_external_data_outside_the_folder_is_refused(onnx_copy, tmp_path, location):
     point_external_data_at(onnx_copy, location)
-    with pytest.raises(UnsafeModelError, match="outside its folder|absolute path"):
+    with pytest.raises(UnsafeModelError, match="leads outside|absolute path"):
         sd2mnn.convert(onnx_copy, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 

@@ -81,6 +81,8 @@ def test_detect_sd35_from_diffusers_index_onnx_folder_and_t5_mtok(tmp_path):
     (onnx / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
     assert families.detect(onnx) is SD15
     (onnx / "transformer").mkdir()
+    assert families.detect(onnx) is SD15  # an empty folder says nothing
+    (onnx / "transformer" / "model.onnx").write_bytes(b"")
     assert families.detect(onnx) is SD35
     assert families.by_tokenizer_model("Unigram") is SD35
 

@@ -7,6 +7,7 @@ Each recipe check names the diffusion_sd35.cpp expression it holds the pipeline 
 of MNN 3.6.1)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -174,6 +175,18 @@ def test_diffusers_recipe_on_onnxruntime_is_diffusers_image(sd3_dir, ort_pipe):
     assert psnr(runtime.pixels, reference) < 60
 
 
+def _without_t5(bundle: Path, target: Path) -> Path:
+    """A copy of ``bundle`` as a conversion without text_encoder_3 writes it (its manifest does not
+    list T5: one that does is refused when its T5 is gone)."""
+    shutil.copytree(bundle, target)
+    for name in ("text_encoder_3.mnn", "text_encoder_3.mnn.weight"):
+        (target / name).unlink()
+    manifest = json.loads((target / "manifest.json").read_text())
+    del manifest["components"]["text_encoder_3"]
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
 def test_without_t5_zeros_stand_in_as_in_diffusers(sd3_dir, sd3_onnx, sd3_bundle, tmp_path, capsys):
     """A pipeline without text_encoder_3: MNN's runtime and diffusers both use zeros."""
     onnx = tmp_path / "onnx"
@@ -187,10 +200,7 @@ def test_without_t5_zeros_stand_in_as_in_diffusers(sd3_dir, sd3_onnx, sd3_bundle
     assert np.abs(ours.pixels.astype(int) - reference).max() <= 1
     assert any("conditioned on zeros" in note for note in ours.notes)
     # The bundle without T5 on MNN draws what ONNX Runtime does.
-    bundle = tmp_path / "bundle"
-    shutil.copytree(sd3_bundle, bundle)
-    for name in ("text_encoder_3.mnn", "text_encoder_3.mnn.weight"):
-        (bundle / name).unlink()
+    bundle = _without_t5(sd3_bundle, tmp_path / "bundle")
     assert generate_cli(bundle, PROMPT, "-o", tmp_path / "mnn.png", "--steps", 2, "--seed", 4) == 0
     assert generate_cli("--onnx", onnx, PROMPT, "-o", tmp_path / "ort.png", "--steps", 2, "--seed", 4) == 0
     assert compare(tmp_path / "mnn.png", tmp_path / "ort.png").psnr_db >= MIN_PSNR_MNN_ORT
@@ -200,10 +210,7 @@ def test_without_t5_zeros_stand_in_as_in_diffusers(sd3_dir, sd3_onnx, sd3_bundle
 
 def test_without_t5_or_its_tokenizer_draws_and_says_the_runtime_would_refuse(sd3_bundle, tmp_path):
     # DiffusionSD35::load() fails without tokenizer_3/tokenizer.mtok, T5 or not (SD35:96-107).
-    bundle = tmp_path / "bundle"
-    shutil.copytree(sd3_bundle, bundle)
-    for name in ("text_encoder_3.mnn", "text_encoder_3.mnn.weight"):
-        (bundle / name).unlink()
+    bundle = _without_t5(sd3_bundle, tmp_path / "bundle")
     shutil.rmtree(bundle / "tokenizer_3")
     assert generate_cli(bundle, PROMPT, "-o", tmp_path / "x.png", "--steps", 1) == 0
     _, meta = read_image(tmp_path / "x.png")

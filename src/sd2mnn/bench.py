@@ -36,6 +36,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from sd2mnn.bundle import check_for_use
 from sd2mnn.contract import check_contract, onnx_vocabulary, runtime_notes
 from sd2mnn.errors import InputError
 from sd2mnn.families import SD15, Family
@@ -236,6 +237,7 @@ def bench(bundle, onnx_dir=None, components=None, threads: int = 2, precision: s
         raise InputError("benchmarking ONNX Runtime needs the ONNX folder; give it with --onnx")
     family = folder_family(bundle)
     names = _select(bundle, onnx_dir, components, family)
+    check_for_use(bundle, family, names)
     warnings = check_sources(onnx_dir, bundle, names) if onnx_dir is not None else []
     issues = check_contract(bundle, names, family)
     for issue in issues:

@@ -9,6 +9,10 @@ converted and loaded. Until then the outputs live in ``MNN_DIR/.sd2mnn/``:
 
 A run that fails keeps ``pending/`` so the next run resumes from it; everything else it made is
 removed. The commit moves each file into place with one rename, the manifest last.
+
+A bundle comes from a folder the user may have been handed: the work area, each pending record
+and every path they name are confined to the bundle (``sd2mnn.files.confined``), and a bundle is
+checked against its manifest before it is used (``check_for_use``).
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sd2mnn.errors import BundleLockedError, DiskSpaceError, InputError, Sd2MnnError
-from sd2mnn.layout import LOGS_DIR, MANIFEST_NAME
-from sd2mnn.manifest import ComponentRecord, Manifest
+from sd2mnn.errors import BundleLockedError, DiskSpaceError, InputError, Sd2MnnError, UnsafeModelError
+from sd2mnn.files import confined
+from sd2mnn.layout import LOGS_DIR, MANIFEST_NAME, bundle_mtoks
+from sd2mnn.manifest import ComponentRecord, Manifest, read_manifest, record_mismatch
 
 WORK_AREA = ".sd2mnn"
 RECORD_NAME = "record.json"
@@ -61,6 +66,7 @@ class BundleDir:
         if self.root.exists() and not self.root.is_dir():
             raise InputError(f"{self.root} exists and is not a folder; choose another output folder")
         self.created = not self.root.exists()
+        self._check_work_area()
         try:
             self.work_area.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -81,6 +87,13 @@ class BundleDir:
         # A scratch folder left by a run that was killed is garbage: it never finished.
         shutil.rmtree(self.scratch_dir, ignore_errors=True)
         return self
+
+    def _check_work_area(self) -> None:
+        """The work area is removed and rewritten freely: none of it may lead out of the bundle."""
+        fix = f"remove it (sd2mnn keeps its work area in {WORK_AREA}/ and recreates it)"
+        for rel in (WORK_AREA, f"{WORK_AREA}/lock", f"{WORK_AREA}/pending", f"{WORK_AREA}/work",
+                    f"{WORK_AREA}/replaced", f"{WORK_AREA}/{MANIFEST_NAME}"):
+            confined(self.root, rel, fix)
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.scratch_dir, ignore_errors=True)
@@ -111,11 +124,22 @@ class BundleDir:
         for folder in sorted(self.pending_dir.iterdir()):
             try:
                 record = ComponentRecord.from_dict(json.loads((folder / RECORD_NAME).read_text()))
-            except (OSError, ValueError, KeyError, TypeError):
-                shutil.rmtree(folder, ignore_errors=True)  # unreadable: it cannot be trusted
+                self._check_pending(record, folder)
+            except (OSError, ValueError, KeyError, TypeError, UnsafeModelError):
+                _discard(folder)  # unreadable, or naming paths outside: it cannot be trusted
                 continue
             found[record.name] = (record, folder)
         return found
+
+    def _check_pending(self, record: ComponentRecord, folder: Path) -> None:
+        """A pending record names its own folder and outputs that stay in it and in the bundle
+        (the commit moves each from the one to the other)."""
+        if record.name != folder.name:
+            raise ValueError(f"{folder / RECORD_NAME} names {record.name!r}")
+        confined(self.pending_dir, folder.name, "")
+        for output in record.outputs:
+            output.at(folder, "")
+            output.at(self.root, "")
 
     def park(self, record: ComponentRecord, scratch: Path) -> Path:
         """Move a finished component's scratch folder to pending/ (record written last)."""
@@ -134,6 +158,8 @@ class BundleDir:
         work area); the commit itself is renames. Each file it replaces is first moved aside into
         the work area, so a failure at any step is undone rename by rename: the bundle is as it
         was, and the staged files are back where the next run resumes from."""
+        fix = "move it out of the way and run again (the bundle is unchanged)"
+        targets = {rel: confined(self.root, rel, fix) for rel in [*staged, MANIFEST_NAME]}
         aside = self.work_area / "replaced"
         shutil.rmtree(aside, ignore_errors=True)
         new_manifest = self.work_area / MANIFEST_NAME
@@ -149,7 +175,7 @@ class BundleDir:
                     if not current.is_dir():
                         current.mkdir()
                         made.append(current)
-                current = self.root / rel
+                current = targets[rel]
                 # A folder in a file's place is not ours to move aside: the rename below fails.
                 if current.is_symlink() or current.is_file():
                     _move(current, aside / str(index), moves)
@@ -167,6 +193,57 @@ class BundleDir:
 
     def logs_dir(self) -> Path:
         return self.root / LOGS_DIR
+
+
+def check_for_use(root: Path, family, names) -> None:
+    """Refuse a bundle that no longer holds what was converted, before generate or bench uses
+    ``names`` (components of ``family``): a file the runtime reads that is a link leaving the
+    bundle; a component manifest.json lists whose model is gone (a runtime that runs without it
+    would condition on zeros); a recorded file whose size changed, or whose sha256 did where its
+    mtime moved (``record_mismatch``, as convert decides reuse). A bundle without a readable
+    manifest is checked for links only: it still runs."""
+    root = Path(root)
+    confine_runtime_files(root, family, names)
+    manifest = _manifest_for_use(root)
+    if manifest is None:
+        return
+    listed = [n for n in names if n in manifest.components]
+    for name in listed:
+        model = root / family.components[name].mnn_name
+        if not model.is_file():
+            raise InputError(f"{model} is missing, but {root / MANIFEST_NAME} lists {name}; copy the file back, or "
+                             f"reconvert it (sd2mnn convert ONNX_DIR {root} --components {name})")
+    for record in [*manifest.tokenizer, *(f for n in listed for f in manifest.components[n].outputs)]:
+        mismatch = record_mismatch(record, root)
+        if mismatch:
+            raise InputError(f"{record.at(root)} is damaged: {mismatch}; reconvert the bundle "
+                             f"(sd2mnn convert ONNX_DIR {root}) or copy the file again")
+
+
+def confine_runtime_files(root: Path, family, names) -> None:
+    """Refuse a file the runtime reads for ``names`` (models, weights, every tokenizer.mtok) that
+    is a link leaving the bundle."""
+    fix = "replace the link with the file itself, or reconvert the bundle (sd2mnn convert)"
+    for rel in [*(f for n in names for f in (family.components[n].mnn_name, family.components[n].weight_name)),
+                *bundle_mtoks(family)]:
+        confined(root, rel, fix)
+
+
+def _manifest_for_use(root: Path) -> Manifest | None:
+    try:
+        return read_manifest(root / MANIFEST_NAME)
+    except UnsafeModelError:
+        raise
+    except (InputError, OSError):
+        return None  # an unreadable manifest is convert's business; the runtime needs none
+
+
+def _discard(path: Path) -> None:
+    """Remove a work-area entry; a link is removed, never followed."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _move(source: Path, target: Path, moves: list[tuple[Path, Path]]) -> None:

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sd2mnn import __version__, families
-from sd2mnn.bundle import BundleDir
+from sd2mnn.bundle import WORK_AREA, BundleDir
 from sd2mnn.children import Child, ChildResult, child_env, log_tail
 from sd2mnn.converter import find_converter
 from sd2mnn.errors import (ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError,
                            os_errors_as_one_line)
 from sd2mnn.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bundle_mtok, bundle_mtoks,
-                           check_component_names, open_onnx_pipeline, split_components)
+                           check_component_names, open_onnx_pipeline, split_components,
+                           tokenizer_folder_files)
 from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
 from sd2mnn.mtok import write_mtok
 from sd2mnn.onnx_scan import TensorSpec, check_external_data
@@ -110,6 +111,7 @@ def convert(
     options = replace(options, components=tuple(onnx.components))  # the family's names (defaults: its own)
     for source in onnx.components.values():
         check_external_data(source.summary)
+    _tokenizer_files(onnx)  # a tokenizer file the bundle cannot take is refused before anything runs
     converter = find_converter(options.converter)
     for warning in check_extra_flags(options, converter):
         log.warning("warning: %s", warning)
@@ -438,17 +440,29 @@ def _stage_components(
     for name, record in records.items():
         _, folder = pending[name]
         for output in record.outputs:
-            staged[output.path] = folder / output.path
+            staged[output.path] = output.at(folder)
         staged[f"{LOGS_DIR}/{name}.log"] = folder / f"{name}.log"
         # The files keep their mtime through the renames, so the records stay exact.
     return staged, records
 
 
 def _tokenizer_files(onnx: OnnxPipeline) -> list[tuple[str, Path]]:
-    """(bundle-relative name, ONNX file) of every tokenizer file the bundle gets a copy of."""
-    return [("/".join(p for p in (target, item.name) if p), item)
-            for target, folder in onnx.tokenizers.items() for item in sorted(folder.iterdir())
-            if item.is_file() and item.name != MTOK_NAME]  # the .mtok is written, never copied
+    """(bundle-relative name, ONNX file) of every tokenizer file the bundle gets a copy of. A
+    tokenizer file named like a file of the bundle's own would replace it: refused."""
+    own = {MANIFEST_NAME, LOGS_DIR, WORK_AREA, *bundle_mtoks(onnx.family),
+           *(name for family in families.FAMILIES.values() for spec in family.components.values()
+             for name in (spec.mnn_name, spec.weight_name))}
+    files = []
+    for target, folder in onnx.tokenizers.items():
+        for item in tokenizer_folder_files(folder):
+            if item.name == MTOK_NAME:
+                continue  # the .mtok is written, never copied
+            rel = "/".join(p for p in (target, item.name) if p)
+            if rel in own:
+                raise InputError(f"{item} has the name of the bundle's own {rel}, which it would replace; "
+                                 f"remove it from {folder}")
+            files.append((rel, item))
+    return files
 
 
 def _stage_tokenizer(plan: ConversionPlan, scratch: Path, staged: dict[str, Path]) -> tuple[tuple[FileRecord, ...], str]:

@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd2mnn.errors import InputError, UnsafeModelError
-from sd2mnn.files import is_inside
+from sd2mnn.errors import InputError
+from sd2mnn.files import confined
 from sd2mnn.families import SD15, ComponentSpec, Family
 from sd2mnn.onnx_scan import OnnxSummary, scan_onnx
 
@@ -133,28 +133,24 @@ class ComponentSource:
 
 
 def _check_external_location(location: str, model: Path, folder: Path) -> Path:
-    """Refuse external-data locations that leave the component's folder (untrusted models)."""
-    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location.split("/")[0]:
-        raise UnsafeModelError(
-            f"{model} refers to external data at an absolute path ({location!r}); "
-            "re-export it with its data beside the model"
-        )
-    if ".." in Path(location.replace("\\", "/")).parts:
-        raise UnsafeModelError(
-            f"{model} refers to external data outside its folder ({location!r}); "
-            "re-export it with its data beside the model"
-        )
-    target = folder / location
+    """The data file an external-data ``location`` names, refused when it leaves the component's
+    folder (untrusted models) and when it is missing."""
+    target = confined(folder, location, f"{model} names it as external data: re-export the model with its "
+                                        "data beside it")
     if not target.exists():
         raise InputError(
             f"{model} needs its external data file {target}, which is missing; "
             "copy it beside the model (re-export if it was lost)"
         )
-    if not is_inside(target.resolve(), folder.resolve()):
-        raise UnsafeModelError(
-            f"{target} is a link that leaves {folder}; replace it with the real file"
-        )
     return target
+
+
+def tokenizer_folder_files(folder: Path) -> list[Path]:
+    """The files of a tokenizer folder; an entry that is a link leaving the folder is refused.
+    Whatever reads a tokenizer folder (the .mtok writer, convert's copy) reads what this allows."""
+    fix = "replace the link with the file itself"
+    return [path for path in (confined(folder, item.name, fix) for item in sorted(folder.iterdir()))
+            if path.is_file()]
 
 
 def _check_signature(spec: ComponentSpec, model: Path, summary: OnnxSummary) -> None:
@@ -172,16 +168,14 @@ def _check_signature(spec: ComponentSpec, model: Path, summary: OnnxSummary) -> 
 def load_component(onnx_dir: Path, name: str, family: Family = SD15) -> ComponentSource:
     """Find and check one of the ``family``'s components in an ONNX pipeline folder."""
     spec = family.components[name]
-    folder = onnx_dir / name
-    model = folder / "model.onnx"
+    folder = confined(onnx_dir, name, f"replace the link with the {name} folder itself")
+    model = confined(folder, "model.onnx", "replace the link with the file itself")
     if model.is_dir():
         raise InputError(f"{model} is a folder, not an ONNX file; put the {name}'s model.onnx there")
     if not model.is_file():
         raise InputError(
             f"{model} is missing; export the {name} (sd2mnn export) or leave it out with --components"
         )
-    if not is_inside(model.resolve(), folder.resolve()):
-        raise UnsafeModelError(f"{model} is a link that leaves {folder}; replace it with the real file")
     summary = scan_onnx(model)
     _check_signature(spec, model, summary)
     data_files = tuple(_check_external_location(loc, model, folder) for loc in summary.external_locations)
@@ -221,9 +215,11 @@ def open_onnx_pipeline(onnx_dir: str | os.PathLike, components: tuple[str, ...] 
     family = family or folder_family(root)
     if components is None:  # the defaults, less one the runtime runs without that was not exported
         components = tuple(n for n in family.default_components
-                           if not (family.components[n].runtime_optional and not (root / n).exists()))
+                           if not (family.components[n].runtime_optional and not (root / n / "model.onnx").exists()))
     names = parse_components(components, family)
     for folder in tokenizer_layout(family):
-        if not (root / folder).is_dir():
-            raise InputError(f"{root / folder} is missing; copy the pipeline's {folder} folder into {root}")
+        path = confined(root, folder, f"replace the link with the {folder} folder itself")
+        if not path.is_dir():
+            raise InputError(f"{path} is missing; copy the pipeline's {folder} folder into {root}")
+        tokenizer_folder_files(path)
     return OnnxPipeline(root, {name: load_component(root, name, family) for name in names}, family)

@@ -3,7 +3,11 @@
 It is also the memory of incremental conversion: a component is reused only when its recorded
 sources, flags and converter equal the current ones and its outputs are intact. Files whose size
 and modification time are unchanged keep their recorded sha256, so deciding to skip never
-re-hashes gigabytes.
+re-hashes gigabytes. The same rule (``record_mismatch``) decides whether a bundle opened for use
+still holds what was converted.
+
+A manifest comes from a folder sd2mnn does not own: every path in it is confined to the bundle
+(``sd2mnn.files.confined``) when it is read.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sd2mnn.errors import InputError
+from sd2mnn.files import confined
 from sd2mnn.onnx_scan import TensorSpec
 
 MANIFEST_FORMAT = 1
@@ -46,13 +51,17 @@ class FileRecord:
             return replace(known, path=rel)
         return cls(rel, stat.st_size, sha256_file(path) if hash_now else "", stat.st_mtime_ns)
 
+    def at(self, root: Path, fix: str = "delete the record and reconvert the bundle (sd2mnn convert)") -> Path:
+        """``root/path``, refused when the recorded path leaves ``root``."""
+        return confined(root, self.path, fix)
+
     def hashed(self, root: Path) -> "FileRecord":
         """This record with its hash filled in (if it was left empty)."""
-        return self if self.sha256 else replace(self, sha256=sha256_file(root / self.path))
+        return self if self.sha256 else replace(self, sha256=sha256_file(self.at(root)))
 
     def is_intact(self, root: Path) -> bool:
         """The file at ``root/path`` still has this content (hashing only if size/mtime moved)."""
-        return (root / self.path).is_file() and record_mismatch(self, root, content=True) is None
+        return self.at(root).is_file() and record_mismatch(self, root) is None
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,10 @@ class Manifest:
     def write(self, path: Path) -> None:
         write_json_atomic(path, self.to_dict())
 
+    def bundle_files(self) -> list[FileRecord]:
+        """Every file in the bundle it records: the components' outputs and the tokenizer files."""
+        return [*(f for record in self.components.values() for f in record.outputs), *self.tokenizer]
+
 
 def write_json_atomic(path: Path, data: object) -> None:
     """Write ``data`` as JSON atomically: a temp file beside the target, then one rename."""
@@ -157,24 +170,28 @@ def read_manifest(path: Path) -> Manifest | None:
     if not path.exists():
         return None
     try:
-        return Manifest.from_dict(json.loads(path.read_text()))
+        manifest = Manifest.from_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as err:
         raise InputError(
             f"{path} is not a manifest sd2mnn can read ({err}); delete it to rebuild the bundle from scratch"
         ) from None
+    fix = f"{path} lists it: delete {path.name} and reconvert the bundle (sd2mnn convert)"
+    for record in manifest.bundle_files():
+        record.at(path.parent, fix)  # refused before anything outside is looked at
+    return manifest
 
 
-def record_mismatch(record: FileRecord, root: Path, content: bool = False) -> str | None:
-    """How ``root/record.path`` differs from what the manifest recorded: its size, or with
-    ``content`` its sha256 (hashed only when the mtime moved). None when it matches or is gone
-    (a missing file is reported by whoever needs it)."""
-    path = root / record.path
+def record_mismatch(record: FileRecord, root: Path) -> str | None:
+    """How ``root/record.path`` differs from what the manifest recorded: its size, or its sha256
+    (hashed only when its mtime moved: a copied bundle with new mtimes is still the same bundle).
+    None when it matches or is gone (a missing file is reported by whoever needs it)."""
+    path = record.at(root)
     try:
         stat = path.stat()
     except OSError:
         return None
     if stat.st_size != record.size:
         return f"{stat.st_size} bytes where manifest.json records {record.size}"
-    if content and stat.st_mtime_ns != record.mtime_ns and sha256_file(path) != record.sha256:
+    if stat.st_mtime_ns != record.mtime_ns and sha256_file(path) != record.sha256:
         return f"content changed (sha256 differs from manifest.json's {record.sha256[:12]}...)"
     return None

@@ -163,6 +163,9 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
 
     if not tokenizer_dir.is_dir():
         raise InputError(f"{tokenizer_dir}: no tokenizer folder; point at the pipeline's tokenizer/ folder")
+    from sd2mnn.layout import tokenizer_folder_files
+
+    tokenizer_folder_files(tokenizer_dir)
     family = tokenizer_family(tokenizer_dir)
     config_path = tokenizer_dir / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.is_file() else {}

@@ -9,7 +9,7 @@ the onnx package.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sd2mnn.errors import InputError
@@ -17,9 +17,17 @@ from sd2mnn.errors import InputError
 # Field numbers from onnx.proto.
 _MODEL_IR_VERSION = 1
 _MODEL_GRAPH = 7
+_MODEL_FUNCTIONS = 25
+_FUNCTION_NODE = 7
+_GRAPH_NODE = 1
 _GRAPH_INITIALIZER = 5
 _GRAPH_INPUT = 11
 _GRAPH_OUTPUT = 12
+_GRAPH_SPARSE_INITIALIZER = 15
+_NODE_ATTRIBUTE = 5
+_ATTRIBUTE_TENSOR, _ATTRIBUTE_GRAPH, _ATTRIBUTE_TENSORS, _ATTRIBUTE_GRAPHS = 5, 6, 10, 11
+_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS = 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
 _TENSOR_DIMS = 1
 _TENSOR_DATA_TYPE = 2
 _TENSOR_NAME = 8
@@ -54,7 +62,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ExternalTensor:
-    """Where an initializer's bytes live outside the model file, as the file states it."""
+    """Where a tensor's bytes live outside the model file, as the file states it (an initializer,
+    a sparse initializer's parts, or a node attribute's tensor, in any graph of the model)."""
 
     name: str
     location: str
@@ -174,14 +183,72 @@ def _tensor_spec(raw: bytes) -> TensorSpec:
     return TensorSpec(info.name, dims, dtype)
 
 
+class _Found:
+    """What a walk of a model's graphs collects."""
+
+    def __init__(self):
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self.initializer_names: set[str] = set()
+        self.locations: dict[str, None] = {}
+        self.external: list[ExternalTensor] = []
+
+    def tensor(self, stream: io.BufferedReader, end: int, what: str) -> str:
+        """Read a TensorProto's header; keep it if its data is external. Returns its name."""
+        name, tensor = _initializer_header(stream, end)
+        if tensor is not None:
+            self.locations[tensor.location] = None
+            self.external.append(tensor if tensor.name else replace(tensor, name=what))
+        return name
+
+
+def _walk_sparse(stream: io.BufferedReader, end: int, found: _Found, what: str) -> None:
+    for number, wire, length in _fields(stream, end):
+        if wire == _WIRE_LEN and number in (_SPARSE_VALUES, _SPARSE_INDICES):
+            found.tensor(stream, stream.tell() + length, what)
+
+
+def _walk_node(stream: io.BufferedReader, end: int, found: _Found) -> None:
+    """A NodeProto's attributes: tensors, sparse tensors and subgraphs (If, Loop, Scan bodies)."""
+    for number, wire, length in _fields(stream, end):
+        if number != _NODE_ATTRIBUTE or wire != _WIRE_LEN:
+            continue
+        for a_number, a_wire, a_length in _fields(stream, stream.tell() + length):
+            a_end = stream.tell() + a_length
+            if a_wire != _WIRE_LEN:
+                continue
+            if a_number in (_ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS):
+                found.tensor(stream, a_end, "a node attribute's tensor")
+            elif a_number in (_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS):
+                _walk_sparse(stream, a_end, found, "a node attribute's sparse tensor")
+            elif a_number in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
+                _walk_graph(stream, a_end, found, top=False)
+
+
+def _walk_graph(stream: io.BufferedReader, end: int, found: _Found, top: bool) -> None:
+    """A GraphProto: the top graph's inputs and outputs, and every tensor with external data in
+    it or its subgraphs. Payloads are skipped by seeking: memory stays flat."""
+    for number, wire, length in _fields(stream, end):
+        if wire != _WIRE_LEN:
+            continue
+        field_end = stream.tell() + length
+        if top and number in (_GRAPH_INPUT, _GRAPH_OUTPUT):
+            spec = _tensor_spec(stream.read(length))
+            (found.inputs if number == _GRAPH_INPUT else found.outputs).append(spec)
+        elif number == _GRAPH_INITIALIZER:
+            name = found.tensor(stream, field_end, "an initializer")
+            if top:
+                found.initializer_names.add(name)
+        elif number == _GRAPH_SPARSE_INITIALIZER:
+            _walk_sparse(stream, field_end, found, "a sparse initializer")
+        elif number == _GRAPH_NODE:
+            _walk_node(stream, field_end, found)
+
+
 def scan_onnx(path: Path) -> OnnxSummary:
     """Summarize an ONNX file; raise InputError if it is not one."""
     path = Path(path)
-    inputs: list[TensorSpec] = []
-    outputs: list[TensorSpec] = []
-    locations: dict[str, None] = {}
-    external: list[ExternalTensor] = []
-    initializer_names: set[str] = set()
+    found = _Found()
     saw_graph = saw_ir_version = False
     try:
         with open(path, "rb") as stream:
@@ -190,23 +257,16 @@ def scan_onnx(path: Path) -> OnnxSummary:
             for number, wire, value in _fields(stream, size):
                 if number == _MODEL_IR_VERSION and wire == _WIRE_VARINT:
                     saw_ir_version = True
-                if number != _MODEL_GRAPH or wire != _WIRE_LEN:
+                if wire != _WIRE_LEN:
                     continue
-                saw_graph = True
-                graph_end = stream.tell() + value
-                for g_number, g_wire, g_length in _fields(stream, graph_end):
-                    if g_wire != _WIRE_LEN:
-                        continue
-                    if g_number in (_GRAPH_INPUT, _GRAPH_OUTPUT):
-                        spec = _tensor_spec(stream.read(g_length))
-                        (inputs if g_number == _GRAPH_INPUT else outputs).append(spec)
-                    elif g_number == _GRAPH_INITIALIZER:
-                        name, tensor = _initializer_header(stream, stream.tell() + g_length)
-                        initializer_names.add(name)
-                        if tensor is not None:
-                            locations[tensor.location] = None
-                            external.append(tensor)
-    except (_NotOnnx, UnicodeDecodeError, ValueError) as err:  # ValueError: protobuf DecodeError
+                if number == _MODEL_GRAPH:
+                    saw_graph = True
+                    _walk_graph(stream, stream.tell() + value, found, top=True)
+                elif number == _MODEL_FUNCTIONS:  # a function's nodes carry attributes too
+                    for f_number, f_wire, f_length in _fields(stream, stream.tell() + value):
+                        if f_number == _FUNCTION_NODE and f_wire == _WIRE_LEN:
+                            _walk_node(stream, stream.tell() + f_length, found)
+    except (_NotOnnx, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: protobuf DecodeError
         raise InputError(
             f"{path} is not an ONNX model ({err}); point sd2mnn at the folder a diffusers -> ONNX export wrote"
         ) from None
@@ -215,8 +275,8 @@ def scan_onnx(path: Path) -> OnnxSummary:
             f"{path} is not an ONNX model (no graph found); point sd2mnn at the folder a diffusers -> ONNX export wrote"
         )
     # Old exporters list initializers among the inputs; they are not inputs a runtime feeds.
-    inputs = [spec for spec in inputs if spec.name not in initializer_names]
-    return OnnxSummary(path, tuple(inputs), tuple(outputs), tuple(locations), tuple(external))
+    inputs = [spec for spec in found.inputs if spec.name not in found.initializer_names]
+    return OnnxSummary(path, tuple(inputs), tuple(found.outputs), tuple(found.locations), tuple(found.external))
 
 
 def check_external_data(summary: OnnxSummary) -> None:

@@ -38,7 +38,9 @@ from sd2mnn.contract import check_vocabulary
 from sd2mnn.errors import InputError, MissingExtraError
 from sd2mnn.files import read_user_text
 from sd2mnn.layout import MANIFEST_NAME, MTOK_NAME, bundle_mtok, bundle_mtoks
-from sd2mnn.manifest import FileRecord, read_manifest, record_mismatch
+from sd2mnn.bundle import check_for_use
+from sd2mnn.files import confined
+from sd2mnn.manifest import FileRecord, read_manifest
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
 from sd2mnn.runtime import (WINOGRAD_MEMORY_LEVEL, MnnModel, OrtModel, RuntimeConfig, check_mnn_files,
                              mnn_runtime_manager)
@@ -475,6 +477,8 @@ class Pipeline:
         self.lifetime = self.steps.lifetime(memory_mode) if runtime == "mnn" else recipes.KEEP_ALL
         self.config = config or mnn_runtime_config(family=self.family)
         self.load_notes: list[str] = []  # what this pipeline does that the runtime does not say
+        if runtime == "mnn":
+            check_for_use(self.source, self.family, self.family.runtime_components)
         present = self._present_components()
         self.components = tuple(n for n in self.family.runtime_components if n in present)
         self.text_encoders = tuple(n for n in self.components if self.family.components[n].prompt_ids)
@@ -529,7 +533,8 @@ class Pipeline:
 
     def _model_file(self, name: str) -> Path:
         spec = self.family.components[name]
-        return self.source / (spec.mnn_name if self.runtime == "mnn" else f"{name}/model.onnx")
+        return confined(self.source, spec.mnn_name if self.runtime == "mnn" else f"{name}/model.onnx",
+                        "replace the link with the file itself")
 
     def _tokenizer_folder(self, name: str) -> Path:
         """Where a text encoder's tokenizer is: in a bundle, beside the tokenizer.mtok the runtime
@@ -537,7 +542,7 @@ class Pipeline:
         tokenizer folder."""
         if self.runtime == "mnn":
             return (self.source / bundle_mtok(self.family, name)).parent
-        return self.source / self.family.components[name].tokenizer
+        return confined(self.source, self.family.components[name].tokenizer, "replace the link with the folder itself")
 
     def _load_tokenizers(self) -> None:
         self.tokenizers: dict[str, PromptIds] = {}
@@ -563,7 +568,6 @@ class Pipeline:
 
     def _load_mnn(self) -> tuple[float, float, list[str]]:
         names = [self.family.components[n] for n in self.components]
-        check_bundle_sizes(self.source, self.components)
         start = time.perf_counter()
         self._load_tokenizers()
         loaded = time.perf_counter()
@@ -837,24 +841,6 @@ def _check_finite(values: np.ndarray, what: str, params: GenerationParams, guida
                          "and check the bundle with sd2mnn verify")
 
 
-def check_bundle_sizes(root: Path, names) -> None:
-    """Refuse a bundle whose model or tokenizer files no longer have the sizes manifest.json
-    records (a truncated copy, an interrupted download): MNN would load them and draw garbage.
-    Sizes only, so a 3.4 GB unet costs nothing; ``sd2mnn verify`` also compares hashes."""
-    try:
-        manifest = read_manifest(root / MANIFEST_NAME)
-    except InputError:
-        manifest = None  # an unreadable manifest is convert's business; generate needs none
-    if manifest is None:
-        return
-    records = [*manifest.tokenizer, *(f for n in names if n in manifest.components for f in manifest.components[n].outputs)]
-    for record in records:
-        mismatch = record_mismatch(record, root)
-        if mismatch:
-            raise InputError(f"{root / record.path} is damaged: {mismatch}; reconvert the bundle "
-                             f"(sd2mnn convert ONNX_DIR {root}) or copy the file again")
-
-
 _HASH_LIMIT = 64 << 20  # hash smaller files on every run; bigger ones only via manifest.json
 
 
@@ -867,8 +853,7 @@ def content_hash(root: Path, files: list[str]) -> tuple[str, bool]:
     except InputError:
         manifest = None
     if manifest is not None:
-        for record in [*manifest.tokenizer, *(f for c in manifest.components.values() for f in c.outputs)]:
-            recorded[record.path] = record
+        recorded = {record.path: record for record in manifest.bundle_files()}
     digest, exact = hashlib.sha256(), True
     for rel in files:
         path = root / rel

@@ -234,10 +234,14 @@ def _stale_reason(
     converter: dict,
     outputs_root: Path,
     prefix: str = "",
+    output_names: tuple[str, ...] = (),
 ) -> str | None:
-    """Why ``record`` cannot stand for a conversion with these inputs, or None if it can."""
+    """Why ``record`` cannot stand for a conversion with these inputs, or None if it can.
+    ``output_names``: the files a conversion writes; a record of others is not this component's."""
     if record is None:
         return "new"
+    if output_names and sorted(f.path for f in record.outputs) != sorted(output_names):
+        return "outputs changed"
     if record.flags != flags:
         return "flags changed"
     if record.prefix != prefix:
@@ -286,10 +290,12 @@ def plan_conversion(
             continue
         sources = _hash_where_needed(old or waiting, sources, onnx.root)
         prefix = prefixes[name].prefix_id if name in prefixes else ""
-        reason = _stale_reason(old, sources, flags, identity, mnn_dir, prefix)
+        outputs = (source.spec.mnn_name, source.spec.weight_name)
+        reason = _stale_reason(old, sources, flags, identity, mnn_dir, prefix, outputs)
         if reason is None:
             reused[name] = replace(old, sources=sources)  # new mtimes: no re-hash next time
-        elif waiting is not None and _stale_reason(waiting, sources, flags, identity, waiting_root, prefix) is None:
+        elif waiting is not None and _stale_reason(waiting, sources, flags, identity, waiting_root, prefix,
+                                                   outputs) is None:
             resumed[name] = replace(waiting, sources=sources)
         else:
             jobs.append(ComponentJob(source, reason, sources))

@@ -35,6 +35,7 @@ import numpy as np
 
 from sd2mnn import families
 from sd2mnn.errors import InputError
+from sd2mnn.files import confined
 from sd2mnn.families import PromptFormat
 from sd2mnn.mtok_codes import Decoder, Model, Normalizer, PostOp, PreTokenizer
 
@@ -72,7 +73,9 @@ class PromptTokenizer:
         """A bundle (tokenizer.mtok), a .mtok file, or a tokenizer folder (its .mtok is written
         to a temporary file first, exactly as a conversion with ``--tokenizer scheme`` would)."""
         path = Path(path)
-        for candidate in (path, path / MTOK_NAME, path / "tokenizer" / MTOK_NAME):
+        fix = "replace the link with the file itself"
+        candidates = [path] if path.is_file() else [confined(path, rel, fix) for rel in (MTOK_NAME, f"tokenizer/{MTOK_NAME}")]
+        for candidate in candidates:
             if candidate.is_file():
                 return cls(_read_mtok(candidate), prompt_format, candidate.parent.name)
         source = path / "tokenizer" if (path / "tokenizer").is_dir() else path

@@ -40,7 +40,7 @@ import numpy as np
 
 from sd2mnn import __version__
 from sd2mnn._verify_pass import PassError, RunStats, run_pass
-from sd2mnn.bundle import BundleDir
+from sd2mnn.bundle import BundleDir, confine_runtime_files
 from sd2mnn.contract import ContractIssue, check_contract, contract_notes, onnx_vocabulary
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, Family
@@ -268,7 +268,7 @@ def damaged_files(mnn_dir: Path, manifest, names) -> list[ContractIssue]:
     owned += [("tokenizer", f) for f in manifest.tokenizer]
     issues = []
     for name, record in owned:
-        mismatch = record_mismatch(record, mnn_dir, content=True)
+        mismatch = record_mismatch(record, mnn_dir)
         if mismatch:
             issues.append(ContractIssue(name, record.path, DAMAGED, "the file manifest.json records",
                                         f"{mismatch}: reconvert it (sd2mnn convert)"))
@@ -443,6 +443,7 @@ def verify(
     names = _select(onnx_dir, mnn_dir, components, family)
     for name in names:
         progress.update(name, "waiting")
+    confine_runtime_files(mnn_dir, family, names)
     warnings = check_sources(onnx_dir, mnn_dir, names)  # before any number is computed from them
     manifest = read_manifest(mnn_dir / MANIFEST_NAME)
     contract = (check_contract(mnn_dir, None if components is None else names, family)

@@ -23,9 +23,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (SD15, TAIYI, SD35)}
 __all__ = ["ComponentSpec", "FAMILIES", "Family", "PromptFormat", "Recipe", "SD15", "SD35", "SD35Dims", "TAIYI",
            "TensorShapes", "by_name", "by_text_length", "by_tokenizer_model", "detect"]
 
-# What only an SD3 folder has: diffusers' folder, an ONNX export, or a bundle (MNN's runtime
-# loads tokenizer_3/ and transformer.mnn).
-SD3_MARKERS = ("transformer", "tokenizer_3", "text_encoder_3", "transformer.mnn")
+# Files only an SD3 folder has: an ONNX export's models, or a bundle's (MNN's runtime loads
+# transformer.mnn and tokenizer_3/tokenizer.mtok). A folder counts by its files, never by its name:
+# an empty transformer/ beside an SD1.5 export says nothing.
+SD3_MARKERS = ("transformer/model.onnx", "text_encoder_3/model.onnx", "tokenizer_3/tokenizer.json",
+               "tokenizer_3/tokenizer_config.json", "transformer.mnn", "tokenizer_3/tokenizer.mtok")
 
 
 def by_name(name: str) -> Family:
@@ -60,6 +62,9 @@ def _from_diffusers_index(index_path: Path) -> Family:
 
 
 def _from_tokenizer_folder(folder: Path) -> Family:
+    from sd2mnn.layout import tokenizer_folder_files
+
+    tokenizer_folder_files(folder)
     config_path = folder / "tokenizer_config.json"
     config = {}
     if config_path.is_file():
@@ -104,7 +109,7 @@ def detect(path: str | Path) -> Family:
         return detect(path / "tokenizer.mtok")
     if (path / "model_index.json").is_file():
         return _from_diffusers_index(path / "model_index.json")
-    if any((path / marker).exists() for marker in SD3_MARKERS):
+    if any((path / marker).is_file() for marker in SD3_MARKERS):
         return SD35
     if (path / "tokenizer").is_dir():
         return _from_tokenizer_folder(path / "tokenizer")
