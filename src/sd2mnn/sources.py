@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterable
 
 from sd2mnn.errors import InputError
-from sd2mnn.files import confined
 from sd2mnn.layout import MANIFEST_NAME
 from sd2mnn.manifest import read_manifest, record_mismatch
 
@@ -46,7 +45,7 @@ def check_sources(onnx_dir: Path, mnn_dir: Path, names: Iterable[str]) -> list[s
 
 def _mismatch(source, onnx_dir: Path, mnn_dir: Path) -> str | None:
     """How ``onnx_dir``'s copy of the recorded ``source`` differs from it (None: the same file)."""
-    path = confined(onnx_dir, source.path, f"{mnn_dir / MANIFEST_NAME} is damaged: reconvert the bundle")
+    path = source.at(onnx_dir, f"{mnn_dir / MANIFEST_NAME} is damaged: reconvert the bundle")
     if not path.is_file():
         return "missing" if not path.exists() else "not a file"
-    return record_mismatch(source, onnx_dir, content=True)
+    return record_mismatch(source, onnx_dir)
