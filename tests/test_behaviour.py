@@ -23,9 +23,11 @@ def test_demo_behaviour_is_unchanged(tmp_path):
     assert now["manifest"] == recorded["manifest"]
     assert now["pixels"] == recorded["pixels"]
     # New in verify's report for families of several text encoders: the family, notes, and the
-    # conditioning check of each text encoder (SD1.5's one is "conditioning", as recorded).
+    # conditioning check of each text encoder (SD1.5's one is "conditioning", as recorded); and
+    # the warnings of what could not be checked (none: the manifest vouches for the sources).
     verification = now["verification"]
     assert verification.pop("family") == "sd15" and verification.pop("notes") == []
+    assert verification.pop("warnings") == []
     assert verification.pop("conditionings") == [verification["conditioning"]]
     assert verification["conditioning"].pop("component") == "text_encoder"
     assert_same_report(now["verification"], recorded["verification"])
