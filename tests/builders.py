@@ -18,7 +18,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from sd2mnn.tokenizer import BYTE_TO_CHAR
+from sd2mnn.tokenization.reader import BYTE_TO_CHAR
 
 # The ids MNN's runtime hard-codes (stable_diffusion.cpp): CLIP BOS/EOS and BERT CLS/SEP.
 CLIP_BOS_ID = 49406

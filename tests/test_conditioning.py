@@ -1,4 +1,4 @@
-"""Bundles that make MNN's runtime condition as diffusers does (sd2mnn.conditioning).
+"""Bundles that make MNN's runtime condition as diffusers does (sd2mnn.tokenization).
 
 The real CLIP ViT-L/14 tokenizer (SD1.x's, tests/clip_tokenizer.py) against transformers'
 CLIPTokenizer, which diffusers uses, on the built-in corpus of 660 prompts; the id rewrite as ONNX
@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from clip_tokenizer import with_sd15_tokenizer, write_sd15_tokenizer
-from sd2mnn.conditioning import MAX_WORD, PromptIds, rewrite_graph, rewrite_ids
-from sd2mnn.mtok import write_mtok
+from sd2mnn.families import SD15
+from sd2mnn.tokenization.id_rewrite import MAX_WORD, rewrite_graph, rewrite_ids
+from sd2mnn.tokenization.prompt_ids import PromptIds
+from sd2mnn.tokenization.writer import write_mtok
 from sd2mnn.verify_conditioning import builtin_prompts
 
 PROMPTS = builtin_prompts()
@@ -31,7 +33,7 @@ def clip_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def clip_ids(clip_dir) -> PromptIds:
-    return PromptIds.for_tokenizer(clip_dir, "diffusers")
+    return PromptIds.for_tokenizer(clip_dir, SD15.prompt, "diffusers")
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +68,7 @@ def test_the_corpus_has_what_people_write(diffusers_ids):
 
 
 def test_mnns_own_tokenizer_conditions_differently_for_nearly_every_prompt(clip_dir, diffusers_ids):
-    mnn = PromptIds.for_tokenizer(clip_dir, "mnn")
+    mnn = PromptIds.for_tokenizer(clip_dir, SD15.prompt, "mnn")
     assert mnn.rewrite is None
     assert len(_exact(mnn, diffusers_ids)) <= len(PROMPTS) // 50
 
@@ -137,7 +139,7 @@ def clip_g_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def clip_g_ids(clip_g_dir) -> PromptIds:
-    return PromptIds.for_tokenizer(clip_g_dir, "diffusers")
+    return PromptIds.for_tokenizer(clip_g_dir, SD15.prompt, "diffusers")
 
 
 def test_a_pad_character_conditions_like_diffusers(clip_g_dir, clip_g_ids):
@@ -219,7 +221,7 @@ def test_convert_writes_a_text_encoder_that_conditions_like_diffusers(clip_pipel
     manifest = json.loads((clip_bundle / "manifest.json").read_text())
     assert manifest["tokenizer_scheme"] == "diffusers"
     assert manifest["components"]["text_encoder"]["prefix"].startswith("clip-eow-")
-    ids = PromptIds.for_bundle(clip_bundle)
+    ids = PromptIds.for_bundle(clip_bundle, SD15.prompt)
     assert ids.scheme == "diffusers"
     onnx = OrtModel(clip_pipeline / "text_encoder" / "model.onnx", threads=2)
     mnn = MnnModel(clip_bundle / "text_encoder.mnn", ["input_ids"], ["last_hidden_state", "pooler_output"],
@@ -256,7 +258,7 @@ def test_tokenizer_mnn_keeps_mnns_flow_and_switching_reconverts(clip_pipeline, c
     assert (bundle / "tokenizer.mtok").read_bytes() == expected.read_bytes()
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["tokenizer_scheme"] == "mnn" and manifest["components"]["text_encoder"]["prefix"] == ""
-    assert PromptIds.for_bundle(bundle).scheme == "mnn"
+    assert PromptIds.for_bundle(bundle, SD15.prompt).scheme == "mnn"
     # verify reports MNN's conditioning without failing it: the user asked for MNN's flow.
     out = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "verify", str(clip_pipeline), str(bundle),
                           "--components", "text_encoder", "--json", "--quiet"], capture_output=True, text=True, timeout=600)

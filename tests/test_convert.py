@@ -14,9 +14,10 @@ import pytest
 from conftest import tree_state
 
 import sd2mnn
-from sd2mnn.conditioning import PromptIds
+from sd2mnn.tokenization.prompt_ids import PromptIds
 from sd2mnn.cli import main as cli_main
 from sd2mnn.errors import ConversionError, ConverterNotFoundError, InputError
+from sd2mnn.families import SD15
 from sd2mnn.layout import COMPONENTS
 from sd2mnn.manifest import sha256_file
 from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
@@ -43,8 +44,8 @@ def test_fp32_outputs_match_onnx_runtime(fp32_bundle, demo_onnx, name):
     source = demo_onnx / name / "model.onnx"
     feeds = sample_inputs(source)
     reference = dict(feeds)
-    if name == "text_encoder":  # the bundle's text encoder rewrites ids first (sd2mnn.conditioning)
-        reference["input_ids"] = PromptIds.for_bundle(fp32_bundle).rewrite_pair(feeds["input_ids"])
+    if name == "text_encoder":  # the bundle's text encoder rewrites ids first (sd2mnn.tokenization.id_rewrite)
+        reference["input_ids"] = PromptIds.for_bundle(fp32_bundle, SD15.prompt).rewrite_pair(feeds["input_ids"])
     expected = OrtModel(source).run(reference)
     # Winograd kernels off: they are MNN's runtime approximation, not the conversion's doing
     # (they alone put the VAE decoder at ~7e-4; test_winograd_error_is_the_runtimes shows it).

@@ -32,7 +32,7 @@ def test_a_manifest_without_a_family_reads_and_detects_from_tokenizer_mtok(bundl
 
 
 def test_detect_taiyi_from_bert_tokenizer_mtok_and_diffusers_index(tmp_path):
-    from sd2mnn.mtok import write_mtok
+    from sd2mnn.tokenization.writer import write_mtok
 
     folder = write_bert_tokenizer(tmp_path / "tokenizer")
     assert families.detect(folder) is TAIYI

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from clip_tokenizer import write_sd15_tokenizer
 
-from sd2mnn.conditioning import SCHEMES
-from sd2mnn.mtok import write_mtok
-from sd2mnn.tokenizer import PromptTokenizer
+from sd2mnn.families import SD15
+from sd2mnn.tokenization.diffusers_scheme import SCHEMES
+from sd2mnn.tokenization.reader import PromptTokenizer
+from sd2mnn.tokenization.writer import write_mtok
 
 MNN_TOKENIZER = os.environ.get("SD2MNN_MNN_TOKENIZER")
 pytestmark = pytest.mark.skipif(
@@ -67,7 +68,7 @@ def test_mnn_tokenizer_gives_the_python_ids_for_every_prompt(clip_folder, tmp_pa
     cpp = run_mnn_tokenizer(model_dir, prompts, tmp_path)
     assert len(cpp) == len(prompts)
 
-    tokenizer = PromptTokenizer.from_dir(mtok)
+    tokenizer = PromptTokenizer.from_dir(mtok, SD15.prompt)
     python = [tokenizer.encode_pair(p)[1].tolist() for p in prompts]
     differ = [i for i, (c, p) in enumerate(zip(cpp, python)) if c != p]
     shown = "\n".join(f"{prompts[i]!r}\n  C++    {cpp[i]}\n  Python {python[i]}" for i in differ[:SHOWN])

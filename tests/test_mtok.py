@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sd2mnn.errors import InputError
-from sd2mnn.mtok import write_mtok
+from sd2mnn.tokenization.writer import write_mtok
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "src/sd2mnn/data/demo_pipeline/tokenizer"
 

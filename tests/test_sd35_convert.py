@@ -15,7 +15,7 @@ import pytest
 from conftest import tree_state
 
 import sd2mnn
-from sd2mnn.conditioning import PromptIds
+from sd2mnn.tokenization.prompt_ids import PromptIds
 from sd2mnn.contract import check_contract, contract_notes
 from sd2mnn.errors import InputError
 from sd2mnn.families import SD35
@@ -80,7 +80,7 @@ def test_bundle_has_the_five_models_three_tokenizers_and_the_family(tiny_sd3_bun
 def test_each_clip_pads_as_its_own_tokenizer(tiny_sd3_bundle):
     """CLIP-L pads with <|endoftext|> (49407), CLIP-G's tokenizer_2 with "!" (id 0): the ids each
     bundled text encoder's rewrite hands its CLIP are what diffusers gives that CLIP."""
-    clip_l, clip_g = (PromptIds.for_bundle(tiny_sd3_bundle / f) for f in ("tokenizer", "tokenizer_2"))
+    clip_l, clip_g = (PromptIds.for_bundle(tiny_sd3_bundle / f, SD35.prompt_formats[f]) for f in ("tokenizer", "tokenizer_2"))
     assert clip_l.scheme == clip_g.scheme == "diffusers"
     for ids, pad in ((clip_l, 49407), (clip_g, 0)):
         seen = ids.model_pair("a photo of a cat")
@@ -91,7 +91,7 @@ def test_each_clip_pads_as_its_own_tokenizer(tiny_sd3_bundle):
 def test_the_converted_rewrite_runs_inside_the_text_encoders(tiny_sd3_bundle, tiny_sd3_onnx):
     """The runtime's ids through each bundled CLIP = diffusers' ids through the ONNX CLIP."""
     for name, folder in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-        ids = PromptIds.for_bundle(tiny_sd3_bundle / folder)
+        ids = PromptIds.for_bundle(tiny_sd3_bundle / folder, SD35.prompt_formats[folder])
         spec = SD35.components[name]
         got = MnnModel(tiny_sd3_bundle / spec.mnn_name, spec.inputs, spec.outputs).run(
             {"input_ids": ids.runtime_pair("an astronaut riding a horse")})
@@ -107,7 +107,7 @@ def test_clip_gs_pad_character_in_a_prompt_conditions_as_diffusers_on_mnn(tiny_s
     transformers' ids give through the ONNX one."""
     transformers = pytest.importorskip("transformers")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tiny_sd3_onnx / "tokenizer_2")
-    ids = PromptIds.for_bundle(tiny_sd3_bundle / "tokenizer_2")
+    ids = PromptIds.for_bundle(tiny_sd3_bundle / "tokenizer_2", SD35.prompt_formats["tokenizer_2"])
     spec = SD35.components["text_encoder_2"]
     mnn = MnnModel(tiny_sd3_bundle / spec.mnn_name, spec.inputs, spec.outputs)
     onnx = OrtModel(tiny_sd3_onnx / "text_encoder_2" / "model.onnx")

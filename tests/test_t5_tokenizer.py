@@ -20,8 +20,9 @@ from t5_tokenizer import write_t5_tokenizer
 from test_mnn_tokenizer_match import MNN_TOKENIZER, read_corpus, run_mnn_tokenizer
 
 from sd2mnn.errors import InputError
-from sd2mnn.mtok import write_mtok
-from sd2mnn.tokenizer import MTOK_NAME, PromptTokenizer
+from sd2mnn.families import SD35
+from sd2mnn.tokenization.reader import MTOK_NAME, PromptTokenizer
+from sd2mnn.tokenization.writer import write_mtok
 
 LENGTH = 256  # diffusion_sd35.hpp mMaxTextLenT5; diffusers' max_sequence_length default
 EOS = 1
@@ -68,7 +69,7 @@ def runtime(t5_folder, tmp_path_factory):
             bundle = tmp_path_factory.mktemp(f"bundle-{scheme}")
             (bundle / "tokenizer_3").mkdir()
             write_mtok(t5_folder, bundle / "tokenizer_3" / MTOK_NAME, scheme)
-            made[scheme] = PromptTokenizer.from_dir(bundle / "tokenizer_3")
+            made[scheme] = PromptTokenizer.from_dir(bundle / "tokenizer_3", SD35.prompt_formats["tokenizer_3"])
         return made[scheme]
     return get
 

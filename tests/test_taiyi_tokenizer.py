@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from bert_tokenizer import write_bert_tokenizer
 
-from sd2mnn.conditioning import PromptIds
-from sd2mnn.mtok import write_mtok
+from sd2mnn.families import TAIYI
+from sd2mnn.tokenization.prompt_ids import PromptIds
+from sd2mnn.tokenization.writer import write_mtok
 
 CORPUS = Path(__file__).parents[1] / "src" / "sd2mnn" / "data" / "prompts.txt"
 CHINESE = Path(__file__).parent / "data" / "prompts_zh.txt"
@@ -74,7 +75,7 @@ def transformers_ids(taiyi_folder, prompts) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def prompt_ids(taiyi_folder) -> PromptIds:
-    ids = PromptIds.for_tokenizer(taiyi_folder, "diffusers")
+    ids = PromptIds.for_tokenizer(taiyi_folder, TAIYI.prompt, "diffusers")
     assert ids.max_length == LENGTH
     return ids
 
@@ -97,7 +98,7 @@ def test_runtime_ids_against_transformers(prompt_ids, prompts, transformers_ids)
 
 
 def test_mnns_own_flow_differs_on_those_characters(taiyi_folder, prompts, transformers_ids):
-    mnn = PromptIds.for_tokenizer(taiyi_folder, "mnn")
+    mnn = PromptIds.for_tokenizer(taiyi_folder, TAIYI.prompt, "mnn")
     runtime = np.stack([mnn.runtime_pair(p)[1] for p in prompts])
     differ = {prompts[i] for i in np.flatnonzero(~(runtime == transformers_ids).all(axis=1))}
     assert differ == MNN_DIFFERS_ON

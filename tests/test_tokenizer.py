@@ -13,8 +13,11 @@ import pytest
 from test_mtok import build_tiny_bert, build_tiny_clip
 
 from sd2mnn.errors import InputError
-from sd2mnn.mtok import write_mtok
-from sd2mnn.tokenizer import SD15, TAIYI, PromptTokenizer, prompt_format
+from sd2mnn import families
+from sd2mnn.tokenization.reader import PromptTokenizer
+from sd2mnn.tokenization.writer import folder_tokenizer, write_mtok
+
+SD15, TAIYI = families.SD15.prompt, families.TAIYI.prompt
 
 BOS, EOS = 49406, 49407
 
@@ -61,12 +64,12 @@ def bert_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def clip(clip_bundle) -> PromptTokenizer:
-    return PromptTokenizer.from_dir(clip_bundle)
+    return PromptTokenizer.from_dir(clip_bundle, SD15)
 
 
 @pytest.fixture(scope="session")
 def bert(bert_bundle) -> PromptTokenizer:
-    return PromptTokenizer.from_dir(bert_bundle)
+    return PromptTokenizer.from_dir(bert_bundle, TAIYI)
 
 
 @pytest.mark.parametrize(("prompt", "ids"), CLIP_IDS)
@@ -83,10 +86,6 @@ def test_formats(clip, bert):
     assert clip.format == SD15 and (SD15.bos_id, SD15.eos_id, SD15.max_length, SD15.model_type) == (BOS, EOS, 77, 0)
     assert bert.format == TAIYI
     assert (TAIYI.bos_id, TAIYI.eos_id, TAIYI.max_length, TAIYI.model_type) == (101, 102, 512, 1)
-    assert prompt_format("BPE") == SD15
-    assert (prompt_format("Unigram").bos_id, prompt_format("Unigram").eos_id) == (-1, 1)  # SD3.5's T5
-    with pytest.raises(InputError):
-        prompt_format("WordLevel")
 
 
 def test_pair_layout(clip):
@@ -125,15 +124,15 @@ def test_from_tokenizer_folder_writes_the_mtok_first(clip_bundle, tmp_path):
     folder.mkdir()
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
         (folder / name).write_bytes((clip_bundle / name).read_bytes())
-    for target in (folder, tmp_path):  # the folder itself, or a pipeline folder holding tokenizer/
-        assert PromptTokenizer.from_dir(target, "mnn").encode("a photo of a cat") == [64, 560, 78, 69, 64, 561]
-    assert PromptTokenizer.from_dir(clip_bundle / "tokenizer.mtok").format == SD15
+    assert folder_tokenizer(folder, "mnn", SD15).encode("a photo of a cat") == [64, 560, 78, 69, 64, 561]
+    assert not (folder / "tokenizer.mtok").exists()  # written to a temporary file
+    assert PromptTokenizer.from_dir(clip_bundle / "tokenizer.mtok", SD15).format == SD15
 
 
 def test_unreadable_mtok(tmp_path):
     (tmp_path / "tokenizer.mtok").write_bytes(b"431 4\n0 0 0\n\n")
     with pytest.raises(InputError, match="not a readable MNN pipeline tokenizer"):
-        PromptTokenizer.from_dir(tmp_path)
+        PromptTokenizer.from_dir(tmp_path, SD15)
 
 
 # ---------------------------------------------------------------------------------------------

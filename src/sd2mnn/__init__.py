@@ -6,8 +6,7 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from sd2mnn._version import __version__
 from sd2mnn.conversion import ConversionReport, convert
 from sd2mnn.errors import Sd2MnnError
 from sd2mnn.plan import ConvertOptions

@@ -17,7 +17,8 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sd2mnn import __version__, families
+from sd2mnn import families
+from sd2mnn._version import __version__
 from sd2mnn.bundle import WORK_AREA, BundleDir
 from sd2mnn.children import Child, ChildResult, child_env, log_tail
 from sd2mnn.converter import find_converter
@@ -27,7 +28,6 @@ from sd2mnn.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bun
                            check_component_names, open_onnx_pipeline, split_components,
                            tokenizer_folder_files)
 from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
-from sd2mnn.mtok import write_mtok
 from sd2mnn.onnx_scan import TensorSpec, check_external_data
 from sd2mnn.plan import (
     OUTPUT_PER_SOURCE_BYTE,
@@ -42,6 +42,8 @@ from sd2mnn.plan import (
     plan_conversion,
 )
 from sd2mnn.progress import NullProgress, Progress
+from sd2mnn.tokenization.id_rewrite import TextEncoderPrefix, load_rewrite
+from sd2mnn.tokenization.writer import write_mtok
 
 log = logging.getLogger(__name__)
 
@@ -259,10 +261,8 @@ def _tokenizer_scheme(onnx: OnnxPipeline, mnn_dir: Path, options: ConvertOptions
 
 
 def _prefixes(onnx: OnnxPipeline, options: ConvertOptions, scheme: str, scratch: Path) -> dict:
-    """Each converted text encoder's prefix graph (sd2mnn.conditioning), where the scheme needs
+    """Each converted text encoder's prefix graph (sd2mnn.tokenization.id_rewrite), where the scheme needs
     one for its tokenizer (CLIP's end-of-word BPE), built from that tokenizer's staged .mtok."""
-    from sd2mnn.conditioning import TextEncoderPrefix, load_rewrite
-
     prefixes = {}
     for name in options.components:
         spec = onnx.family.components[name]
@@ -270,7 +270,8 @@ def _prefixes(onnx: OnnxPipeline, options: ConvertOptions, scheme: str, scratch:
             continue
         # The staged .mtok is read back (not free: T5's holds thousands of normalizer steps) only
         # for the tokenizers the scheme rewrites.
-        rewrite = load_rewrite(onnx.root / spec.tokenizer, scheme, mtok=scratch / bundle_mtok(onnx.family, name))
+        rewrite = load_rewrite(onnx.root / spec.tokenizer, scheme, onnx.family.prompt_formats[spec.tokenizer],
+                               mtok=scratch / bundle_mtok(onnx.family, name))
         if rewrite is not None:
             prefixes[name] = TextEncoderPrefix(rewrite)
     return prefixes

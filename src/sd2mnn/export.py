@@ -876,6 +876,7 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
     report = ExportReport(model, onnx_dir, source.kind, length, options.opset, height=options.height, width=options.width)
     for folder in family.prompt_formats:
         shutil.copytree(source.folder / folder, staged / folder)
+    families.write_marker(staged, family)
     for name in names:
         report.components.append(_export_component(source, name, staged, options, length, say))
     return report

@@ -24,6 +24,7 @@ from sd2mnn.errors import InputError
 from sd2mnn.files import confined
 from sd2mnn.families import SD15, ComponentSpec, Family
 from sd2mnn.onnx_scan import OnnxSummary, scan_onnx
+from sd2mnn.tokenization.folder import tokenizer_folder_files
 
 
 # The components and their tensor names are the family's (sd2mnn.families); every family
@@ -143,14 +144,6 @@ def _check_external_location(location: str, model: Path, folder: Path) -> Path:
             "copy it beside the model (re-export if it was lost)"
         )
     return target
-
-
-def tokenizer_folder_files(folder: Path) -> list[Path]:
-    """The files of a tokenizer folder; an entry that is a link leaving the folder is refused.
-    Whatever reads a tokenizer folder (the .mtok writer, convert's copy) reads what this allows."""
-    fix = "replace the link with the file itself"
-    return [path for path in (confined(folder, item.name, fix) for item in sorted(folder.iterdir()))
-            if path.is_file()]
 
 
 def _check_signature(spec: ComponentSpec, model: Path, summary: OnnxSummary) -> None:

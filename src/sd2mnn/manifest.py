@@ -77,7 +77,7 @@ class ComponentRecord:
     peak_rss_bytes: int
     verification: dict | None = None
     # What sd2mnn put in front of the model before converting it ("" for nothing): the text
-    # encoder's id rewrite (sd2mnn.conditioning), by its version and tables' digest.
+    # encoder's id rewrite (sd2mnn.tokenization.id_rewrite), by its version and tables' digest.
     prefix: str = ""
 
     def to_dict(self) -> dict:

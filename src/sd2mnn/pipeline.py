@@ -9,7 +9,7 @@ steps with guidance -> VAE decoder -> PNG. Read against MNN 3.6.1's runtimes in
 the text encoders' outputs condition the denoiser, its inputs) is in sd2mnn.recipes; the
 family's Recipe names the scheduler, guidance and latent scaling. tests/test_runtime_recipe.py and
 tests/test_sd35_generate.py hold the choices here against the C++ lines they mirror. The pieces
-live where they are tested: tokenizer.py (ids), noise.py (std::mt19937 latents), schedulers/,
+live where they are tested: tokenization/ (ids), noise.py (std::mt19937 latents), schedulers/,
 images.py (the PNG file).
 
     import sd2mnn
@@ -32,8 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from sd2mnn import __version__
-from sd2mnn.conditioning import DEFAULT_SCHEME, PromptIds
+from sd2mnn._version import __version__
 from sd2mnn.contract import check_vocabulary
 from sd2mnn.errors import InputError, MissingExtraError
 from sd2mnn.files import read_user_text
@@ -48,6 +47,8 @@ from sd2mnn import families, recipes, schedulers
 from sd2mnn.families import SD15, Family
 from sd2mnn.recipes.stable_diffusion import unet_feeds
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS, clamp_steps
+from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME
+from sd2mnn.tokenization.prompt_ids import PromptIds
 
 # The SD1.x families' recipe (sd2mnn.families.stable_diffusion): the defaults a caller sees.
 GUIDANCE_SCALE = SD15.recipe.guidance  # unet(): "scaleptr[0] = 7.5"
@@ -544,6 +545,9 @@ class Pipeline:
             return (self.source / bundle_mtok(self.family, name)).parent
         return confined(self.source, self.family.components[name].tokenizer, "replace the link with the folder itself")
 
+    def _prompt_format(self, name: str):
+        return self.family.prompt_formats[self.family.components[name].tokenizer]
+
     def _load_tokenizers(self) -> None:
         self.tokenizers: dict[str, PromptIds] = {}
         for name in self.text_encoders:
@@ -552,13 +556,13 @@ class Pipeline:
                 if not (folder / MTOK_NAME).is_file():
                     raise InputError(f"{folder / MTOK_NAME} is missing (MNN's runtime reads only this tokenizer file); "
                                      "reconvert the bundle with sd2mnn convert")
-                self.tokenizers[name] = PromptIds.for_bundle(folder)
+                self.tokenizers[name] = PromptIds.for_bundle(folder, self._prompt_format(name))
             else:
                 if not folder.is_dir():
                     raise InputError(f"{folder} is missing: {name} is fed its ids; export the pipeline with its "
                                      "tokenizers (sd2mnn export)")
                 # As a conversion would write tokenizer.mtok, and the text encoder's id rewrite in numpy.
-                self.tokenizers[name] = PromptIds.for_tokenizer(folder, self.tokenizer_scheme)
+                self.tokenizers[name] = PromptIds.for_tokenizer(folder, self._prompt_format(name), self.tokenizer_scheme)
         self.tokenizer_notes = []
         if self.runtime == "mnn":
             for mtok in bundle_mtoks(self.family):  # DiffusionSD35::load() fails without any of them

@@ -71,7 +71,7 @@ class ConvertOptions:
     jobs: int | None = None  # None: from the cores and the free memory
     timeout: float | None = None  # seconds per component
     # "diffusers": tokenizer.mtok + text encoder that make MNN's runtime condition as diffusers
-    # does (sd2mnn.conditioning); "mnn": MNN's own flow, byte for byte.
+    # does (sd2mnn.tokenization); "mnn": MNN's own flow, byte for byte.
     tokenizer: str = "diffusers"
 
     def __post_init__(self):
@@ -210,7 +210,7 @@ class ConversionPlan:
     # Finished by an earlier, interrupted run and still valid: name -> its record.
     resumed: dict[str, ComponentRecord] = field(default_factory=dict)
     # Graphs put in front of a component before converting it: name -> an object with
-    # ``prefix_id`` (recorded) and ``prepend(source, target)`` (sd2mnn.conditioning.TextEncoderPrefix).
+    # ``prefix_id`` (recorded) and ``prepend(source, target)`` (sd2mnn.tokenization.id_rewrite.TextEncoderPrefix).
     prefixes: dict[str, object] = field(default_factory=dict)
 
     def prefix_id(self, name: str) -> str:

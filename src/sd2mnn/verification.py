@@ -38,7 +38,7 @@ from typing import Mapping
 
 import numpy as np
 
-from sd2mnn import __version__
+from sd2mnn._version import __version__
 from sd2mnn._verify_pass import PassError, RunStats, run_pass
 from sd2mnn.bundle import BundleDir, confine_runtime_files
 from sd2mnn.contract import ContractIssue, check_contract, contract_notes, onnx_vocabulary

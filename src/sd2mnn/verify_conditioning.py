@@ -20,6 +20,7 @@ from sd2mnn.errors import InputError
 from sd2mnn.files import read_user_text
 from sd2mnn.families import SD15, Family
 from sd2mnn.layout import bundle_mtok
+from sd2mnn.tokenization.prompt_ids import PromptIds
 
 # Below what a default bundle reaches on the built-in prompts (README: "Conditioning": 98.5% of
 # prompts with SD1.5's tokenizer, 97.7% with the demo's 130-merge one); a bundle converted with
@@ -111,10 +112,9 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
     import tempfile
 
     from sd2mnn._verify_pass import run_pass
-    from sd2mnn.conditioning import PromptIds
-
     prompts = prompts if prompts is not None else builtin_prompts()
-    ids = PromptIds.for_bundle((Path(mnn_dir) / bundle_mtok(family, component)).parent)
+    ids = PromptIds.for_bundle((Path(mnn_dir) / bundle_mtok(family, component)).parent,
+                              family.prompt_formats[family.components[component].tokenizer])
     length = ids.max_length
     runtime = [ids.runtime_pair(p, length) for p in prompts]
     seen = [ids.rewrite_pair(r) for r in runtime]

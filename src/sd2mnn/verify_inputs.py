@@ -20,6 +20,7 @@ from sd2mnn.contract import check_runtime_ids, check_vocabulary, expected_tensor
 from sd2mnn.errors import InputError
 from sd2mnn.families import SD15, Family
 from sd2mnn.layout import COMPONENTS, bundle_mtok
+from sd2mnn.tokenization.prompt_ids import PromptIds
 
 PROMPTS = (
     "a photo of a cat",
@@ -59,16 +60,15 @@ def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int, vocabulary: int | Non
     InputError here, before any runtime sees them."""
     what = model_file or f"the {component}"
     check_runtime_ids(vocabulary, length, what, family, component)
-    from sd2mnn.conditioning import PromptIds
-
     # The ids the CLIP model inside the bundle's text encoder sees, so that the ONNX source (which
     # has no id rewrite in front) gets the same; the bundle's rewrite leaves them as they are.
     mtok = bundle_mtok(family, component)
+    prompt_format = family.prompt_formats[family.components[component].tokenizer]
     if (mnn_dir / mtok).is_file():
-        tokenizer, how = PromptIds.for_bundle((mnn_dir / mtok).parent), f"the bundle's {mtok}"
+        tokenizer, how = PromptIds.for_bundle((mnn_dir / mtok).parent, prompt_format), f"the bundle's {mtok}"
     else:
         folder = onnx_dir / family.components[component].tokenizer
-        tokenizer, how = PromptIds.for_tokenizer(folder), f"the tokenizer in {folder}"
+        tokenizer, how = PromptIds.for_tokenizer(folder, prompt_format), f"the tokenizer in {folder}"
     ids = [np.asarray(tokenizer.model_pair(p, length), dtype=np.int32).reshape(2, length) for p in PROMPTS]
     check_vocabulary(np.stack(ids), vocabulary, what)
     return ids, how

@@ -12,7 +12,7 @@ import re
 import shlex
 import sys
 
-from sd2mnn import __version__
+from sd2mnn._version import __version__
 from sd2mnn.errors import Sd2MnnError
 
 # Module names under sd2mnn.cli, in the order `sd2mnn --help` lists them.

@@ -5,7 +5,7 @@ import importlib.metadata
 import platform
 import sys
 
-from sd2mnn import __version__
+from sd2mnn._version import __version__
 from sd2mnn.converter import find_converter
 from sd2mnn.errors import ConverterNotFoundError
 

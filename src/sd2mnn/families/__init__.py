@@ -14,6 +14,10 @@ from pathlib import Path
 
 from sd2mnn.errors import InputError
 from sd2mnn.files import read_json_object
+from sd2mnn.manifest import read_manifest
+from sd2mnn.onnx_scan import scan_onnx
+from sd2mnn.tokenization.folder import tokenizer_folder_files, tokenizer_kind
+from sd2mnn.tokenization.reader import MTOK_NAME, read_mtok_model_kind
 from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, TensorShapes
 from sd2mnn.families.sd35 import SD35, SD35Dims
 from sd2mnn.families.stable_diffusion import SD15, TAIYI
@@ -21,13 +25,10 @@ from sd2mnn.families.stable_diffusion import SD15, TAIYI
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD15, TAIYI, SD35)}
 
 __all__ = ["ComponentSpec", "FAMILIES", "Family", "PromptFormat", "Recipe", "SD15", "SD35", "SD35Dims", "TAIYI",
-           "TensorShapes", "by_name", "by_text_length", "by_tokenizer_model", "detect"]
+           "TensorShapes", "by_name", "by_text_length", "by_tokenizer_model", "detect", "write_marker"]
 
-# Files only an SD3 folder has: an ONNX export's models, or a bundle's (MNN's runtime loads
-# transformer.mnn and tokenizer_3/tokenizer.mtok). A folder counts by its files, never by its name:
-# an empty transformer/ beside an SD1.5 export says nothing.
-SD3_MARKERS = ("transformer/model.onnx", "text_encoder_3/model.onnx", "tokenizer_3/tokenizer.json",
-               "tokenizer_3/tokenizer_config.json", "transformer.mnn", "tokenizer_3/tokenizer.mtok")
+# What `sd2mnn export` writes into ONNX_DIR to say which family the folder holds: {"family": name}.
+FAMILY_MARKER = "sd2mnn_family.json"
 
 
 def by_name(name: str) -> Family:
@@ -36,13 +37,25 @@ def by_name(name: str) -> Family:
     return FAMILIES[name]
 
 
-def by_tokenizer_model(model_kind: str) -> Family:
-    """The family whose runtime tokenizer is of this model kind ("BPE" -> SD1.5, "WordPiece" -> Taiyi)."""
-    for family in FAMILIES.values():
-        if family.tokenizer_model == model_kind:
-            return family
-    raise InputError(f"{model_kind} tokenizers have no MNN SD runtime (it knows CLIP BPE for SD1.5, "
-                     "BERT WordPiece for Taiyi and T5's Unigram for SD3.5)")
+def by_tokenizer_model(model_kind: str, among: tuple[Family, ...] | None = None, what: str = "") -> Family:
+    """The one family (of ``among``, by default all) whose runtime tokenizer is of this model kind
+    ("BPE" -> SD1.5, "WordPiece" -> Taiyi); refused where none or several are (``what`` names the
+    tokenizer in the error)."""
+    among = tuple(FAMILIES.values()) if among is None else among
+    found = [f for f in among if f.tokenizer_model == model_kind]
+    if len(found) == 1:
+        return found[0]
+    where = f"{what}: " if what else ""
+    if found:
+        raise InputError(f"{where}a {model_kind} tokenizer is the tokenizer of {' and '.join(f.name for f in found)}; "
+                         "give the bundle with its manifest.json, or the ONNX folder sd2mnn export wrote")
+    raise InputError(f"{where}{model_kind or 'this kind of'} tokenizers have no MNN SD runtime (it knows CLIP BPE for "
+                     "SD1.5, BERT WordPiece for Taiyi and T5's Unigram for SD3.5)")
+
+
+def write_marker(onnx_dir: Path, family: Family) -> None:
+    """Record in an ONNX folder which family it holds (read back by ``detect``)."""
+    (Path(onnx_dir) / FAMILY_MARKER).write_text(json.dumps({"family": family.name}) + "\n", encoding="utf-8")
 
 
 def by_text_length(length: int | None) -> Family | None:
@@ -61,58 +74,87 @@ def _from_diffusers_index(index_path: Path) -> Family:
     return TAIYI if any(str(c).startswith("Bert") for c in classes) else SD15
 
 
-def _from_tokenizer_folder(folder: Path) -> Family:
-    from sd2mnn.layout import tokenizer_folder_files
+def _read_marker(path: Path) -> Family:
+    name = read_json_object(path).get("family")
+    if not isinstance(name, str) or name not in FAMILIES:
+        raise InputError(f"{path}: names no model family sd2mnn knows ({name!r}); delete it, or export the "
+                         "pipeline again with sd2mnn export")
+    return FAMILIES[name]
 
+
+def _own_files(family: Family) -> tuple[str, ...]:
+    """The files of the family's ONNX folders and bundles that no other family's have: its own
+    components' models and its own tokenizer folders' files. A folder counts by its files, never
+    by its name: an empty transformer/ beside an SD1.5 export says nothing."""
+    others = [f for f in FAMILIES.values() if f is not family]
+    components = [c for c in family.components if not any(c in f.components for f in others)]
+    tokenizers = [t for t in family.prompt_formats if not any(t in f.prompt_formats for f in others)]
+    return (*(f"{c}/model.onnx" for c in components), *(f"{c}.mnn" for c in components),
+            *(f"{t}/{name}" for t in tokenizers for name in ("tokenizer.json", "tokenizer_config.json", MTOK_NAME)))
+
+
+def _graph_inputs(model: Path) -> set[str] | None:
+    """The input names of an ONNX graph, or None where it cannot be read."""
+    try:
+        return {t.name for t in scan_onnx(model).inputs}
+    except InputError:
+        return None
+
+
+def _by_graphs(path: Path, among: tuple[Family, ...]) -> tuple[Family, ...]:
+    """Those of ``among`` whose components found in ``path`` have the input names the family gives
+    them; read only where the families' specs of a component differ."""
+    kept = list(among)
+    names = dict.fromkeys(c for f in among for c in f.components)
+    for name in names:
+        specs = {f.components[name].inputs if name in f.components else None for f in kept}
+        model = path / name / "model.onnx"
+        if len(specs) < 2 or not model.is_file():
+            continue
+        inputs = _graph_inputs(model)
+        if inputs is not None:
+            kept = [f for f in kept if name in f.components and set(f.components[name].inputs) == inputs] or kept
+    return tuple(kept)
+
+
+def _by_tokenizer(path: Path, among: tuple[Family, ...]) -> Family:
+    """Of ``among``, the family of the tokenizer in ``path``: its tokenizer.mtok (a bundle), its
+    tokenizer/ folder or ``path`` itself as a tokenizer folder, by the tokenizer's kind."""
+    if (path / MTOK_NAME).is_file():
+        return by_tokenizer_model(read_mtok_model_kind(path / MTOK_NAME), among, str(path / MTOK_NAME))
+    folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
     tokenizer_folder_files(folder)
-    config_path = folder / "tokenizer_config.json"
-    config = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except ValueError as err:
-            raise InputError(f"{config_path}: not valid JSON ({err}); re-download the tokenizer") from None
-    cls = str(config.get("tokenizer_class") or "")
-    if cls.startswith("CLIPTokenizer"):
-        return SD15
-    if cls.startswith("BertTokenizer"):
-        return TAIYI
-    path = folder / "tokenizer.json"
-    if path.is_file():
-        try:
-            kind = (json.loads(path.read_text()).get("model") or {}).get("type") or ""
-        except ValueError as err:
-            raise InputError(f"{path}: not valid JSON ({err}); re-download the tokenizer") from None
-        if kind:
-            return by_tokenizer_model(kind)
-        if (folder / "merges.txt").is_file():
-            return SD15
-    raise InputError(f"{folder}: no tokenizer sd2mnn can tell the model family from; give a CLIPTokenizer "
-                     "(SD1.5) or BertTokenizer (Taiyi) folder, or one with a tokenizer.json")
+    if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        raise InputError(f"{folder}: no tokenizer sd2mnn can tell the model family from; give a CLIPTokenizer "
+                         "(SD1.5) or BertTokenizer (Taiyi) folder, or one with a tokenizer.json")
+    return by_tokenizer_model(tokenizer_kind(folder).model, among, str(folder))
+
+
+def _from_files(path: Path) -> Family:
+    """An ONNX folder or a bundle without a record of its family, or a tokenizer folder: the
+    family whose own files are there, else the one whose graphs and tokenizer fit."""
+    owners = tuple(f for f in FAMILIES.values() if any((path / rel).is_file() for rel in _own_files(f)))
+    if len(owners) == 1:
+        return owners[0]
+    return _by_tokenizer(path, _by_graphs(path, owners or tuple(FAMILIES.values())))
 
 
 def detect(path: str | Path) -> Family:
-    """The family of a bundle (its manifest, else its tokenizer.mtok), a tokenizer.mtok, an ONNX
-    pipeline folder or a diffusers folder (their tokenizer), or a tokenizer folder."""
+    """The family of a bundle (its manifest's record), an ONNX folder (the record export writes),
+    a diffusers folder (model_index.json's classes); else, for a bundle or ONNX folder without a
+    record, the files only one family has, the graphs' input names and the tokenizer; for a
+    tokenizer.mtok or a tokenizer folder, the one family with that kind of tokenizer."""
     path = Path(path)
     if path.is_file() and path.suffix == ".mtok":
-        from sd2mnn.tokenizer import read_mtok_model_kind
-
-        return by_tokenizer_model(read_mtok_model_kind(path))
+        return by_tokenizer_model(read_mtok_model_kind(path), what=str(path))
+    if not path.is_dir():
+        raise InputError(f"{path} does not exist; give a bundle, an ONNX pipeline folder or a tokenizer folder")
     if (path / "manifest.json").is_file():
-        from sd2mnn.manifest import read_manifest
-
         name = read_manifest(path / "manifest.json").family
         if name:
             return by_name(name)
-    if (path / "tokenizer.mtok").is_file():
-        return detect(path / "tokenizer.mtok")
+    if (path / FAMILY_MARKER).is_file():
+        return _read_marker(path / FAMILY_MARKER)
     if (path / "model_index.json").is_file():
         return _from_diffusers_index(path / "model_index.json")
-    if any((path / marker).is_file() for marker in SD3_MARKERS):
-        return SD35
-    if (path / "tokenizer").is_dir():
-        return _from_tokenizer_folder(path / "tokenizer")
-    if path.is_dir():
-        return _from_tokenizer_folder(path)
-    raise InputError(f"{path} does not exist; give a bundle, an ONNX pipeline folder or a tokenizer folder")
+    return _from_files(path)

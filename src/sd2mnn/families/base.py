@@ -7,21 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from sd2mnn.tokenization.reader import PromptFormat
+
 # (dtype, shape) per tensor name; None in a shape is a dimension the runtime leaves free.
 TensorShapes = dict[str, tuple[str, list]]
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """What MNN's runtime does with a tokenizer: diffusion_demo's model_type, BOS/EOS, length.
-
-    A negative id is one the runtime does not add (MtokTokenizer checks ``id >= 0``), as T5's BOS."""
-
-    name: str
-    model_type: int
-    bos_id: int
-    eos_id: int
-    max_length: int
 
 
 @dataclass(frozen=True)

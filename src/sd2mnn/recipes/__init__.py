@@ -15,31 +15,15 @@ Each module defines a ``Steps`` object with:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from sd2mnn.families import Family
+from sd2mnn.recipes import sd35, stable_diffusion
+from sd2mnn.recipes.lifetime import KEEP_ALL, ModelLifetime
+
+__all__ = ["KEEP_ALL", "MEMORY_MODES", "ModelLifetime", "steps_for"]
 
 MEMORY_MODES = (0, 1, 2)  # diffusion_demo's and diffusion_sd35_demo's memory_mode argument
 
 
-@dataclass(frozen=True)
-class ModelLifetime:
-    """When a runtime holds its models. ``at_start``: all are loaded before the first prompt
-    (in ``load()``); else each just before its first use. ``release_after_use``: each is freed
-    once its stage is done (so loaded again for the next prompt); else kept to the end."""
-
-    at_start: bool
-    release_after_use: bool
-
-
-# Every model loaded up front and kept: ONNX Runtime's sessions, and sd2mnn's SD1.x engine.
-KEEP_ALL = ModelLifetime(at_start=True, release_after_use=False)
-
-
 def steps_for(family: Family):
     """The runtime steps of ``family``."""
-    if family.denoiser == "transformer":
-        from sd2mnn.recipes.sd35 import STEPS
-    else:
-        from sd2mnn.recipes.stable_diffusion import STEPS
-    return STEPS
+    return sd35.STEPS if family.denoiser == "transformer" else stable_diffusion.STEPS

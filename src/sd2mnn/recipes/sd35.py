@@ -61,7 +61,7 @@ import numpy as np
 
 from sd2mnn.errors import InputError
 from sd2mnn.families.sd35 import RUNTIME_DIMS, SD35Dims
-from sd2mnn.recipes import ModelLifetime
+from sd2mnn.recipes.lifetime import ModelLifetime
 
 CLIP_L, CLIP_G, T5 = "text_encoder", "text_encoder_2", "text_encoder_3"
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sd2mnn.recipes import KEEP_ALL, ModelLifetime
+from sd2mnn.recipes.lifetime import KEEP_ALL, ModelLifetime
 
 
 def unet_feeds(latent: np.ndarray, timestep: int, text_embeddings: np.ndarray) -> dict[str, np.ndarray]:

@@ -18,13 +18,20 @@ import io
 import json
 import logging
 import struct
+import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from sd2mnn.errors import InputError
-from sd2mnn.mtok_codes import Decoder, Model, Normalizer, PreTokenizer
+from sd2mnn.tokenization.codes import Decoder, Model, Normalizer, PreTokenizer
+from sd2mnn.tokenization.diffusers_scheme import (bert_hugging_face_json, clip_end_of_word_json,
+                                                  end_of_word_special_ids, uses_bert_scheme, uses_end_of_word_scheme)
+from sd2mnn.tokenization.folder import read_json as _read_json
+from sd2mnn.tokenization.folder import tokenizer_folder_files, tokenizer_kind
+from sd2mnn.tokenization.reader import MTOK_NAME, PromptFormat, PromptTokenizer, read_mtok
+from sd2mnn.tokenization.t5_scheme import t5_hugging_face_json, uses_t5_scheme
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ class TokenizerSource:
     stop_ids: list[int]
     prefix_ids: list[int]
     pad_id: int | None = None  # what Hugging Face pads with (not written: MNN's runtime pads with 0)
-    family: str = "generic"  # tokenizer_family's answer: 'clip', 'bert', 't5' or 'generic'
+    kind: str = "generic"  # the folder's TokenizerKind name: 'clip', 'bert', 't5' or 'generic'
 
 
 def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -> Path:
@@ -71,17 +78,13 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
 
     ``scheme="mnn"`` writes exactly what MNN's own flow writes; ``"diffusers"`` (for CLIP BPE
     tokenizers; others are written as MNN writes them) the end-of-word scheme of
-    ``sd2mnn.conditioning``, which with the rewritten text encoder conditions as diffusers does.
-    For T5 (SD3.5's tokenizer_3/) ``"diffusers"`` writes ``sd2mnn.t5_scheme``'s normalizer and
+    ``sd2mnn.tokenization.diffusers_scheme``, which with the rewritten text encoder conditions as diffusers does.
+    For T5 (SD3.5's tokenizer_3/) ``"diffusers"`` writes ``sd2mnn.tokenization.t5_scheme``'s normalizer and
     split, which make the runtime's ids Hugging Face's with the text encoder unchanged.
     """
-    from sd2mnn.conditioning import (bert_hugging_face_json, clip_end_of_word_json, end_of_word_special_ids,
-                                     uses_bert_scheme, uses_end_of_word_scheme)
-    from sd2mnn.t5_scheme import t5_hugging_face_json, uses_t5_scheme
-
     src = load_tokenizer_source(Path(tokenizer_dir))
     tj = src.tokenizer_json
-    if uses_t5_scheme(src.family, scheme):
+    if uses_t5_scheme(src.kind, scheme):
         tj = t5_hugging_face_json(tj, Path(tokenizer_dir) / "tokenizer.json")
     elif uses_end_of_word_scheme(tj, scheme):
         src.special_ids = end_of_word_special_ids(tj, src.special_ids)  # its text handles some
@@ -117,16 +120,16 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
     return out_path
 
 
+def folder_tokenizer(tokenizer_dir: Path, scheme: str, prompt_format: PromptFormat) -> PromptTokenizer:
+    """The PromptTokenizer of the tokenizer.mtok a conversion with ``--tokenizer scheme`` writes for
+    ``tokenizer_dir`` (written to a temporary file and read back)."""
+    with tempfile.TemporaryDirectory(prefix="sd2mnn-mtok-") as tmp:
+        return PromptTokenizer(read_mtok(write_mtok(tokenizer_dir, Path(tmp) / MTOK_NAME, scheme)), prompt_format)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading the folder: what transformers + LlmTokenizer would hand to the writer
 # ---------------------------------------------------------------------------------------------
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not a readable JSON file ({err}); restore it from the model") from err
-
 
 def _content(value) -> str | None:
     """A special token as configs write it: a string or an AddedToken dict."""
@@ -135,38 +138,13 @@ def _content(value) -> str | None:
     return None if value is None else str(value)
 
 
-def tokenizer_family(tokenizer_dir: Path) -> str:
-    """'clip', 'bert', 't5' or 'generic' (a tokenizer.json with no model-specific class)."""
-    config_path = tokenizer_dir / "tokenizer_config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
-    cls = str(config.get("tokenizer_class") or "")
-    if cls.startswith("CLIPTokenizer"):
-        return "clip"
-    if cls.startswith("BertTokenizer"):
-        return "bert"
-    if cls.startswith("T5Tokenizer"):
-        if not (tokenizer_dir / "tokenizer.json").is_file():
-            # MNN's writer reads the Unigram model from tokenizer.json only (never spiece.model).
-            raise InputError(f"{config_path}: tokenizer_class {cls!r} needs the folder's tokenizer.json, which is "
-                             "missing; copy the model's tokenizer_3/ folder whole, or save it with "
-                             "transformers' T5TokenizerFast.save_pretrained")
-        return "t5"
-    if (tokenizer_dir / "tokenizer.json").is_file() and cls in ("", "PreTrainedTokenizerFast", "TokenizersBackend"):
-        return "generic"
-    what = f"tokenizer_class {cls!r}" if cls else "no tokenizer_class"
-    raise InputError(f"{config_path}: {what}; sd2mnn writes tokenizer.mtok for CLIPTokenizer (SD1.5) "
-                     "and BertTokenizer (Taiyi) folders, or a folder with a tokenizer.json")
-
-
 def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
     from tokenizers import Tokenizer
 
     if not tokenizer_dir.is_dir():
         raise InputError(f"{tokenizer_dir}: no tokenizer folder; point at the pipeline's tokenizer/ folder")
-    from sd2mnn.layout import tokenizer_folder_files
-
     tokenizer_folder_files(tokenizer_dir)
-    family = tokenizer_family(tokenizer_dir)
+    family = tokenizer_kind(tokenizer_dir).name
     config_path = tokenizer_dir / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
     map_path = tokenizer_dir / "special_tokens_map.json"
@@ -237,7 +215,7 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
         tokenizer_json=tj, chat_template=chat_template, eos_token=eos, bos_token=bos,
         clean_up_spaces=config.get("clean_up_tokenization_spaces", False) is True,
         special_ids=special_ids, stop_ids=_stop_ids(tok, to_id(_content(named["eos_token"]))),
-        prefix_ids=_prefix_ids(tok, decode), pad_id=to_id(_content(named["pad_token"])), family=family)
+        prefix_ids=_prefix_ids(tok, decode), pad_id=to_id(_content(named["pad_token"])), kind=family)
 
 
 def _check_charsmaps(norm, source: Path) -> None:

@@ -18,7 +18,7 @@ Where MNN differs from Hugging Face's CLIPTokenizer (so from diffusers), on purp
   * Regexes run on "folded" text (each non-ASCII code point becomes its category marker).
 For BERT (Taiyi) the C++ agrees with HF for ordinary text: [CLS] ... [SEP], padded with 0.
 For T5 (SD3.5's tokenizer_3, Unigram) the runtime adds no BOS, EOS 1 unless the ids already end
-with it, cuts to 256 with EOS last and pads with 0, as diffusers does; sd2mnn.t5_scheme's .mtok
+with it, cuts to 256 with EOS last and pads with 0, as diffusers does; sd2mnn.tokenization.t5_scheme's .mtok
 makes the ids Hugging Face's (what remains is listed there).
 """
 from __future__ import annotations
@@ -26,65 +26,61 @@ from __future__ import annotations
 import functools
 import re
 import struct
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sd2mnn import families
 from sd2mnn.errors import InputError
 from sd2mnn.files import confined
-from sd2mnn.families import PromptFormat
-from sd2mnn.mtok_codes import Decoder, Model, Normalizer, PostOp, PreTokenizer
+from sd2mnn.tokenization.codes import Decoder, Model, Normalizer, PostOp, PreTokenizer
 
 MTOK_NAME = "tokenizer.mtok"
 
 
-# The prompt formats belong to the model families; these names stay for the tokenizer's users.
-SD15, TAIYI = families.SD15.prompt, families.TAIYI.prompt
+@dataclass(frozen=True)
+class PromptFormat:
+    """What MNN's runtime does with a tokenizer: diffusion_demo's model_type, BOS/EOS, length.
+    Each family says which format each of its tokenizers is run with (Family.prompt_formats).
 
+    A negative id is one the runtime does not add (MtokTokenizer checks ``id >= 0``), as T5's BOS."""
 
-def prompt_format(model_kind: str) -> PromptFormat:
-    """The runtime settings for a tokenizer model kind ("BPE" -> SD1.5, "WordPiece" -> Taiyi,
-    "Unigram" -> SD3.5's T5)."""
-    return _runtime_format(families.by_tokenizer_model(model_kind), "")
+    name: str
+    model_type: int
+    bos_id: int
+    eos_id: int
+    max_length: int
 
 
 def read_mtok_model_kind(path: Path) -> str:
     """The tokenizer model kind ("BPE", "WordPiece", ...) a tokenizer.mtok holds."""
-    return _read_mtok(path).model.kind
+    return read_mtok(path).model.kind
 
 
 class PromptTokenizer:
-    """A tokenizer.mtok, encoding like MNN's C++ runtime."""
+    """A tokenizer.mtok, encoding like MNN's C++ runtime with ``prompt_format``."""
 
-    def __init__(self, mtok: "_Mtok", prompt_format: PromptFormat | None = None, folder: str = ""):
-        """``prompt_format``: how the runtime encodes with it; by default the family's format for
-        the tokenizer ``folder`` the file sits in (SD3.5's tokenizer_3/ is T5's)."""
+    def __init__(self, mtok: "_Mtok", prompt_format: PromptFormat):
         self._mtok = mtok
-        self.family = families.by_tokenizer_model(mtok.model.kind)  # what the runtime makes of this .mtok
-        self.format = prompt_format or _runtime_format(self.family, folder)
+        self.format = prompt_format
 
     @classmethod
-    def from_dir(cls, path: Path, scheme: str = "diffusers",
-                 prompt_format: PromptFormat | None = None) -> "PromptTokenizer":
-        """A bundle (tokenizer.mtok), a .mtok file, or a tokenizer folder (its .mtok is written
-        to a temporary file first, exactly as a conversion with ``--tokenizer scheme`` would)."""
+    def from_dir(cls, path: Path, prompt_format: PromptFormat) -> "PromptTokenizer":
+        """A bundle's tokenizer.mtok (``path`` the file, the bundle, or a folder holding
+        tokenizer/tokenizer.mtok)."""
         path = Path(path)
         fix = "replace the link with the file itself"
         candidates = [path] if path.is_file() else [confined(path, rel, fix) for rel in (MTOK_NAME, f"tokenizer/{MTOK_NAME}")]
         for candidate in candidates:
             if candidate.is_file():
-                return cls(_read_mtok(candidate), prompt_format, candidate.parent.name)
-        source = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-        if not source.is_dir():
-            raise InputError(f"{path}: no {MTOK_NAME} and no tokenizer folder; point at a bundle or tokenizer/")
-        from sd2mnn.mtok import write_mtok
+                return cls(read_mtok(candidate), prompt_format)
+        raise InputError(f"{path}: no {MTOK_NAME}; point at a bundle, or convert the tokenizer folder first")
 
-        with tempfile.TemporaryDirectory(prefix="sd2mnn-mtok-") as tmp:
-            return cls(_read_mtok(write_mtok(source, Path(tmp) / MTOK_NAME, scheme)), prompt_format, source.name)
+    @property
+    def model_kind(self) -> str:
+        """The .mtok's model kind: "BPE", "WordPiece" or "Unigram"."""
+        return self._mtok.model.kind
 
     @property
     def vocabulary(self) -> dict[str, int]:
@@ -121,18 +117,8 @@ class PromptTokenizer:
         return np.array(rows, dtype=np.int32)
 
 
-def _runtime_format(family: families.Family, folder: str) -> PromptFormat:
-    """The runtime's format for the family's tokenizer in ``folder``; elsewhere, the format of the
-    tokenizer that marks the family (SD3.5: T5's, the one that is not its CLIP format)."""
-    formats = family.prompt_formats
-    if folder in formats:
-        return formats[folder]
-    others = {f for f in formats.values() if f != family.prompt}
-    return others.pop() if len(others) == 1 else family.prompt
-
-
 # ---------------------------------------------------------------------------------------------
-# Reading tokenizer.mtok (the layout is in sd2mnn.mtok's docstring)
+# Reading tokenizer.mtok (the layout is in sd2mnn.tokenization.writer's docstring)
 # ---------------------------------------------------------------------------------------------
 
 class _Reader:
@@ -159,7 +145,7 @@ class _Reader:
         return self.pos < len(self.data)
 
 
-def _read_mtok(path: Path) -> "_Mtok":
+def read_mtok(path: Path) -> "_Mtok":
     data = path.read_bytes()
     try:
         lines = data.split(b"\n", 3)

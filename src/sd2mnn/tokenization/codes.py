@@ -1,7 +1,7 @@
 """The type codes of tokenizer.mtok's binary sections, as MNN's
 ``PipelineTokenizer::load_vocab_binary`` (transformers/llm/engine/src/tokenizer/tokenizer.cpp)
-reads them: one byte before each normalizer, pre-tokenizer, model and decoder. sd2mnn.mtok writes
-them and sd2mnn.tokenizer reads them, both by these names."""
+reads them: one byte before each normalizer, pre-tokenizer, model and decoder. sd2mnn.tokenization.writer writes
+them and sd2mnn.tokenization.reader reads them, both by these names."""
 from __future__ import annotations
 
 from enum import IntEnum

@@ -1,0 +1,77 @@
+"""Prompt -> ids, three ways: what MNN's runtime feeds a bundle's text encoder, what the CLIP or
+BERT model inside it sees (after the id rewrite), and what diffusers feeds it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME, MARKER
+from sd2mnn.tokenization.id_rewrite import IdRewrite, load_rewrite, rewrite_ids
+from sd2mnn.tokenization.reader import MTOK_NAME, PromptFormat, PromptTokenizer
+from sd2mnn.tokenization.writer import folder_tokenizer, load_tokenizer_source
+
+
+def _is_end_of_word_mtok(runtime) -> bool:
+    """A .mtok of this scheme: its BPE joins a character and the marker into one (end-of-word) id."""
+    return len(runtime.model_ids("a" + MARKER)) == 1
+
+
+class PromptIds:
+    """The ids of ``[negative, prompt]`` for a bundle (its tokenizer.mtok and tokenizer files) or
+    a tokenizer folder converted with ``scheme``."""
+
+    def __init__(self, tokenizer_dir: Path, runtime, rewrite: IdRewrite | None, scheme: str):
+        self.tokenizer_dir, self.runtime, self.rewrite, self.scheme = Path(tokenizer_dir), runtime, rewrite, scheme
+        self._hf = None
+
+    @classmethod
+    def for_bundle(cls, bundle_dir: Path, prompt_format: PromptFormat) -> "PromptIds":
+        """The bundle folder holding the tokenizer.mtok its runtime encodes with ``prompt_format``
+        (the family's format for that tokenizer), beside that tokenizer's files."""
+        runtime = PromptTokenizer.from_dir(Path(bundle_dir) / MTOK_NAME, prompt_format)
+        if runtime.format.model_type != 0:  # BERT (Taiyi): one .mtok for both schemes
+            return cls(bundle_dir, runtime, None, DEFAULT_SCHEME)
+        if _is_end_of_word_mtok(runtime):
+            return cls(bundle_dir, runtime, load_rewrite(bundle_dir, "diffusers", prompt_format, runtime), "diffusers")
+        return cls(bundle_dir, runtime, None, "mnn")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer_dir: Path, prompt_format: PromptFormat, scheme: str = DEFAULT_SCHEME) -> "PromptIds":
+        """A tokenizer folder, as a conversion with ``scheme`` would write its tokenizer.mtok."""
+        runtime = folder_tokenizer(Path(tokenizer_dir), scheme, prompt_format)
+        return cls(tokenizer_dir, runtime, load_rewrite(tokenizer_dir, scheme, prompt_format, runtime), scheme)
+
+    @property
+    def max_length(self) -> int:
+        return self.runtime.format.max_length
+
+    def runtime_pair(self, prompt: str, length: int | None = None, negative: str = "") -> np.ndarray:
+        """int32 [2, L]: what MNN's runtime feeds ``text_encoder.mnn``."""
+        return self.runtime.encode_pair(prompt, length, negative)
+
+    def model_pair(self, prompt: str, length: int | None = None, negative: str = "") -> np.ndarray:
+        """int32 [2, L]: what the CLIP/BERT model inside the bundle's text encoder sees."""
+        return self.rewrite_pair(self.runtime_pair(prompt, length, negative))
+
+    def rewrite_pair(self, runtime_ids: np.ndarray) -> np.ndarray:
+        """The bundle's text encoder's id rewrite (none for MNN's own scheme), in numpy."""
+        return rewrite_ids(runtime_ids, self.rewrite) if self.rewrite is not None else runtime_ids
+
+    def hf_pair(self, prompt: str, length: int | None = None, negative: str = "") -> np.ndarray:
+        """int32 [2, L]: Hugging Face's ids (diffusers' conditioning), from the tokenizer files."""
+        length = length or self.max_length
+        if self._hf is None:
+            from tokenizers import Tokenizer
+
+            source = load_tokenizer_source(self.tokenizer_dir)
+            self._hf = Tokenizer.from_str(json.dumps(source.tokenizer_json))
+            self._hf_pad = source.pad_id if source.pad_id is not None else 0
+        rows = []
+        for text in (negative, prompt):
+            ids = self._hf.encode(text).ids  # with the post-processor's BOS/EOS
+            if len(ids) > length:
+                ids = ids[:length - 1] + ids[-1:]  # truncation keeps the closing special token
+            rows.append(ids + [self._hf_pad] * (length - len(ids)))
+        return np.array(rows, dtype=np.int32)
