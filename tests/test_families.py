@@ -140,3 +140,25 @@ def test_sd35_verify_feeds_are_the_runtimes_inputs_at_the_models_shapes():
     spec = SD35.components["vae_decoder"]
     (feed,), _ = spec.verify_feeds({"latent_sample": [1, 16, 64, 64]}, {"latent_sample": np.float32}, rng, [], None, 1)
     assert abs(feed["latent_sample"].mean() - 0.0609) < 0.01 and abs(feed["latent_sample"].std() - 1 / 1.5305) < 0.01
+
+
+def test_detect_reads_the_record_export_writes_before_any_file(tmp_path):
+    from sd2mnn.families import SD35
+
+    onnx = tmp_path / "onnx"
+    (onnx / "tokenizer").mkdir(parents=True)
+    (onnx / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
+    families.write_marker(onnx, SD35)
+    assert families.detect(onnx) is SD35  # a CLIP tokenizer/ alone would read as SD1.5
+    (onnx / families.FAMILY_MARKER).write_text(json.dumps({"family": "wan"}))
+    with pytest.raises(InputError, match=families.FAMILY_MARKER):
+        families.detect(onnx)
+
+
+def test_a_tokenizer_kind_two_families_share_names_both():
+    from dataclasses import replace
+
+    with pytest.raises(InputError, match="sd15 and wan") as err:
+        families.by_tokenizer_model("BPE", (SD15, TAIYI, replace(SD15, name="wan")), "tokenizer.mtok")
+    assert "manifest.json" in str(err.value) and "\n" not in str(err.value)
+    assert families.by_tokenizer_model("BPE", (SD15, TAIYI)) is SD15
