@@ -136,7 +136,7 @@ def ort_run(model: Path, feeds: dict) -> list:
 
 def test_layout_and_contract(sd15_export):
     onnx_dir, report, _ = sd15_export
-    assert sorted(p.name for p in onnx_dir.iterdir()) == ["text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder"]
+    assert sorted(p.name for p in onnx_dir.iterdir()) == ["sd2mnn_family.json", "text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder"]
     assert {p.name for p in (onnx_dir / "tokenizer").iterdir()} == CLIP_TOKENIZER_FILES
     assert_contract(onnx_dir, 77, 16)
     # No size given: the model's own, unet sample_size 64 x the VAE's factor 8.
@@ -228,7 +228,7 @@ def test_taiyi_detected(taiyi_export):
     assert (onnx_dir / "tokenizer" / "vocab.txt").is_file()
     vocab = (onnx_dir / "tokenizer" / "vocab.txt").read_text(encoding="utf-8").splitlines()
     assert vocab[101] == "[CLS]" and vocab[102] == "[SEP]"
-    assert sorted(p.name for p in onnx_dir.iterdir()) == ["text_encoder", "tokenizer", "unet"]
+    assert sorted(p.name for p in onnx_dir.iterdir()) == ["sd2mnn_family.json", "text_encoder", "tokenizer", "unet"]
 
 
 # -- errors and atomicity ------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def test_existing_output(sd15_dir, tmp_path):
         export(sd15_dir, out, ExportOptions(components=("vae_decoder",)))
     assert (out / "keep.txt").read_text() == "mine"
     export(sd15_dir, out, ExportOptions(components=("vae_decoder",), overwrite=True))
-    assert sorted(p.name for p in out.iterdir()) == ["tokenizer", "vae_decoder"]
+    assert sorted(p.name for p in out.iterdir()) == ["sd2mnn_family.json", "tokenizer", "vae_decoder"]
     _no_leftovers(tmp_path)
 
 
