@@ -54,6 +54,8 @@ def test_every_convert_options_flag_is_one_row():
         assert flag.kind in (int, bool) and flag.mnn.startswith("--") and flag.cli.startswith("--")
         assert flag.needs is None or flag.needs in table
         assert flag.kind is bool or flag.low is not None, f"{flag.cli} takes a number but has no range"
+        if flag.kind is int and flag.high is not None:  # the help states the range the checks hold
+            assert f"({flag.low}-{flag.high})" in flag.help, flag
     for spelling in ("mnn", "cli"):
         names = [getattr(flag, spelling) for flag in CONVERTER_FLAGS]
         assert len(names) == len(set(names))
