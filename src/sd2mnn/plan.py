@@ -13,19 +13,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sd2mnn.converter import Converter
+from sd2mnn.converter_flags import CONVERTER_FLAGS, check_extra_value, check_values, converter_words
 from sd2mnn.errors import InputError
 from sd2mnn.layout import ComponentSource, OnnxPipeline
 from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest
 
 # Flags sd2mnn sets itself for every component; EXTRA may not override them.
 _RESERVED_FLAGS = ("-f", "--framework", "--modelFile", "--MNNModel", "--saveExternalData", "--prototxt")
-
-# Converter flags that sd2mnn also offers as named options: EXTRA's values are held to the same
-# ranges (the converter takes --weightQuantBits=99 or =abc without a word).
-_FLAG_RANGES = {
-    "--weightQuantBits": (2, 8, "--weight-quant-bits"),
-    "--weightQuantBlock": (1, None, "--weight-quant-block"),
-}
 
 
 def _extra_flags(extra: str, takes_value: dict[str, bool] | None = None) -> list[tuple[str, str | None, str]]:
@@ -59,6 +53,7 @@ class ConvertOptions:
     """Everything a conversion can be asked for. Paths are the only thing not in here."""
 
     components: tuple[str, ...] | None = None  # None: the pipeline family's defaults
+    # The converter flags sd2mnn names (sd2mnn.converter_flags: one row each, unset by default).
     weight_quant_bits: int | None = None
     weight_quant_block: int | None = None
     weight_quant_asymmetric: bool = False
@@ -77,13 +72,7 @@ class ConvertOptions:
     def __post_init__(self):
         if self.tokenizer not in ("diffusers", "mnn"):
             raise InputError(f"--tokenizer must be diffusers or mnn, got {self.tokenizer!r}")
-        if self.weight_quant_bits is not None and not 2 <= self.weight_quant_bits <= 8:
-            raise InputError(f"--weight-quant-bits must be between 2 and 8, got {self.weight_quant_bits}")
-        if self.weight_quant_block is not None and self.weight_quant_block <= 0:
-            raise InputError(f"--weight-quant-block must be positive, got {self.weight_quant_block}")
-        needs_bits = self.weight_quant_block is not None or self.weight_quant_asymmetric or self.hqq
-        if needs_bits and self.weight_quant_bits is None:
-            raise InputError("--weight-quant-block, --weight-quant-asymmetric and --hqq need --weight-quant-bits N")
+        check_values(self._flag_values())
         if self.jobs is not None and self.jobs < 1:
             raise InputError(f"--jobs must be at least 1, got {self.jobs}")
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
@@ -93,32 +82,14 @@ class ConvertOptions:
                 raise InputError(
                     f"extra converter flag {token!r} is set by sd2mnn itself; leave it out of EXTRA"
                 )
-            if name in _FLAG_RANGES and value is not None:
-                low, high, option = _FLAG_RANGES[name]
-                number = int(value) if re.fullmatch(r"[+-]?\d+", value.strip()) else None
-                if number is None or number < low or (high is not None and number > high):
-                    allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
-                    raise InputError(
-                        f"extra converter flag {token!r}: {name} must be a whole number {allowed} "
-                        f"(as {option}), got {value!r}"
-                    )
+            check_extra_value(name, value, token)
+
+    def _flag_values(self) -> dict[str, object]:
+        return {flag.field: getattr(self, flag.field) for flag in CONVERTER_FLAGS}
 
     def named_flags(self) -> tuple[str, ...]:
         """The converter flags sd2mnn's own options stand for."""
-        flags: list[str] = []
-        if self.weight_quant_bits is not None:
-            flags.append(f"--weightQuantBits={self.weight_quant_bits}")
-        if self.weight_quant_block is not None:
-            flags.append(f"--weightQuantBlock={self.weight_quant_block}")
-        if self.weight_quant_asymmetric:
-            flags.append("--weightQuantAsymmetric")
-        if self.hqq:
-            flags.append("--hqq")
-        if self.transformer_fuse:
-            flags.append("--transformerFuse")
-        if self.fp16:
-            flags.append("--fp16")
-        return tuple(flags)
+        return converter_words(self._flag_values())
 
     def converter_flags(self) -> tuple[str, ...]:
         """The flags every component is converted with, after sd2mnn's own file arguments."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from sd2mnn.converter_flags import BY_SPELLING
 from sd2mnn.errors import InputError, Sd2MnnError
 from sd2mnn.layout import folder_family, parse_components
 from sd2mnn.plan import ConvertOptions
@@ -55,29 +56,21 @@ class Variant:
         while tokens:
             token = tokens.pop(0)
             key, has_value, value = token.partition("=")
-            if key in _INT_FLAGS:
+            named = BY_SPELLING.get(key)
+            if named is not None and named.kind is int:
                 if not has_value:
                     value = tokens.pop(0) if tokens else ""
                 try:
-                    fields[_INT_FLAGS[key]] = int(value)
+                    fields[named.field] = int(value)
                 except ValueError:
                     raise InputError(f"variant {self.name}: {key} needs a whole number, got {value!r}") from None
-            elif token in _BOOL_FLAGS:
-                fields[_BOOL_FLAGS[token]] = True
+            elif named is not None and not has_value:  # a switch; --fp16=1 goes to the converter as written
+                fields[named.field] = True
             else:
                 extra.append(token)
         fields["extra"] = shlex.join(extra)
         return fields
 
-
-def _spellings(field_name: str) -> tuple[str, str]:
-    """MNNConvert's camelCase flag and sd2mnn's kebab-case one for a ConvertOptions field."""
-    camel = {"hqq": "hqq", "fp16": "fp16"}.get(field_name) or re.sub(r"_(\w)", lambda m: m.group(1).upper(), field_name)
-    return f"--{camel}", f"--{field_name.replace('_', '-')}"
-
-
-_INT_FLAGS = {flag: f for f in ("weight_quant_bits", "weight_quant_block") for flag in _spellings(f)}
-_BOOL_FLAGS = {flag: f for f in ("weight_quant_asymmetric", "hqq", "transformer_fuse", "fp16") for flag in _spellings(f)}
 
 # The named variants. MNN documents --transformerFuse for OpenCL/Metal only: on the CPU it may
 # fail, which the sweep then reports.

@@ -42,6 +42,7 @@ from sd2mnn._version import __version__
 from sd2mnn._verify_pass import PassError, RunStats, run_pass
 from sd2mnn.bundle import BundleDir, confine_runtime_files
 from sd2mnn.contract import ContractIssue, check_contract, contract_notes, onnx_vocabulary
+from sd2mnn.converter_flags import quantizing_words
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, Family
 from sd2mnn.layout import MANIFEST_NAME, bundle_mtok, folder_family, load_component, parse_components
@@ -54,7 +55,6 @@ from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static
 PSNR_CAP = 200.0
 ISOLATE_ABOVE_BYTES = 64 << 20
 DAMAGED = "damaged file"  # a ContractIssue kind: the file differs from manifest.json's record
-_QUANT_FLAGS = ("--weightQuantBits", "--fp16", "--hqq")
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ def _precision(name: str, mnn_dir: Path, manifest, source) -> tuple[bool, str]:
     """Whether the component's weights were quantized, and how we know."""
     record = manifest.components.get(name) if manifest else None
     if record is not None:
-        flags = [f for f in record.flags if f.split("=")[0] in _QUANT_FLAGS]
+        flags = quantizing_words(record.flags)
         return (True, f"manifest flags {' '.join(flags)}") if flags else (False, "manifest: fp32 weights")
     weight = mnn_dir / source.spec.weight_name
     if not weight.is_file():

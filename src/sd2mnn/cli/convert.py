@@ -10,6 +10,7 @@ from typing import Iterator
 from sd2mnn.cli._checks import check_output_folder
 from sd2mnn.cli._common import add_overwrite_flag, human_bytes, print_json, table, terminate_as_interrupt
 from sd2mnn.conversion import ConversionReport, check_before_export, convert
+from sd2mnn.converter_flags import CONVERTER_FLAGS
 from sd2mnn.errors import InputError, os_errors_as_one_line
 from sd2mnn.files import check_replaceable, is_inside
 from sd2mnn.layout import component_choices, split_components
@@ -30,12 +31,11 @@ EXAMPLES = """examples:
 def add_conversion_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that choose how components are converted (shared with sweep)."""
     group = parser.add_argument_group("conversion flags")
-    group.add_argument("--weight-quant-bits", type=int, metavar="N", help="quantize weights to N bits (2-8)")
-    group.add_argument("--weight-quant-block", type=int, metavar="N", help="quantization block size (with --weight-quant-bits)")
-    group.add_argument("--weight-quant-asymmetric", action="store_true", help="asymmetric weight quantization")
-    group.add_argument("--hqq", action="store_true", help="HQQ weight quantization (with --weight-quant-bits)")
-    group.add_argument("--transformer-fuse", action="store_true", help="fuse attention (MNN documents it for OpenCL/Metal)")
-    group.add_argument("--fp16", action="store_true", help="store float weights as fp16")
+    for flag in CONVERTER_FLAGS:
+        if flag.kind is int:
+            group.add_argument(flag.cli, dest=flag.field, type=int, metavar=flag.metavar, help=flag.help)
+        else:
+            group.add_argument(flag.cli, dest=flag.field, action="store_true", help=flag.help)
 
 
 def register(subparsers) -> None:
@@ -84,12 +84,7 @@ def register(subparsers) -> None:
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(
         components=split_components(args.components),
-        weight_quant_bits=args.weight_quant_bits,
-        weight_quant_block=args.weight_quant_block,
-        weight_quant_asymmetric=args.weight_quant_asymmetric,
-        hqq=args.hqq,
-        transformer_fuse=args.transformer_fuse,
-        fp16=args.fp16,
+        **{flag.field: getattr(args, flag.field) for flag in CONVERTER_FLAGS},
         extra=args.extra,
         converter=args.converter,
         force=args.overwrite,
