@@ -93,8 +93,17 @@ def test_a_transformer_from_another_onnx_fails_exactly_the_transformer(tiny_sd3_
     onnx.save(model, str(model_path), save_as_external_data=True, location="weights.pb")
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_sd3_bundle, bundle)
+    manifest_path = bundle / "manifest.json"
+    recorded_sources = json.loads(manifest_path.read_text())["components"]["transformer"]["sources"]
     sd2mnn.convert(other, bundle, components=["transformer"])
 
+    # The manifest knows the transformer came from another ONNX: verify refuses to compare them.
+    with pytest.raises(InputError, match=r"transformer/model.onnx: .*not the transformer the bundle"):
+        verify(tiny_sd3_onnx, bundle, components="text_encoder,transformer,vae_decoder", prompts=["a cat"])
+    # A conversion gone wrong that still records the right source: the numbers catch it.
+    manifest = json.loads(manifest_path.read_text())
+    manifest["components"]["transformer"]["sources"] = recorded_sources
+    manifest_path.write_text(json.dumps(manifest))
     report = verify(tiny_sd3_onnx, bundle, components="text_encoder,transformer,vae_decoder", prompts=["a cat"])
     metric = [f for c in report.components for o in c.outputs for f in o.failures(c.thresholds)]
     assert [c.name for c in report.components if any(o.failures(c.thresholds) for o in c.outputs)] == ["transformer"]
