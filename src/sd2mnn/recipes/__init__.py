@@ -10,12 +10,16 @@ Each module defines a ``Steps`` object with:
 
     condition(outputs, shapes, files) -> the denoiser's text feeds, from each text encoder's outputs
     denoiser_feeds(latent, timestep, text_feeds) -> the denoiser's inputs for one call
-    contract_notes(inputs, outputs, files) -> what MNN's runtime would refuse in the models' shapes
+    contract_notes(inputs, outputs, files, family) -> what MNN's runtime would refuse in the models' shapes
     lifetime(memory_mode) -> ModelLifetime: when the runtime loads its models and frees them
+    runtime_config(backend, threads, precision, memory_mode, cache_file) -> the runtime's RuntimeConfig
+
+The family names its module (Family.steps_module); ``steps_for`` imports it by that name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 
 from sd2mnn.families import Family
 
@@ -38,8 +42,4 @@ KEEP_ALL = ModelLifetime(at_start=True, release_after_use=False)
 
 def steps_for(family: Family):
     """The runtime steps of ``family``."""
-    if family.denoiser == "transformer":
-        from sd2mnn.recipes.sd35 import STEPS
-    else:
-        from sd2mnn.recipes.stable_diffusion import STEPS
-    return STEPS
+    return import_module(family.steps_module).STEPS
