@@ -22,8 +22,8 @@ from builders import record_model_calls
 
 from sd2mnn.images import write_png
 from sd2mnn.noise import initial_noise
+from sd2mnn.runtime import DYNAMIC_QUANT_OPTIONS
 from sd2mnn.pipeline import (
-    DYNAMIC_QUANT_OPTIONS,
     GenerationParams,
     Pipeline,
     decoded_to_pixels,

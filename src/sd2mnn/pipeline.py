@@ -42,11 +42,9 @@ from sd2mnn.bundle import check_for_use
 from sd2mnn.files import confined
 from sd2mnn.manifest import FileRecord, read_manifest
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
-from sd2mnn.runtime import (DYNAMIC_QUANT_OPTIONS, MNN_GPU_MEMORY_BUFFER, MNN_GPU_TUNING_FAST,  # noqa: F401
-                             MnnModel, OrtModel, RuntimeConfig, check_mnn_files, mnn_runtime_manager)
+from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig, check_mnn_files, mnn_runtime_manager
 from sd2mnn import families, recipes, schedulers
 from sd2mnn.families import Family
-from sd2mnn.recipes.stable_diffusion import unet_feeds
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS, clamp_steps
 
 # The runtime's guidance, latent scale and the like are each family's (Family.recipe).
