@@ -35,11 +35,13 @@ RUNTIMES = ("onnxruntime", "mnn")
 def child(args: argparse.Namespace) -> int:
     """Run one generation on one runtime; write the measurements to args.result as JSON."""
     started = time.perf_counter()
+    from sd2mnn import families
     from sd2mnn.pipeline import GenerationParams, Pipeline, mnn_runtime_config
 
     imported = time.perf_counter()
     if args.child == "mnn":
-        config = mnn_runtime_config(threads=args.threads, precision=args.precision, memory_mode=args.memory_mode)
+        config = mnn_runtime_config(threads=args.threads, precision=args.precision, memory_mode=args.memory_mode,
+                                    family=families.detect(args.source))
         pipeline = Pipeline(args.source, "mnn", config)
     else:
         pipeline = Pipeline.from_onnx(args.source, threads=args.threads)

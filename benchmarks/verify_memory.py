@@ -29,20 +29,21 @@ def baseline_child(runtime: str, onnx_dir: str, mnn_dir: str, threads: int) -> i
     """One runtime, the unet alone: load, run one contract-shaped input, exit."""
     import numpy as np
 
-    from sd2mnn.layout import COMPONENTS, load_component
+    from sd2mnn.families import SD15
+    from sd2mnn.layout import load_component
     from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
     from sd2mnn.verify_inputs import static_shape
 
-    source = load_component(Path(onnx_dir), "unet")
+    source = load_component(Path(onnx_dir), "unet", SD15)
     rng = np.random.default_rng(0)
     feeds = {}
     for tensor in source.summary.inputs:
-        shape = static_shape("unet", tensor)
+        shape = static_shape("unet", tensor, SD15)
         if tensor.name == "timestep":
             feeds[tensor.name] = np.array([500], dtype=np.dtype(tensor.dtype))
         else:
             feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32)
-    spec = COMPONENTS["unet"]
+    spec = SD15.components["unet"]
     if runtime == "onnxruntime":
         model = OrtModel(source.model, threads=threads)
     else:

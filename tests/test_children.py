@@ -11,7 +11,7 @@ from sd2mnn._verify_pass import PassError, run_pass
 from sd2mnn.bench import measure
 from sd2mnn.children import run_module
 from sd2mnn.contract import read_tensors
-from sd2mnn.layout import COMPONENTS
+from sd2mnn.families import SD15
 
 
 def test_run_module_kills_at_the_timeout(tmp_path):
@@ -24,7 +24,7 @@ def test_run_module_kills_at_the_timeout(tmp_path):
 
 
 def test_contract_reader_has_a_time_limit(fp32_bundle):
-    unet = fp32_bundle / COMPONENTS["unet"].mnn_name
+    unet = fp32_bundle / SD15.components["unet"].mnn_name
     assert read_tensors({"unet": (unet, ["sample"])})["unet"]["tensors"]["sample"]["shape"] == [2, 4, 64, 64]
     started = time.monotonic()
     assert read_tensors({"unet": (unet, ["sample"])}, timeout=0.05) == {"unet": None}
@@ -33,9 +33,9 @@ def test_contract_reader_has_a_time_limit(fp32_bundle):
 
 def test_runtime_passes_have_a_time_limit(fp32_bundle, tmp_path):
     feeds = [{"latent_sample": np.zeros((1, 4, 64, 64), np.float32)}]
-    spec = COMPONENTS["vae_decoder"]
+    spec = SD15.components["vae_decoder"]
     model = fp32_bundle / spec.mnn_name
     with pytest.raises(PassError, match="ran past 0.05s"):
         run_pass("mnn", model, list(spec.inputs), list(spec.outputs), feeds, 1, True, tmp_path, timeout=0.05)
-    timing = measure("mnn", "vae_decoder", model, feeds[0], 1, "high", 1, tmp_path, 0, timeout=0.05)
+    timing = measure("mnn", "vae_decoder", model, feeds[0], 1, "high", 1, tmp_path, 0, SD15, timeout=0.05)
     assert timing.error == "ran past 0.05s and was killed"

@@ -18,7 +18,6 @@ from sd2mnn.tokenization.prompt_ids import PromptIds
 from sd2mnn.cli import main as cli_main
 from sd2mnn.errors import ConversionError, ConverterNotFoundError, InputError
 from sd2mnn.families import SD15
-from sd2mnn.layout import COMPONENTS
 from sd2mnn.manifest import sha256_file
 from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
 
@@ -40,7 +39,7 @@ def sample_inputs(onnx_model: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
 def test_fp32_outputs_match_onnx_runtime(fp32_bundle, demo_onnx, name):
-    spec = COMPONENTS[name]
+    spec = SD15.components[name]
     source = demo_onnx / name / "model.onnx"
     feeds = sample_inputs(source)
     reference = dict(feeds)
@@ -77,7 +76,7 @@ def test_bundle_layout_and_manifest(fp32_bundle, demo_onnx):
     assert manifest["converter_flags"] == []
     assert set(manifest["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     for name, record in manifest["components"].items():
-        spec = COMPONENTS[name]
+        spec = SD15.components[name]
         # Sources: the model plus its external data, hashed.
         source_paths = [f["path"] for f in record["sources"]]
         assert source_paths[0] == f"{name}/model.onnx"

@@ -10,7 +10,6 @@ from sd2mnn import families
 from sd2mnn.contract import FORMATS
 from sd2mnn.errors import InputError
 from sd2mnn.families import SD15, TAIYI
-from sd2mnn.layout import COMPONENTS
 from sd2mnn.manifest import read_manifest
 
 
@@ -60,7 +59,7 @@ def test_the_family_answers_what_the_engines_used_to_branch_on():
     assert families.by_text_length(77) is SD15 and families.by_text_length(512) is TAIYI
     assert families.by_text_length(64) is None
     assert FORMATS == {77: SD15.prompt, 512: TAIYI.prompt}
-    assert COMPONENTS is SD15.components and SD15.default_components == ("text_encoder", "unet", "vae_decoder")
+    assert SD15.default_components == ("text_encoder", "unet", "vae_decoder")
     unet = SD15.components["unet"].runtime_tensors(77, 768)
     assert unet["encoder_hidden_states"] == ("float32", [2, 77, 768]) and unet["timestep"] == ("int32", [1])
     assert SD15.components["vae_encoder"].runtime_tensors(77, 768) == {}  # the runtime never loads it

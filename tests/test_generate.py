@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import sd2mnn
+from sd2mnn.families import SD15
 from sd2mnn.cli import main
 from sd2mnn.errors import InputError
 from sd2mnn.images import compare, psnr, read_image, write_png
@@ -25,7 +26,7 @@ MIN_PSNR_FP32 = 35.0
 
 @pytest.fixture(scope="module")
 def mnn_pipe(fp32_bundle):
-    return Pipeline(fp32_bundle, config=mnn_runtime_config(threads=2))
+    return Pipeline(fp32_bundle, config=mnn_runtime_config(threads=2, family=SD15))
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +188,11 @@ def test_bundle_without_tokenizer_or_weights(bundle_copy, tmp_path, capsys):
 
 def test_python_api_errors_are_typed():
     with pytest.raises(InputError, match="steps must be"):
-        GenerationParams(PROMPT, steps=2.5).validate()
+        GenerationParams(PROMPT, steps=2.5).validate(SD15)
     with pytest.raises(InputError, match="unknown noise"):
-        GenerationParams(PROMPT, noise="curand").validate()
+        GenerationParams(PROMPT, noise="curand").validate(SD15)
     with pytest.raises(InputError, match="the prompt must be text"):
-        GenerationParams(None).validate()
+        GenerationParams(None).validate(SD15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_pipeline_is_exported_lazily():
 
 
 def test_generate_returns_a_pil_image_with_metadata(fp32_bundle, tmp_path):
-    image = sd2mnn.Pipeline(fp32_bundle, config=mnn_runtime_config(threads=2)).generate(PROMPT, steps=1, seed=1)
+    image = sd2mnn.Pipeline(fp32_bundle, config=mnn_runtime_config(threads=2, family=SD15)).generate(PROMPT, steps=1, seed=1)
     assert isinstance(image, Image.Image) and image.size == (512, 512) and image.mode == "RGB"
     assert image.info["seed"] == "1" and image.info["prompt"] == PROMPT
     path = write_png(tmp_path / "api.png", image)  # the info becomes the PNG's text chunks

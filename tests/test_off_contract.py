@@ -22,6 +22,7 @@ from sd2mnn.cli import main as cli_main
 from sd2mnn.contract import check_contract, check_tensors, tensor_infos
 from sd2mnn.errors import InputError
 from sd2mnn.export import ExportOptions, export
+from sd2mnn.families import SD15
 from sd2mnn.layout import load_component
 from sd2mnn.sweep import sweep
 from sd2mnn.verification import verify
@@ -78,9 +79,9 @@ def _one_line_error(capsys, *words) -> str:
 
 def test_export_takes_its_size_from_the_model(small):
     onnx, _ = small
-    unet = {t.name: t.shape for t in load_component(onnx, "unet").summary.inputs}
+    unet = {t.name: t.shape for t in load_component(onnx, "unet", SD15).summary.inputs}
     assert unet["sample"] == (2, 4, 16, 16)
-    assert {t.name: t.shape for t in load_component(onnx, "vae_decoder").summary.outputs}["sample"] == (1, 3, 32, 32)
+    assert {t.name: t.shape for t in load_component(onnx, "vae_decoder", SD15).summary.outputs}["sample"] == (1, 3, 32, 32)
 
 
 def test_generate_previews_it_and_says_what_the_runtime_would_refuse(small, tmp_path, capsys):
@@ -189,8 +190,8 @@ def test_the_decoder_may_draw_any_size_but_three_channels():
         return tensor_infos({"vae_decoder": (
             [_spec("latent_sample", (1, 4, 64, 64))], [_spec("sample", sample)])})
 
-    assert check_tensors(decoder((1, 3, 768, 640))) == []
-    (issue,) = check_tensors(decoder((1, 4, 512, 512)))
+    assert check_tensors(decoder((1, 3, 768, 640)), SD15) == []
+    (issue,) = check_tensors(decoder((1, 4, 512, 512)), SD15)
     assert (issue.file, issue.kind) == ("vae_decoder.mnn", "shape") and "[1,3,?,?]" in issue.expected
 
 

@@ -22,10 +22,8 @@ from builders import record_model_calls
 
 from sd2mnn.images import write_png
 from sd2mnn.noise import initial_noise
+from sd2mnn.runtime import DYNAMIC_QUANT_OPTIONS
 from sd2mnn.pipeline import (
-    DYNAMIC_QUANT_OPTIONS,
-    GUIDANCE_SCALE,
-    LATENT_SCALE,
     GenerationParams,
     Pipeline,
     decoded_to_pixels,
@@ -33,6 +31,7 @@ from sd2mnn.pipeline import (
     mnn_runtime_config,
 )
 from sd2mnn.errors import InputError
+from sd2mnn.families import SD15
 from sd2mnn.schedulers.plms import PLMSScheduler, clamp_steps
 
 PROMPT = "a photo of a cat"
@@ -45,7 +44,7 @@ F = pytest.importorskip("MNN.expr")
 @pytest.fixture(scope="module")
 def recorded(fp32_bundle):
     """One run of the MNN pipeline with every model call's feeds and outputs recorded."""
-    pipeline = Pipeline(fp32_bundle, config=mnn_runtime_config(threads=2))
+    pipeline = Pipeline(fp32_bundle, config=mnn_runtime_config(threads=2, family=SD15))
     calls, generation = record_model_calls(pipeline, GenerationParams(PROMPT, steps=STEPS, seed=SEED))
     return pipeline, calls, generation
 
@@ -126,12 +125,12 @@ def test_guidance_split_scale_and_formula():
     # E unet(): scaleptr[0] = 7.5;
     #           auto splitvar = _Split(noise_pred, {2}, 0); uncond = splitvar[0]; text = splitvar[1];
     #           noise_pred = scalevar * (noise_pred_text - noise_pred_uncond) + noise_pred_uncond;
-    assert GUIDANCE_SCALE == 7.5
+    assert SD15.recipe.guidance == 7.5
     eps = np.random.default_rng(0).standard_normal((2, 4, 64, 64)).astype(np.float32)
     uncond, text = F.split(mnn_var(eps), [1, 1], 0)
     scale = mnn_var(np.array([7.5], np.float32))
     expected = (scale * (text - uncond) + uncond).read()
-    np.testing.assert_array_equal(guide(eps), expected)  # bit for bit, float32
+    np.testing.assert_array_equal(guide(eps, SD15.recipe.guidance), expected)  # bit for bit, float32
 
 
 def test_plms_steps_take_the_guided_noise(recorded):
@@ -140,7 +139,7 @@ def test_plms_steps_take_the_guided_noise(recorded):
     scheduler = PLMSScheduler(STEPS)
     latent = calls["unet"][0][0]["sample"][0:1]
     for i, (_, out) in enumerate(calls["unet"]):
-        latent = scheduler.step(guide(out["out_sample"]), i, latent)
+        latent = scheduler.step(guide(out["out_sample"], SD15.recipe.guidance), i, latent)
         if i + 1 < STEPS:
             np.testing.assert_array_equal(calls["unet"][i + 1][0]["sample"][0:1], latent)
     np.testing.assert_array_equal(generation.latents, latent)
@@ -151,18 +150,18 @@ def test_steps_outside_1_to_50_are_refused_quoting_mnns_clamp():
     assert clamp_steps(51) == 50 and clamp_steps(0) == 10 and clamp_steps(-3) == 10 and clamp_steps(20) == 20
     # sd2mnn refuses instead of changing the request silently, and says what MNN would do.
     with pytest.raises(InputError, match="would quietly use 50"):
-        GenerationParams(PROMPT, steps=51).validate()
+        GenerationParams(PROMPT, steps=51).validate(SD15)
     with pytest.raises(InputError, match="would quietly use 10"):
-        GenerationParams(PROMPT, steps=0).validate()
+        GenerationParams(PROMPT, steps=0).validate(SD15)
 
 
 def test_seed_is_an_int_and_negative_means_random_in_mnn():
     # D main(): auto random_seed = atoi(argv[6]);
     # E unet(): int seed = randomSeed < 0 ? std::random_device()() : randomSeed;
     with pytest.raises(InputError, match="negative seed"):
-        GenerationParams(PROMPT, seed=-1).validate()
-    assert any("atoi" in d for d in GenerationParams(PROMPT, seed=2**31).divergences())
-    assert GenerationParams(PROMPT, seed=2**31 - 1).divergences() == []
+        GenerationParams(PROMPT, seed=-1).validate(SD15)
+    assert any("atoi" in d for d in GenerationParams(PROMPT, seed=2**31).divergences(SD15))
+    assert GenerationParams(PROMPT, seed=2**31 - 1).divergences(SD15) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +170,7 @@ def test_seed_is_an_int_and_negative_means_random_in_mnn():
 def test_latents_scaled_by_a_float_multiply(recorded):
     # E vae_decoder(): latent = latent * _Const(1 / 0.18215);
     _, calls, generation = recorded
-    assert LATENT_SCALE == np.float32(1 / 0.18215)
+    assert np.float32(SD15.recipe.latent_scale) == np.float32(1 / 0.18215)
     fed = calls["vae_decoder"][0][0]["latent_sample"]
     np.testing.assert_array_equal(fed, generation.latents * np.float32(1 / 0.18215))
     by_mnn = (mnn_var(generation.latents) * mnn_scalar(1 / 0.18215)).read()
@@ -275,19 +274,19 @@ def test_runtime_settings_are_loads():
     #           if(config.type == MNN_FORWARD_CPU) setHint(Interpreter::DYNAMIC_QUANT_OPTIONS, 2);
     #           OpenCL: config.mode = MNN_GPU_MEMORY_BUFFER | MNN_GPU_TUNING_FAST;  others: numThread = 1;
     #           runtime_manager_ shared by the three Module::load calls (pipeline.py does the same).
-    config = mnn_runtime_config()
+    config = mnn_runtime_config(family=SD15)
     assert (config.backend, config.threads, config.precision, config.memory) == ("CPU", 4, "low", "low")
     assert (DYNAMIC_QUANT_OPTIONS, 2) in config.hints and config.winograd
-    assert not mnn_runtime_config(memory_mode=0).winograd
-    assert (3, 1) in mnn_runtime_config(memory_mode=2).hints
-    assert (DYNAMIC_QUANT_OPTIONS, 2) not in mnn_runtime_config(backend="OPENCL").hints
-    assert mnn_runtime_config(backend="opencl").threads == (1 << 6) | (1 << 4)
-    assert mnn_runtime_config(backend="VULKAN").threads == 1
+    assert not mnn_runtime_config(memory_mode=0, family=SD15).winograd
+    assert (3, 1) in mnn_runtime_config(memory_mode=2, family=SD15).hints
+    assert (DYNAMIC_QUANT_OPTIONS, 2) not in mnn_runtime_config(backend="OPENCL", family=SD15).hints
+    assert mnn_runtime_config(backend="opencl", family=SD15).threads == (1 << 6) | (1 << 4)
+    assert mnn_runtime_config(backend="VULKAN", family=SD15).threads == 1
 
 
 def test_options_beyond_the_cpp_runtime_are_flagged():
     # E unet(): scaleptr[0] = 7.5;   T encode(): encodeSingle("", maxlen)   (no other choice in C++)
-    assert GenerationParams(PROMPT).divergences() == []
-    assert GenerationParams(PROMPT, noise="mnn-libc++").divergences() == []
-    flagged = GenerationParams(PROMPT, negative_prompt="blurry", guidance=5.0, noise="numpy").divergences()
+    assert GenerationParams(PROMPT).divergences(SD15) == []
+    assert GenerationParams(PROMPT, noise="mnn-libc++").divergences(SD15) == []
+    flagged = GenerationParams(PROMPT, negative_prompt="blurry", guidance=5.0, noise="numpy").divergences(SD15)
     assert len(flagged) == 3 and "7.5" in flagged[1]

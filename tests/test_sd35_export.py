@@ -361,7 +361,7 @@ def test_a_transformer_check_that_cannot_fit_is_refused_before_loading(sd3_dir, 
 
     # Its joint attention spans the latent patches and the 77 + 256 text tokens together: the
     # estimate grows with the image, as the score matrices do (tokens squared).
-    small, large = (check_bytes(sd3_dir, "transformer", size, size, 333) for size in (128, 512))
+    small, large = (check_bytes(sd3_dir, "transformer", size, size, 333, SD35) for size in (128, 512))
     patches = (512 // 16) ** 2 + 333, (128 // 16) ** 2 + 333
     assert large - small >= 2 * 2 * 2 * (patches[0] ** 2 - patches[1] ** 2) * 4
     with pytest.raises(InputError, match=r"transformer: checking the transformer at 128x128 needs about .* GiB available"):

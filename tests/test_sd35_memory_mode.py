@@ -15,6 +15,7 @@ pytest.importorskip("diffusers")
 
 from sd2mnn.cli import build_parser  # noqa: E402
 from sd2mnn.cli.generate import _generate  # noqa: E402
+from sd2mnn.families import SD15  # noqa: E402
 from sd2mnn.images import read_image  # noqa: E402
 from sd2mnn.pipeline import GenerationParams, Pipeline, mnn_runtime_config  # noqa: E402
 
@@ -113,7 +114,7 @@ def test_a_model_mnn_cannot_read_is_refused_before_any_model_loads(tiny_sd3_bund
 
 def test_sd15_keeps_its_three_models_loaded_in_every_mode(fp32_bundle):
     for mode in (0, 2):
-        pipeline = Pipeline(fp32_bundle, config=mnn_runtime_config(threads=2, memory_mode=mode), memory_mode=mode)
+        pipeline = Pipeline(fp32_bundle, config=mnn_runtime_config(threads=2, memory_mode=mode, family=SD15), memory_mode=mode)
         assert pipeline.held == ("text_encoder", "unet", "vae_decoder")
         pipeline.run(GenerationParams(PROMPT, steps=1, seed=1))
         assert pipeline.held == ("text_encoder", "unet", "vae_decoder")

@@ -14,6 +14,7 @@ from conftest import tree_state
 from onnx import numpy_helper
 
 import sd2mnn
+from sd2mnn.families import SD15
 from sd2mnn.cli import main as cli_main
 from sd2mnn.contract import _check_tensors, check_contract
 from sd2mnn.errors import InputError
@@ -199,7 +200,7 @@ def test_contract_shapes_and_dtypes():
         "encoder_hidden_states": {"shape": [2, 77, -1], "dtype": "float32"},  # dynamic: fine
         "out_sample": {"shape": [2, 4, 96, 96], "dtype": "float32"},
     }}
-    issues = _check_tensors("unet", info, 77, 768)
+    issues = _check_tensors("unet", info, 77, 768, SD15)
     assert [(i.kind, i.expected) for i in issues] == [
         ("shape", "input 'sample' of shape [2,4,64,64]"),
         ("dtype", "input 'timestep' as int32"),

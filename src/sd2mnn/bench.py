@@ -39,7 +39,7 @@ import numpy as np
 from sd2mnn.bundle import check_for_use
 from sd2mnn.contract import check_contract, onnx_vocabulary, runtime_notes
 from sd2mnn.errors import InputError
-from sd2mnn.families import SD15, Family
+from sd2mnn.families import Family
 from sd2mnn.layout import MANIFEST_NAME, folder_family, load_component, parse_components
 from sd2mnn.manifest import read_manifest
 from sd2mnn.sources import check_sources
@@ -186,7 +186,7 @@ def _files_bytes(runtime: str, name: str, bundle: Path, onnx_dir: Path | None, f
 
 
 def measure(runtime: str, name: str, model: Path, feed: dict, threads: int, precision: str, runs: int,
-            workdir: Path, file_bytes: int, timeout: float | None = None, family: Family = SD15) -> Timing:
+            workdir: Path, file_bytes: int, family: Family, timeout: float | None = None) -> Timing:
     """Run one model on one runtime in a child process; see the module docstring."""
     from sd2mnn.children import log_tail, run_module
 
@@ -255,7 +255,7 @@ def bench(bundle, onnx_dir=None, components=None, threads: int = 2, precision: s
                 spec = family.components[name]
                 model = bundle / spec.mnn_name if runtime == "mnn" else onnx_dir / name / "model.onnx"
                 timing = measure(runtime, name, model, feed, threads, precision, runs, Path(tmp),
-                                 _files_bytes(runtime, name, bundle, onnx_dir, family), timeout, family)
+                                 _files_bytes(runtime, name, bundle, onnx_dir, family), family, timeout)
                 entry.timings[runtime] = timing
                 detail = timing.error or f"steady {timing.median_s * 1e3:.1f} ms"
                 progress.update(f"{name} {runtime}", "failed" if timing.error else "done", detail)

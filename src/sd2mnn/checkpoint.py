@@ -71,7 +71,7 @@ def materialize(ckpt: Path, config: Path | None, work: Path, components: tuple[s
     with Checkpoint(ckpt) as checkpoint:
         denoiser = family.single_file.prefixes[family.denoiser]
         if not any(family.single_file.denoiser_marker in k for k in checkpoint.keys_under(denoiser)):
-            raise InputError(f"{ckpt}: not a {_title(family)} checkpoint (no {denoiser[0]}"
+            raise InputError(f"{ckpt}: not a {family.title} checkpoint (no {denoiser[0]}"
                              f"{family.single_file.denoiser_marker}* tensors, which {config} needs); "
                              "pass the config folder of the checkpoint's model")
         # Where each model comes from is settled, and its reading sized, before any is read.
@@ -277,8 +277,4 @@ def _listed(index: dict, name: str) -> bool:
 
 def _has_weights(folder: Path) -> bool:
     return folder.is_dir() and any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir())
-
-
-def _title(family: Family) -> str:
-    return "Stable Diffusion 3" if family.denoiser == "transformer" else "Stable Diffusion 1.x"
 

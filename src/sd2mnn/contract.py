@@ -38,12 +38,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sd2mnn.errors import InputError
-from sd2mnn.families import FAMILIES, SD15, Family, PromptFormat
-from sd2mnn.layout import COMPONENTS, bundle_mtoks, folder_family
+from sd2mnn.families import FAMILIES, Family, PromptFormat
+from sd2mnn.layout import bundle_mtoks, folder_family
 
-# The models the runtime loads (vae_encoder: never), and each SD1.x family's text length and
-# BOS/EOS: the families' facts (sd2mnn.families), by the text length a converted text encoder shows.
-RUNTIME_COMPONENTS = SD15.runtime_components
+# Each SD1.x family's text length and BOS/EOS: the families' facts (sd2mnn.families), by the text
+# length a converted text encoder shows.
 FORMATS: dict[int, PromptFormat] = {f.text_length: f.prompt for f in FAMILIES.values() if not f.tokenizers}
 TEXT_LENGTHS = {length: f.name for length, f in FORMATS.items()}
 # transformers/llm/engine/src/tokenizer/tokenizer.cpp:90, tokenizer.hpp:136: MAGIC_NUMBER = 430.
@@ -177,16 +176,17 @@ def onnx_vocabulary(model: Path) -> int | None:
     return max(sizes) if sizes else None
 
 
-def _runtime_format(length: int | None, family: Family = SD15, component: str = "text_encoder") -> PromptFormat | None:
+def _runtime_format(length: int | None, family: Family, component: str | None = None) -> PromptFormat | None:
     """The format MNN's runtime feeds ``component`` with: by its text length for the SD1.x
     families (the runtime's model type sets it), else its tokenizer's in the family."""
     if not family.tokenizers:
         return FORMATS.get(length)
-    return family.prompt_formats.get(family.components[component].tokenizer)
+    return family.prompt_formats.get(family.components[component or family.text_encoder].tokenizer)
 
 
-def _runtime_ids_issue(vocabulary: int | None, length: int | None, file: str, family: Family = SD15,
-                       component: str = "text_encoder") -> ContractIssue | None:
+def _runtime_ids_issue(vocabulary: int | None, length: int | None, file: str, family: Family,
+                       component: str | None = None) -> ContractIssue | None:
+    component = component or family.text_encoder
     fmt = _runtime_format(length, family, component)
     if vocabulary is None or fmt is None or max(fmt.bos_id, fmt.eos_id) < vocabulary:
         return None
@@ -196,8 +196,8 @@ def _runtime_ids_issue(vocabulary: int | None, length: int | None, file: str, fa
                          f"a vocabulary of {vocabulary} ids; export the text encoder with its tokenizer's vocabulary")
 
 
-def check_runtime_ids(vocabulary: int | None, length: int | None, file: str | Path, family: Family = SD15,
-                      component: str = "text_encoder") -> None:
+def check_runtime_ids(vocabulary: int | None, length: int | None, file: str | Path, family: Family,
+                      component: str | None = None) -> None:
     """Raise InputError when the BOS/EOS ids MNN's runtime adds to every prompt of ``length``
     tokens do not fit the text encoder's ``vocabulary``: running it is impossible."""
     issue = _runtime_ids_issue(vocabulary, length, str(file), family, component)
@@ -223,7 +223,7 @@ def check_vocabulary(ids, vocabulary: int | None, file: str | Path) -> None:
 # -- the checks ------------------------------------------------------------------------------
 
 
-def expected_tensors(name: str, length: int, hidden: int | None, family: Family = SD15) -> dict[str, tuple[str, list[int | None]]]:
+def expected_tensors(name: str, length: int, hidden: int | None, family: Family) -> dict[str, tuple[str, list[int | None]]]:
     """Tensor name -> (dtype, shape) the runtime uses; None in a shape means "any"."""
     return family.components[name].runtime_tensors(length, hidden)
 
@@ -237,7 +237,7 @@ def _fmt_shape(shape) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _check_files(mnn_dir: Path, name: str, family: Family = SD15) -> list[ContractIssue]:
+def _check_files(mnn_dir: Path, name: str, family: Family) -> list[ContractIssue]:
     spec = family.components[name]
     issues = []
     # SD:101 etc. load "<dir>/<name>.mnn"; express/module/Module.cpp:380 reads its weights from
@@ -251,8 +251,8 @@ def _check_files(mnn_dir: Path, name: str, family: Family = SD15) -> list[Contra
     return issues
 
 
-def _check_tensors(name: str, info: dict, length: int, hidden: int | None, file: str | None = None,
-                   complete: bool = True, family: Family = SD15) -> list[ContractIssue]:
+def _check_tensors(name: str, info: dict, length: int, hidden: int | None, family: Family, file: str | None = None,
+                   complete: bool = True) -> list[ContractIssue]:
     spec = family.components[name]
     file = file or spec.mnn_name
     issues = []
@@ -283,8 +283,8 @@ def _dims(infos: dict, component: str, tensor: str) -> list[int] | None:
     return found["shape"] if found else None
 
 
-def check_tensors(infos: dict[str, dict], files: dict[str, str] | None = None, complete: bool = True,
-                  family: Family = SD15) -> list[ContractIssue]:
+def check_tensors(infos: dict[str, dict], family: Family, files: dict[str, str] | None = None,
+                  complete: bool = True) -> list[ContractIssue]:
     """The contract's shape, dtype and name rules over ``infos`` (component -> {"inputs": [...],
     "tensors": {name: {"shape", "dtype"}}}, as the child reads them from .mnn files or
     ``tensor_infos`` from ONNX specs) of ``family``'s components; ``files`` names each component's
@@ -293,20 +293,21 @@ def check_tensors(infos: dict[str, dict], files: dict[str, str] | None = None, c
     files = files or {}
     if family.tokenizers:  # a runtime of fixed widths (SD3.5): the family's tensors say them all
         return [i for name, info in infos.items()
-                for i in _check_tensors(name, info, 0, None, files.get(name), complete, family)]
+                for i in _check_tensors(name, info, 0, None, family, files.get(name), complete)]
     issues = []
     # L and H come from the text encoder (else the unet): the runtime sizes its inputs from them.
-    ids, hidden_states = _dims(infos, "text_encoder", "input_ids"), _dims(infos, "unet", "encoder_hidden_states")
-    last = _dims(infos, "text_encoder", "last_hidden_state")
+    encoder, denoiser = family.text_encoder, family.denoiser
+    ids, hidden_states = _dims(infos, encoder, "input_ids"), _dims(infos, denoiser, "encoder_hidden_states")
+    last = _dims(infos, encoder, "last_hidden_state")
     length = ids[1] if ids and len(ids) == 2 else (hidden_states[1] if hidden_states and len(hidden_states) == 3 else 77)
     hidden = last[-1] if last else (hidden_states[-1] if hidden_states else None)
     if length not in FORMATS:
-        source = "text_encoder" if ids else "unet"
-        issues.append(ContractIssue(source, files.get(source, COMPONENTS[source].mnn_name), "shape",
+        source = encoder if ids else denoiser
+        issues.append(ContractIssue(source, files.get(source, family.components[source].mnn_name), "shape",
                                     "prompts of 77 tokens (SD1.5) or 512 (Taiyi)", f"{length} tokens"))
         length = 77
     for name, info in infos.items():
-        issues += _check_tensors(name, info, length, hidden, files.get(name), complete, family)
+        issues += _check_tensors(name, info, length, hidden, family, files.get(name), complete)
     return issues
 
 
@@ -321,7 +322,7 @@ def tensor_infos(specs: dict[str, tuple[list, list]]) -> dict[str, dict]:
             for name, (ins, outs) in specs.items()}
 
 
-def _check_tokenizer(mnn_dir: Path, family: Family = SD15) -> list[ContractIssue]:
+def _check_tokenizer(mnn_dir: Path, family: Family) -> list[ContractIssue]:
     # SD:122-133 both SD1.5 and Taiyi load an MtokTokenizer from the bundle folder; TOK:15 reads
     # "<dir>/tokenizer.mtok" (no vocab.txt, no tokenizer.json). SD35:98-108 loads one from each of
     # tokenizer/, tokenizer_2/ and tokenizer_3/, T5's too when text_encoder_3.mnn is absent.
@@ -340,7 +341,7 @@ def _check_tokenizer(mnn_dir: Path, family: Family = SD15) -> list[ContractIssue
     return issues
 
 
-def _check_vocabulary_fits(infos: dict[str, dict], family: Family = SD15) -> list[ContractIssue]:
+def _check_vocabulary_fits(infos: dict[str, dict], family: Family) -> list[ContractIssue]:
     issues = []
     for name, spec in family.components.items():
         info = infos.get(name) or {}
@@ -397,7 +398,7 @@ def check_contract(mnn_dir: str | Path, components: tuple[str, ...] | list[str] 
         if name not in infos:
             issues.append(ContractIssue(name, specs[name].mnn_name, "unreadable", "an MNN model file",
                                         "a file MNN cannot read; reconvert it (sd2mnn convert --force)"))
-    issues += check_tensors(infos, family=family)
+    issues += check_tensors(infos, family)
     issues += _check_vocabulary_fits(infos, family)
     issues += _check_tokenizer(mnn_dir, family)
     return issues

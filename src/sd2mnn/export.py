@@ -48,6 +48,9 @@ The folder is written beside ONNX_DIR and renamed into place only when every par
 A single-file checkpoint is first written as a diffusers folder in that scratch space, one model at
 a time (sd2mnn.checkpoint).
 
+What differs by family (the torch modules, their dummy inputs, the memory terms, the export order)
+is the family's exporter (sd2mnn.exporters), looked up by the family's name for it.
+
 torch, diffusers and transformers are the ``export`` extra and are imported only when needed.
 """
 from __future__ import annotations
@@ -68,12 +71,12 @@ from typing import Callable
 from sd2mnn import checkpoint, diffusers_folder, families
 from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError, os_errors_as_one_line
 from sd2mnn.files import is_inside, read_json_object
-from sd2mnn.families import FAMILIES, SD15, SD35Dims, Family
+from sd2mnn.families import FAMILIES, Family
 
-COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")  # SD1.x, in export order
-# Every component some family exports (SD1.x's, then SD3.5's).
-KNOWN_COMPONENTS = tuple(dict.fromkeys((*COMPONENTS, *(n for f in FAMILIES.values() for n in f.components))))
-UNET_WEIGHTS = SD15.components["unet"].weights_file
+# Every component some family exports.
+KNOWN_COMPONENTS = tuple(dict.fromkeys(n for f in FAMILIES.values() for n in f.components))
+# The one external-data file a model's weights are gathered into when they are not inline.
+WEIGHTS_FILE = "weights.pb"
 TEXT_LENGTH = {name: f.text_length for name, f in FAMILIES.items()}
 # Prompts the checks feed the text encoder (runtime order: unconditional first).
 CHECK_PROMPTS = {name: list(f.check_prompts) for name, f in FAMILIES.items()}
@@ -97,22 +100,10 @@ class ExportOptions:
     overwrite: bool = False
     check: bool = True
     seed: int = 0
-    # Per-component atol replacing TOLERANCES' (e.g. {"vae_decoder": 0.0} to see a check fail).
+    # Per-component atol replacing the family's (e.g. {"vae_decoder": 0.0} to see a check fail).
     tolerances: dict[str, float] | None = None
     # Bytes the export check may use; None: what the system has available now.
     memory_budget: int | None = None
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """|onnx - torch| must stay under atol * max(1, max |torch|)."""
-
-    atol: float
-
-
-# Per-component tolerances (fp32 export; ONNX Runtime's kernels differ in summation order): the
-# family's components carry them (ComponentSpec.export_atol); both SD1.x families share these.
-TOLERANCES = {name: Tolerance(spec.export_atol) for name, spec in SD15.components.items()}
 
 
 @dataclass
@@ -122,6 +113,8 @@ class ComponentReport:
     inputs: dict[str, tuple[str, tuple[int, ...]]]
     outputs: dict[str, tuple[str, tuple[int, ...]]]
     max_abs_error: dict[str, float] = field(default_factory=dict)
+    # |onnx - torch| must stay under tolerance * max(1, max |torch|): the family's
+    # ComponentSpec.export_atol (fp32 export; ONNX Runtime's kernels differ in summation order).
     tolerance: float | None = None
     seconds: float = 0.0
     size_bytes: int = 0
@@ -206,14 +199,12 @@ def _open_source(folder: Path, components: tuple[str, ...] | None = None, confin
     for name in components or ():
         if family.components.get(name) and family.components[name].runtime_optional and not source.has(name):
             raise InputError(f"{folder / 'model_index.json'}: no {name!r} component; leave it out of --components")
-    # MNN's SD3.5 runtime loads all three tokenizers, with or without T5 (SD35:98-109).
     for name in models:
         if not (folder / name).is_dir():
             raise InputError(f"{folder / name}: missing; {_pipeline_name(family)} needs it")
     for name in family.prompt_formats:
         if not (folder / name).is_dir():
-            why = ("MNN's SD3.5 runtime loads it even without T5; add the model's T5 tokenizer folder"
-                   if family.denoiser == "transformer" else f"{_pipeline_name(family)} needs it")
+            why = _exporter(family).tokenizer_fix or f"{_pipeline_name(family)} needs it"
             raise InputError(f"{folder / name}: missing; {why}")
     for name in models:
         if not (folder / name / "config.json").is_file():
@@ -223,89 +214,19 @@ def _open_source(folder: Path, components: tuple[str, ...] | None = None, confin
 
 
 def _pipeline_name(family: Family) -> str:
-    return "a Stable Diffusion 3 pipeline" if family.denoiser == "transformer" else "a Stable Diffusion pipeline"
+    return f"a {family.title} pipeline"
+
+
+def _exporter(family: Family):
+    from sd2mnn.exporters import exporter_for
+
+    return exporter_for(family)
 
 
 # ---------------------------------------------------------------------------------------------
-# Wrappers: graph inputs and outputs exactly as MNN's runtime names and types them
+# Jobs: a torch module whose graph inputs and outputs are exactly as MNN's runtime names and types
+# them, with its dummy inputs (the family's exporter builds them)
 # ---------------------------------------------------------------------------------------------
-def _wrappers():
-    import torch
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            out = self.model(input_ids=input_ids.to(torch.int64), return_dict=True)
-            return out.last_hidden_state, out.pooler_output
-
-    class Unet(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            t = timestep.to(torch.float32)
-            return self.model(sample, t, encoder_hidden_states, return_dict=False)[0]
-
-    class VaeEncoder(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, sample):
-            return self.model.encode(sample).latent_dist.mode()
-
-    class VaeDecoder(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, latent_sample):
-            return self.model.decode(latent_sample, return_dict=False)[0]
-
-    return TextEncoder, Unet, VaeEncoder, VaeDecoder
-
-
-def _sd3_wrappers():
-    import torch
-
-    class ClipPenultimate(torch.nn.Module):
-        """CLIPTextModelWithProjection as StableDiffusion3Pipeline._get_clip_prompt_embeds uses it:
-        the penultimate layer's states (``hidden_states[-2]``, no final layer norm) and the
-        projected pooled output, named as MNN's runtime reads them (SD35:132)."""
-
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            out = self.model(input_ids=input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
-            return out.hidden_states[-2], out.text_embeds
-
-    class T5Encoder(torch.nn.Module):
-        # diffusers' _get_t5_prompt_embeds: no attention mask, the padding attended to.
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model(input_ids=input_ids.to(torch.int64), return_dict=True).last_hidden_state
-
-    class Transformer(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-            return self.model(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                              pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
-
-    return ClipPenultimate, T5Encoder, Transformer
-
-
 @dataclass
 class _Job:
     module: object  # torch.nn.Module
@@ -378,74 +299,8 @@ def _text_ids(source: _Source, length: int, folder: str = "tokenizer"):
 def _build_job(source: _Source, name: str, options: ExportOptions, text_length: int) -> _Job:
     import torch
 
-    TextEncoder, Unet, VaeEncoder, VaeDecoder = _wrappers()
     gen = torch.Generator().manual_seed(options.seed)
-    if source.family.denoiser == "transformer" and name != "vae_decoder":
-        return _build_sd3_job(source, name, options, gen)
-    if name == "text_encoder":
-        model = _load(source, "text_encoder")
-        positions = getattr(model.config, "max_position_embeddings", text_length)
-        if positions < text_length:
-            raise InputError(
-                f"{source.folder / 'text_encoder' / 'config.json'}: max_position_embeddings "
-                f"{positions} < {text_length} tokens MNN's runtime feeds a {source.kind} model"
-            )
-        ids = _text_ids(source, text_length)
-        return _Job(TextEncoder(model), {"input_ids": ids}, ["last_hidden_state", "pooler_output"])
-    if name == "unet":
-        model = _load(source, "unet")
-        cfg = model.config
-        factor = _vae_factor(source)
-        h, w = options.height // factor, options.width // factor
-        te_cfg = _config(source.folder, "text_encoder")
-        hidden = int(cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int)
-                     else te_cfg["hidden_size"])
-        inputs = {
-            "sample": torch.randn(2, cfg.in_channels, h, w, generator=gen),
-            "timestep": torch.tensor([981], dtype=torch.int32),
-            "encoder_hidden_states": torch.randn(2, text_length, hidden, generator=gen),
-        }
-        return _Job(Unet(model), inputs, ["out_sample"])
-    vae = _load(source, "vae")
-    if name == "vae_encoder":
-        image = torch.rand(1, vae.config.in_channels, options.height, options.width, generator=gen)
-        return _Job(VaeEncoder(vae), {"sample": image * 2 - 1}, ["latent_sample"])
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent = torch.randn(1, vae.config.latent_channels, options.height // factor,
-                         options.width // factor, generator=gen)
-    return _Job(VaeDecoder(vae), {"latent_sample": latent}, ["sample"])
-
-
-def _build_sd3_job(source: _Source, name: str, options: ExportOptions, gen) -> _Job:
-    import torch
-
-    ClipPenultimate, T5Encoder, Transformer = _sd3_wrappers()
-    spec = source.family.components[name]
-    if spec.prompt_ids:
-        model = _load(source, name)
-        length = source.family.prompt_formats[spec.tokenizer].max_length
-        positions = getattr(model.config, "max_position_embeddings", length)  # T5's are relative: none
-        if positions < length:
-            raise InputError(f"{source.folder / name / 'config.json'}: max_position_embeddings {positions} < "
-                             f"{length} tokens MNN's runtime feeds it")
-        ids = _text_ids(source, length, spec.tokenizer)
-        if not hasattr(model, "text_projection") and name != "text_encoder_3":
-            raise InputError(f"{source.folder / name}: {type(model).__name__} has no text projection; SD3 needs "
-                             "CLIPTextModelWithProjection (text_embeds)")
-        wrapper = T5Encoder(model) if name == "text_encoder_3" else ClipPenultimate(model)
-        return _Job(wrapper, {"input_ids": ids}, list(spec.outputs))
-    dims = _sd3_dims(source.folder)
-    model = _load(source, name)
-    factor = _vae_factor(source)
-    latents = [2, dims.latent_channels, options.height // factor, options.width // factor]
-    inputs = {
-        "hidden_states": torch.randn(*latents, generator=gen),
-        "encoder_hidden_states": torch.randn(2, dims.text_length, dims.joint, generator=gen),
-        "pooled_projections": torch.randn(2, dims.pooled, generator=gen),
-        # A timestep of a 20-step run, the same for both rows (SD35:349).
-        "timestep": torch.full((2,), 857.0),
-    }
-    return _Job(Transformer(model), inputs, list(spec.outputs))
+    return _exporter(source.family).jobs[name](source, options, text_length, gen)
 
 
 def _vae_factor(source: _Source) -> int:
@@ -465,19 +320,16 @@ def _pair(value) -> tuple[int, int]:
     return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
 
 
-def image_size(folder: Path, height: int | None, width: int | None, denoiser: str = "unet") -> tuple[int, int]:
+def image_size(folder: Path, height: int | None, width: int | None, family: Family) -> tuple[int, int]:
     """(height, width) to export: the given ones, else the model's own as diffusers' pipeline
-    takes it (``sample_size * vae_scale_factor`` of the unet or SD3's transformer). Each must give
+    takes it (``sample_size * vae_scale_factor`` of the family's denoiser). Each must give
     latents the denoiser's down-sampling (or patching) divides."""
-    model, vae = _config(folder, denoiser), _config(folder, "vae")
+    model, vae = _config(folder, family.denoiser), _config(folder, "vae")
     factor = _scale_factor(vae)
     size = _pair(model.get("sample_size") or 64)
     height = height or size[0] * factor
     width = width or size[1] * factor
-    if denoiser == "transformer":
-        step = factor * int(model.get("patch_size") or 1)
-    else:  # the unet halves the latents once per down block but the last
-        step = factor * 2 ** (len(model.get("block_out_channels", [0])) - 1)
+    step = _exporter(family).size_step(model, factor)
     default = f"its default is {size[0] * factor}x{size[1] * factor}"
     for name, value in (("height", height), ("width", width)):
         if value % step:
@@ -503,7 +355,7 @@ def _per_block(value, blocks: int) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value or 1)] * blocks
 
 
-def check_bytes(folder: Path, name: str, height: int, width: int, text_length: int) -> int:
+def check_bytes(folder: Path, name: str, height: int, width: int, text_length: int, family: Family) -> int:
     """An estimate of the peak memory of one component's export, in bytes: the larger of its two
     phases, which never overlap (the PyTorch module is freed before ONNX Runtime's check starts).
 
@@ -511,60 +363,24 @@ def check_bytes(folder: Path, name: str, height: int, width: int, text_length: i
       holding them all inline and its serialized copy (3x the weights); above it, where the
       exporter writes tensor by tensor to files, the weights and half as much again (measured).
     - The check: ONNX Runtime's weights, each attention's score matrix (batch x heads x tokens x
-      tokens, float32) and its softmax.
+      tokens, float32) and its softmax (the family's exporter's MemoryTerms).
     Both keep eight feature maps of the widest level, and the exporting process itself.
 
     Measured on a 2-core, 24 GiB machine (the tests pin these): SD3.5 Medium's transformer peaks at
     12.85 GiB at 256x256 (export phase) and 17.04 GiB at 1024x1024 (check phase); a 4-layer one of
     its widths, below the switch, 6.95 GiB at 512x512; the estimate is 8-13% above each.
     """
-    weights_dir = folder / ("vae" if name.startswith("vae") else name)
+    weights_dir = folder / family.model_folder(name)
     weights = sum(p.stat().st_size for p in weights_dir.glob("*") if p.suffix in (".safetensors", ".bin"))
-    vae = _config(folder, "vae")
-    factor = _scale_factor(vae)
-    lh, lw = height // factor, width // factor
-    attention = activation = folded = 0
-    if name == "unet":
-        unet = _config(folder, "unet")
-        channels = list(unet.get("block_out_channels", [320]))
-        heads = _per_block(unet.get("num_attention_heads") or unet.get("attention_head_dim", 8), len(channels))
-        down = list(unet.get("down_block_types", ["CrossAttnDownBlock2D"] * len(channels)))
-        for level, (kind, ch) in enumerate(zip(down, channels)):
-            tokens = (lh >> level) * (lw >> level)
-            activation = max(activation, 2 * ch * tokens * 4)
-            if "Attn" in kind:
-                attention = max(attention, 2 * heads[level] * tokens * max(tokens, text_length) * 4)
-        last = len(channels) - 1  # the mid block attends at the lowest resolution
-        attention = max(attention, 2 * heads[last] * ((lh >> last) * (lw >> last)) ** 2 * 4)
-    elif name.startswith("vae"):
-        channels = list(vae.get("block_out_channels", [128]))
-        tokens = lh * lw  # the mid block's single-head attention at the latent size
-        attention = tokens * tokens * 4
-        # Level i works at 1/2**i of the image size with channels[i].
-        activation = max(ch * (height >> i) * (width >> i) * 4 for i, ch in enumerate(channels))
-    elif name == "transformer":
-        # SD3's joint attention over the latent patches and the text tokens together.
-        model = _config(folder, "transformer")
-        patch = int(model.get("patch_size") or 2)
-        heads = int(model.get("num_attention_heads") or 24)
-        inner = heads * int(model.get("attention_head_dim") or 64)
-        tokens = (lh // patch) * (lw // patch) + text_length
-        attention = 2 * heads * tokens * tokens * 4
-        activation = 2 * tokens * inner * 4 * 4
-        # torch folds the crop of the positional table into a constant: the table is not exported.
-        folded = int(model.get("pos_embed_max_size") or 0) ** 2 * inner * 4
-    else:
-        config = _config(folder, name if (folder / name / "config.json").is_file() else "text_encoder")
-        hidden = int(config.get("hidden_size") or config.get("d_model") or 768)
-        heads = int(config.get("num_attention_heads") or config.get("num_heads") or 16)
-        attention = 2 * heads * text_length * text_length * 4
-        activation = 2 * text_length * hidden * 4 * 4
+    factor = _scale_factor(_config(folder, "vae"))
+    terms = _exporter(family).terms[name](folder, name, height // factor, width // factor, height, width, text_length)
+    attention, activation, folded = terms.attention, terms.activation, terms.folded
     export_phase = weights + (weights // 2 if weights - folded > TORCH_EXTERNAL_DATA_SWITCH else 2 * weights)
     check_phase = weights + 2 * attention
     return EXPORTER_BYTES + 8 * activation + max(export_phase, check_phase)
 
 
-def check_memory(folder: Path, names: list[str], height: int, width: int, text_length: int,
+def check_memory(folder: Path, names: list[str], height: int, width: int, text_length: int, family: Family,
                  budget: int | None = None, lengths: dict[str, int] | None = None) -> None:
     """Refuse, with the numbers, an export whose check cannot fit in ``budget`` bytes (default:
     the memory available now). ``lengths``: a component's own text length, where not ``text_length``."""
@@ -573,11 +389,11 @@ def check_memory(folder: Path, names: list[str], height: int, width: int, text_l
 
         budget = psutil.virtual_memory().available
     lengths = lengths or {}
-    needs = {n: check_bytes(folder, n, height, width, lengths.get(n, text_length)) for n in names}
+    needs = {n: check_bytes(folder, n, height, width, lengths.get(n, text_length), family) for n in names}
     worst = max(needs, key=needs.get)
     if needs[worst] > budget:
         raise InputError(
-            f"{folder / ('vae' if worst.startswith('vae') else worst)}: checking the {worst} at {width}x{height} needs "
+            f"{folder / family.model_folder(worst)}: checking the {worst} at {width}x{height} needs "
             f"about {needs[worst] / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB available; export at a smaller "
             f"--height/--width (the model's default is its own size) or free memory")
 
@@ -620,7 +436,7 @@ def _torch_export(job: _Job, path: Path, opset: int) -> None:
         )
 
 
-def consolidate_external_data(model_path: Path, location: str = UNET_WEIGHTS,
+def consolidate_external_data(model_path: Path, location: str = WEIGHTS_FILE,
                               size_threshold: int = 1024) -> None:
     """Leave ``model_path``'s folder with the model and one weights file, ``location``.
 
@@ -867,12 +683,11 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
     staged = work / "onnx"
     staged.mkdir()
     length = family.text_length
-    size = image_size(source.folder, options.height, options.width, family.denoiser)
+    size = image_size(source.folder, options.height, options.width, family)
     options = replace(options, **dict(zip(("height", "width"), size)))
     lengths = {n: family.prompt_formats[s.tokenizer].max_length for n, s in family.components.items() if s.prompt_ids}
-    if family.denoiser == "transformer":
-        lengths["transformer"] = _sd3_dims(source.folder).text_length
-    check_memory(source.folder, names, options.height, options.width, length, options.memory_budget, lengths)
+    lengths.update(_exporter(family).text_lengths(source.folder))
+    check_memory(source.folder, names, options.height, options.width, length, family, options.memory_budget, lengths)
     report = ExportReport(model, onnx_dir, source.kind, length, options.opset, height=options.height, width=options.width)
     for folder in family.prompt_formats:
         shutil.copytree(source.folder / folder, staged / folder)
@@ -886,7 +701,7 @@ def _component_names(source: _Source, wanted: tuple[str, ...] | None, say: Progr
     """The components to export, in export order: ``wanted``, else all of the family's but an
     optional one the pipeline does not have (SD3 saved without T5)."""
     family = source.family
-    order = COMPONENTS if family.denoiser == "unet" else tuple(family.components)
+    order = _exporter(family).order
     if wanted is None:
         names = []
         for name in order:
@@ -900,21 +715,6 @@ def _component_names(source: _Source, wanted: tuple[str, ...] | None, say: Progr
         raise InputError(f"--components {','.join(foreign)}: not part of {_pipeline_name(family)} "
                          f"({source.folder}); choose from {','.join(order)}")
     return [c for c in order if c in wanted]
-
-
-def _sd3_dims(folder: Path) -> SD35Dims:
-    """The SD3 pipeline's widths, which must fit together as MNN's runtime joins the text encoders'
-    outputs: pooled = the two text_embeds side by side (SD35:243), the CLIP states side by side no
-    wider than the transformer's joint width they are padded to (SD35:236), T5's that wide (SD35:240)."""
-    dims = SD35Dims.from_configs(folder)
-    config = folder / "transformer" / "config.json"
-    if dims.pooled != dims.clip_l_embeds + dims.clip_g_embeds:
-        raise InputError(f"{config}: pooled_projection_dim {dims.pooled} is not the text encoders' projection "
-                         f"widths {dims.clip_l_embeds} + {dims.clip_g_embeds}; the text encoders do not belong to it")
-    if dims.clip_l + dims.clip_g > dims.joint or dims.t5 != dims.joint:
-        raise InputError(f"{config}: joint_attention_dim {dims.joint} does not take the CLIP states "
-                         f"({dims.clip_l} + {dims.clip_g}) and T5's ({dims.t5}); the text encoders do not belong to it")
-    return dims
 
 
 def _export_component(source: _Source, name: str, staged: Path, options: ExportOptions,
@@ -944,7 +744,7 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
         consolidate_external_data(path, spec.weights_file)
     elif any(p.name != "model.onnx" for p in path.parent.iterdir()):
         # Over 2 GB the exporter writes external data; keep it in one file like the unet.
-        consolidate_external_data(path, "weights.pb")
+        consolidate_external_data(path, WEIGHTS_FILE)
     set_static_output_shapes(path, {n: a.shape for n, a in expected.items()})
     ins, outs = describe_io(path)
     atol = (options.tolerances or {}).get(name, source.family.components[name].export_atol)

@@ -27,11 +27,6 @@ from sd2mnn.onnx_scan import OnnxSummary, scan_onnx
 from sd2mnn.tokenization.folder import tokenizer_folder_files
 
 
-# The components and their tensor names are the family's (sd2mnn.families); every family
-# sd2mnn knows today shares SD1.5's four.
-COMPONENTS: dict[str, ComponentSpec] = SD15.components
-DEFAULT_COMPONENTS: tuple[str, ...] = tuple(n for n, s in COMPONENTS.items() if s.default)
-
 TOKENIZER_DIR = "tokenizer"
 MTOK_NAME = "tokenizer.mtok"
 MANIFEST_NAME = "manifest.json"
@@ -48,7 +43,7 @@ def split_components(names: str | list[str] | tuple[str, ...] | None) -> tuple[s
     return tuple(dict.fromkeys(names))
 
 
-def parse_components(names: str | list[str] | tuple[str, ...] | None, family: Family = SD15) -> tuple[str, ...]:
+def parse_components(names: str | list[str] | tuple[str, ...] | None, family: Family) -> tuple[str, ...]:
     """Normalize a --components value ("unet,vae_decoder" or a list) to the ``family``'s
     component names, in order; None: the family's defaults."""
     names = split_components(names)
@@ -58,7 +53,7 @@ def parse_components(names: str | list[str] | tuple[str, ...] | None, family: Fa
     if unknown:
         raise InputError(
             f"unknown component {unknown[0]!r}; choose from {', '.join(family.components)}"
-            + (f" (the components of {family.name} pipelines)" if family is not SD15 else "")
+            f" (the components of {family.name} pipelines)"
         )
     if not names:
         raise InputError(f"no component named; choose from {', '.join(family.components)}")
@@ -158,7 +153,7 @@ def _check_signature(spec: ComponentSpec, model: Path, summary: OnnxSummary) -> 
         )
 
 
-def load_component(onnx_dir: Path, name: str, family: Family = SD15) -> ComponentSource:
+def load_component(onnx_dir: Path, name: str, family: Family) -> ComponentSource:
     """Find and check one of the ``family``'s components in an ONNX pipeline folder."""
     spec = family.components[name]
     folder = confined(onnx_dir, name, f"replace the link with the {name} folder itself")
@@ -179,7 +174,7 @@ def load_component(onnx_dir: Path, name: str, family: Family = SD15) -> Componen
 class OnnxPipeline:
     root: Path
     components: dict[str, ComponentSource]
-    family: Family = SD15
+    family: Family
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -41,36 +41,27 @@ from sd2mnn.bundle import check_for_use
 from sd2mnn.files import confined
 from sd2mnn.manifest import FileRecord, read_manifest
 from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
-from sd2mnn.runtime import (WINOGRAD_MEMORY_LEVEL, MnnModel, OrtModel, RuntimeConfig, check_mnn_files,
-                             mnn_runtime_manager)
+from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig, check_mnn_files, mnn_runtime_manager
 from sd2mnn import families, recipes, schedulers
-from sd2mnn.families import SD15, Family
-from sd2mnn.recipes.stable_diffusion import unet_feeds
+from sd2mnn.families import Family
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS, clamp_steps
 from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME
 from sd2mnn.tokenization.prompt_ids import PromptIds
 
-# The SD1.x families' recipe (sd2mnn.families.stable_diffusion): the defaults a caller sees.
-GUIDANCE_SCALE = SD15.recipe.guidance  # unet(): "scaleptr[0] = 7.5"
+# The runtime's guidance, latent scale and the like are each family's (Family.recipe).
 MAX_GUIDANCE = 100.0  # published pipelines use 1..20; beyond this only blank or noise images come out
-LATENT_SCALE = np.float32(SD15.recipe.latent_scale)  # vae_decoder(): "latent * _Const(1 / 0.18215)", a float
 DEFAULT_STEPS = 20
 RUNTIMES = ("mnn", "onnxruntime")
 TOKENIZERS = ("runtime", "hf")  # whose ids feed the text encoder (GenerationParams.tokenizer)
 # Whose timesteps (GenerationParams.schedule): MNN's runtime's, or diffusers' scheduler's (the
 # flow-match families only: diffusers' FlowMatchEulerDiscreteScheduler, float timesteps).
 SCHEDULES = ("runtime", "diffusers")
-PIPELINE_COMPONENTS = SD15.runtime_components
-# MNN::Interpreter::HintMode value set by StableDiffusion::load() (WINOGRAD_MEMORY_LEVEL: runtime.py).
-DYNAMIC_QUANT_OPTIONS = 5
-MNN_GPU_TUNING_FAST = 1 << 4  # MNNForwardType.h
-MNN_GPU_MEMORY_BUFFER = 1 << 6
 
 
 # ---------------------------------------------------------------------------------------------
 # The runtime's arithmetic, one function per C++ expression
 # ---------------------------------------------------------------------------------------------
-def guide(noise_pred: np.ndarray, scale: float = GUIDANCE_SCALE) -> np.ndarray:
+def guide(noise_pred: np.ndarray, scale: float) -> np.ndarray:
     """``_Split(noise_pred, {2}, 0)`` (row 0 unconditional, row 1 text), then
     ``scalevar * (noise_pred_text - noise_pred_uncond) + noise_pred_uncond`` in float32
     (SD3.5's ``uncond + (text - uncond) * scale`` is the same float operations)."""
@@ -78,7 +69,7 @@ def guide(noise_pred: np.ndarray, scale: float = GUIDANCE_SCALE) -> np.ndarray:
     return np.float32(scale) * (text - uncond) + uncond
 
 
-def scale_latents(latent: np.ndarray, scale: float = LATENT_SCALE, shift: float = 0.0) -> np.ndarray:
+def scale_latents(latent: np.ndarray, scale: float, shift: float = 0.0) -> np.ndarray:
     """``latent * _Const(1 / 0.18215)``: a multiply by the float nearest 1/0.18215, not a divide;
     SD3.5 then adds its shift, ``+ _Const(0.0609f)``."""
     scaled = latent * np.float32(scale)
@@ -106,44 +97,16 @@ def mnn_runtime_config(
     precision: str = "low",
     memory_mode: int = 1,
     cache_file: str | None = None,
-    family: Family = SD15,
+    *,
+    family: Family,
 ) -> RuntimeConfig:
-    """The runtime settings of ``StableDiffusion::load()``: CPU with 4 threads, precision and
-    memory Low, DYNAMIC_QUANT_OPTIONS 2 on CPU (int8 weights), and the Winograd level of
-    diffusion_demo's ``memory_mode`` (0: off, 1: MNN's default, 2: level 1). MNN picks kernels by
-    thread count, so other thread counts can move a few pixels. On OpenCL, buffer memory with fast
-    tuning, as load() sets; a ``cache_file`` keeps the tuning between runs (load(): ".tempcache").
-
-    SD3.5 (``DiffusionSD35::load()``): the same CPU settings without any hint; OpenCL with buffer
-    memory, no tuning flag, Winograd off. Its memory_mode only decides when models are loaded and
-    freed, which changes no pixel: Pipeline's ``memory_mode``."""
+    """The runtime settings ``family``'s MNN runtime loads its models with (its recipe's
+    ``runtime_config``): CPU with 4 threads, precision and memory Low, and what the family's
+    runtime adds per backend and ``memory_mode``. MNN picks kernels by thread count, so other
+    thread counts can move a few pixels. A ``cache_file`` keeps OpenCL's tuning between runs
+    (load(): ".tempcache")."""
     check_memory_mode(memory_mode)
-    if family.denoiser == "transformer":
-        backend = backend.upper()
-        if backend == "CPU":
-            return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low", cache_file=cache_file)
-        threads = MNN_GPU_MEMORY_BUFFER if backend == "OPENCL" else 1
-        return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low", cache_file=cache_file,
-                             winograd=backend != "OPENCL")
-    hints = []
-    if memory_mode == 2:
-        hints.append((WINOGRAD_MEMORY_LEVEL, 1))
-    backend = backend.upper()
-    if backend == "CPU":
-        hints.append((DYNAMIC_QUANT_OPTIONS, 2))
-    elif backend == "OPENCL":
-        threads = MNN_GPU_MEMORY_BUFFER | MNN_GPU_TUNING_FAST  # load(): config.mode for OpenCL
-    else:
-        threads = 1  # load(): "config.numThread = 1" for the other backends
-    return RuntimeConfig(
-        backend=backend,
-        threads=threads,
-        precision=precision,
-        memory="low",
-        cache_file=cache_file,
-        winograd=memory_mode != 0,
-        hints=tuple(hints),
-    )
+    return recipes.steps_for(family).runtime_config(backend, threads, precision, memory_mode, cache_file)
 
 
 def check_memory_mode(memory_mode) -> None:
@@ -178,7 +141,7 @@ class GenerationParams:
     def guidance_for(self, family: Family) -> float:
         return family.recipe.guidance if self.guidance is None else self.guidance
 
-    def validate(self, latent_shape: tuple[int, ...] | None = LATENT_SHAPE, family: Family = SD15) -> None:
+    def validate(self, family: Family, latent_shape: tuple[int, ...] | None = None) -> None:
         """``latent_shape``: the denoiser's latents (MNN's SD1.5 runtime: [1,4,64,64]), for given
         latents; None before the models are loaded (any shape)."""
         if not isinstance(self.prompt, str):
@@ -228,7 +191,7 @@ class GenerationParams:
             raise InputError(f"seed must be a whole number from 0 to {limit - 1}, got {self.seed!r}"
                              " (MNN's runtime takes a negative seed to mean a random one)")
 
-    def divergences(self, family: Family = SD15) -> list[str]:
+    def divergences(self, family: Family) -> list[str]:
         """Why the image will not be the one MNN's C++ runtime draws for this prompt and seed."""
         out = []
         if self.negative_prompt:
@@ -305,12 +268,13 @@ def load_latents(path: str | os.PathLike, shape: tuple[int, ...] | None = None) 
 @dataclass(frozen=True)
 class StepEvent:
     """Progress: ``stage`` is text_encoder, the denoiser (unet, transformer) or vae_decoder;
-    ``index`` counts from 0."""
+    ``index`` counts from 0; ``denoising``: one of the denoiser's steps."""
 
     stage: str
     index: int
     total: int
     seconds: float
+    denoising: bool = False
 
 
 @dataclass
@@ -345,13 +309,12 @@ class Generation:
     timings: Timings
     metadata: dict[str, str]
     off_contract: list[str] = field(default_factory=list)  # what MNN's runtime would refuse in the models
-    divergences: list[str] | None = None  # the request's departures from the runtime (None: SD1.5's)
+    divergences: list[str] = field(default_factory=list)  # the request's departures from the runtime
     info: list[str] = field(default_factory=list)  # what the pipeline did that the runtime also does
 
     @property
     def notes(self) -> list[str]:
-        divergences = self.params.divergences() if self.divergences is None else self.divergences
-        return [f"the image will not match MNN's C++ runtime: {d}" for d in divergences] + list(self.info)
+        return [f"the image will not match MNN's C++ runtime: {d}" for d in self.divergences] + list(self.info)
 
     def image(self):
         """A PIL image whose ``info`` holds the metadata (``images.write_png`` writes it)."""
@@ -530,7 +493,8 @@ class Pipeline:
         for name in self.text_encoders:
             model = self._model_file(name)
             length = load_component(self.source, name, self.family).summary.inputs[0].shape[1]
-            check_runtime_ids(onnx_vocabulary(model), length if isinstance(length, int) else None, model)
+            check_runtime_ids(onnx_vocabulary(model), length if isinstance(length, int) else None, model, self.family,
+                              name)
 
     def _model_file(self, name: str) -> Path:
         spec = self.family.components[name]
@@ -620,7 +584,7 @@ class Pipeline:
         for name in self.text_encoders:
             ids = self.shapes[name].get("input_ids", [])
             self.text_lengths[name] = ids[1] if len(ids) == 2 and ids[1] > 0 else None
-        self.off_contract = self.steps.contract_notes(self.shapes, outputs, self.files) + self.tokenizer_notes
+        self.off_contract = self.steps.contract_notes(self.shapes, outputs, self.files, self.family) + self.tokenizer_notes
         decoded = outputs.get("vae_decoder", {}).get("sample", [])
         if len(decoded) == 4 and all(isinstance(d, int) and d > 0 for d in decoded):
             self.image_size = (decoded[2], decoded[3])
@@ -706,7 +670,7 @@ class Pipeline:
 
     @np.errstate(over="ignore", invalid="ignore")  # overflow is caught below, with one clear error
     def run(self, params: GenerationParams, on_step: Callable[[StepEvent], None] | None = None) -> Generation:
-        params.validate(self.latent_shape, self.family)
+        params.validate(self.family, self.latent_shape)
         self.check_size(params)
         guidance = params.guidance_for(self.family)
         report = on_step or (lambda event: None)
@@ -736,7 +700,7 @@ class Pipeline:
                 out = self._models[self.denoiser].run(self.steps.denoiser_feeds(latent, timestep, text))[output]
                 latent = scheduler.step(guide(out, guidance), i, latent)
                 timings.step_s.append(time.perf_counter() - t)
-                report(StepEvent(self.denoiser, i, params.steps, timings.step_s[-1]))
+                report(StepEvent(self.denoiser, i, params.steps, timings.step_s[-1], denoising=True))
 
         t = time.perf_counter()
         recipe = self.family.recipe
@@ -781,7 +745,7 @@ class Pipeline:
             meta["latents_sha256"] = digest
         meta["guidance"] = f"{params.guidance_for(self.family):g}"
         meta["tokenizer"] = f"{params.tokenizer} (scheme {self.tokenizer.scheme})"
-        if self.family.name != SD15.name:
+        if self.family.named_in_metadata:
             meta["family"] = self.family.name
         if params.schedule != "runtime":
             meta["schedule"] = params.schedule
@@ -831,13 +795,13 @@ def check_image_size(params: GenerationParams, size: tuple[int, int], decoder: P
     for name, asked, have in (("height", params.height, height), ("width", params.width, width)):
         if asked is not None and asked != have:
             runtime = f"; MNN's runtime draws {family.recipe.image_size}x{family.recipe.image_size} only" \
-                if family.denoiser == "transformer" else ""
+                if family.recipe.draws_only_image_size else ""
             raise InputError(f"{decoder} draws {width}x{height} images (fixed at export); --{name} {asked} needs a "
                              f"pipeline exported at that size (sd2mnn export --height/--width){runtime}")
 
 
-def _check_finite(values: np.ndarray, what: str, params: GenerationParams, guidance: float = GUIDANCE_SCALE,
-                  runtime_guidance: float = GUIDANCE_SCALE) -> None:
+def _check_finite(values: np.ndarray, what: str, params: GenerationParams, guidance: float,
+                  runtime_guidance: float) -> None:
     """MNN's Relu6 turns NaN into 1 and clamps infinity: the image would be silently white."""
     if not np.isfinite(values).all():
         raise InputError(f"{what} overflowed to NaN or infinity ({params.steps} steps, guidance {guidance:g}); "

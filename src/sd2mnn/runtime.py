@@ -20,6 +20,10 @@ from sd2mnn.errors import InputError
 PRECISIONS = ("high", "normal", "low")
 # MNN::Interpreter::HintMode::WINOGRAD_MEMORY_LEVEL; 0 turns Winograd convolutions off.
 WINOGRAD_MEMORY_LEVEL = 3
+# MNN::Interpreter::HintMode value set by StableDiffusion::load().
+DYNAMIC_QUANT_OPTIONS = 5
+MNN_GPU_TUNING_FAST = 1 << 4  # MNNForwardType.h
+MNN_GPU_MEMORY_BUFFER = 1 << 6
 MEMORY_MODES = ("low", "normal", "high")
 # The backend names MNN's create_runtime_manager takes (MNNForwardType); a build has only some.
 BACKENDS = ("CPU", "OPENCL", "VULKAN", "METAL", "CUDA", "OPENGL", "NN", "HIAI", "TRT")

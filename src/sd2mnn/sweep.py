@@ -382,7 +382,7 @@ def _check_sources(onnx_dir: Path, names: tuple[str, ...], family) -> list[str]:
             length = static_shape(name, text.summary.inputs[0], family)[1]
             prompt_ids(onnx_dir, onnx_dir, length, onnx_vocabulary(text.model), text.model, family, name)
     infos = tensor_infos({n: (s.summary.inputs, s.summary.outputs) for n, s in sources.items()})
-    return runtime_notes(check_tensors(infos, {n: family.components[n].mnn_name for n in names}, family=family))
+    return runtime_notes(check_tensors(infos, family, {n: family.components[n].mnn_name for n in names}))
 
 
 # -- the picture -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 
 from sd2mnn.errors import InputError
 from sd2mnn.files import read_user_text
-from sd2mnn.families import SD15, Family
+from sd2mnn.families import Family
 from sd2mnn.layout import bundle_mtok
 from sd2mnn.tokenization.prompt_ids import PromptIds
 
@@ -62,6 +62,7 @@ class ConditioningReport:
     embedded: int = 0  # prompts whose text embeddings were compared
     differing: list[str] = field(default_factory=list)  # prompts whose ids differ
     component: str = "text_encoder"  # the text encoder checked (with its tokenizer)
+    label: str = "conditioning"  # how the report names it (the family's first text encoder: plainly)
 
     @property
     def prompt_share(self) -> float:
@@ -85,10 +86,6 @@ class ConditioningReport:
                        f"{MIN_MATCHING_COSINE} against ONNX Runtime for the same ids; reconvert the text encoder")
         return out
 
-    @property
-    def label(self) -> str:
-        return "conditioning" if self.component == "text_encoder" else f"conditioning of {self.component}"
-
     def summary(self) -> str:
         cosine = f"{self.worst_cosine:.6f}" if self.worst_cosine is not None else "-"
         note = "" if self.scheme == "diffusers" else " (bundle converted with --tokenizer mnn: not judged)"
@@ -98,13 +95,14 @@ class ConditioningReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        del data["label"]
         data.update(prompt_share=self.prompt_share, position_share=self.position_share, failures=self.failures)
         return data
 
 
 def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None = None, threads: int = 2,
-                       isolate: bool = False, workdir: Path | None = None, family: Family = SD15,
-                       component: str = "text_encoder", scheme: str | None = None) -> ConditioningReport:
+                       isolate: bool = False, workdir: Path | None = None, *, family: Family,
+                       component: str | None = None, scheme: str | None = None) -> ConditioningReport:
     """Check ``component`` (a text encoder of ``family``) with its tokenizer. ``isolate``: run
     each runtime in a child process (in ``workdir``), as verify does for big models. ``scheme``:
     the bundle's, as its manifest records it (default: what its .mtok shows, which only CLIP's
@@ -113,6 +111,7 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
 
     from sd2mnn._verify_pass import run_pass
     prompts = prompts if prompts is not None else builtin_prompts()
+    component = component or family.text_encoder
     ids = PromptIds.for_bundle((Path(mnn_dir) / bundle_mtok(family, component)).parent,
                               family.prompt_formats[family.components[component].tokenizer])
     length = ids.max_length
@@ -142,5 +141,6 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
             matching = cosine if matching is None else min(matching, cosine)
     return ConditioningReport(scheme or ids.scheme, len(prompts), sum(same), len(prompts) * length, positions, worst,
                               worst_prompt, matching, len(chosen), [p for p, ok in zip(prompts, same) if not ok],
-                              component)
+                              component, "conditioning" if component == family.text_encoder
+                              else f"conditioning of {component}")
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from sd2mnn.contract import check_runtime_ids, check_vocabulary, expected_tensors
 from sd2mnn.errors import InputError
-from sd2mnn.families import SD15, Family
-from sd2mnn.layout import COMPONENTS, bundle_mtok
+from sd2mnn.families import Family
+from sd2mnn.layout import bundle_mtok
 from sd2mnn.tokenization.prompt_ids import PromptIds
 
 PROMPTS = (
@@ -27,8 +27,6 @@ PROMPTS = (
     "an astronaut riding a horse on the moon",
     "portrait of an old man, oil painting, high quality, detailed",
 )
-# Inputs per component (the family's; the unet's are spread over the timesteps).
-CASES = {name: spec.verify_cases for name, spec in COMPONENTS.items()}
 
 
 def component_rng(seed: int, name: str) -> np.random.Generator:
@@ -37,7 +35,7 @@ def component_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def static_shape(name: str, tensor, family: Family = SD15) -> list[int]:
+def static_shape(name: str, tensor, family: Family) -> list[int]:
     """The ONNX input's shape, with symbolic dimensions filled in from the runtime contract."""
     expected = expected_tensors(name, 77, None, family).get(tensor.name, (None, []))[1]
     shape = []
@@ -50,14 +48,15 @@ def static_shape(name: str, tensor, family: Family = SD15) -> list[int]:
     return shape
 
 
-def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int, vocabulary: int | None = None,
-               model_file: Path | None = None, family: Family = SD15,
-               component: str = "text_encoder") -> tuple[list[np.ndarray], str]:
+def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int, vocabulary: int | None,
+               model_file: Path | None, family: Family,
+               component: str | None = None) -> tuple[list[np.ndarray], str]:
     """One int32 [2, length] array ([uncond "", prompt]) per prompt in PROMPTS for ``component``
     (a text encoder of ``family``), made as MNN's runtime makes them: from the bundle's
     tokenizer.mtok for it, else from its ONNX tokenizer folder. With the text encoder's
     ``vocabulary`` (rows of its embedding table, in ``model_file``), ids it cannot take are an
     InputError here, before any runtime sees them."""
+    component = component or family.text_encoder
     what = model_file or f"the {component}"
     check_runtime_ids(vocabulary, length, what, family, component)
     # The ids the CLIP model inside the bundle's text encoder sees, so that the ONNX source (which
@@ -75,7 +74,7 @@ def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int, vocabulary: int | Non
 
 
 def build_inputs(name: str, source, rng: np.random.Generator, ids: list[np.ndarray],
-                 embeddings: list[np.ndarray] | None, family: Family = SD15) -> tuple[list[dict[str, np.ndarray]], str]:
+                 embeddings: list[np.ndarray] | None, family: Family) -> tuple[list[dict[str, np.ndarray]], str]:
     """The feeds for one component's cases (made as its family's spec says), and a line saying what they are."""
     specs = {t.name: t for t in source.summary.inputs}
     shape = {n: static_shape(name, t, family) for n, t in specs.items()}

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from sd2mnn import families
 from sd2mnn.cli._common import add_overwrite_flag, terminate_as_interrupt
-from sd2mnn.export import COMPONENTS, KNOWN_COMPONENTS, ExportOptions, export
+from sd2mnn.export import KNOWN_COMPONENTS, ExportOptions, export
+from sd2mnn.layout import component_choices
 
 EPILOG = """\
 MODEL is a local diffusers folder (model_index.json) or a .safetensors/.ckpt checkpoint in the
@@ -50,8 +51,7 @@ def register(subparsers) -> None:
     parser.add_argument("onnx_dir", type=Path, metavar="ONNX_DIR")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--components", type=_components, default=None,
-                        help=f"comma-separated subset of {','.join(COMPONENTS)} (SD1.x) or "
-                        f"{','.join(c for c in KNOWN_COMPONENTS if c not in COMPONENTS)},vae_decoder (SD3) "
+                        help=f"comma-separated subset of the model family's components: {component_choices()} "
                         "(default: all of the model's)")
     parser.add_argument("--height", type=int, default=None,
                         help="image height (default: the model's, unet sample_size x VAE factor; 512 for SD1.5)")

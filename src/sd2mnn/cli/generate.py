@@ -112,7 +112,7 @@ class StepProgress:
         self.step_times: list[float] = []
 
     def __call__(self, event) -> None:
-        if event.stage in ("text_encoder", "vae_decoder"):
+        if not event.denoising:
             self._line(f"{event.stage}: {event.seconds:.2f}s")
             return
         self.step_times.append(event.seconds)
@@ -187,7 +187,7 @@ def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path,
     latents = load_latents(args.latents) if args.latents and not text_latents else None
     params = GenerationParams(prompt, args.negative_prompt, args.steps, args.seed, args.guidance, args.noise,
                               latents, args.latents, args.tokenizer, args.schedule, args.height, args.width)
-    params.validate(None, family)  # before minutes of loading
+    params.validate(family)  # before minutes of loading
     if text_latents and not Path(args.latents).is_file():
         load_latents(args.latents)  # its one-line error
     runtime = "mnn" if args.onnx is None else "onnxruntime"
@@ -198,7 +198,8 @@ def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path,
             check_image_size(params, size, source / (decoder.mnn_name if args.onnx is None else "vae_decoder/model.onnx"),
                              family)
     if args.onnx is None:
-        config = mnn_runtime_config(args.backend, args.threads, args.precision, args.memory_mode, args.cache_file, family)
+        config = mnn_runtime_config(args.backend, args.threads, args.precision, args.memory_mode, args.cache_file,
+                                    family=family)
         pipeline = Pipeline(source, "mnn", config, memory_mode=args.memory_mode)
     else:
         pipeline = Pipeline.from_onnx(source, threads=args.threads, tokenizer_scheme=args.tokenizer_scheme)

@@ -62,6 +62,9 @@ class Recipe:
     latent_shape: tuple[int, ...]
     image_size: int
     latent_shift: float = 0.0  # added after the scaling (SD3.5's VAE shift factor)
+    # The runtime draws image_size only, whatever size the models were exported at (a refused
+    # --height/--width says so); False where it follows the models' sizes.
+    draws_only_image_size: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,14 @@ class Family:
     # model_index.json entry -> the (library, class) pairs export loads it as, the first the
     # default; any other is refused, so a model folder never picks the code that reads it.
     classes: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    title: str = ""  # how messages name the family's models ("a Stable Diffusion 3 checkpoint")
+    # The modules that hold the family's code, imported by name only when needed (the exporter
+    # imports torch): ``steps_module`` defines STEPS (sd2mnn.recipes), ``exporter_module`` EXPORTER
+    # (sd2mnn.exporters).
+    steps_module: str = ""
+    exporter_module: str = ""
+    # Generated images' metadata names the family; SD1.5's never did, so its images keep saying nothing.
+    named_in_metadata: bool = True
 
     @staticmethod
     def model_folder(component: str) -> str:

@@ -123,14 +123,16 @@ RECIPE = Recipe(scheduler="plms", guidance=7.5, latent_scale=1 / 0.18215,
 SINGLE_FILE = SingleFileLayout({"unet": ("model.diffusion_model.",), "vae": ("first_stage_model.",),
                                 "text_encoder": ("cond_stage_model.transformer.", "cond_stage_model.model.")},
                                denoiser_marker="input_blocks.")
+CODE = dict(title="Stable Diffusion 1.x", steps_module="sd2mnn.recipes.stable_diffusion",
+            exporter_module="sd2mnn.exporters.stable_diffusion")
 IMAGE_MODELS = {"unet": (("diffusers", "UNet2DConditionModel"),), "vae": (("diffusers", "AutoencoderKL"),)}
 SD15 = Family("sd15", PromptFormat("sd15", 0, 49406, 49407, 77), "BPE", COMPONENTS, RUNTIME_COMPONENTS,
-              RECIPE, ("", "a photo of a cat"), single_file=SINGLE_FILE,
+              RECIPE, ("", "a photo of a cat"), single_file=SINGLE_FILE, named_in_metadata=False, **CODE,
               classes={"text_encoder": (("transformers", "CLIPTextModel"),),
                        "tokenizer": (("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")),
                        **IMAGE_MODELS})
 TAIYI = Family("taiyi", PromptFormat("taiyi", 1, 101, 102, 512), "WordPiece", COMPONENTS, RUNTIME_COMPONENTS,
-               RECIPE, ("", "一只猫的照片"), single_file=SINGLE_FILE,
+               RECIPE, ("", "一只猫的照片"), single_file=SINGLE_FILE, **CODE,
                classes={"text_encoder": (("transformers", "BertModel"),),
                         "tokenizer": (("transformers", "BertTokenizer"), ("transformers", "BertTokenizerFast")),
                         **IMAGE_MODELS})

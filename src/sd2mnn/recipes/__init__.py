@@ -10,13 +10,17 @@ Each module defines a ``Steps`` object with:
 
     condition(outputs, shapes, files) -> the denoiser's text feeds, from each text encoder's outputs
     denoiser_feeds(latent, timestep, text_feeds) -> the denoiser's inputs for one call
-    contract_notes(inputs, outputs, files) -> what MNN's runtime would refuse in the models' shapes
+    contract_notes(inputs, outputs, files, family) -> what MNN's runtime would refuse in the models' shapes
     lifetime(memory_mode) -> ModelLifetime: when the runtime loads its models and frees them
+    runtime_config(backend, threads, precision, memory_mode, cache_file) -> the runtime's RuntimeConfig
+
+The family names its module (Family.steps_module); ``steps_for`` imports it by that name.
 """
 from __future__ import annotations
 
+from importlib import import_module
+
 from sd2mnn.families import Family
-from sd2mnn.recipes import sd35, stable_diffusion
 from sd2mnn.recipes.lifetime import KEEP_ALL, ModelLifetime
 
 __all__ = ["KEEP_ALL", "MEMORY_MODES", "ModelLifetime", "steps_for"]
@@ -26,4 +30,4 @@ MEMORY_MODES = (0, 1, 2)  # diffusion_demo's and diffusion_sd35_demo's memory_mo
 
 def steps_for(family: Family):
     """The runtime steps of ``family``."""
-    return sd35.STEPS if family.denoiser == "transformer" else stable_diffusion.STEPS
+    return import_module(family.steps_module).STEPS

@@ -62,6 +62,7 @@ import numpy as np
 from sd2mnn.errors import InputError
 from sd2mnn.families.sd35 import RUNTIME_DIMS, SD35Dims
 from sd2mnn.recipes.lifetime import ModelLifetime
+from sd2mnn.runtime import MNN_GPU_MEMORY_BUFFER, RuntimeConfig
 
 CLIP_L, CLIP_G, T5 = "text_encoder", "text_encoder_2", "text_encoder_3"
 
@@ -122,7 +123,7 @@ class SD35Steps:
         return transformer_feeds(latent, timestep, text)
 
     def contract_notes(self, inputs: dict[str, dict[str, list[int]]], outputs: dict[str, dict[str, list[int]]],
-                       files: dict[str, str]) -> list[str]:
+                       files: dict[str, str], family) -> list[str]:
         """The models' sizes against those diffusion_sd35.cpp fixes (SD35Dims.off_contract)."""
         shapes = {c: {**outputs.get(c, {}), **inputs.get(c, {})} for c in {*inputs, *outputs}}
         issues = model_dims(shapes).off_contract()
@@ -131,6 +132,17 @@ class SD35Steps:
     def lifetime(self, memory_mode: int) -> ModelLifetime:
         """Each model loaded before its first use; freed after it unless ``memory_mode`` is 1."""
         return ModelLifetime(at_start=False, release_after_use=memory_mode != 1)
+
+    def runtime_config(self, backend: str, threads: int, precision: str, memory_mode: int,
+                       cache_file: str | None) -> RuntimeConfig:
+        """``DiffusionSD35::load()``: the CPU settings without any hint; OpenCL with buffer memory,
+        no tuning flag, Winograd off. ``memory_mode`` changes no setting (only the lifetime)."""
+        backend = backend.upper()
+        if backend == "CPU":
+            return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low", cache_file=cache_file)
+        threads = MNN_GPU_MEMORY_BUFFER if backend == "OPENCL" else 1
+        return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low", cache_file=cache_file,
+                             winograd=backend != "OPENCL")
 
 
 STEPS = SD35Steps()

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sd2mnn.recipes.lifetime import KEEP_ALL, ModelLifetime
+from sd2mnn.runtime import (DYNAMIC_QUANT_OPTIONS, MNN_GPU_MEMORY_BUFFER, MNN_GPU_TUNING_FAST, WINOGRAD_MEMORY_LEVEL,
+                            RuntimeConfig)
 
 
 def unet_feeds(latent: np.ndarray, timestep: int, text_embeddings: np.ndarray) -> dict[str, np.ndarray]:
@@ -31,7 +33,8 @@ class StableDiffusionSteps:
     def denoiser_feeds(self, latent: np.ndarray, timestep, text: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return unet_feeds(latent, int(timestep), text["encoder_hidden_states"])
 
-    def contract_notes(self, shapes: dict[str, dict[str, list[int]]], outputs, files: dict[str, str]) -> list[str]:
+    def contract_notes(self, shapes: dict[str, dict[str, list[int]]], outputs, files: dict[str, str],
+                       family) -> list[str]:
         """sd2mnn.contract's rules (stable_diffusion.cpp's fixed shapes) over the loaded inputs."""
         from sd2mnn.contract import check_tensors, runtime_notes
 
@@ -40,12 +43,30 @@ class StableDiffusionSteps:
 
         infos = {name: {"inputs": list(s), "tensors": {t: {"shape": d, "dtype": dtype(t)} for t, d in s.items()}}
                  for name, s in shapes.items()}
-        return runtime_notes(check_tensors(infos, files, complete=False))
+        return runtime_notes(check_tensors(infos, family, files, complete=False))
 
     def lifetime(self, memory_mode: int) -> ModelLifetime:
         """The three models loaded up front and kept, whatever the mode. (stable_diffusion.cpp's
         load() also loads all three; in modes 0 and 2 it then frees each after its stage.)"""
         return KEEP_ALL
+
+    def runtime_config(self, backend: str, threads: int, precision: str, memory_mode: int,
+                       cache_file: str | None) -> RuntimeConfig:
+        """``StableDiffusion::load()``: CPU with DYNAMIC_QUANT_OPTIONS 2 (int8 weights), the
+        Winograd level of ``memory_mode`` (0: off, 1: MNN's default, 2: level 1); on OpenCL,
+        buffer memory with fast tuning; one thread on the other backends."""
+        hints = []
+        if memory_mode == 2:
+            hints.append((WINOGRAD_MEMORY_LEVEL, 1))
+        backend = backend.upper()
+        if backend == "CPU":
+            hints.append((DYNAMIC_QUANT_OPTIONS, 2))
+        elif backend == "OPENCL":
+            threads = MNN_GPU_MEMORY_BUFFER | MNN_GPU_TUNING_FAST  # load(): config.mode for OpenCL
+        else:
+            threads = 1  # load(): "config.numThread = 1" for the other backends
+        return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low",
+                             cache_file=cache_file, winograd=memory_mode != 0, hints=tuple(hints))
 
 
 STEPS = StableDiffusionSteps()

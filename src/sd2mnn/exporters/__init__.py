@@ -1,0 +1,56 @@
+"""Each family's exporter: the torch modules that give its ONNX graphs the tensors MNN's runtime
+loads, their dummy inputs and the memory their export needs (as optimum keeps one OnnxConfig per
+architecture, found by name). ``sd2mnn.export`` runs the same steps for every family and asks
+the exporter of the family (``Family.exporter_module``, imported by that name) for these:
+
+    order        the components in export order
+    jobs         component -> (source, options, text length, torch generator) -> Job
+    terms        component -> MemoryTerms (attention, feature maps, folded constants), bytes
+    size_step    (denoiser config, VAE factor) -> what the image size must be a multiple of
+    text_lengths (source folder) -> a component's text length beyond its tokenizer's
+    tokenizer_fix what to do about a missing tokenizer folder ("": the family needs it)
+
+    stable_diffusion.py  SD1.5 and Taiyi (MNN's onnx_export.py)
+    sd35.py              SD3.5 (diffusion_sd35.cpp's tensors)
+    vae.py               the VAE's and the text encoders' parts both share
+
+Torch is imported inside the job builders only: looking an exporter up needs no export extra.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Callable
+
+from sd2mnn.families import Family
+
+
+@dataclass(frozen=True)
+class MemoryTerms:
+    """What one component's export holds beside its weights, in bytes: one attention score matrix
+    (the check keeps it and its softmax), the widest feature map, and weights torch folds into a
+    constant that is not exported."""
+
+    attention: int
+    activation: int
+    folded: int = 0
+
+
+# (folder, component, latent height, latent width, height, width, text length) -> MemoryTerms
+TermsOf = Callable[[Path, str, int, int, int, int, int], MemoryTerms]
+
+
+@dataclass(frozen=True)
+class Exporter:
+    order: tuple[str, ...]
+    jobs: dict[str, Callable]
+    terms: dict[str, TermsOf]
+    size_step: Callable[[dict, int], int]
+    text_lengths: Callable[[Path], dict[str, int]] = field(default=lambda folder: {})
+    tokenizer_fix: str = ""
+
+
+def exporter_for(family: Family) -> Exporter:
+    """The exporter of ``family``."""
+    return import_module(family.exporter_module).EXPORTER

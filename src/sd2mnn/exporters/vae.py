@@ -1,0 +1,65 @@
+"""What every family's exporter shares: the VAE's graphs (diffusers' AutoencoderKL) and the memory
+terms of the VAE and of a text encoder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sd2mnn.export import _Job, _config, _load
+from sd2mnn.exporters import MemoryTerms
+
+
+def _vae_wrappers():
+    import torch
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sample):
+            return self.model.encode(sample).latent_dist.mode()
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, latent_sample):
+            return self.model.decode(latent_sample, return_dict=False)[0]
+
+    return VaeEncoder, VaeDecoder
+
+
+def vae_encoder_job(source, options, text_length: int, gen) -> _Job:
+    import torch
+
+    VaeEncoder, _ = _vae_wrappers()
+    vae = _load(source, "vae")
+    image = torch.rand(1, vae.config.in_channels, options.height, options.width, generator=gen)
+    return _Job(VaeEncoder(vae), {"sample": image * 2 - 1}, ["latent_sample"])
+
+
+def vae_decoder_job(source, options, text_length: int, gen) -> _Job:
+    import torch
+
+    _, VaeDecoder = _vae_wrappers()
+    vae = _load(source, "vae")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = torch.randn(1, vae.config.latent_channels, options.height // factor,
+                         options.width // factor, generator=gen)
+    return _Job(VaeDecoder(vae), {"latent_sample": latent}, ["sample"])
+
+
+def vae_terms(folder: Path, name: str, lh: int, lw: int, height: int, width: int, text_length: int) -> MemoryTerms:
+    channels = list(_config(folder, "vae").get("block_out_channels", [128]))
+    tokens = lh * lw  # the mid block's single-head attention at the latent size
+    # Level i works at 1/2**i of the image size with channels[i].
+    return MemoryTerms(tokens * tokens * 4, max(ch * (height >> i) * (width >> i) * 4 for i, ch in enumerate(channels)))
+
+
+def text_encoder_terms(folder: Path, name: str, lh: int, lw: int, height: int, width: int,
+                       text_length: int) -> MemoryTerms:
+    config = _config(folder, name if (folder / name / "config.json").is_file() else "text_encoder")
+    hidden = int(config.get("hidden_size") or config.get("d_model") or 768)
+    heads = int(config.get("num_attention_heads") or config.get("num_heads") or 16)
+    return MemoryTerms(2 * heads * text_length * text_length * 4, 2 * text_length * hidden * 4 * 4)
