@@ -17,8 +17,9 @@ import pytest
 import sd2mnn
 from sd2mnn.errors import InputError, MissingExtraError
 from sd2mnn.verification import verify
+from sd2mnn.exporters import exporter_for
+from sd2mnn.families import SD15
 from sd2mnn.export import (
-    COMPONENTS,
     ExportCheckError,
     ExportOptions,
     describe_io,
@@ -27,6 +28,8 @@ from sd2mnn.export import (
     require_export_extra,
 )
 
+# SD1.x's components in the order export writes them.
+EXPORT_ORDER = exporter_for(SD15).order
 CLIP_TOKENIZER_FILES = {"vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"}
 
 
@@ -86,7 +89,7 @@ def taiyi_export(tmp_path_factory):
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def assert_contract(onnx_dir: Path, length: int, hidden: int, components=COMPONENTS) -> None:
+def assert_contract(onnx_dir: Path, length: int, hidden: int, components=EXPORT_ORDER) -> None:
     """MNN's runtime contract on the files: names, dtypes, static shapes, the unet's weights.pb."""
     expected = {
         "text_encoder": (
@@ -140,7 +143,7 @@ def test_layout_and_contract(sd15_export):
     assert_contract(onnx_dir, 77, 16)
     # No size given: the model's own, unet sample_size 64 x the VAE's factor 8.
     assert report.kind == "sd15" and report.text_length == 77 and (report.height, report.width) == (512, 512)
-    assert [c.name for c in report.components] == list(COMPONENTS)
+    assert [c.name for c in report.components] == list(EXPORT_ORDER)
     assert all(c.path == onnx_dir / c.name / "model.onnx" for c in report.components)
 
 
@@ -158,8 +161,8 @@ def test_every_part_checked_against_pytorch(sd15_export):
             assert 0 <= err < comp.tolerance, (comp.name, name, err)
     # Progress per component, in order.
     started = [c for c, m in events if m == "loading"]
-    assert started == list(COMPONENTS)
-    assert [c for c, m in events if m.startswith("done")] == list(COMPONENTS)
+    assert started == list(EXPORT_ORDER)
+    assert [c for c, m in events if m.startswith("done")] == list(EXPORT_ORDER)
 
 
 def test_text_encoder_matches_pytorch_on_a_real_prompt(sd15_dir, sd15_export):
@@ -406,11 +409,11 @@ def measured_pipelines(tmp_path_factory) -> dict[str, Path]:
                          ids=[f"{p}-{'+'.join(c)}-{s}" for p, c, s, _ in MEASURED_EXPORT_PEAKS])
 def test_the_memory_estimate_holds_each_measured_peak_within_a_fifth(measured_pipelines, pipeline, components, size,
                                                                      peak):
-    from sd2mnn import families
     from sd2mnn.export import check_bytes
+    from sd2mnn.families import SD35
 
     folder = measured_pipelines[pipeline]
-    family = families.detect(folder)
+    family = SD15 if pipeline == "sd15" else SD35  # configs and weights only: nothing to detect by
     estimate = max(check_bytes(folder, c, size, size, 333 if c == "transformer" else 77, family) for c in components)
     assert peak <= estimate <= 1.2 * peak, f"{estimate / GiB:.2f} GiB estimated, {peak / GiB:.2f} GiB measured"
 
