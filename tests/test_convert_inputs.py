@@ -228,7 +228,7 @@ def test_folder_that_is_not_a_bundle_is_not_overwritten(demo_onnx, tmp_path):
         (folder / rel).write_text(f"my own {rel}\n")
     before = tree_state(folder)
     done = sd2mnn_cli("convert", demo_onnx, folder, "--components", "vae_decoder")
-    assert_one_line_error(done, "not an sd2mnn bundle", "vae_decoder.mnn", "logs/vae_decoder.log", "vocab.json", "--force")
+    assert_one_line_error(done, "not an sd2mnn bundle", "vae_decoder.mnn", "logs/vae_decoder.log", "vocab.json", "--overwrite")
     assert tree_state(folder) == before
     done = sd2mnn_cli("convert", demo_onnx, folder, "--components", "vae_decoder", "--force", "-q")
     assert done.returncode == 0, done.stderr

@@ -184,7 +184,7 @@ def test_a_users_file_in_a_tokenizer_folder_is_not_replaced(tiny_sd3_onnx, tmp_p
     (out / "tokenizer_2" / "vocab.json").write_text("mine\n")
     before = tree_state(out)
     done = cli("convert", tiny_sd3_onnx, out, "--components", "vae_decoder", "-q")
-    one_line_error(done, "not an sd2mnn bundle", "tokenizer_2/vocab.json", "--force")
+    one_line_error(done, "not an sd2mnn bundle", "tokenizer_2/vocab.json", "--overwrite")
     assert tree_state(out) == before
 
 

@@ -109,7 +109,7 @@ def test_a_model_mnn_cannot_read_is_refused_before_any_model_loads(tiny_sd3_bund
     with pytest.raises(InputError) as raised:
         Pipeline(bundle, config=config, memory_mode=0)
     assert str(raised.value) == (f"MNN cannot read {bundle / 'vae_decoder.mnn'}; reconvert it (sd2mnn convert "
-                                 "--force), or check it with sd2mnn verify")
+                                 "--overwrite), or check it with sd2mnn verify")
 
 
 def test_sd15_keeps_its_three_models_loaded_in_every_mode(fp32_bundle):

@@ -247,7 +247,7 @@ def _check_files(mnn_dir: Path, name: str, family: Family) -> list[ContractIssue
         if not path.is_file():
             issues.append(ContractIssue(name, file, "missing file", what, "no such file; convert it (sd2mnn convert)"))
         elif path.stat().st_size == 0:
-            issues.append(ContractIssue(name, file, "empty file", what, "0 bytes; reconvert it (sd2mnn convert --force)"))
+            issues.append(ContractIssue(name, file, "empty file", what, "0 bytes; reconvert it (sd2mnn convert --overwrite)"))
     return issues
 
 
@@ -337,7 +337,7 @@ def _check_tokenizer(mnn_dir: Path, family: Family) -> list[ContractIssue]:
             head = stream.read(16)
         if not head.startswith(MTOK_MAGIC):
             issues.append(ContractIssue("tokenizer", rel, "unreadable", "a file starting with the magic number 430",
-                                        f"{head[:8]!r}; rebuild it with sd2mnn convert --force"))
+                                        f"{head[:8]!r}; rebuild it with sd2mnn convert --overwrite"))
     return issues
 
 
@@ -397,7 +397,7 @@ def check_contract(mnn_dir: str | Path, components: tuple[str, ...] | list[str] 
     for name in readable:
         if name not in infos:
             issues.append(ContractIssue(name, specs[name].mnn_name, "unreadable", "an MNN model file",
-                                        "a file MNN cannot read; reconvert it (sd2mnn convert --force)"))
+                                        "a file MNN cannot read; reconvert it (sd2mnn convert --overwrite)"))
     issues += check_tensors(infos, family)
     issues += _check_vocabulary_fits(infos, family)
     issues += _check_tokenizer(mnn_dir, family)

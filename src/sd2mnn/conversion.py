@@ -564,7 +564,7 @@ def _bundle_targets(plan: ConversionPlan) -> list[str]:
 
 def _check_foreign_files(plan: ConversionPlan) -> None:
     """Refuse to replace files that sd2mnn did not write (no manifest records them) unless
-    --force: a folder that is not a bundle may hold someone's own vocab.json or unet.mnn."""
+    --overwrite: a folder that is not a bundle may hold someone's own vocab.json or unet.mnn."""
     if plan.options.force:
         return
     ours = {MANIFEST_NAME} if plan.previous else set()
@@ -580,7 +580,7 @@ def _check_foreign_files(plan: ConversionPlan) -> None:
         what = "an sd2mnn bundle whose manifest does not list them" if plan.previous else "not an sd2mnn bundle (no manifest.json)"
         raise InputError(
             f"{plan.mnn_dir} is {what}, and the conversion would replace {shown}; "
-            "choose an empty folder, or pass --force to replace them"
+            "choose an empty folder, or pass --overwrite to replace them"
         )
 
 

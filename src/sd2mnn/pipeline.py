@@ -606,7 +606,7 @@ class Pipeline:
                 if not model.loaded:
                     if found.get(name) is None:  # it would fail to load after minutes of drawing
                         raise InputError(f"MNN cannot read {self._model_file(name)}; reconvert it (sd2mnn convert "
-                                         "--force), or check it with sd2mnn verify")
+                                         "--overwrite), or check it with sd2mnn verify")
                     model.declared_inputs = {t: v["shape"] for t, v in tensors[name].items() if t in specs[name].inputs}
             return {n: {t: v["shape"] for t, v in tensors[n].items() if t in specs[n].outputs} for n in self.components}
         from sd2mnn.layout import load_component

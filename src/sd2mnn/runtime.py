@@ -124,7 +124,7 @@ def check_mnn_files(path: Path) -> None:
     weight = path.with_name(path.name + ".weight")
     if not weight.is_file():
         # MNN loads a model whose external weights are missing and computes garbage.
-        raise InputError(f"{weight} is missing; reconvert {path.name} (sd2mnn convert --force)")
+        raise InputError(f"{weight} is missing; reconvert {path.name} (sd2mnn convert --overwrite)")
 
 
 class MnnModel:
@@ -162,7 +162,7 @@ class MnnModel:
                 f"{self.output_names} ({err}); reconvert it, or check it with sd2mnn verify"
             ) from None
         if self._module is None:
-            raise InputError(f"MNN could not load {self.path}; reconvert it (sd2mnn convert --force)")
+            raise InputError(f"MNN could not load {self.path}; reconvert it (sd2mnn convert --overwrite)")
 
     def input_shapes(self) -> dict[str, list[int]]:
         """The shape the model was converted with, per input (-1 where it is dynamic)."""
