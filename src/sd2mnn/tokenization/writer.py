@@ -144,7 +144,7 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
     if not tokenizer_dir.is_dir():
         raise InputError(f"{tokenizer_dir}: no tokenizer folder; point at the pipeline's tokenizer/ folder")
     tokenizer_folder_files(tokenizer_dir)
-    family = tokenizer_kind(tokenizer_dir).name
+    kind = tokenizer_kind(tokenizer_dir).name
     config_path = tokenizer_dir / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
     map_path = tokenizer_dir / "special_tokens_map.json"
@@ -152,7 +152,7 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
 
     named = {}
     for attr in NAMED_SPECIALS:
-        value = config[attr] if attr in config else token_map.get(attr, CLASS_DEFAULTS[family].get(attr))
+        value = config[attr] if attr in config else token_map.get(attr, CLASS_DEFAULTS[kind].get(attr))
         named[attr] = value
     extras = config.get("additional_special_tokens") or config.get("extra_special_tokens") \
         or token_map.get("additional_special_tokens") or []
@@ -175,7 +175,7 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
         eos = _content(config.get("eos_token")) or ""
         bos = _content(config.get("bos_token")) or ""
     else:
-        tok = _build_backend(tokenizer_dir, family, config, named, extras)
+        tok = _build_backend(tokenizer_dir, kind, config, named, extras)
         tj = json.loads(tok.to_str())
         # save_pretrained rewrites tokenizer_config.json: bos/eos become plain strings and a
         # chat template moves out to chat_template.jinja, where the writer does not look.
@@ -183,7 +183,7 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
         eos = _content(named["eos_token"]) or ""
         bos = _content(named["bos_token"]) or ""
     _check_dense_ids(tj, json_path if json_path.is_file() else
-                     tokenizer_dir / ("vocab.txt" if family == "bert" else "vocab.json"))
+                     tokenizer_dir / ("vocab.txt" if kind == "bert" else "vocab.json"))
     if not isinstance(chat_template, str):
         chat_template = ""  # a list of named templates: the reference would fail; keep none
 
@@ -209,13 +209,13 @@ def load_tokenizer_source(tokenizer_dir: Path) -> TokenizerSource:
 
     def decode(token_id: int) -> str:
         text = tok.decode([token_id], skip_special_tokens=False)
-        return text.replace("</w>", " ").strip() if family == "clip" else text
+        return text.replace("</w>", " ").strip() if kind == "clip" else text
 
     return TokenizerSource(
         tokenizer_json=tj, chat_template=chat_template, eos_token=eos, bos_token=bos,
         clean_up_spaces=config.get("clean_up_tokenization_spaces", False) is True,
         special_ids=special_ids, stop_ids=_stop_ids(tok, to_id(_content(named["eos_token"]))),
-        prefix_ids=_prefix_ids(tok, decode), pad_id=to_id(_content(named["pad_token"])), kind=family)
+        prefix_ids=_prefix_ids(tok, decode), pad_id=to_id(_content(named["pad_token"])), kind=kind)
 
 
 def _check_charsmaps(norm, source: Path) -> None:
@@ -280,7 +280,7 @@ def _prefix_ids(tok, decode) -> list[int]:
     return []
 
 
-def _build_backend(tokenizer_dir: Path, family: str, config: dict, named: dict, extras: list):
+def _build_backend(tokenizer_dir: Path, kind: str, config: dict, named: dict, extras: list):
     """The tokenizers pipeline transformers 5's CLIPTokenizer / BertTokenizer builds from the
     vocabulary files (what save_pretrained would then write to tokenizer.json)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -289,7 +289,7 @@ def _build_backend(tokenizer_dir: Path, family: str, config: dict, named: dict, 
     def need(name: str) -> str:
         path = tokenizer_dir / name
         if not path.is_file():
-            raise InputError(f"{path}: missing; a {family.upper()} tokenizer folder without tokenizer.json "
+            raise InputError(f"{path}: missing; a {kind.upper()} tokenizer folder without tokenizer.json "
                              f"needs it (copy the model's tokenizer/ folder whole)")
         return str(path)
 
@@ -300,7 +300,7 @@ def _build_backend(tokenizer_dir: Path, family: str, config: dict, named: dict, 
             raise InputError(f"{tokenizer_dir}: the tokenizers library cannot read {files} ({err}); "
                              "restore them from the model") from err
 
-    if family == "clip":
+    if kind == "clip":
         vocab, merges = need("vocab.json"), need("merges.txt")
         tok = Tokenizer(load(lambda: BPE.from_file(
             vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False,
@@ -311,7 +311,7 @@ def _build_backend(tokenizer_dir: Path, family: str, config: dict, named: dict, 
             pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False)])
         tok.decoder = decoders.ByteLevel()
-    elif family == "bert":
+    elif kind == "bert":
         vocab = need("vocab.txt")
         tok = Tokenizer(load(lambda: WordPiece.from_file(vocab, unk_token=_content(named["unk_token"])),
                              "vocab.txt"))
@@ -335,7 +335,7 @@ def _build_backend(tokenizer_dir: Path, family: str, config: dict, named: dict, 
     def token_id(attr):
         return tok.token_to_id(_content(named[attr]) or "")
 
-    if family == "clip":
+    if kind == "clip":
         eos, bos = _content(named["eos_token"]), _content(named["bos_token"])
         tok.post_processor = processors.RobertaProcessing(
             (eos, token_id("eos_token")), (bos, token_id("bos_token")), trim_offsets=False, add_prefix_space=False)
