@@ -28,7 +28,7 @@ from pathlib import Path
 from sd2mnn.errors import BundleLockedError, DiskSpaceError, InputError, Sd2MnnError, UnsafeModelError
 from sd2mnn.files import confined
 from sd2mnn.layout import LOGS_DIR, MANIFEST_NAME, bundle_mtoks
-from sd2mnn.manifest import ComponentRecord, Manifest, read_manifest, record_mismatch
+from sd2mnn.manifest import ComponentRecord, Manifest, read_manifest
 
 WORK_AREA = ".sd2mnn"
 RECORD_NAME = "record.json"
@@ -213,11 +213,11 @@ def check_for_use(root: Path, family, names) -> None:
         if not model.is_file():
             raise InputError(f"{model} is missing, but {root / MANIFEST_NAME} lists {name}; copy the file back, or "
                              f"reconvert it (sd2mnn convert ONNX_DIR {root} --components {name})")
-    for record in [*manifest.tokenizer, *(f for n in listed for f in manifest.components[n].outputs)]:
-        mismatch = record_mismatch(record, root)
-        if mismatch:
-            raise InputError(f"{record.at(root)} is damaged: {mismatch}; reconvert the bundle "
-                             f"(sd2mnn convert ONNX_DIR {root}) or copy the file again")
+    damaged = manifest.damaged(root, listed)
+    if damaged:
+        _, record, mismatch = damaged[0]
+        raise InputError(f"{record.at(root)} is damaged: {mismatch}; reconvert the bundle "
+                         f"(sd2mnn convert ONNX_DIR {root}) or copy the file again")
 
 
 def confine_runtime_files(root: Path, family, names) -> None:

@@ -150,6 +150,14 @@ class Manifest:
     def write(self, path: Path) -> None:
         write_json_atomic(path, self.to_dict())
 
+    def damaged(self, root: Path, names) -> list[tuple[str, FileRecord, str]]:
+        """(owner, record, how it differs) for each recorded file of the components ``names`` and
+        of the tokenizer ("tokenizer") that no longer is what was converted (``record_mismatch``)."""
+        owned = [(n, f) for n in names if n in self.components for f in self.components[n].outputs]
+        owned += [("tokenizer", f) for f in self.tokenizer]
+        found = [(owner, record, record_mismatch(record, root)) for owner, record in owned]
+        return [(owner, record, mismatch) for owner, record, mismatch in found if mismatch]
+
     def bundle_files(self) -> list[FileRecord]:
         """Every file in the bundle it records: the components' outputs and the tokenizer files."""
         return [*(f for record in self.components.values() for f in record.outputs), *self.tokenizer]

@@ -46,7 +46,7 @@ from sd2mnn.converter_flags import quantizing_words
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, Family
 from sd2mnn.layout import MANIFEST_NAME, bundle_mtok, folder_family, load_component, parse_components
-from sd2mnn.manifest import read_manifest, record_mismatch, write_json_atomic
+from sd2mnn.manifest import read_manifest, write_json_atomic
 from sd2mnn.progress import NullProgress, Progress
 from sd2mnn.sources import check_sources
 from sd2mnn.verify_conditioning import ConditioningReport, check_conditioning
@@ -264,15 +264,9 @@ def damaged_files(mnn_dir: Path, manifest, names) -> list[ContractIssue]:
     or content no longer is what manifest.json recorded; hashes only files whose mtime moved."""
     if manifest is None:
         return []
-    owned = [(n, f) for n in names if n in manifest.components for f in manifest.components[n].outputs]
-    owned += [("tokenizer", f) for f in manifest.tokenizer]
-    issues = []
-    for name, record in owned:
-        mismatch = record_mismatch(record, mnn_dir)
-        if mismatch:
-            issues.append(ContractIssue(name, record.path, DAMAGED, "the file manifest.json records",
-                                        f"{mismatch}: reconvert it (sd2mnn convert)"))
-    return issues
+    return [ContractIssue(name, record.path, DAMAGED, "the file manifest.json records",
+                          f"{mismatch}: reconvert it (sd2mnn convert)")
+            for name, record, mismatch in manifest.damaged(mnn_dir, names)]
 
 
 def _family(onnx_dir: Path, mnn_dir: Path, family: Family | None) -> Family:
