@@ -7,6 +7,7 @@ import this sd2mnn even from a source checkout that is not installed.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -20,7 +21,26 @@ from typing import Mapping, Sequence
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM until the block is done (where the platform can); a signal that
+    came meanwhile is handled as the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _in_child() -> None:  # runs in the child between fork and exec
+    # The parent starts children with interrupts held (see Child); the child must not keep that.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the parent's cleanup must do
@@ -50,16 +70,26 @@ class Child:
         self.started = time.monotonic()
         self._timed_out = False
         self._result: ChildResult | None = None
-        with open(log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                list(argv),
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=None if env is None else dict(env),
-                preexec_fn=_die_with_parent,
-            )
+        self._proc: subprocess.Popen | None = None
+        try:
+            # Python runs its at-fork hooks around a fork with preexec_fn, and an exception raised
+            # in one is printed and dropped: a Ctrl-C or SIGTERM landing there would be lost and
+            # the run would go on. Held until the child has started, it is handled here instead.
+            with interrupts_deferred(), open(log_path, "ab") as log:
+                self._proc = subprocess.Popen(
+                    list(argv),
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=None if env is None else dict(env),
+                    preexec_fn=_in_child,
+                )
+        except BaseException:
+            if self._proc is not None:  # started, then interrupted: it must not outlive the run
+                self._proc.kill()
+                self._proc.wait()
+            raise
 
     @property
     def elapsed(self) -> float:

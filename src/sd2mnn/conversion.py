@@ -20,7 +20,7 @@ from pathlib import Path
 from sd2mnn import families
 from sd2mnn._version import __version__
 from sd2mnn.bundle import WORK_AREA, BundleDir
-from sd2mnn.children import Child, ChildResult, child_env, log_tail
+from sd2mnn.children import Child, ChildResult, child_env, interrupts_deferred, log_tail
 from sd2mnn.converter import find_converter
 from sd2mnn.errors import (ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError,
                            os_errors_as_one_line)
@@ -197,7 +197,8 @@ class _Background:
     def __init__(self, fn):
         self._result = self._error = None
         self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name="sd2mnn-hash")
-        self._thread.start()
+        with interrupts_deferred():  # the thread keeps that mask: Ctrl-C and SIGTERM go to the main thread
+            self._thread.start()
 
     def _run(self, fn) -> None:
         try:

@@ -60,7 +60,6 @@ import gc
 import multiprocessing
 import os
 import shutil
-import signal
 import tempfile
 import time
 import warnings
@@ -69,6 +68,7 @@ from pathlib import Path
 from typing import Callable
 
 from sd2mnn import checkpoint, diffusers_folder, families
+from sd2mnn.children import interrupts_deferred
 from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError, os_errors_as_one_line
 from sd2mnn.files import is_inside, read_json_object
 from sd2mnn.families import FAMILIES, Family
@@ -772,7 +772,7 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
 
 def _move_into_place(staged: Path, onnx_dir: Path) -> None:
     old = None
-    with _interrupts_deferred():  # between the renames the old ONNX_DIR sits in the staging folder
+    with interrupts_deferred():  # between the renames the old ONNX_DIR sits in the staging folder
         if onnx_dir.exists():
             old = staged.parent / "old"
             os.replace(onnx_dir, old)
@@ -782,16 +782,3 @@ def _move_into_place(staged: Path, onnx_dir: Path) -> None:
             if old is not None:
                 os.replace(old, onnx_dir)
             raise
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Hold Ctrl-C and SIGTERM until the block is done (where the platform can)."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
