@@ -105,7 +105,7 @@ def main() -> int:
     print(f"{'run':<24} {'wall':>8} {'peak (tree)':>12} {'maxrss':>10}")
     for name, run in runs.items():
         print(f"{name:<24} {run['wall_s']:>7.1f}s {run['tree_peak_bytes'] / gib:>9.2f} GiB {run['maxrss_bytes'] / gib:>6.2f} GiB")
-    print(f"\nverify per component (child peaks):")
+    print("\nverify per component (child peaks):")
     for name, passes in result["verify_components"].items():
         cells = ", ".join(f"{rt} {p['wall_s']:.1f}s {(p['peak_rss_bytes'] or 0) / gib:.2f} GiB" for rt, p in passes.items())
         print(f"  {name:<13} {cells}")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sd2mnn.errors import BundleLockedError, DiskSpaceError, InputError, Sd2MnnError, UnsafeModelError
 from sd2mnn.files import confined
-from sd2mnn.layout import LOGS_DIR, MANIFEST_NAME, bundle_mtoks
+from sd2mnn.layout import MANIFEST_NAME, bundle_mtoks
 from sd2mnn.manifest import ComponentRecord, Manifest, read_manifest
 
 WORK_AREA = ".sd2mnn"
@@ -190,9 +190,6 @@ class BundleDir:
         new_manifest.unlink(missing_ok=True)
         shutil.rmtree(aside, ignore_errors=True)
         shutil.rmtree(self.pending_dir, ignore_errors=True)
-
-    def logs_dir(self) -> Path:
-        return self.root / LOGS_DIR
 
 
 def check_for_use(root: Path, family, names) -> None:

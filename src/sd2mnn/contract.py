@@ -44,11 +44,8 @@ from sd2mnn.layout import bundle_mtoks, folder_family
 # Each SD1.x family's text length and BOS/EOS: the families' facts (sd2mnn.families), by the text
 # length a converted text encoder shows.
 FORMATS: dict[int, PromptFormat] = {f.text_length: f.prompt for f in FAMILIES.values() if not f.tokenizers}
-TEXT_LENGTHS = {length: f.name for length, f in FORMATS.items()}
 # transformers/llm/engine/src/tokenizer/tokenizer.cpp:90, tokenizer.hpp:136: MAGIC_NUMBER = 430.
 MTOK_MAGIC = b"430"
-# TOK:63: rows are padded with id 0.
-PAD_ID = 0
 
 # Problems after which the component cannot be run at all (fidelity checks are skipped).
 BLOCKING = frozenset({"missing file", "empty file", "unreadable", "missing tensor"})

@@ -63,7 +63,6 @@ CONVERTER_FLAGS: tuple[ConverterFlag, ...] = (
     ConverterFlag("fp16", "--fp16", "--fp16", bool, "store float weights as fp16", quantizes=True),
 )
 
-BY_FIELD: dict[str, ConverterFlag] = {flag.field: flag for flag in CONVERTER_FLAGS}
 BY_MNN_SPELLING: dict[str, ConverterFlag] = {flag.mnn: flag for flag in CONVERTER_FLAGS}
 # Both spellings, as a sweep variant may write either.
 BY_SPELLING: dict[str, ConverterFlag] = {**BY_MNN_SPELLING, **{flag.cli: flag for flag in CONVERTER_FLAGS}}

@@ -77,9 +77,6 @@ from sd2mnn.families import FAMILIES, Family
 KNOWN_COMPONENTS = tuple(dict.fromkeys(n for f in FAMILIES.values() for n in f.components))
 # The one external-data file a model's weights are gathered into when they are not inline.
 WEIGHTS_FILE = "weights.pb"
-TEXT_LENGTH = {name: f.text_length for name, f in FAMILIES.items()}
-# Prompts the checks feed the text encoder (runtime order: unconditional first).
-CHECK_PROMPTS = {name: list(f.check_prompts) for name, f in FAMILIES.items()}
 
 
 class ExportCheckError(Sd2MnnError):

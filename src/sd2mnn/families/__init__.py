@@ -25,7 +25,7 @@ from sd2mnn.families.stable_diffusion import SD15, TAIYI
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD15, TAIYI, SD35)}
 
 __all__ = ["ComponentSpec", "FAMILIES", "Family", "PromptFormat", "Recipe", "SD15", "SD35", "SD35Dims", "TAIYI",
-           "TensorShapes", "by_name", "by_text_length", "by_tokenizer_model", "detect", "write_marker"]
+           "TensorShapes", "by_name", "by_tokenizer_model", "detect", "write_marker"]
 
 # What `sd2mnn export` writes into ONNX_DIR to say which family the folder holds: {"family": name}.
 FAMILY_MARKER = "sd2mnn_family.json"
@@ -56,12 +56,6 @@ def by_tokenizer_model(model_kind: str, among: tuple[Family, ...] | None = None,
 def write_marker(onnx_dir: Path, family: Family) -> None:
     """Record in an ONNX folder which family it holds (read back by ``detect``)."""
     (Path(onnx_dir) / FAMILY_MARKER).write_text(json.dumps({"family": family.name}) + "\n", encoding="utf-8")
-
-
-def by_text_length(length: int | None) -> Family | None:
-    """The family whose runtime feeds the text encoder ``length`` ids (a converted text encoder's
-    input says which), or None."""
-    return next((f for f in FAMILIES.values() if f.text_length == length), None)
 
 
 def _from_diffusers_index(index_path: Path) -> Family:

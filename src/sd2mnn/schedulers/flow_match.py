@@ -100,9 +100,6 @@ class FlowMatchEulerScheduler:
         self.timesteps = sd35_timesteps(self.num_inference_steps, self.shift)
         self.sigmas = np.append(self.timesteps.astype(np.float32) / _F(1000.0), _F(0.0)).astype(np.float32)
 
-    def reset(self) -> None:
-        """Nothing to clear: each step depends on its index alone."""
-
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
         """``x + v * (sigma_next - sigma)``, each operation rounded to float32."""
         if not 0 <= index < len(self.timesteps):

@@ -115,7 +115,7 @@ class PLMSScheduler:
 
     Call ``step(eps, i, sample)`` for i = 0, 1, ..., N-1 in order, with ``eps`` the guided UNet
     output at ``timesteps[i]`` and ``sample`` the previous step's result (the initial noise for
-    i=0). ``reset()`` starts a new run (the C++ clears ``mEts`` at the top of ``run()``).
+    i=0). A new run takes a new scheduler (the C++ clears ``mEts`` at the top of ``run()``).
     """
 
     num_inference_steps: int
@@ -130,11 +130,6 @@ class PLMSScheduler:
         _check_steps(self.num_inference_steps)
         self.timesteps = mnn_timesteps(self.num_inference_steps)
         self.alphas_cumprod = alphas_cumprod(self.fma)
-
-    def reset(self) -> None:
-        self._ets = []
-        self._sample0 = None
-        self._next_index = 0
 
     def coefficients(self, index: int) -> StepCoefficients:
         """The timesteps and float32 scalars ``step_plms`` uses at ``index`` (no state touched)."""
@@ -168,7 +163,7 @@ class PLMSScheduler:
         """One ``StableDiffusion::step_plms(sample, model_output, index)``; returns prev_sample."""
         if index != self._next_index:
             raise ValueError(
-                f"step index {index} out of order: expected {self._next_index} (call reset() for a new run)"
+                f"step index {index} out of order: expected {self._next_index} (a new run takes a new scheduler)"
             )
         coeffs = self.coefficients(index)  # raises past the last index
         model_output = np.asarray(model_output, dtype=np.float32)
