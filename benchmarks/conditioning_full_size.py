@@ -4,8 +4,8 @@
 
 Uses the full-size SD1.5-architecture pipeline of benchmarks/full_size.py (random weights) with
 SD1.5's real CLIP tokenizer (tests/clip_tokenizer.py), converts its text encoder twice in this
-script, with ``--tokenizer mnn`` (MNN's flow, the baseline) and with the default
-``--tokenizer diffusers``, and verifies each: conversion fidelity (MNN against ONNX Runtime on the
+script, with ``--tokenizer-scheme mnn`` (MNN's flow, the baseline) and with the default
+``--tokenizer-scheme diffusers``, and verifies each: conversion fidelity (MNN against ONNX Runtime on the
 same ids) and conditioning (share of prompts and token positions whose ids equal diffusers', and
 the text embeddings through both chains). Prints one JSON object.
 """
@@ -54,7 +54,7 @@ def main() -> None:
         bundle = work / f"bundle-tokenizer-{scheme}"
         shutil.rmtree(bundle, ignore_errors=True)
         started = time.monotonic()
-        report = sd2mnn.convert(pipeline, bundle, components=["text_encoder"], tokenizer=scheme, jobs=1)
+        report = sd2mnn.convert(pipeline, bundle, components=["text_encoder"], tokenizer_scheme=scheme, jobs=1)
         convert_s = time.monotonic() - started
         record = report.components[0].record
         started = time.monotonic()

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -184,7 +183,7 @@ def parse_verify(text: str) -> dict:
 
 
 def _conditioning(c: dict) -> dict:
-    return {"scheme": c["scheme"], "prompts": c["prompts"], "identical_prompts": c["identical_prompts"],
+    return {"tokenizer_scheme": c["tokenizer_scheme"], "prompts": c["prompts"], "identical_prompts": c["identical_prompts"],
             "prompt_share": round(c["prompt_share"], 4), "position_share": round(c["position_share"], 4),
             "worst_cosine": c["worst_cosine"], "matching_cosine": c["matching_cosine"], "embedded": c["embedded"]}
 

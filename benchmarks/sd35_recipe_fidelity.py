@@ -11,7 +11,7 @@ initial latents (MNN's std::mt19937 noise for the seed), so only the recipe diff
                    text encoder's rewrite, the int-truncated timesteps)
     timesteps      diffusers' ids, MNN's timesteps: what the timestep rule alone costs
     ids            the default bundle's ids, diffusers' timesteps: what the ids alone cost
-    mnn flow       MNN's recipe on a bundle of MNN's own flow (--tokenizer mnn: ids padded with 0,
+    mnn flow       MNN's recipe on a bundle of MNN's own flow (--tokenizer-scheme mnn: ids padded with 0,
                    no CLIP end-of-word ids)
 
 With ``--diffusers`` (the diffusers folder the ONNX pipeline was exported from) the reference is

@@ -222,7 +222,7 @@ def test_convert_writes_a_text_encoder_that_conditions_like_diffusers(clip_pipel
     assert manifest["tokenizer_scheme"] == "diffusers"
     assert manifest["components"]["text_encoder"]["prefix"].startswith("clip-eow-")
     ids = PromptIds.for_bundle(clip_bundle, SD15.prompt)
-    assert ids.scheme == "diffusers"
+    assert ids.tokenizer_scheme == "diffusers"
     onnx = OrtModel(clip_pipeline / "text_encoder" / "model.onnx", threads=2)
     mnn = MnnModel(clip_bundle / "text_encoder.mnn", ["input_ids"], ["last_hidden_state", "pooler_output"],
                    RuntimeConfig(threads=2))
@@ -243,7 +243,7 @@ def test_verify_checks_the_conditioning(clip_pipeline, clip_bundle, tmp_path):
                           "--components", "text_encoder", "--prompts", str(prompts), "--json", "--quiet"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)["conditioning"]
-    assert report["scheme"] == "diffusers" and report["prompts"] == 2 and report["identical_prompts"] == 2
+    assert report["tokenizer_scheme"] == "diffusers" and report["prompts"] == 2 and report["identical_prompts"] == 2
     assert report["matching_cosine"] > 0.9999
 
 
@@ -252,19 +252,19 @@ def test_tokenizer_mnn_keeps_mnns_flow_and_switching_reconverts(clip_pipeline, c
 
     bundle = tmp_path / "bundle"
     shutil.copytree(clip_bundle, bundle)
-    report = sd2mnn.convert(clip_pipeline, bundle, components=["text_encoder"], tokenizer="mnn")
+    report = sd2mnn.convert(clip_pipeline, bundle, components=["text_encoder"], tokenizer_scheme="mnn")
     assert [(c.name, c.reason) for c in report.components] == [("text_encoder", "tokenizer scheme changed")]
     expected = write_mtok(clip_pipeline / "tokenizer", tmp_path / "mnn.mtok", "mnn")
     assert (bundle / "tokenizer.mtok").read_bytes() == expected.read_bytes()
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["tokenizer_scheme"] == "mnn" and manifest["components"]["text_encoder"]["prefix"] == ""
-    assert PromptIds.for_bundle(bundle, SD15.prompt).scheme == "mnn"
+    assert PromptIds.for_bundle(bundle, SD15.prompt).tokenizer_scheme == "mnn"
     # verify reports MNN's conditioning without failing it: the user asked for MNN's flow.
     out = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "verify", str(clip_pipeline), str(bundle),
                           "--components", "text_encoder", "--json", "--quiet"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     conditioning = json.loads(out.stdout)["conditioning"]
-    assert conditioning["scheme"] == "mnn" and conditioning["prompt_share"] < 0.05
+    assert conditioning["tokenizer_scheme"] == "mnn" and conditioning["prompt_share"] < 0.05
 
 
 def test_generate_with_hugging_face_ids_draws_the_runtimes_image(fp32_bundle, tmp_path):

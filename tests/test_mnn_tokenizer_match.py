@@ -64,7 +64,7 @@ def test_mnn_tokenizer_gives_the_python_ids_for_every_prompt(clip_folder, tmp_pa
     assert len(prompts) >= 600
     model_dir = tmp_path / "bundle"
     model_dir.mkdir()
-    mtok = write_mtok(clip_folder, model_dir / "tokenizer.mtok", scheme=scheme)
+    mtok = write_mtok(clip_folder, model_dir / "tokenizer.mtok", tokenizer_scheme=scheme)
     cpp = run_mnn_tokenizer(model_dir, prompts, tmp_path)
     assert len(cpp) == len(prompts)
 

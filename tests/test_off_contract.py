@@ -60,7 +60,7 @@ def vocab(small, tmp_path_factory) -> tuple[Path, Path]:
     for name in ("unet", "vae_decoder"):
         shutil.copytree(small[0] / name, onnx / name)
     # MNN's own tokenizer scheme: the runtime's ids as they are, nothing rewritten in front.
-    sd2mnn.convert(onnx, root / "bundle", tokenizer="mnn")
+    sd2mnn.convert(onnx, root / "bundle", tokenizer_scheme="mnn")
     return onnx, root / "bundle"
 
 

@@ -81,7 +81,7 @@ def test_each_clip_pads_as_its_own_tokenizer(tiny_sd3_bundle):
     """CLIP-L pads with <|endoftext|> (49407), CLIP-G's tokenizer_2 with "!" (id 0): the ids each
     bundled text encoder's rewrite hands its CLIP are what diffusers gives that CLIP."""
     clip_l, clip_g = (PromptIds.for_bundle(tiny_sd3_bundle / f, SD35.prompt_formats[f]) for f in ("tokenizer", "tokenizer_2"))
-    assert clip_l.scheme == clip_g.scheme == "diffusers"
+    assert clip_l.tokenizer_scheme == clip_g.tokenizer_scheme == "diffusers"
     for ids, pad in ((clip_l, 49407), (clip_g, 0)):
         seen = ids.model_pair("a photo of a cat")
         assert (seen == ids.hf_pair("a photo of a cat")).all()
@@ -197,10 +197,10 @@ def test_changing_the_scheme_under_a_kept_text_encoder_is_refused(tiny_sd3_bundl
     shutil.copytree(tiny_sd3_bundle, bundle)
     before = tree_state(bundle)
     with pytest.raises(InputError, match=r"text_encoder_2, text_encoder_3 were converted with --tokenizer diffusers"):
-        sd2mnn.convert(tiny_sd3_onnx, bundle, components=["text_encoder"], tokenizer="mnn")
+        sd2mnn.convert(tiny_sd3_onnx, bundle, components=["text_encoder"], tokenizer_scheme="mnn")
     assert tree_state(bundle) == before
     # Converting what the tokenizers feed keeps the bundle's scheme, as for SD1.5.
-    report = sd2mnn.convert(tiny_sd3_onnx, bundle, components=["vae_decoder"], tokenizer="mnn")
+    report = sd2mnn.convert(tiny_sd3_onnx, bundle, components=["vae_decoder"], tokenizer_scheme="mnn")
     assert [(c.name, c.status) for c in report.components] == [("vae_decoder", "reused")]
     assert json.loads((bundle / "manifest.json").read_text())["tokenizer_scheme"] == "diffusers"
 

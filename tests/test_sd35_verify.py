@@ -64,7 +64,7 @@ def test_each_tokenizer_gets_its_conditioning_check(verified):
     checks = {c.component: c for c in verified.conditionings}
     assert list(checks) == ["text_encoder", "text_encoder_2", "text_encoder_3"]
     for name, check in checks.items():
-        assert check.scheme == "diffusers" and check.failures == [], (name, check.summary())
+        assert check.tokenizer_scheme == "diffusers" and check.failures == [], (name, check.summary())
         assert check.prompt_share >= 0.95 and check.matching_cosine >= 0.999
     assert verified.conditioning is checks["text_encoder"]
     assert checks["text_encoder_2"].summary().startswith("conditioning of text_encoder_2 (diffusers)")

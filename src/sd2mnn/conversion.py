@@ -102,6 +102,8 @@ def convert(
     """
     if "components" in overrides:
         overrides["components"] = split_components(overrides["components"])
+    if "tokenizer" in overrides:  # tokenizer_scheme's former name: scripts that pass it keep working
+        overrides["tokenizer_scheme"] = overrides.pop("tokenizer")
     options = replace(options or ConvertOptions(), **overrides)
     progress = progress or NullProgress()
     for path, what in ((onnx_dir, "ONNX_DIR"), (mnn_dir, "MNN_DIR")):
@@ -129,12 +131,12 @@ def convert(
         # runs. Each text encoder's prefix graph is built from the very tokenizer.mtok staged.
         mtoks = bundle_mtoks(onnx.family)
         progress.update("tokenizer", "writing", ", ".join(mtoks))
-        scheme = _tokenizer_scheme(onnx, mnn_path, options, previous)
+        tokenizer_scheme = _tokenizer_scheme(onnx, mnn_path, options, previous)
         tokenizer_scratch = bundle.new_scratch("tokenizer")
         for target, folder in onnx.tokenizers.items():
             (tokenizer_scratch / target).mkdir(exist_ok=True)
-            write_mtok(folder, tokenizer_scratch / target / MTOK_NAME, scheme)
-        prefixes = _prefixes(onnx, options, scheme, tokenizer_scratch)
+            write_mtok(folder, tokenizer_scratch / target / MTOK_NAME, tokenizer_scheme)
+        prefixes = _prefixes(onnx, options, tokenizer_scheme, tokenizer_scratch)
         plan = plan_conversion(onnx, mnn_path, converter, options, previous, bundle.pending(), prefixes)
         _check_foreign_files(plan)
         _check_disk_space(plan, bundle)
@@ -151,7 +153,7 @@ def convert(
         finished = _run_jobs(plan, bundle, jobs, progress)
         staged, records = _stage_components(plan, bundle, finished)
         staged.update(tokenizer_staged)
-        manifest = _next_manifest(plan, records, tokenizer_files, scheme, family)
+        manifest = _next_manifest(plan, records, tokenizer_files, tokenizer_scheme, family)
         bundle.commit(staged, manifest)
     progress.close()
 
@@ -244,24 +246,24 @@ def _tokenizer_scheme(onnx: OnnxPipeline, mnn_dir: Path, options: ConvertOptions
     """The bundle's tokenizer scheme. It follows the text encoders (the components fed prompt
     ids): a run that leaves the bundle's text encoders alone keeps the .mtok files that go with
     them; one that converts some and keeps others must not change it under the kept ones."""
-    if previous is None or options.tokenizer == previous.tokenizer_scheme:
-        return options.tokenizer
+    if previous is None or options.tokenizer_scheme == previous.tokenizer_scheme:
+        return options.tokenizer_scheme
     encoders = [n for n, spec in onnx.family.components.items() if spec.prompt_ids]
     kept = [n for n in encoders if n in previous.components and n not in options.components]
     if not kept:
-        return options.tokenizer
+        return options.tokenizer_scheme
     if not any(n in options.components for n in encoders):
         return previous.tokenizer_scheme
     what = ", ".join(kept)
     raise InputError(
-        f"{mnn_dir}: its {what} {'was' if len(kept) == 1 else 'were'} converted with --tokenizer "
+        f"{mnn_dir}: its {what} {'was' if len(kept) == 1 else 'were'} converted with --tokenizer-scheme "
         f"{previous.tokenizer_scheme}, and this run's "
-        f"--tokenizer {options.tokenizer} would change the tokenizers under {'it' if len(kept) == 1 else 'them'}; "
+        f"--tokenizer-scheme {options.tokenizer_scheme} would change the tokenizers under {'it' if len(kept) == 1 else 'them'}; "
         f"add {what} to --components, "
-        f"or pass --tokenizer {previous.tokenizer_scheme}")
+        f"or pass --tokenizer-scheme {previous.tokenizer_scheme}")
 
 
-def _prefixes(onnx: OnnxPipeline, options: ConvertOptions, scheme: str, scratch: Path) -> dict:
+def _prefixes(onnx: OnnxPipeline, options: ConvertOptions, tokenizer_scheme: str, scratch: Path) -> dict:
     """Each converted text encoder's prefix graph (sd2mnn.tokenization.id_rewrite), where the scheme needs
     one for its tokenizer (CLIP's end-of-word BPE), built from that tokenizer's staged .mtok."""
     prefixes = {}
@@ -271,7 +273,7 @@ def _prefixes(onnx: OnnxPipeline, options: ConvertOptions, scheme: str, scratch:
             continue
         # The staged .mtok is read back (not free: T5's holds thousands of normalizer steps) only
         # for the tokenizers the scheme rewrites.
-        rewrite = load_rewrite(onnx.root / spec.tokenizer, scheme, onnx.family.prompt_formats[spec.tokenizer],
+        rewrite = load_rewrite(onnx.root / spec.tokenizer, tokenizer_scheme, onnx.family.prompt_formats[spec.tokenizer],
                                mtok=scratch / bundle_mtok(onnx.family, name))
         if rewrite is not None:
             prefixes[name] = TextEncoderPrefix(rewrite)
@@ -495,7 +497,7 @@ def _stage_tokenizer(plan: ConversionPlan, scratch: Path, staged: dict[str, Path
 
 
 def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], tokenizer: tuple[FileRecord, ...],
-                   scheme: str, family: str) -> Manifest:
+                   tokenizer_scheme: str, family: str) -> Manifest:
     components = dict(plan.previous.components) if plan.previous else {}
     components.update(plan.reused)
     components.update(records)
@@ -508,7 +510,7 @@ def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], to
         onnx_dir=str(plan.onnx.root.resolve()),
         components=components,
         tokenizer=tokenizer,
-        tokenizer_scheme=scheme,
+        tokenizer_scheme=tokenizer_scheme,
         family=family,
     )
 

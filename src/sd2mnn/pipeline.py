@@ -415,13 +415,13 @@ class Pipeline:
     (sd2mnn.families.detect) says which models, tokenizers and recipe.
 
     ``memory_mode`` (MNN): the demo's memory_mode, for when models are loaded and freed, as the
-    family's runtime does it (recipes ``lifetime``; SD3.5: each before its first use, and freed
+    family's runtime does it (the recipe's ``model_lifetime``; SD3.5: each before its first use, and freed
     after it unless the mode is 1). ``model_events`` records each load, call and release.
     """
 
     def __init__(self, source: str | os.PathLike, runtime: str = "mnn", config: RuntimeConfig | None = None,
                  tokenizer_scheme: str = DEFAULT_SCHEME, memory_mode: int = 1):
-        """``tokenizer_scheme`` (ONNX Runtime only): the ``sd2mnn convert --tokenizer`` whose
+        """``tokenizer_scheme`` (ONNX Runtime only): the ``sd2mnn convert --tokenizer-scheme`` whose
         bundle to imitate; a bundle's own tokenizer.mtok says what it is."""
         self.tokenizer_scheme = tokenizer_scheme
         if runtime not in RUNTIMES:
@@ -438,8 +438,8 @@ class Pipeline:
             raise InputError(f"{self.source} {what}; give an {kind} ({fix})")
         self.family = families.detect(self.source)
         self.steps = recipes.steps_for(self.family)
-        self.lifetime = self.steps.lifetime(memory_mode) if runtime == "mnn" else recipes.KEEP_ALL
-        self.config = config or mnn_runtime_config(family=self.family)
+        self.model_lifetime = self.steps.model_lifetime(memory_mode) if runtime == "mnn" else recipes.KEEP_ALL
+        self.config = config or mnn_runtime_config(memory_mode=memory_mode, family=self.family)
         self.load_notes: list[str] = []  # what this pipeline does that the runtime does not say
         if runtime == "mnn":
             check_for_use(self.source, self.family, self.family.runtime_components)
@@ -542,7 +542,7 @@ class Pipeline:
         # As load(): one runtime manager for the modules, and shapeMutable = false, so MNN
         # resizes each module (plans memory, packs weights) as it loads, not in the first step.
         manager = mnn_runtime_manager(self.config)
-        collect = None if self.lifetime.at_start else _mnn_collect
+        collect = None if self.model_lifetime.at_start else _mnn_collect
         self._models = {
             spec.name: HeldModel(spec.name, partial(MnnModel, self.source / spec.mnn_name, spec.inputs, spec.outputs,
                                                     self.config, shape_mutable=False, runtime_manager=manager),
@@ -550,7 +550,7 @@ class Pipeline:
             for spec in names
         }
         for spec in names:
-            if self.lifetime.at_start:
+            if self.model_lifetime.at_start:
                 self._models[spec.name].load()
             else:
                 check_mnn_files(self.source / spec.mnn_name)  # now, not after minutes of drawing
@@ -726,7 +726,7 @@ class Pipeline:
         try:
             yield
         finally:
-            if self.lifetime.release_after_use:
+            if self.model_lifetime.release_after_use:
                 timings.load_s += model.release()
 
     def metadata(self, params: GenerationParams) -> dict[str, str]:
@@ -744,7 +744,7 @@ class Pipeline:
             meta["noise"] = f"latents {Path(params.latents_source).name if params.latents_source else 'array'}"
             meta["latents_sha256"] = digest
         meta["guidance"] = f"{params.guidance_for(self.family):g}"
-        meta["tokenizer"] = f"{params.tokenizer} (scheme {self.tokenizer.scheme})"
+        meta["tokenizer"] = f"{params.tokenizer} (scheme {self.tokenizer.tokenizer_scheme})"
         if self.family.named_in_metadata:
             meta["family"] = self.family.name
         if params.schedule != "runtime":

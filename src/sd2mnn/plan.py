@@ -67,11 +67,11 @@ class ConvertOptions:
     timeout: float | None = None  # seconds per component
     # "diffusers": tokenizer.mtok + text encoder that make MNN's runtime condition as diffusers
     # does (sd2mnn.tokenization); "mnn": MNN's own flow, byte for byte.
-    tokenizer: str = "diffusers"
+    tokenizer_scheme: str = "diffusers"
 
     def __post_init__(self):
-        if self.tokenizer not in ("diffusers", "mnn"):
-            raise InputError(f"--tokenizer must be diffusers or mnn, got {self.tokenizer!r}")
+        if self.tokenizer_scheme not in ("diffusers", "mnn"):
+            raise InputError(f"--tokenizer-scheme must be diffusers or mnn, got {self.tokenizer_scheme!r}")
         check_values(self._flag_values())
         if self.jobs is not None and self.jobs < 1:
             raise InputError(f"--jobs must be at least 1, got {self.jobs}")

@@ -456,10 +456,10 @@ def verify(
             label = "conditioning" if session.feeder else f"conditioning {result.name}"
             progress.update(label, "running", "prompts through both tokenizers and text encoders")
             big = load_component(onnx_dir, result.name, family).total_bytes > ISOLATE_ABOVE_BYTES
-            scheme = manifest.tokenizer_scheme if manifest is not None else None
+            tokenizer_scheme = manifest.tokenizer_scheme if manifest is not None else None
             conditionings.append(check_conditioning(onnx_dir, mnn_dir, prompts, session.threads,
                                                     big if isolate is None else isolate, Path(tmp),
-                                                    family=family, component=result.name, scheme=scheme))
+                                                    family=family, component=result.name, tokenizer_scheme=tokenizer_scheme))
             progress.update(label, "done", conditionings[-1].summary())
     report = VerificationReport(onnx_dir, mnn_dir, seed, results, contract, conditionings=conditionings,
                                 family=family.name, notes=contract_notes(mnn_dir, family), warnings=warnings)

@@ -24,7 +24,7 @@ from sd2mnn.tokenization.prompt_ids import PromptIds
 
 # Below what a default bundle reaches on the built-in prompts (README: "Conditioning": 98.5% of
 # prompts with SD1.5's tokenizer, 97.7% with the demo's 130-merge one); a bundle converted with
-# --tokenizer mnn is reported, not judged: it conditions as MNN's own flow does (0%).
+# --tokenizer-scheme mnn is reported, not judged: it conditions as MNN's own flow does (0%).
 MIN_PROMPT_SHARE = 0.95
 MIN_POSITION_SHARE = 0.99
 # Where the ids agree, the two chains differ only by the conversion (and the id rewrite on MNN).
@@ -51,7 +51,7 @@ def read_prompts(path: Path) -> list[str]:
 
 @dataclass
 class ConditioningReport:
-    scheme: str  # the bundle's: "diffusers" or "mnn"
+    tokenizer_scheme: str  # the bundle's: "diffusers" or "mnn"
     prompts: int
     identical_prompts: int
     positions: int
@@ -74,7 +74,7 @@ class ConditioningReport:
 
     @property
     def failures(self) -> list[str]:
-        if self.scheme != "diffusers":
+        if self.tokenizer_scheme != "diffusers":
             return []
         out = []
         if self.prompt_share < MIN_PROMPT_SHARE:
@@ -88,8 +88,8 @@ class ConditioningReport:
 
     def summary(self) -> str:
         cosine = f"{self.worst_cosine:.6f}" if self.worst_cosine is not None else "-"
-        note = "" if self.scheme == "diffusers" else " (bundle converted with --tokenizer mnn: not judged)"
-        return (f"{self.label} ({self.scheme}): {self.identical_prompts}/{self.prompts} prompts "
+        note = "" if self.tokenizer_scheme == "diffusers" else " (bundle converted with --tokenizer-scheme mnn: not judged)"
+        return (f"{self.label} ({self.tokenizer_scheme}): {self.identical_prompts}/{self.prompts} prompts "
                 f"({self.prompt_share:.1%}) and {self.position_share:.2%} of token positions get diffusers' ids; "
                 f"worst text-embedding cosine {cosine} of {self.embedded} compared (for {self.worst_prompt!r}){note}")
 
@@ -102,9 +102,9 @@ class ConditioningReport:
 
 def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None = None, threads: int = 2,
                        isolate: bool = False, workdir: Path | None = None, *, family: Family,
-                       component: str | None = None, scheme: str | None = None) -> ConditioningReport:
+                       component: str | None = None, tokenizer_scheme: str | None = None) -> ConditioningReport:
     """Check ``component`` (a text encoder of ``family``) with its tokenizer. ``isolate``: run
-    each runtime in a child process (in ``workdir``), as verify does for big models. ``scheme``:
+    each runtime in a child process (in ``workdir``), as verify does for big models. ``tokenizer_scheme``:
     the bundle's, as its manifest records it (default: what its .mtok shows, which only CLIP's
     end-of-word .mtok does; T5's diffusers scheme changes no text encoder to show it by)."""
     import tempfile
@@ -139,7 +139,7 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
             worst, worst_prompt = cosine, prompts[i]
         if same[i]:
             matching = cosine if matching is None else min(matching, cosine)
-    return ConditioningReport(scheme or ids.scheme, len(prompts), sum(same), len(prompts) * length, positions, worst,
+    return ConditioningReport(tokenizer_scheme or ids.tokenizer_scheme, len(prompts), sum(same), len(prompts) * length, positions, worst,
                               worst_prompt, matching, len(chosen), [p for p, ok in zip(prompts, same) if not ok],
                               component, "conditioning" if component == family.text_encoder
                               else f"conditioning of {component}")

@@ -60,10 +60,13 @@ def register(subparsers) -> None:
              "(default: the ones MNN's runtime loads)",
     )
     add_conversion_flags(parser)
-    parser.add_argument("--tokenizer", choices=("diffusers", "mnn"), default="diffusers",
+    parser.add_argument("--tokenizer-scheme", choices=("diffusers", "mnn"), default="diffusers",
                         help="diffusers (default): tokenizer.mtok and a text encoder that make MNN's runtime feed "
                              "the ids diffusers would (CLIP end-of-word tokens, CLIP padding); mnn: MNN's own "
                              "tokenizer.mtok and text encoder, byte for byte")
+    # Its former spelling, so that existing commands keep working.
+    parser.add_argument("--tokenizer", dest="tokenizer_scheme", choices=("diffusers", "mnn"),
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run = parser.add_argument_group("how to run")
     run.add_argument("--converter", metavar="PATH", help="MNNConvert executable (default: $MNNCONVERT, PATH, then the MNN package)")
     run.add_argument("--jobs", "-j", type=int, metavar="N", help="components converted at once (default: from cores and free memory)")
@@ -90,7 +93,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         force=args.overwrite,
         jobs=args.jobs,
         timeout=args.timeout,
-        tokenizer=args.tokenizer,
+        tokenizer_scheme=args.tokenizer_scheme,
     )
 
 

@@ -70,9 +70,10 @@ def register(subparsers) -> None:
                       "SD3.5: 5.0; others no longer match MNN's runtime)")
     draw.add_argument("--tokenizer", choices=("runtime", "hf"), default="runtime",
                       help="whose token ids condition the image: runtime (default): the ids MNN's runtime feeds, "
-                           "from the bundle's tokenizer.mtok; hf: Hugging Face's, as diffusers would")
+                           "from the bundle's tokenizer.mtok; hf: Hugging Face's, as diffusers would (not the "
+                           "bundle's tokenizer scheme: that is --tokenizer-scheme)")
     draw.add_argument("--tokenizer-scheme", choices=("diffusers", "mnn"), default="diffusers",
-                      help="with --onnx: imitate a bundle converted with sd2mnn convert --tokenizer SCHEME "
+                      help="with --onnx: imitate a bundle converted with sd2mnn convert --tokenizer-scheme SCHEME "
                            "(default: %(default)s)")
     draw.add_argument("--schedule", choices=("runtime", "diffusers"), default="runtime",
                       help="SD3.5: whose timesteps: runtime (default): MNN's, truncated to integers; diffusers: "

@@ -11,8 +11,12 @@ Each module defines a ``Steps`` object with:
     condition(outputs, shapes, files) -> the denoiser's text feeds, from each text encoder's outputs
     denoiser_feeds(latent, timestep, text_feeds) -> the denoiser's inputs for one call
     contract_notes(inputs, outputs, files, family) -> what MNN's runtime would refuse in the models' shapes
-    lifetime(memory_mode) -> ModelLifetime: when the runtime loads its models and frees them
+    model_lifetime(memory_mode) -> ModelLifetime: when the runtime loads its models and frees them
     runtime_config(backend, threads, precision, memory_mode, cache_file) -> the runtime's RuntimeConfig
+
+``memory_mode`` is the C++ demos' argument of that name; each family's runtime reads it as its own
+setting, and its recipe names that setting: SD1.x's is a Winograd level (runtime_config), SD3.5's a
+model lifetime (model_lifetime).
 
 The family names its module (Family.steps_module); ``steps_for`` imports it by that name.
 """

@@ -1,4 +1,4 @@
-"""When a runtime holds its models (each recipe module's ``lifetime(memory_mode)`` answers with one)."""
+"""When a runtime holds its models (each recipe module's ``model_lifetime(memory_mode)`` answers with one)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -43,8 +43,8 @@ Where the runtime's recipe departs from diffusers' ``StableDiffusion3Pipeline`` 
 * Padding (tokenizer.cpp ``encodeSingle``): MNN pads every CLIP row with id 0; diffusers pads
   CLIP-L with its pad token ``<|endoftext|>`` (49407; CLIP-G's is "!", id 0). The CLIPs are
   causal, so only the states after the prompt change, but all 77 condition the transformer. A
-  bundle converted with sd2mnn's default ``--tokenizer diffusers`` feeds CLIP-L diffusers' ids
-  (its text encoder rewrites the padding); ``--tokenizer mnn`` keeps MNN's.
+  bundle converted with sd2mnn's default ``--tokenizer-scheme diffusers`` feeds CLIP-L diffusers' ids
+  (its text encoder rewrites the padding); ``--tokenizer-scheme mnn`` keeps MNN's.
 * Size (SD35:317-321): 1024x1024 whatever the models; diffusers draws any multiple of 16
   (here: the size the transformer was exported at).
 * The VAE's scaling and shift are constants (SD35:270-273), not the VAE's config (the same
@@ -129,14 +129,14 @@ class SD35Steps:
         issues = model_dims(shapes).off_contract()
         return [f"MNN's runtime would refuse these models' sizes: {', '.join(issues)}"] if issues else []
 
-    def lifetime(self, memory_mode: int) -> ModelLifetime:
+    def model_lifetime(self, memory_mode: int) -> ModelLifetime:
         """Each model loaded before its first use; freed after it unless ``memory_mode`` is 1."""
         return ModelLifetime(at_start=False, release_after_use=memory_mode != 1)
 
     def runtime_config(self, backend: str, threads: int, precision: str, memory_mode: int,
                        cache_file: str | None) -> RuntimeConfig:
         """``DiffusionSD35::load()``: the CPU settings without any hint; OpenCL with buffer memory,
-        no tuning flag, Winograd off. ``memory_mode`` changes no setting (only the lifetime)."""
+        no tuning flag, Winograd off. ``memory_mode`` changes no setting (only the model lifetime)."""
         backend = backend.upper()
         if backend == "CPU":
             return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low", cache_file=cache_file)

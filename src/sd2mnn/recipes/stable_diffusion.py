@@ -45,7 +45,7 @@ class StableDiffusionSteps:
                  for name, s in shapes.items()}
         return runtime_notes(check_tensors(infos, family, files, complete=False))
 
-    def lifetime(self, memory_mode: int) -> ModelLifetime:
+    def model_lifetime(self, memory_mode: int) -> ModelLifetime:
         """The three models loaded up front and kept, whatever the mode. (stable_diffusion.cpp's
         load() also loads all three; in modes 0 and 2 it then frees each after its stage.)"""
         return KEEP_ALL
@@ -53,10 +53,11 @@ class StableDiffusionSteps:
     def runtime_config(self, backend: str, threads: int, precision: str, memory_mode: int,
                        cache_file: str | None) -> RuntimeConfig:
         """``StableDiffusion::load()``: CPU with DYNAMIC_QUANT_OPTIONS 2 (int8 weights), the
-        Winograd level of ``memory_mode`` (0: off, 1: MNN's default, 2: level 1); on OpenCL,
-        buffer memory with fast tuning; one thread on the other backends."""
+        Winograd level that ``memory_mode`` is in this runtime (0: off, 1: MNN's default, 2: level
+        1); on OpenCL, buffer memory with fast tuning; one thread on the other backends."""
+        winograd_level = memory_mode
         hints = []
-        if memory_mode == 2:
+        if winograd_level == 2:
             hints.append((WINOGRAD_MEMORY_LEVEL, 1))
         backend = backend.upper()
         if backend == "CPU":
@@ -66,7 +67,7 @@ class StableDiffusionSteps:
         else:
             threads = 1  # load(): "config.numThread = 1" for the other backends
         return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low",
-                             cache_file=cache_file, winograd=memory_mode != 0, hints=tuple(hints))
+                             cache_file=cache_file, winograd=winograd_level != 0, hints=tuple(hints))
 
 
 STEPS = StableDiffusionSteps()

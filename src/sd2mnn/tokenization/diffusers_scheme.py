@@ -63,8 +63,6 @@ def clip_split_keeping_space(split: str = "") -> str:
                                                     r"[\p{L}]+", r"[\p{N}]", r"[^\s\p{L}\p{N}]+")])
 
 
-CLIP_SPLIT_KEEPING_SPACE = clip_split_keeping_space()
-
 
 def _is_clip_punctuation(c: str) -> bool:
     r"""What CLIP's regex calls [^\s\p{L}\p{N}]: punctuation, symbols, marks, format characters."""
@@ -93,12 +91,12 @@ def end_of_word_special_ids(tokenizer_json: dict, special_ids: list[int]) -> lis
     return [i for i in special_ids if i not in split]
 
 
-def uses_end_of_word_scheme(tokenizer_json: dict, scheme: str) -> bool:
-    """Whether ``scheme`` changes this tokenizer: only CLIP's BPE (an end-of-word suffix) needs it."""
-    if scheme not in SCHEMES:
-        raise InputError(f"--tokenizer must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+def uses_end_of_word_scheme(tokenizer_json: dict, tokenizer_scheme: str) -> bool:
+    """Whether ``tokenizer_scheme`` changes this tokenizer: only CLIP's BPE (an end-of-word suffix) needs it."""
+    if tokenizer_scheme not in SCHEMES:
+        raise InputError(f"--tokenizer-scheme must be one of {', '.join(SCHEMES)}, got {tokenizer_scheme!r}")
     model = tokenizer_json.get("model", {})
-    if not (scheme == "diffusers" and model.get("type", "BPE") == "BPE" and model.get("end_of_word_suffix") == END_OF_WORD):
+    if not (tokenizer_scheme == "diffusers" and model.get("type", "BPE") == "BPE" and model.get("end_of_word_suffix") == END_OF_WORD):
         return False
     # A byte-level vocabulary (CLIP's: every byte a character) has the byte of " " as MARKER.
     if MARKER not in model.get("vocab", {}):
@@ -110,7 +108,7 @@ def uses_end_of_word_scheme(tokenizer_json: dict, scheme: str) -> bool:
 @functools.lru_cache(maxsize=1)  # once per process, not once per file written
 def _warn_not_byte_level() -> None:
     log.warning("warning: the tokenizer's BPE vocabulary is not byte-level (no %r): tokenizer.mtok and the "
-                "text encoder are written as MNN writes them (--tokenizer mnn)", MARKER)
+                "text encoder are written as MNN writes them (--tokenizer-scheme mnn)", MARKER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +154,7 @@ def clip_end_of_word_json(tokenizer_json: dict) -> dict:
     renamed = {(t[:-len(END_OF_WORD)] + MARKER if t.endswith(END_OF_WORD) else t): i for t, i in vocab.items()}
     if len(renamed) != len(vocab) or MARKER not in renamed:
         raise InputError("tokenizer.json: this CLIP vocabulary cannot take the end-of-word scheme (a token "
-                         f"already ends in {MARKER!r}); convert with --tokenizer mnn")
+                         f"already ends in {MARKER!r}); convert with --tokenizer-scheme mnn")
     # The byte character "Ġ" keeps its id only as the marker; its own end-of-word twin is unused.
     merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
     merges = [[a, b[:-len(END_OF_WORD)] + MARKER if b.endswith(END_OF_WORD) else b] for a, b in merges]
@@ -206,10 +204,10 @@ TABLE_SPACED = [chr(cp) for cp in (*range(0x200B, 0x2010), 0xFEFF, *range(0x202A
                                    *range(0x2060, 0x206A), *range(0xFFF0, 0xFFF9))]
 
 
-def uses_bert_scheme(tokenizer_json: dict, scheme: str) -> bool:
-    """Whether ``scheme`` changes this tokenizer: a WordPiece model behind a BertNormalizer."""
+def uses_bert_scheme(tokenizer_json: dict, tokenizer_scheme: str) -> bool:
+    """Whether ``tokenizer_scheme`` changes this tokenizer: a WordPiece model behind a BertNormalizer."""
     norm = tokenizer_json.get("normalizer") or {}
-    return (scheme == "diffusers" and tokenizer_json.get("model", {}).get("type") == "WordPiece"
+    return (tokenizer_scheme == "diffusers" and tokenizer_json.get("model", {}).get("type") == "WordPiece"
             and norm.get("type") == "BertNormalizer")
 
 

@@ -115,7 +115,7 @@ def _merge_buckets(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, int
                 best = (depth, h, hash_left, hash_right)
     if best is None:
         raise InputError(f"tokenizer.json: a vocabulary of {ids} ids is too large for the end-of-word scheme; "
-                         "convert with --tokenizer mnn")
+                         "convert with --tokenizer-scheme mnn")
     depth, h, hash_left, hash_right = best
     buckets = np.full((HASH_SIZE, depth), len(left), np.int32)
     fill = np.zeros(HASH_SIZE, np.int64)
@@ -328,19 +328,19 @@ def rewrite_graph(rw: IdRewrite, length: int, input_name: str = "input_ids", out
     return nodes, inits
 
 
-def load_rewrite(tokenizer_dir: Path, scheme: str, prompt_format: PromptFormat, runtime: PromptTokenizer | None = None,
+def load_rewrite(tokenizer_dir: Path, tokenizer_scheme: str, prompt_format: PromptFormat, runtime: PromptTokenizer | None = None,
                  mtok: Path | None = None) -> IdRewrite | None:
-    """The id rewrite a bundle of the tokenizer in ``tokenizer_dir`` gets under ``scheme``
+    """The id rewrite a bundle of the tokenizer in ``tokenizer_dir`` gets under ``tokenizer_scheme``
     (None where the scheme leaves the tokenizer as MNN writes it), for a runtime that encodes
     with ``prompt_format``. ``runtime``: the PromptTokenizer of that bundle's tokenizer.mtok,
     when it is at hand; else ``mtok``, that file, read only if the scheme rewrites the tokenizer
     (else the .mtok is written to a temp file)."""
     source = load_tokenizer_source(Path(tokenizer_dir))
-    if not uses_end_of_word_scheme(source.tokenizer_json, scheme):
+    if not uses_end_of_word_scheme(source.tokenizer_json, tokenizer_scheme):
         return None
     if runtime is None:
         runtime = (PromptTokenizer.from_dir(Path(mtok), prompt_format) if mtok
-                   else folder_tokenizer(Path(tokenizer_dir), scheme, prompt_format))
+                   else folder_tokenizer(Path(tokenizer_dir), tokenizer_scheme, prompt_format))
     fmt = runtime.format
     pad = source.pad_id if source.pad_id is not None else fmt.eos_id
     return build_id_rewrite(source.tokenizer_json, runtime, fmt.bos_id, fmt.eos_id, pad)
@@ -369,7 +369,7 @@ def prepend_rewrite(source: Path, target: Path, rw: IdRewrite, input_name: str =
     except onnx.checker.ValidationError as err:
         # onnx refuses external data files with several hard links (a folder copied with cp -al).
         raise InputError(f"{source}: ONNX will not read its weights ({str(err).splitlines()[0]}); copy the "
-                         "folder without hard links (cp -r), or convert with --tokenizer mnn") from None
+                         "folder without hard links (cp -r), or convert with --tokenizer-scheme mnn") from None
     graph = model.graph
     spec = next((i for i in graph.input if i.name == input_name), None)
     if spec is None:
@@ -377,17 +377,17 @@ def prepend_rewrite(source: Path, target: Path, rw: IdRewrite, input_name: str =
     dims = [d.dim_value for d in spec.type.tensor_type.shape.dim]
     if len(dims) != 2 or dims[1] <= 0 or spec.type.tensor_type.elem_type != onnx.TensorProto.INT32:
         raise InputError(f"{source}: input_ids must be int32 [batch, length] with a fixed length; "
-                         "export it with sd2mnn export, or convert with --tokenizer mnn")
+                         "export it with sd2mnn export, or convert with --tokenizer-scheme mnn")
     rewritten = "sd2mnn_" + input_name
     for n in graph.node:
         n.input[:] = [rewritten if i == input_name else i for i in n.input]
     for out in graph.output:
         if out.name == input_name:  # an identity passthrough: keep it the runtime's ids
-            raise InputError(f"{source}: input_ids is also an output; convert with --tokenizer mnn")
+            raise InputError(f"{source}: input_ids is also an output; convert with --tokenizer-scheme mnn")
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < 13:
         raise InputError(f"{source}: opset {opset} < 13; re-export the text encoder with opset 13 or newer, "
-                         "or convert with --tokenizer mnn")
+                         "or convert with --tokenizer-scheme mnn")
     nodes, inits = rewrite_graph(rw, dims[1], input_name, rewritten, opset)
     existing = list(graph.node)
     del graph.node[:]

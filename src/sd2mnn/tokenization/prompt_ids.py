@@ -20,10 +20,11 @@ def _is_end_of_word_mtok(runtime) -> bool:
 
 class PromptIds:
     """The ids of ``[negative, prompt]`` for a bundle (its tokenizer.mtok and tokenizer files) or
-    a tokenizer folder converted with ``scheme``."""
+    a tokenizer folder converted with ``tokenizer_scheme``."""
 
-    def __init__(self, tokenizer_dir: Path, runtime, rewrite: IdRewrite | None, scheme: str):
-        self.tokenizer_dir, self.runtime, self.rewrite, self.scheme = Path(tokenizer_dir), runtime, rewrite, scheme
+    def __init__(self, tokenizer_dir: Path, runtime, rewrite: IdRewrite | None, tokenizer_scheme: str):
+        self.tokenizer_dir, self.runtime, self.rewrite, self.tokenizer_scheme = (
+            Path(tokenizer_dir), runtime, rewrite, tokenizer_scheme)
         self._hf = None
 
     @classmethod
@@ -38,10 +39,10 @@ class PromptIds:
         return cls(bundle_dir, runtime, None, "mnn")
 
     @classmethod
-    def for_tokenizer(cls, tokenizer_dir: Path, prompt_format: PromptFormat, scheme: str = DEFAULT_SCHEME) -> "PromptIds":
-        """A tokenizer folder, as a conversion with ``scheme`` would write its tokenizer.mtok."""
-        runtime = folder_tokenizer(Path(tokenizer_dir), scheme, prompt_format)
-        return cls(tokenizer_dir, runtime, load_rewrite(tokenizer_dir, scheme, prompt_format, runtime), scheme)
+    def for_tokenizer(cls, tokenizer_dir: Path, prompt_format: PromptFormat, tokenizer_scheme: str = DEFAULT_SCHEME) -> "PromptIds":
+        """A tokenizer folder, as a conversion with ``tokenizer_scheme`` would write its tokenizer.mtok."""
+        runtime = folder_tokenizer(Path(tokenizer_dir), tokenizer_scheme, prompt_format)
+        return cls(tokenizer_dir, runtime, load_rewrite(tokenizer_dir, tokenizer_scheme, prompt_format, runtime), tokenizer_scheme)
 
     @property
     def max_length(self) -> int:

@@ -32,10 +32,10 @@ from sd2mnn.errors import InputError
 EXTRA_WHITESPACE = ("\x85", "\u2028", "\u2029")
 
 
-def uses_t5_scheme(kind: str, scheme: str) -> bool:
-    """Whether ``scheme`` rewrites a tokenizer of this kind (sd2mnn.tokenization.folder): T5's under
+def uses_t5_scheme(kind: str, tokenizer_scheme: str) -> bool:
+    """Whether ``tokenizer_scheme`` rewrites a tokenizer of this kind (sd2mnn.tokenization.folder): T5's under
     the "diffusers" scheme."""
-    return scheme == "diffusers" and kind == "t5"
+    return tokenizer_scheme == "diffusers" and kind == "t5"
 
 
 def t5_hugging_face_json(tokenizer_json: dict, source: Path = Path("tokenizer.json")) -> dict:

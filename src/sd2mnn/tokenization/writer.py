@@ -73,10 +73,10 @@ class TokenizerSource:
     kind: str = "generic"  # the folder's TokenizerKind name: 'clip', 'bert', 't5' or 'generic'
 
 
-def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -> Path:
+def write_mtok(tokenizer_dir: Path, out_path: Path, tokenizer_scheme: str = "diffusers") -> Path:
     """Write ``out_path`` (tokenizer.mtok) for the tokenizer in ``tokenizer_dir``.
 
-    ``scheme="mnn"`` writes exactly what MNN's own flow writes; ``"diffusers"`` (for CLIP BPE
+    ``tokenizer_scheme="mnn"`` writes exactly what MNN's own flow writes; ``"diffusers"`` (for CLIP BPE
     tokenizers; others are written as MNN writes them) the end-of-word scheme of
     ``sd2mnn.tokenization.diffusers_scheme``, which with the rewritten text encoder conditions as diffusers does.
     For T5 (SD3.5's tokenizer_3/) ``"diffusers"`` writes ``sd2mnn.tokenization.t5_scheme``'s normalizer and
@@ -84,12 +84,12 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
     """
     src = load_tokenizer_source(Path(tokenizer_dir))
     tj = src.tokenizer_json
-    if uses_t5_scheme(src.kind, scheme):
+    if uses_t5_scheme(src.kind, tokenizer_scheme):
         tj = t5_hugging_face_json(tj, Path(tokenizer_dir) / "tokenizer.json")
-    elif uses_end_of_word_scheme(tj, scheme):
+    elif uses_end_of_word_scheme(tj, tokenizer_scheme):
         src.special_ids = end_of_word_special_ids(tj, src.special_ids)  # its text handles some
         tj = clip_end_of_word_json(tj)
-    elif uses_bert_scheme(tj, scheme):
+    elif uses_bert_scheme(tj, tokenizer_scheme):
         tj = bert_hugging_face_json(tj)
     out_path = Path(out_path)
     json_path = Path(tokenizer_dir) / "tokenizer.json"
@@ -120,11 +120,11 @@ def write_mtok(tokenizer_dir: Path, out_path: Path, scheme: str = "diffusers") -
     return out_path
 
 
-def folder_tokenizer(tokenizer_dir: Path, scheme: str, prompt_format: PromptFormat) -> PromptTokenizer:
-    """The PromptTokenizer of the tokenizer.mtok a conversion with ``--tokenizer scheme`` writes for
+def folder_tokenizer(tokenizer_dir: Path, tokenizer_scheme: str, prompt_format: PromptFormat) -> PromptTokenizer:
+    """The PromptTokenizer of the tokenizer.mtok a conversion with ``--tokenizer-scheme`` writes for
     ``tokenizer_dir`` (written to a temporary file and read back)."""
     with tempfile.TemporaryDirectory(prefix="sd2mnn-mtok-") as tmp:
-        return PromptTokenizer(read_mtok(write_mtok(tokenizer_dir, Path(tmp) / MTOK_NAME, scheme)), prompt_format)
+        return PromptTokenizer(read_mtok(write_mtok(tokenizer_dir, Path(tmp) / MTOK_NAME, tokenizer_scheme)), prompt_format)
 
 
 # ---------------------------------------------------------------------------------------------
