@@ -32,9 +32,9 @@ def main() -> None:
     import sd2mnn
     from clip_tokenizer import write_sd15_tokenizer
     from full_size import make_diffusers_pipeline
-    from sd2mnn.export import ExportOptions, export
-    from sd2mnn.verification import verify
-    from sd2mnn.verify_conditioning import read_prompts
+    from sd2mnn.exporting.export import ExportOptions, export
+    from sd2mnn.verification.verify import verify
+    from sd2mnn.verification.conditioning import read_prompts
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)

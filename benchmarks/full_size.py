@@ -64,7 +64,7 @@ def make_diffusers_pipeline(out: Path, seed: int = 0) -> Path:
 
 def ensure_full_size(work: Path) -> tuple[Path, Path]:
     """(diffusers folder, ONNX folder) under ``work``, built once."""
-    from sd2mnn.export import ExportOptions, export
+    from sd2mnn.exporting.export import ExportOptions, export
 
     work.mkdir(parents=True, exist_ok=True)
     diffusers_dir, onnx_dir = work / "diffusers", work / "onnx"

@@ -14,7 +14,7 @@ MNN's default Winograd; 2: Winograd at memory level 1), each against the same ON
 A markdown table, then JSON on stdout.
 
 Full size is SD1.5 at 512x512 with 20 steps and 2 threads; the demo pipeline
-(sd2mnn.demo.demo_pipeline_dir() and a bundle converted from it) runs it in seconds.
+(sd2mnn.core.demo.demo_pipeline_dir() and a bundle converted from it) runs it in seconds.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def child(args: argparse.Namespace) -> int:
     """Run one generation on one runtime; write the measurements to args.result as JSON."""
     started = time.perf_counter()
     from sd2mnn import families
-    from sd2mnn.pipeline import GenerationParams, Pipeline, mnn_runtime_config
+    from sd2mnn.generation.pipeline import GenerationParams, Pipeline, mnn_runtime_config
 
     imported = time.perf_counter()
     if args.child == "mnn":
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {"onnxruntime": run_child("onnxruntime", args.onnx_dir, args, work)}
         for mode in args.memory_mode:
             results[f"mnn (memory mode {mode})"] = run_child("mnn", args.bundle, args, work, mode)
-        from sd2mnn.images import compare
+        from sd2mnn.core.images import compare
 
         baseline = results["onnxruntime"]
         mnn_runs = {}

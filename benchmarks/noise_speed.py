@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from sd2mnn.noise import LATENT_SHAPE, initial_noise
+from sd2mnn.generation.noise import LATENT_SHAPE, initial_noise
 
 
 def _median_s(draw, repeat: int) -> float:

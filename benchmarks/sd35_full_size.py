@@ -213,7 +213,7 @@ def mnn_flow(onnx_root: Path, mnn_root: Path, models: list[str], tokenizers: boo
     import importlib.util
 
     sys.path.insert(0, str(ROOT / "src"))
-    from sd2mnn.converter import find_converter
+    from sd2mnn.conversion.converter import find_converter
 
     converter = find_converter()
     mnn_root.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def export_whole_memory(diffusers: Path, out: Path) -> None:
     import psutil
 
     sys.path.insert(0, str(ROOT / "src"))
-    from sd2mnn.export import ExportOptions, export
+    from sd2mnn.exporting.export import ExportOptions, export
 
     say = lambda component, message: print(f"[export] {component}: {message}", file=sys.stderr, flush=True)  # noqa: E731
     export(diffusers, out, ExportOptions(components=("transformer",), memory_budget=psutil.virtual_memory().total),
@@ -270,7 +270,7 @@ def flow_conditioning(onnx_root: Path, mnn_root: Path, embedded: int) -> None:
     """The CLIP tokenizers of the mnn flow bundle, checked as verify checks a bundle's (ids on the
     built-in corpus; the text embeddings of ``embedded`` differing prompts through both chains)."""
     sys.path.insert(0, str(ROOT / "src"))
-    from sd2mnn import verify_conditioning
+    from sd2mnn.verification.verify import conditioning as verify_conditioning
     from sd2mnn.families.sd35 import SD35
 
     verify_conditioning.EMBEDDED_DIFFERING = embedded  # CLIP-G at full size: a few seconds per prompt and runtime

@@ -37,7 +37,7 @@ def build(out: Path) -> Path:
     from test_sd35_demo_match import make_runtime_shaped_sd3
 
     import sd2mnn
-    from sd2mnn.export import export
+    from sd2mnn.exporting.export import export
 
     export(make_runtime_shaped_sd3(out / "diffusers"), out / "onnx")
     sd2mnn.convert(out / "onnx", out / "bundle")
@@ -45,7 +45,7 @@ def build(out: Path) -> Path:
 
 
 def run(bundle: Path, modes: list[int], steps: int, threads: int, demo: Path | None) -> list[dict]:
-    from sd2mnn.images import compare
+    from sd2mnn.core.images import compare
 
     results = []
     with tempfile.TemporaryDirectory(prefix="sd35-memory-") as tmp:

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from sd2mnn.images import psnr
-    from sd2mnn.noise import initial_noise
-    from sd2mnn.pipeline import GenerationParams, Pipeline
+    from sd2mnn.core.images import psnr
+    from sd2mnn.generation.noise import initial_noise
+    from sd2mnn.generation.pipeline import GenerationParams, Pipeline
 
     if args.diffusers is not None:
         import torch

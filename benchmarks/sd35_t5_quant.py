@@ -81,7 +81,7 @@ def build_depth(base: Path, out: Path, layers: int) -> None:
 
 def write_prompts(path: Path, count: int) -> Path:
     sys.path.insert(0, str(ROOT / "src"))
-    from sd2mnn.verify_conditioning import builtin_prompts
+    from sd2mnn.verification.conditioning import builtin_prompts
 
     path.write_text("\n".join(builtin_prompts()[:count]) + "\n")
     return path
@@ -94,7 +94,7 @@ def convert_flags(variant: str) -> list[str]:
     """sd2mnn convert's flags for a sweep variant, as sweep sets them (so the manifest records
     the quantization and verify applies its quantized floor)."""
     sys.path.insert(0, str(ROOT / "src"))
-    from sd2mnn.sweep import VARIANTS
+    from sd2mnn.measurement.sweep import VARIANTS
 
     argv = []
     for field, value in VARIANTS[variant].convert_fields().items():

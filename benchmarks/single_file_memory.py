@@ -36,7 +36,7 @@ FILE_MODELS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 SD2MNN_READ = """
 import sys
 from pathlib import Path
-from sd2mnn import checkpoint
+from sd2mnn.exporting import checkpoint
 ckpt, config, work = map(Path, sys.argv[1:4])
 work.mkdir()
 checkpoint.materialize(ckpt, config, work, None, lambda component, message: print(component, message, flush=True))
@@ -118,7 +118,7 @@ def main() -> None:
     shutil.rmtree(config, ignore_errors=True)
     make_config_folder(pipeline, config)
 
-    from sd2mnn import checkpoint
+    from sd2mnn.exporting import checkpoint
     from sd2mnn.families import SD35
 
     with checkpoint.Checkpoint(ckpt) as opened:

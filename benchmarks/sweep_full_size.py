@@ -16,8 +16,8 @@ import platform
 import sys
 from pathlib import Path
 
-from sd2mnn.progress import make_progress
-from sd2mnn.sweep import DEFAULT_MIN_PSNR, VARIANTS, plot, sweep
+from sd2mnn.core.progress import make_progress
+from sd2mnn.measurement.sweep import DEFAULT_MIN_PSNR, VARIANTS, plot, sweep
 
 FULL_SIZE_VARIANTS = ("fp32", "w8", "w8-fuse", "w4")
 

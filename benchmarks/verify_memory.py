@@ -30,9 +30,9 @@ def baseline_child(runtime: str, onnx_dir: str, mnn_dir: str, threads: int) -> i
     import numpy as np
 
     from sd2mnn.families import SD15
-    from sd2mnn.layout import load_component
-    from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
-    from sd2mnn.verify_inputs import static_shape
+    from sd2mnn.core.layout import load_component
+    from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig
+    from sd2mnn.verification.inputs import static_shape
 
     source = load_component(Path(onnx_dir), "unet", SD15)
     rng = np.random.default_rng(0)

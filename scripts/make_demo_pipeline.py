@@ -4,7 +4,7 @@
 
 Builds a tiny diffusers StableDiffusionPipeline (tests/builders.py: real SD1.5 architectures at a few
 channels, seeded random weights, a tiny CLIP BPE tokenizer with MNN's BOS/EOS ids), exports it
-with sd2mnn.export (each part checked against PyTorch), and prints sizes and errors. Same seed,
+with sd2mnn.exporting.export (each part checked against PyTorch), and prints sizes and errors. Same seed,
 same bytes: the script is deterministic and replaces the folder atomically. Needs the export extra.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sd2mnn.export import ExportOptions, export
+from sd2mnn.exporting.export import ExportOptions, export
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the tiny-pipeline builders live with the tests

@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from sd2mnn.cli import main
-from sd2mnn.demo import demo_pipeline_dir
+from sd2mnn.core.demo import demo_pipeline_dir
 
 FIXTURE = Path(__file__).parent / "data" / "demo_behaviour.json"
 # Measured, not part of what the code decides.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sd2mnn.demo import demo_pipeline_dir
+from sd2mnn.core.demo import demo_pipeline_dir
 
 
 def tree_state(root: Path) -> dict[str, str]:
@@ -83,7 +83,7 @@ def tiny_sd3_onnx(tmp_path_factory) -> Path:
     pytest.importorskip("diffusers")
     from builders import make_tiny_sd3_pipeline
 
-    from sd2mnn.export import export
+    from sd2mnn.exporting.export import export
 
     root = tmp_path_factory.mktemp("sd3")
     export(make_tiny_sd3_pipeline(root / "diffusers"), root / "onnx")

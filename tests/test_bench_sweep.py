@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sd2mnn.bench import bench
+from sd2mnn.measurement.bench import bench
 from sd2mnn.cli import main as cli_main
 from sd2mnn.errors import InputError
-from sd2mnn.sweep import (
+from sd2mnn.measurement.sweep import (
     DEFAULT_MIN_PSNR, VARIANTS, ComponentScore, SweepReport, Variant, VariantResult, mark_frontier, plot, recommend,
     resolve_variants, sweep,
 )

@@ -7,15 +7,15 @@ import time
 import numpy as np
 import pytest
 
-from sd2mnn._verify_pass import PassError, run_pass
-from sd2mnn.bench import measure
-from sd2mnn.children import run_module
-from sd2mnn.contract import read_tensors
+from sd2mnn.verification._pass import PassError, run_pass
+from sd2mnn.measurement.bench import measure
+from sd2mnn.core.children import run_module
+from sd2mnn.core.contract import read_tensors
 from sd2mnn.families import SD15
 
 
 def test_run_module_kills_at_the_timeout(tmp_path):
-    done = run_module("sd2mnn.demo", [], tmp_path, timeout=60)  # a module without a main: exits 0
+    done = run_module("sd2mnn.core.demo", [], tmp_path, timeout=60)  # a module without a main: exits 0
     assert done.returncode == 0 and not done.timed_out
     (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(60)\n")  # found in the child's cwd
     started = time.monotonic()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import on_full_disk, tree_state
 
-from sd2mnn.images import write_png
+from sd2mnn.core.images import write_png
 
 PROMPT = "a photo of a cat"
 

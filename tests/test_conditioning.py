@@ -21,7 +21,7 @@ from sd2mnn.families import SD15
 from sd2mnn.tokenization.id_rewrite import MAX_WORD, rewrite_graph, rewrite_ids
 from sd2mnn.tokenization.prompt_ids import PromptIds
 from sd2mnn.tokenization.writer import write_mtok
-from sd2mnn.verify_conditioning import builtin_prompts
+from sd2mnn.verification.conditioning import builtin_prompts
 
 PROMPTS = builtin_prompts()
 
@@ -177,9 +177,9 @@ def _rewrite_model(rw, path: Path) -> Path:
 
 @pytest.mark.parametrize("which", ["clip_ids", "clip_g_ids"])
 def test_the_rewrite_graph_gives_the_numpy_ids_on_onnxruntime_and_mnn(which, request, tmp_path):
-    from sd2mnn.converter import find_converter
-    from sd2mnn.plan import converter_argv
-    from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
+    from sd2mnn.conversion.converter import find_converter
+    from sd2mnn.conversion.plan import converter_argv
+    from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig
 
     clip_ids = request.getfixturevalue(which)
     source = _rewrite_model(clip_ids.rewrite, tmp_path / "rewrite.onnx")
@@ -216,7 +216,7 @@ def clip_bundle(clip_pipeline, tmp_path_factory) -> Path:
 
 
 def test_convert_writes_a_text_encoder_that_conditions_like_diffusers(clip_pipeline, clip_bundle, diffusers_ids):
-    from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
+    from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig
 
     manifest = json.loads((clip_bundle / "manifest.json").read_text())
     assert manifest["tokenizer_scheme"] == "diffusers"

@@ -18,8 +18,8 @@ from sd2mnn.tokenization.prompt_ids import PromptIds
 from sd2mnn.cli import main as cli_main
 from sd2mnn.errors import ConversionError, ConverterNotFoundError, InputError
 from sd2mnn.families import SD15
-from sd2mnn.manifest import sha256_file
-from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
+from sd2mnn.core.manifest import sha256_file
+from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig
 
 RNG = np.random.default_rng(0)
 
@@ -204,7 +204,7 @@ def test_error_no_converter(demo_onnx, existing_bundle, tmp_path, capsys):
 def test_no_converter_anywhere(monkeypatch, tmp_path):
     import importlib.util
 
-    from sd2mnn.converter import find_converter
+    from sd2mnn.conversion.converter import find_converter
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "_tools" else real_find_spec(n, *a))
@@ -300,7 +300,7 @@ def test_doctor(capsys):
 
 
 def test_non_executable_converter_path(tmp_path):
-    from sd2mnn.converter import find_converter
+    from sd2mnn.conversion.converter import find_converter
 
     script = tmp_path / "MNNConvert"
     script.write_text("#!/bin/sh\n")

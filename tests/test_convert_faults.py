@@ -3,7 +3,7 @@ untrusted models, no network, disk space, timeouts. Real converter, real files.
 
 Where a test must act while a conversion is in flight, it uses a "stalling converter": a shell
 script that waits while a flag file exists, then execs the real MNN converter
-(sd2mnn._mnnconvert) with the same arguments. The conversion itself is real; the wait only
+(sd2mnn.conversion._mnnconvert) with the same arguments. The conversion itself is real; the wait only
 gives the test a window, and removing the flag lets it go on.
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ import pytest
 from conftest import tree_state
 
 import sd2mnn
-from sd2mnn import manifest as manifest_module
-from sd2mnn.children import child_env
+from sd2mnn.core import manifest as manifest_module
+from sd2mnn.core.children import child_env
 from sd2mnn.errors import BundleLockedError, ConversionTimeoutError, DiskSpaceError, UnsafeModelError
-from sd2mnn.plan import default_jobs
+from sd2mnn.conversion.plan import default_jobs
 
 
 def stalling_converter(tmp_path: Path, only: str | None = None) -> tuple[Path, Path]:
@@ -38,7 +38,7 @@ def stalling_converter(tmp_path: Path, only: str | None = None) -> tuple[Path, P
     wait = f'while [ -e "{flag}" ]; do sleep 0.05; done'
     # Only conversions stall, not `--version`.
     condition = f'case "$*" in *--MNNModel*{only or ""}.mnn*) {wait};; esac'
-    script.write_text(f'#!/bin/sh\n{condition}\nexec "{sys.executable}" -m sd2mnn._mnnconvert "$@"\n')
+    script.write_text(f'#!/bin/sh\n{condition}\nexec "{sys.executable}" -m sd2mnn.conversion._mnnconvert "$@"\n')
     script.chmod(0o755)
     return script, flag
 
@@ -99,7 +99,7 @@ def converter_children(proc: subprocess.Popen) -> list[psutil.Process]:
         except psutil.Error:  # it ended meanwhile (the stalling script's sleeps come and go)
             continue
         line = " ".join(command)
-        if ("sd2mnn._mnnconvert" in line or "MNNConvert-stalling" in line) and "--MNNModel" in command:
+        if ("sd2mnn.conversion._mnnconvert" in line or "MNNConvert-stalling" in line) and "--MNNModel" in command:
             found.append(child)
     return found
 
@@ -270,7 +270,7 @@ INTERRUPTED_WHILE_A_CHILD_STARTS = """
 import os, signal
 from pathlib import Path
 import psutil
-from sd2mnn.children import Child
+from sd2mnn.core.children import Child
 
 class Stop(Exception):
     pass
@@ -391,7 +391,7 @@ def test_conversion_needs_no_network(demo_onnx, tmp_path, monkeypatch):
 
 
 def test_not_enough_disk_space(demo_onnx, tmp_path, monkeypatch):
-    from sd2mnn import conversion
+    from sd2mnn.conversion.convert import convert as conversion
 
     real = shutil.disk_usage
     monkeypatch.setattr(conversion.shutil, "disk_usage",

@@ -200,7 +200,7 @@ def test_disk_filling_up_during_the_run(fp32_bundle, demo_onnx, tmpfs, tmp_path,
     shutil.copytree(fp32_bundle, bundle)
     before = visible(bundle)
     fill = f'case "$*" in *--MNNModel*) dd if=/dev/zero of="{tmpfs}/filler" bs=64k 2>/dev/null;; esac\n'
-    convert = f'"{sys.executable}" -m sd2mnn._mnnconvert "$@"\n'
+    convert = f'"{sys.executable}" -m sd2mnn.conversion._mnnconvert "$@"\n'
     converter = tmp_path / "MNNConvert-filling"
     converter.write_text("#!/bin/sh\n" + (fill + convert if when.startswith("before") else convert + fill))
     converter.chmod(0o755)
@@ -280,7 +280,7 @@ def test_flag_the_converter_ignores_fails_the_run(demo_onnx, tmp_path):
     """A converter whose --help sd2mnn cannot read: its log still tells an ignored flag."""
     converter = tmp_path / "MNNConvert-no-help"
     converter.write_text(f'#!/bin/sh\ncase "$*" in *--help*) exit 0;; esac\n'
-                         f'exec "{sys.executable}" -m sd2mnn._mnnconvert "$@"\n')
+                         f'exec "{sys.executable}" -m sd2mnn.conversion._mnnconvert "$@"\n')
     converter.chmod(0o755)
     done = sd2mnn_cli("convert", demo_onnx, tmp_path / "b", "--weightQuantBit=8", "--components", "vae_decoder",
                       "--converter", converter)
@@ -297,7 +297,7 @@ def test_bad_tokenizer_fails_before_any_converter(onnx_copy, tmp_path):
     calls = tmp_path / "converter-calls"
     converter = tmp_path / "MNNConvert-counting"
     converter.write_text(f'#!/bin/sh\ncase "$*" in *--MNNModel*) echo "$*" >> "{calls}";; esac\n'
-                         f'exec "{sys.executable}" -m sd2mnn._mnnconvert "$@"\n')
+                         f'exec "{sys.executable}" -m sd2mnn.conversion._mnnconvert "$@"\n')
     converter.chmod(0o755)
     done = sd2mnn_cli("convert", onnx_copy, tmp_path / "b", "--converter", converter)
     assert_one_line_error(done, "NoSuchTokenizer")
@@ -308,7 +308,7 @@ def test_bad_tokenizer_fails_before_any_converter(onnx_copy, tmp_path):
 def test_disk_space_check_counts_the_tokenizer(bundle_copy, demo_onnx, monkeypatch):
     """Everything reused: the run still writes the tokenizer files and the manifest."""
     import sd2mnn
-    from sd2mnn import conversion
+    from sd2mnn.conversion.convert import convert as conversion
     from sd2mnn.errors import DiskSpaceError
 
     before = tree_state(bundle_copy)

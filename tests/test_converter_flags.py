@@ -1,4 +1,4 @@
-"""The converter flags sd2mnn names are one table (sd2mnn.converter_flags): ConvertOptions, the
+"""The converter flags sd2mnn names are one table (sd2mnn.conversion.converter_flags): ConvertOptions, the
 flags a component is converted with, `sd2mnn convert`'s options, sweep's variants and verify's
 quantized test all read it, and none of them spells a flag of its own."""
 from __future__ import annotations
@@ -13,12 +13,12 @@ import pytest
 import sd2mnn
 from sd2mnn.cli import build_parser
 from sd2mnn.cli.convert import options_from_args
-from sd2mnn.converter_flags import CONVERTER_FLAGS, ConverterFlag
+from sd2mnn.conversion.converter_flags import CONVERTER_FLAGS, ConverterFlag
 from sd2mnn.errors import InputError
-from sd2mnn.manifest import ComponentRecord, Manifest
-from sd2mnn.plan import ConvertOptions
-from sd2mnn.sweep import VARIANTS, Variant
-from sd2mnn.verification import _precision
+from sd2mnn.core.manifest import ComponentRecord, Manifest
+from sd2mnn.conversion.plan import ConvertOptions
+from sd2mnn.measurement.sweep import VARIANTS, Variant
+from sd2mnn.verification.verify import _precision
 
 # ConvertOptions fields that are not converter flags: what to convert and how to run it.
 RUN_FIELDS = {"components", "extra", "converter", "force", "jobs", "timeout", "tokenizer"}
@@ -143,4 +143,4 @@ def test_no_reader_spells_a_flag_itself():
         literals = [node.value for node in ast.walk(tree)
                     if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in variant_args]
         spelled = sorted({text.split("=")[0] for text in literals} & spellings)
-        assert not spelled, f"{name} spells {spelled}; read them from sd2mnn.converter_flags"
+        assert not spelled, f"{name} spells {spelled}; read them from sd2mnn.conversion.converter_flags"

@@ -16,10 +16,10 @@ import pytest
 
 import sd2mnn
 from sd2mnn.errors import InputError, MissingExtraError
-from sd2mnn.verification import verify
+from sd2mnn.verification.verify import verify
 from sd2mnn.exporters import exporter_for
 from sd2mnn.families import SD15
-from sd2mnn.export import (
+from sd2mnn.exporting.export import (
     ExportCheckError,
     ExportOptions,
     describe_io,
@@ -409,7 +409,7 @@ def measured_pipelines(tmp_path_factory) -> dict[str, Path]:
                          ids=[f"{p}-{'+'.join(c)}-{s}" for p, c, s, _ in MEASURED_EXPORT_PEAKS])
 def test_the_memory_estimate_holds_each_measured_peak_within_a_fifth(measured_pipelines, pipeline, components, size,
                                                                      peak):
-    from sd2mnn.export import check_bytes
+    from sd2mnn.exporting.export import check_bytes
     from sd2mnn.families import SD35
 
     folder = measured_pipelines[pipeline]
@@ -422,7 +422,7 @@ def test_the_memory_estimate_holds_each_measured_peak_within_a_fifth(measured_pi
 
 
 def test_import_does_not_need_torch():
-    code = "import sys, sd2mnn.export, sd2mnn.cli.export; assert 'torch' not in sys.modules"
+    code = "import sys, sd2mnn.exporting.export, sd2mnn.cli.export; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -464,7 +464,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_demo_pipeline_meets_contract():
-    from sd2mnn.demo import demo_pipeline_dir
+    from sd2mnn.core.demo import demo_pipeline_dir
 
     demo = demo_pipeline_dir()
     assert_contract(demo, 77, 16)

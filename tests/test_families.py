@@ -7,10 +7,10 @@ import pytest
 
 from bert_tokenizer import write_bert_tokenizer
 from sd2mnn import families
-from sd2mnn.contract import FORMATS
+from sd2mnn.core.contract import FORMATS
 from sd2mnn.errors import InputError
 from sd2mnn.families import SD15, TAIYI
-from sd2mnn.manifest import read_manifest
+from sd2mnn.core.manifest import read_manifest
 
 
 def test_detect_sd15_from_onnx_folder_tokenizer_and_bundle(demo_onnx, fp32_bundle):

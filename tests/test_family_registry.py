@@ -96,7 +96,7 @@ def test_the_check_leaves_asking_the_family_alone(snippet):
 
 def test_no_engine_module_branches_on_the_family():
     modules = engine_modules()
-    assert PACKAGE / "pipeline.py" in modules and PACKAGE / "export.py" in modules
+    assert PACKAGE / "generation" / "pipeline.py" in modules and PACKAGE / "exporting" / "export.py" in modules
     assert not any(p.parts[-2] == "families" for p in modules)
     found = {str(p.relative_to(PACKAGE)): hits for p in modules if (hits := branches_on_family(p.read_text()))}
     assert found == {}

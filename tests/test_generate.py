@@ -15,9 +15,9 @@ import sd2mnn
 from sd2mnn.families import SD15
 from sd2mnn.cli import main
 from sd2mnn.errors import InputError
-from sd2mnn.images import compare, psnr, read_image, write_png
-from sd2mnn.noise import initial_noise
-from sd2mnn.pipeline import GenerationParams, Pipeline, content_hash, mnn_runtime_config
+from sd2mnn.core.images import compare, psnr, read_image, write_png
+from sd2mnn.generation.noise import initial_noise
+from sd2mnn.generation.pipeline import GenerationParams, Pipeline, content_hash, mnn_runtime_config
 
 PROMPT = "a photo of a cat"
 STEPS = 2
@@ -113,7 +113,7 @@ def test_json_output_is_clean(fp32_bundle, tmp_path, capfd):
 
 
 def test_ctrl_c_leaves_no_png(fp32_bundle, tmp_path, monkeypatch, capsys):
-    from sd2mnn.runtime import MnnModel
+    from sd2mnn.core.runtime import MnnModel
 
     real_run = MnnModel.run
     calls = []
@@ -133,7 +133,7 @@ def test_ctrl_c_leaves_no_png(fp32_bundle, tmp_path, monkeypatch, capsys):
 
 
 def test_interrupt_while_writing_leaves_nothing(tmp_path, monkeypatch):
-    import sd2mnn.images as images
+    import sd2mnn.core.images as images
 
     def stop(pixels, scratch):
         scratch.write_bytes(b"partial")
@@ -199,10 +199,10 @@ def test_python_api_errors_are_typed():
 # Python API, bundle hash, compare
 # ---------------------------------------------------------------------------------------------
 def test_pipeline_is_exported_lazily():
-    code = ("import sys, sd2mnn; assert 'sd2mnn.pipeline' not in sys.modules; "
+    code = ("import sys, sd2mnn; assert 'sd2mnn.generation.pipeline' not in sys.modules; "
             "from sd2mnn import Pipeline; assert 'Pipeline' in sd2mnn.__all__; print(Pipeline.__module__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "sd2mnn.pipeline"
+    assert done.stdout.strip() == "sd2mnn.generation.pipeline"
 
 
 def test_generate_returns_a_pil_image_with_metadata(fp32_bundle, tmp_path):
@@ -217,7 +217,7 @@ def test_bundle_hash_uses_the_manifest_and_follows_content(bundle_copy, monkeypa
     files = ["tokenizer.mtok", "unet.mnn", "unet.mnn.weight"]
     reference, exact = content_hash(bundle_copy, files)
     assert exact
-    import sd2mnn.manifest as manifest  # content_hash hashes through FileRecord.of
+    import sd2mnn.core.manifest as manifest  # content_hash hashes through FileRecord.of
 
     def no_hashing(path):
         raise AssertionError(f"re-hashed {path}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from clip_tokenizer import with_sd15_tokenizer
-from sd2mnn.images import compare
+from sd2mnn.core.images import compare
 
 DIFFUSION_DEMO = os.environ.get("SD2MNN_DIFFUSION_DEMO")
 pytestmark = pytest.mark.skipif(

@@ -10,7 +10,7 @@ import pytest
 import sd2mnn
 from sd2mnn.cli import build_parser, main
 from sd2mnn.families import SD15, SD35
-from sd2mnn.pipeline import Pipeline, mnn_runtime_config
+from sd2mnn.generation.pipeline import Pipeline, mnn_runtime_config
 from sd2mnn.recipes import KEEP_ALL, ModelLifetime, steps_for
 
 

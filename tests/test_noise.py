@@ -1,4 +1,4 @@
-"""sd2mnn.noise bit for bit against the C++ standard libraries, compiled here.
+"""sd2mnn.generation.noise bit for bit against the C++ standard libraries, compiled here.
 
 The C++ below is this test's own program doing what MNN's StableDiffusion::unet() does
 (mt19937 seeded with ``seed``, normal_distribution<float>(0, 1), 16384 draws in order). It is
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sd2mnn.noise import MT19937, fma_f32, glibc_logf, initial_noise, normal_polar
+from sd2mnn.generation.noise import MT19937, fma_f32, glibc_logf, initial_noise, normal_polar
 
 SEEDS = [0, 1, 42, 2**31 - 1, 2**32 - 1]
 COUNT = 16384

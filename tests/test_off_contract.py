@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 
 import sd2mnn
-from sd2mnn.bench import bench
+from sd2mnn.measurement.bench import bench
 from sd2mnn.cli import main as cli_main
-from sd2mnn.contract import check_contract, check_tensors, tensor_infos
+from sd2mnn.core.contract import check_contract, check_tensors, tensor_infos
 from sd2mnn.errors import InputError
-from sd2mnn.export import ExportOptions, export
+from sd2mnn.exporting.export import ExportOptions, export
 from sd2mnn.families import SD15
-from sd2mnn.layout import load_component
-from sd2mnn.sweep import sweep
-from sd2mnn.verification import verify
+from sd2mnn.core.layout import load_component
+from sd2mnn.measurement.sweep import sweep
+from sd2mnn.verification.verify import verify
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -196,7 +196,7 @@ def test_the_decoder_may_draw_any_size_but_three_channels():
 
 
 def _spec(name, shape):
-    from sd2mnn.onnx_scan import TensorSpec
+    from sd2mnn.core.onnx_scan import TensorSpec
 
     return TensorSpec(name, shape, "float32")
 

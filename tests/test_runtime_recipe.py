@@ -20,10 +20,10 @@ import pytest
 
 from builders import record_model_calls
 
-from sd2mnn.images import write_png
-from sd2mnn.noise import initial_noise
-from sd2mnn.runtime import DYNAMIC_QUANT_OPTIONS
-from sd2mnn.pipeline import (
+from sd2mnn.core.images import write_png
+from sd2mnn.generation.noise import initial_noise
+from sd2mnn.core.runtime import DYNAMIC_QUANT_OPTIONS
+from sd2mnn.generation.pipeline import (
     GenerationParams,
     Pipeline,
     decoded_to_pixels,

@@ -16,10 +16,10 @@ from conftest import tree_state
 
 import sd2mnn
 from sd2mnn.tokenization.prompt_ids import PromptIds
-from sd2mnn.contract import check_contract, contract_notes
+from sd2mnn.core.contract import check_contract, contract_notes
 from sd2mnn.errors import InputError
 from sd2mnn.families import SD35
-from sd2mnn.runtime import MnnModel, OrtModel
+from sd2mnn.core.runtime import MnnModel, OrtModel
 
 pytest.importorskip("diffusers")
 
@@ -144,7 +144,7 @@ def test_without_t5_the_bundle_keeps_t5s_tokenizer_and_meets_the_contract(withou
 
 
 def test_an_export_without_t5_converts_the_rest_by_default(tiny_sd3_onnx, tmp_path):
-    from sd2mnn.layout import open_onnx_pipeline
+    from sd2mnn.core.layout import open_onnx_pipeline
 
     onnx = tmp_path / "onnx"
     shutil.copytree(tiny_sd3_onnx, onnx, ignore=shutil.ignore_patterns("text_encoder_3"))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from sd2mnn.images import compare, read_image
+from sd2mnn.core.images import compare, read_image
 
 DEMO = os.environ.get("SD2MNN_DIFFUSION_SD35_DEMO")
 pytestmark = pytest.mark.skipif(
@@ -84,7 +84,7 @@ def sd2mnn(*args, timeout=900):
 @pytest.fixture(scope="module")
 def runtime_shaped_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sd35-runtime-shaped")
-    from sd2mnn.export import export
+    from sd2mnn.exporting.export import export
 
     model = make_runtime_shaped_sd3(root / "diffusers")
     export(model, root / "onnx")

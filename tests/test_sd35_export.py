@@ -23,7 +23,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from sd2mnn.export import ExportOptions, describe_io, export  # noqa: E402
+from sd2mnn.exporting.export import ExportOptions, describe_io, export  # noqa: E402
 
 NO_T5 = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
 
@@ -357,7 +357,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(sd3_dir, tmp_path):
 
 
 def test_a_transformer_check_that_cannot_fit_is_refused_before_loading(sd3_dir, tmp_path):
-    from sd2mnn.export import check_bytes
+    from sd2mnn.exporting.export import check_bytes
 
     # Its joint attention spans the latent patches and the 77 + 256 text tokens together: the
     # estimate grows with the image, as the score matrices do (tokens squared).
@@ -379,8 +379,8 @@ def test_tensors_torch_wrote_one_file_each_end_in_one_weights_file_and_still_con
     import onnx
 
     import sd2mnn
-    from sd2mnn.export import consolidate_external_data
-    from sd2mnn.verification import verify
+    from sd2mnn.exporting.export import consolidate_external_data
+    from sd2mnn.verification.verify import verify
 
     onnx_dir, _ = sd3_export
     copy = tmp_path / "onnx"

@@ -20,9 +20,9 @@ pytest.importorskip("diffusers")
 
 from sd2mnn.cli import main  # noqa: E402
 from sd2mnn.errors import InputError  # noqa: E402
-from sd2mnn.images import compare, psnr, read_image  # noqa: E402
-from sd2mnn.noise import initial_noise  # noqa: E402
-from sd2mnn.pipeline import GenerationParams, Pipeline, mnn_runtime_config  # noqa: E402
+from sd2mnn.core.images import compare, psnr, read_image  # noqa: E402
+from sd2mnn.generation.noise import initial_noise  # noqa: E402
+from sd2mnn.generation.pipeline import GenerationParams, Pipeline, mnn_runtime_config  # noqa: E402
 from sd2mnn.schedulers.flow_match import diffusers_sigmas, sd35_timesteps  # noqa: E402
 
 PROMPT = "a photo of a cat"

@@ -16,8 +16,8 @@ pytest.importorskip("diffusers")
 from sd2mnn.cli import build_parser  # noqa: E402
 from sd2mnn.cli.generate import _generate  # noqa: E402
 from sd2mnn.families import SD15  # noqa: E402
-from sd2mnn.images import read_image  # noqa: E402
-from sd2mnn.pipeline import GenerationParams, Pipeline, mnn_runtime_config  # noqa: E402
+from sd2mnn.core.images import read_image  # noqa: E402
+from sd2mnn.generation.pipeline import GenerationParams, Pipeline, mnn_runtime_config  # noqa: E402
 
 PROMPT = "a photo of a cat"
 STEPS = 2

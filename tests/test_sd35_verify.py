@@ -16,13 +16,13 @@ import pytest
 from onnx import numpy_helper
 
 import sd2mnn
-from sd2mnn.bench import bench
+from sd2mnn.measurement.bench import bench
 from sd2mnn.cli import main as cli_main
-from sd2mnn.contract import check_contract
+from sd2mnn.core.contract import check_contract
 from sd2mnn.errors import InputError
 from sd2mnn.families import SD35
-from sd2mnn.sweep import sweep
-from sd2mnn.verification import verify
+from sd2mnn.measurement.sweep import sweep
+from sd2mnn.verification.verify import verify
 
 pytest.importorskip("diffusers")
 
@@ -121,7 +121,7 @@ def test_the_contract_flags_a_wrong_tensor_name(tiny_sd3_onnx, tiny_sd3_bundle, 
     onnx.save(model, str(tmp_path / "renamed.onnx"))
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_sd3_bundle, bundle)
-    subprocess.run([sys.executable, "-m", "sd2mnn._mnnconvert", "-f", "ONNX", "--modelFile", str(tmp_path / "renamed.onnx"),
+    subprocess.run([sys.executable, "-m", "sd2mnn.conversion._mnnconvert", "-f", "ONNX", "--modelFile", str(tmp_path / "renamed.onnx"),
                     "--MNNModel", str(bundle / "text_encoder.mnn"), "--saveExternalData=1"],
                    cwd=bundle, check=True, capture_output=True)
 

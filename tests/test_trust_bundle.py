@@ -17,8 +17,8 @@ from onnx import TensorProto, helper
 from test_cli_errors import PROMPT, assert_clean_error, sd2mnn
 
 from sd2mnn import families
-from sd2mnn.images import read_image
-from sd2mnn.manifest import FileRecord
+from sd2mnn.core.images import read_image
+from sd2mnn.core.manifest import FileRecord
 
 SECRET = "the user's own file, outside every folder sd2mnn was given\n"
 

@@ -16,7 +16,7 @@ from test_cli_errors import PROMPT, assert_clean_error
 from test_cli_errors import sd2mnn as run_cli
 
 from sd2mnn.cli import build_parser
-from sd2mnn.images import write_png
+from sd2mnn.core.images import write_png
 
 MINE = b"the user's own bytes\n"
 
@@ -211,7 +211,7 @@ def _decoder_of_other_shapes(tmp_path: Path) -> Path:
     source = tmp_path / "decoder.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), source)
     target = tmp_path / "decoder.mnn"
-    subprocess.run([sys.executable, "-m", "sd2mnn._mnnconvert", "-f", "ONNX", "--modelFile", source, "--MNNModel",
+    subprocess.run([sys.executable, "-m", "sd2mnn.conversion._mnnconvert", "-f", "ONNX", "--modelFile", source, "--MNNModel",
                     target, "--bizCode", "biz"], capture_output=True, check=True, timeout=120)
     return target
 

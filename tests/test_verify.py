@@ -16,10 +16,10 @@ from onnx import numpy_helper
 import sd2mnn
 from sd2mnn.families import SD15
 from sd2mnn.cli import main as cli_main
-from sd2mnn.contract import _check_tensors, check_contract
+from sd2mnn.core.contract import _check_tensors, check_contract
 from sd2mnn.errors import InputError
-from sd2mnn.manifest import read_manifest
-from sd2mnn.verification import DEFAULT_THRESHOLDS, Thresholds, compare, resolve_thresholds, verify
+from sd2mnn.core.manifest import read_manifest
+from sd2mnn.verification.verify import DEFAULT_THRESHOLDS, Thresholds, compare, resolve_thresholds, verify
 
 FP32 = DEFAULT_THRESHOLDS["fp32"]["unet"]
 
@@ -27,7 +27,7 @@ FP32 = DEFAULT_THRESHOLDS["fp32"]["unet"]
 def _convert_directly(onnx_model: Path, mnn_model: Path) -> None:
     """The converter without sd2mnn's input checks (they refuse the broken models built here)."""
     subprocess.run(
-        [sys.executable, "-m", "sd2mnn._mnnconvert", "-f", "ONNX", "--modelFile", str(onnx_model),
+        [sys.executable, "-m", "sd2mnn.conversion._mnnconvert", "-f", "ONNX", "--modelFile", str(onnx_model),
          "--MNNModel", str(mnn_model), "--saveExternalData=1"],
         cwd=mnn_model.parent, check=True, capture_output=True,
     )

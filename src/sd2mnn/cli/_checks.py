@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from sd2mnn.errors import InputError
-from sd2mnn.images import probe_folder
+from sd2mnn.core.images import probe_folder
 
 
 def check_folder(path: str | Path, what: str, flag: str = "") -> Path:

@@ -74,7 +74,7 @@ def native_stdout_to_stderr(discard: bool = False):
 def add_overwrite_flag(parser, replaces: str) -> None:
     """The one flag every command takes to replace what the user already has (``replaces`` says
     what); ``--force`` is its alias."""
-    from sd2mnn.files import OVERWRITE_FLAG
+    from sd2mnn.core.files import OVERWRITE_FLAG
 
     parser.add_argument(OVERWRITE_FLAG, "--force", dest="overwrite", action="store_true",
                         help=f"replace {replaces} (without it an existing file or folder is refused; alias --force)")

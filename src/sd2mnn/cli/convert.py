@@ -9,13 +9,13 @@ from typing import Iterator
 
 from sd2mnn.cli._checks import check_output_folder
 from sd2mnn.cli._common import add_overwrite_flag, human_bytes, print_json, table, terminate_as_interrupt
-from sd2mnn.conversion import ConversionReport, check_before_export, convert
-from sd2mnn.converter_flags import CONVERTER_FLAGS
+from sd2mnn.conversion.convert import ConversionReport, check_before_export, convert
+from sd2mnn.conversion.converter_flags import CONVERTER_FLAGS
 from sd2mnn.errors import InputError, os_errors_as_one_line
-from sd2mnn.files import check_replaceable, is_inside
-from sd2mnn.layout import component_choices, split_components
-from sd2mnn.plan import ConvertOptions
-from sd2mnn.progress import make_progress
+from sd2mnn.core.files import check_replaceable, is_inside
+from sd2mnn.core.layout import component_choices, split_components
+from sd2mnn.conversion.plan import ConvertOptions
+from sd2mnn.core.progress import make_progress
 
 EXAMPLES = """examples:
   sd2mnn convert onnx/ mnn/                              fp32, every component the runtime loads
@@ -114,7 +114,7 @@ def print_report(report: ConversionReport) -> None:
 def onnx_source(args: argparse.Namespace, options: ConvertOptions, progress) -> Iterator[str | Path]:
     """ONNX_DIR itself (as given: convert judges it), or, for a diffusers model, its export:
     into --keep-onnx, else into a temporary folder beside MNN_DIR that is gone afterwards."""
-    from sd2mnn.export import ExportOptions, export, is_diffusers_model
+    from sd2mnn.exporting.export import ExportOptions, export, is_diffusers_model
 
     if not str(args.onnx_dir).strip() or not is_diffusers_model(args.onnx_dir):
         yield args.onnx_dir
@@ -172,7 +172,7 @@ def run_command(args: argparse.Namespace) -> int:
     with onnx_source(args, options, progress) as onnx_dir:
         report = convert(onnx_dir, args.mnn_dir, options, progress=progress)
         if args.verify:
-            from sd2mnn.verification import verify_after_convert
+            from sd2mnn.verification.verify import verify_after_convert
 
             verification = verify_after_convert(onnx_dir, report.mnn_dir, [c.name for c in report.components], progress)
     if args.json:

@@ -5,13 +5,13 @@ from pathlib import Path
 
 from sd2mnn.cli._common import add_overwrite_flag, terminate_as_interrupt
 from sd2mnn.cli.convert import print_report
-from sd2mnn.conversion import convert
-from sd2mnn.demo import demo_pipeline_dir
+from sd2mnn.conversion.convert import convert
+from sd2mnn.core.demo import demo_pipeline_dir
 from sd2mnn.errors import InputError
-from sd2mnn.files import OVERWRITE_FLAG
-from sd2mnn.layout import MANIFEST_NAME
-from sd2mnn.manifest import read_manifest
-from sd2mnn.progress import make_progress
+from sd2mnn.core.files import OVERWRITE_FLAG
+from sd2mnn.core.layout import MANIFEST_NAME
+from sd2mnn.core.manifest import read_manifest
+from sd2mnn.core.progress import make_progress
 
 
 def register(subparsers) -> None:

@@ -6,7 +6,7 @@ import platform
 import sys
 
 from sd2mnn._version import __version__
-from sd2mnn.converter import find_converter
+from sd2mnn.conversion.converter import find_converter
 from sd2mnn.errors import ConverterNotFoundError
 
 

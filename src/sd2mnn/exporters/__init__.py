@@ -1,6 +1,6 @@
 """Each family's exporter: the torch modules that give its ONNX graphs the tensors MNN's runtime
 loads, their dummy inputs and the memory their export needs (as optimum keeps one OnnxConfig per
-architecture, found by name). ``sd2mnn.export`` runs the same steps for every family and asks
+architecture, found by name). ``sd2mnn.exporting.export`` runs the same steps for every family and asks
 the exporter of the family (``Family.exporter_module``, imported by that name) for these:
 
     order        the components in export order

@@ -1,11 +1,11 @@
 """SD3.5's exporter: MNN ships none; the graphs give the tensors diffusion_sd35.cpp loads
-(sd2mnn.families.sd35 cites its lines; sd2mnn.export's module doc lists them)."""
+(sd2mnn.families.sd35 cites its lines; sd2mnn.exporting.export's module doc lists them)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from sd2mnn.errors import InputError
-from sd2mnn.export import _Job, _config, _load, _text_ids, _vae_factor
+from sd2mnn.exporting.export import _Job, _config, _load, _text_ids, _vae_factor
 from sd2mnn.exporters import Exporter, MemoryTerms
 from sd2mnn.exporters.vae import text_encoder_terms, vae_decoder_job, vae_terms
 from sd2mnn.families import SD35Dims

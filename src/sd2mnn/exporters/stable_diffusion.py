@@ -1,11 +1,11 @@
 """SD1.x's exporter (SD1.5, Taiyi): the graphs of MNN's transformers/diffusion/export/onnx_export.py,
-tensors as stable_diffusion.cpp loads them (sd2mnn.export's module doc lists them)."""
+tensors as stable_diffusion.cpp loads them (sd2mnn.exporting.export's module doc lists them)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from sd2mnn.errors import InputError
-from sd2mnn.export import _Job, _config, _load, _per_block, _text_ids, _vae_factor
+from sd2mnn.exporting.export import _Job, _config, _load, _per_block, _text_ids, _vae_factor
 from sd2mnn.exporters import Exporter, MemoryTerms
 from sd2mnn.exporters.vae import text_encoder_terms, vae_decoder_job, vae_encoder_job, vae_terms
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd2mnn.export import _Job, _config, _load
+from sd2mnn.exporting.export import _Job, _config, _load
 from sd2mnn.exporters import MemoryTerms
 
 

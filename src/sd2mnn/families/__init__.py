@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 from sd2mnn.errors import InputError
-from sd2mnn.files import read_json_object
-from sd2mnn.manifest import read_manifest
-from sd2mnn.onnx_scan import scan_onnx
+from sd2mnn.core.files import read_json_object
+from sd2mnn.core.manifest import read_manifest
+from sd2mnn.core.onnx_scan import scan_onnx
 from sd2mnn.tokenization.folder import tokenizer_folder_files, tokenizer_kind
 from sd2mnn.tokenization.reader import MTOK_NAME, read_mtok_model_kind
 from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, TensorShapes
@@ -59,13 +59,20 @@ def write_marker(onnx_dir: Path, family: Family) -> None:
 
 
 def _from_diffusers_index(index_path: Path) -> Family:
-    # A diffusers folder names its classes: an SD3 pipeline or transformer is SD3.5, a BERT
-    # tokenizer or text encoder is Taiyi.
+    """A diffusers folder names its classes: of the families of its pipeline class, else those
+    whose denoiser it has, the one that loads most of its entries as the classes named (a tie goes
+    to the first in FAMILIES). A class no family loads still picks one, whose folder check then
+    refuses it, naming the entry."""
     index = read_json_object(index_path)
-    if str(index.get("_class_name") or "").startswith("StableDiffusion3") or "transformer" in index:
-        return SD35
-    classes = [((index.get(part) or [None, ""])[1] or "") for part in ("tokenizer", "text_encoder")]
-    return TAIYI if any(str(c).startswith("Bert") for c in classes) else SD15
+    pipeline = index.get("_class_name")
+
+    def entries_loaded(family: Family) -> int:
+        return sum(isinstance(index.get(name), list) and tuple(index[name][:2]) in allowed
+                   for name, allowed in family.classes.items())
+
+    candidates = ([f for f in FAMILIES.values() if pipeline in f.pipelines]
+                  or [f for f in FAMILIES.values() if f.denoiser in index] or list(FAMILIES.values()))
+    return max(candidates, key=entries_loaded)  # max keeps the first of equals
 
 
 def _read_marker(path: Path) -> Family:

@@ -93,6 +93,7 @@ class Family:
     # model_index.json entry -> the (library, class) pairs export loads it as, the first the
     # default; any other is refused, so a model folder never picks the code that reads it.
     classes: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    pipelines: tuple[str, ...] = ()  # model_index.json's _class_name for the family's diffusers folders
     title: str = ""  # how messages name the family's models ("a Stable Diffusion 3 checkpoint")
     # The modules that hold the family's code, imported by name only when needed (the exporter
     # imports torch): ``steps_module`` defines STEPS (sd2mnn.recipes), ``exporter_module`` EXPORTER

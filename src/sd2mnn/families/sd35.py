@@ -20,7 +20,7 @@ from sd2mnn.families.stable_diffusion import SD15, _text_encoder_feeds, denoiser
 
 SCALING_FACTOR = 1.5305  # SD35:270
 SHIFT_FACTOR = 0.0609  # SD35:271
-VERIFY_PROMPTS = 3  # sd2mnn.verify_inputs.PROMPTS (each text encoder is fed one pair per prompt)
+VERIFY_PROMPTS = 3  # sd2mnn.verification.inputs.PROMPTS (each text encoder is fed one pair per prompt)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class SD35Dims:
         """The dims of a diffusers StableDiffusion3Pipeline folder, from its config.json files
         (text_encoder_3 may be absent: T5's width is then the transformer's joint width)."""
         from sd2mnn.errors import InputError
-        from sd2mnn.files import read_json_object
+        from sd2mnn.core.files import read_json_object
 
         folder = Path(folder)
 
@@ -266,5 +266,5 @@ CLASSES = {"text_encoder": CLIP_WITH_PROJECTION, "text_encoder_2": CLIP_WITH_PRO
            "transformer": (("diffusers", "SD3Transformer2DModel"),), "vae": (("diffusers", "AutoencoderKL"),)}
 SD35 = Family("sd35", CLIP_FORMAT, "Unigram", COMPONENTS, RUNTIME_COMPONENTS, RECIPE,
               ("", "a photo of a cat"), tokenizers=TOKENIZERS, denoiser="transformer", single_file=SINGLE_FILE,
-              classes=CLASSES, title="Stable Diffusion 3", steps_module="sd2mnn.recipes.sd35",
+              classes=CLASSES, pipelines=("StableDiffusion3Pipeline",), title="Stable Diffusion 3", steps_module="sd2mnn.recipes.sd35",
               exporter_module="sd2mnn.exporters.sd35")

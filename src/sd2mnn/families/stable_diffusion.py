@@ -10,7 +10,7 @@ from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, Si
 LATENT = [1, 4, 64, 64]
 SAMPLE = [2, 4, 64, 64]
 VAE_SCALE = 0.18215  # SD1.5's latent scaling factor, as in MNN's runtime
-VERIFY_PROMPTS = 3  # sd2mnn.verify_inputs.PROMPTS (the text encoder is fed one pair per prompt)
+VERIFY_PROMPTS = 3  # sd2mnn.verification.inputs.PROMPTS (the text encoder is fed one pair per prompt)
 
 
 def _text_encoder_tensors(length: int, hidden: int | None) -> TensorShapes:
@@ -125,14 +125,16 @@ SINGLE_FILE = SingleFileLayout({"unet": ("model.diffusion_model.",), "vae": ("fi
                                denoiser_marker="input_blocks.")
 CODE = dict(title="Stable Diffusion 1.x", steps_module="sd2mnn.recipes.stable_diffusion",
             exporter_module="sd2mnn.exporters.stable_diffusion")
+PIPELINES = ("StableDiffusionPipeline",)  # Taiyi's folders name it too: its tokenizer tells them apart
 IMAGE_MODELS = {"unet": (("diffusers", "UNet2DConditionModel"),), "vae": (("diffusers", "AutoencoderKL"),)}
 SD15 = Family("sd15", PromptFormat("sd15", 0, 49406, 49407, 77), "BPE", COMPONENTS, RUNTIME_COMPONENTS,
               RECIPE, ("", "a photo of a cat"), single_file=SINGLE_FILE, named_in_metadata=False, **CODE,
+              pipelines=PIPELINES,
               classes={"text_encoder": (("transformers", "CLIPTextModel"),),
                        "tokenizer": (("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")),
                        **IMAGE_MODELS})
 TAIYI = Family("taiyi", PromptFormat("taiyi", 1, 101, 102, 512), "WordPiece", COMPONENTS, RUNTIME_COMPONENTS,
-               RECIPE, ("", "一只猫的照片"), single_file=SINGLE_FILE, **CODE,
+               RECIPE, ("", "一只猫的照片"), single_file=SINGLE_FILE, **CODE, pipelines=PIPELINES,
                classes={"text_encoder": (("transformers", "BertModel"),),
                         "tokenizer": (("transformers", "BertTokenizer"), ("transformers", "BertTokenizerFast")),
                         **IMAGE_MODELS})

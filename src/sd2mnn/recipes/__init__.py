@@ -1,5 +1,5 @@
 """What each family's runtime does between the tokenizer and the VAE decoder, as functions of
-numpy arrays. The engine (sd2mnn.pipeline.Pipeline) runs the same steps for every family: encode
+numpy arrays. The engine (sd2mnn.generation.pipeline.Pipeline) runs the same steps for every family: encode
 the prompt, draw noise, step the denoiser with classifier-free guidance, decode. What differs is
 here, one module per MNN runtime:
 

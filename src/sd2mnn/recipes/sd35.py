@@ -11,7 +11,7 @@ decoder, read line by line from transformers/diffusion/engine/src/diffusion_sd35
     ``encoder_hidden_states = concat(concat(clip_l, clip_g, -1) zero-padded to 4096, t5, axis 1)``
     ([2, 77+256, 4096]); ``pooled_projections = concat(text_embeds_l, text_embeds_g, -1)``.
 ``run()`` (SD35:286-379)
-    noise [1,16,128,128] from std::mt19937 (sd2mnn.noise), ``mTimeSteps`` int-truncated
+    noise [1,16,128,128] from std::mt19937 (sd2mnn.generation.noise), ``mTimeSteps`` int-truncated
     (sd2mnn.schedulers.flow_match), per step ``hidden_states = [x, x]``, ``timestep`` float
     [2] both the step's integer, CFG ``uncond + (text - uncond) * 5.0``, Euler step.
 ``vae_decoder()`` (SD35:269-285)
@@ -62,7 +62,7 @@ import numpy as np
 from sd2mnn.errors import InputError
 from sd2mnn.families.sd35 import RUNTIME_DIMS, SD35Dims
 from sd2mnn.recipes.lifetime import ModelLifetime
-from sd2mnn.runtime import MNN_GPU_MEMORY_BUFFER, RuntimeConfig
+from sd2mnn.core.runtime import MNN_GPU_MEMORY_BUFFER, RuntimeConfig
 
 CLIP_L, CLIP_G, T5 = "text_encoder", "text_encoder_2", "text_encoder_3"
 

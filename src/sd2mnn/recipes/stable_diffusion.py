@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sd2mnn.recipes.lifetime import KEEP_ALL, ModelLifetime
-from sd2mnn.runtime import (DYNAMIC_QUANT_OPTIONS, MNN_GPU_MEMORY_BUFFER, MNN_GPU_TUNING_FAST, WINOGRAD_MEMORY_LEVEL,
+from sd2mnn.core.runtime import (DYNAMIC_QUANT_OPTIONS, MNN_GPU_MEMORY_BUFFER, MNN_GPU_TUNING_FAST, WINOGRAD_MEMORY_LEVEL,
                             RuntimeConfig)
 
 
@@ -35,8 +35,8 @@ class StableDiffusionSteps:
 
     def contract_notes(self, shapes: dict[str, dict[str, list[int]]], outputs, files: dict[str, str],
                        family) -> list[str]:
-        """sd2mnn.contract's rules (stable_diffusion.cpp's fixed shapes) over the loaded inputs."""
-        from sd2mnn.contract import check_tensors, runtime_notes
+        """sd2mnn.core.contract's rules (stable_diffusion.cpp's fixed shapes) over the loaded inputs."""
+        from sd2mnn.core.contract import check_tensors, runtime_notes
 
         def dtype(tensor: str) -> str:
             return "int32" if tensor in ("input_ids", "timestep") else "float32"  # as sd2mnn feeds them

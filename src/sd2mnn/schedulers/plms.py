@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sd2mnn.noise import fma_f32
+from sd2mnn.generation.noise import fma_f32
 
 NUM_TRAIN_TIMESTEPS = 1000  # scheduler.hpp mTrainTimestepsNum
 BETA_START = 0.00085  # scheduler.hpp mBetaStart (a float)

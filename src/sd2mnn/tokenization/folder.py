@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd2mnn.errors import InputError
-from sd2mnn.files import confined
+from sd2mnn.core.files import confined
 
 # The model each class holds (transformers' CLIPTokenizer, BertTokenizer, T5Tokenizer).
 CLASS_KINDS = {"CLIPTokenizer": ("clip", "BPE"), "BertTokenizer": ("bert", "WordPiece"),

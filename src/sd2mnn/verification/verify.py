@@ -1,4 +1,4 @@
-"""``sd2mnn.verification``: does the MNN bundle compute what the ONNX pipeline computes?
+"""``sd2mnn.verification.verify``: does the MNN bundle compute what the ONNX pipeline computes?
 
 For each component in both folders, deterministic inputs that look like the runtime's own are run
 through ONNX Runtime (the reference) and MNN, and every output is compared:
@@ -11,20 +11,20 @@ in [-1, 1] and for a text embedding with outliers near 30; identical outputs rea
 Over several inputs per component the worst case counts: the highest max_abs, the lowest cosine
 and PSNR, the mean of mean_abs.
 
-The inputs (sd2mnn.verify_inputs; ``seed`` picks the random ones) look like the runtime's own:
+The inputs (sd2mnn.verification.inputs; ``seed`` picks the random ones) look like the runtime's own:
 prompts through the pipeline's tokenizer, unet latents ~N(0,1) at timesteps over 999..1 with the
 ONNX text encoder's real embeddings, decoder latents ~N(0,1) / 0.18215, images in [-1, 1].
 
 A component passes when every output has PSNR >= min_psnr and cosine >= min_cosine. The defaults
 (DEFAULT_THRESHOLDS) are stricter for fp32 bundles than for quantized ones (flags
 --weightQuantBits, --fp16 or --hqq in the manifest; without a manifest, weights smaller than 3/4 of
-the ONNX model's). The bundle must also meet the runtime contract (sd2mnn.contract).
+the ONNX model's). The bundle must also meet the runtime contract (sd2mnn.core.contract).
 
 MNN runs on the CPU at precision "high" (fp32 arithmetic): this checks the conversion, not the
 device's low-precision kernels (MNN's SD runtime itself asks for Precision_Low).
 
 Memory: one runtime holds one model at a time: load, run all inputs, free. Components whose ONNX
-files exceed ISOLATE_ABOVE_BYTES run each pass in a child process (sd2mnn._verify_pass), because
+files exceed ISOLATE_ABOVE_BYTES run each pass in a child process (sd2mnn.verification._pass), because
 ONNX Runtime does not give memory back; the parent only ever holds inputs and outputs.
 """
 from __future__ import annotations
@@ -39,18 +39,18 @@ from typing import Mapping
 import numpy as np
 
 from sd2mnn._version import __version__
-from sd2mnn._verify_pass import PassError, RunStats, run_pass
-from sd2mnn.bundle import BundleDir, confine_runtime_files
-from sd2mnn.contract import ContractIssue, check_contract, contract_notes, onnx_vocabulary
-from sd2mnn.converter_flags import quantizing_words
+from sd2mnn.verification._pass import PassError, RunStats, run_pass
+from sd2mnn.core.bundle import BundleDir, confine_runtime_files
+from sd2mnn.core.contract import ContractIssue, check_contract, contract_notes, onnx_vocabulary
+from sd2mnn.conversion.converter_flags import quantizing_words
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, Family
-from sd2mnn.layout import MANIFEST_NAME, bundle_mtok, folder_family, load_component, parse_components
-from sd2mnn.manifest import read_manifest, write_json_atomic
-from sd2mnn.progress import NullProgress, Progress
-from sd2mnn.sources import check_sources
-from sd2mnn.verify_conditioning import ConditioningReport, check_conditioning
-from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static_shape
+from sd2mnn.core.layout import MANIFEST_NAME, bundle_mtok, folder_family, load_component, parse_components
+from sd2mnn.core.manifest import read_manifest, write_json_atomic
+from sd2mnn.core.progress import NullProgress, Progress
+from sd2mnn.verification.sources import check_sources
+from sd2mnn.verification.conditioning import ConditioningReport, check_conditioning
+from sd2mnn.verification.inputs import build_inputs, component_rng, prompt_ids, static_shape
 
 PSNR_CAP = 200.0
 ISOLATE_ABOVE_BYTES = 64 << 20
@@ -417,7 +417,7 @@ def verify(
     Thresholds(...)}. ``report_dir`` receives verification.json and vae_decoder.png (ONNX | MNN |
     error map). ``isolate`` runs each runtime pass in a child process (default: for models over
     ISOLATE_ABOVE_BYTES). With the text encoder, ``prompts`` (default: the built-in set) go
-    through the conditioning check (sd2mnn.verify_conditioning), each with its own tokenizer.
+    through the conditioning check (sd2mnn.verification.conditioning), each with its own tokenizer.
     ``family`` (default: the folders') says which components there are, which are fed prompt
     ids, condition the denoiser and draw the picture. Raises InputError for missing folders,
     folders of two families or unusable ONNX models.
@@ -506,7 +506,7 @@ REPORT_FILES = ("vae_decoder.png", "verification.json")
 
 def check_report_dir(folder: Path) -> None:
     """Refuse a --report folder that cannot receive the report, before any work."""
-    from sd2mnn.images import probe_folder
+    from sd2mnn.core.images import probe_folder
 
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--report {folder} is a file, not a folder; give a folder for the report")
@@ -522,7 +522,7 @@ def check_report_dir(folder: Path) -> None:
 
 
 def write_report(folder: Path, report: VerificationReport, decoded) -> list[Path]:
-    from sd2mnn.images import write_failure, write_png
+    from sd2mnn.core.images import write_failure, write_png
 
     written = []
     target = folder

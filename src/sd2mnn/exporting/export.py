@@ -37,7 +37,7 @@ weights, then ONNX Runtime's check, which materializes every attention matrix) i
 the configs; a size that cannot fit in the available memory is refused with the numbers, before
 anything is loaded.
 
-Before anything is loaded or written, the folder is checked (sd2mnn.diffusers_folder): the classes
+Before anything is loaded or written, the folder is checked (sd2mnn.exporting.diffusers_folder): the classes
 model_index.json names (only those the family loads: a model's own code never runs), the config
 values export sizes with, the latent channels MNN's runtime draws with, the tokenizer files, and
 links that leave the folder.
@@ -46,7 +46,7 @@ One component is loaded, exported, freed, then checked against the PyTorch outpu
 on the same inputs (ONNX Runtime runs in a child process, since it does not give memory back).
 The folder is written beside ONNX_DIR and renamed into place only when every part passed.
 A single-file checkpoint is first written as a diffusers folder in that scratch space, one model at
-a time (sd2mnn.checkpoint).
+a time (sd2mnn.exporting.checkpoint).
 
 What differs by family (the torch modules, their dummy inputs, the memory terms, the export order)
 is the family's exporter (sd2mnn.exporters), looked up by the family's name for it.
@@ -67,10 +67,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from sd2mnn import checkpoint, diffusers_folder, families
-from sd2mnn.children import interrupts_deferred
+from sd2mnn import families
+
+from sd2mnn.exporting import checkpoint
+
+from sd2mnn.exporting import diffusers_folder
+from sd2mnn.core.children import interrupts_deferred
 from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError, os_errors_as_one_line
-from sd2mnn.files import is_inside, read_json_object
+from sd2mnn.core.files import is_inside, read_json_object
 from sd2mnn.families import FAMILIES, Family
 
 # Every component some family exports.
@@ -92,7 +96,7 @@ class ExportOptions:
     height: int | None = None
     width: int | None = None
     # For a single-file checkpoint: a local diffusers folder of the same model with its configs,
-    # tokenizers and scheduler (sd2mnn.checkpoint), weights only for the models the file lacks.
+    # tokenizers and scheduler (sd2mnn.exporting.checkpoint), weights only for the models the file lacks.
     config: Path | None = None
     overwrite: bool = False
     check: bool = True
@@ -185,7 +189,7 @@ class _Source:
 def _open_source(folder: Path, components: tuple[str, ...] | None = None, confine: bool = True) -> _Source:
     """The pipeline at ``folder``, checked for what exporting ``components`` (None: all) reads:
     every model's config (for the sizes), its tokenizers, the classes model_index.json names
-    (sd2mnn.diffusers_folder); ``confine``: no link may leave ``folder``. Weights are checked
+    (sd2mnn.exporting.diffusers_folder); ``confine``: no link may leave ``folder``. Weights are checked
     when loaded."""
     index = diffusers_folder.read_index(folder)
     family = families.detect(folder)

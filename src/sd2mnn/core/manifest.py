@@ -7,7 +7,7 @@ re-hashes gigabytes. The same rule (``record_mismatch``) decides whether a bundl
 still holds what was converted.
 
 A manifest comes from a folder sd2mnn does not own: every path in it is confined to the bundle
-(``sd2mnn.files.confined``) when it is read.
+(``sd2mnn.core.files.confined``) when it is read.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sd2mnn.errors import InputError
-from sd2mnn.files import confined
-from sd2mnn.onnx_scan import TensorSpec
+from sd2mnn.core.files import confined
+from sd2mnn.core.onnx_scan import TensorSpec
 
 MANIFEST_FORMAT = 1
 _CHUNK = 8 << 20

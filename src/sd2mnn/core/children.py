@@ -137,7 +137,7 @@ def child_env() -> dict[str, str]:
     """The environment for sd2mnn's Python children: this process's, with the folder that holds
     this sd2mnn first on PYTHONPATH."""
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # src/, which holds sd2mnn/core/children.py
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     return env
 

@@ -10,7 +10,7 @@ the text encoders' outputs condition the denoiser, its inputs) is in sd2mnn.reci
 family's Recipe names the scheduler, guidance and latent scaling. tests/test_runtime_recipe.py and
 tests/test_sd35_generate.py hold the choices here against the C++ lines they mirror. The pieces
 live where they are tested: tokenization/ (ids), noise.py (std::mt19937 latents), schedulers/,
-images.py (the PNG file).
+core/images.py (the PNG file).
 
     import sd2mnn
     image = sd2mnn.Pipeline("mnn/").generate("a cat", steps=20, seed=42)    # a PIL image
@@ -33,15 +33,15 @@ from typing import Callable
 import numpy as np
 
 from sd2mnn._version import __version__
-from sd2mnn.contract import check_vocabulary
+from sd2mnn.core.contract import check_vocabulary
 from sd2mnn.errors import InputError, MissingExtraError
-from sd2mnn.files import read_user_text
-from sd2mnn.layout import MANIFEST_NAME, MTOK_NAME, bundle_mtok, bundle_mtoks
-from sd2mnn.bundle import check_for_use
-from sd2mnn.files import confined
-from sd2mnn.manifest import FileRecord, read_manifest
-from sd2mnn.noise import LATENT_SHAPE, METHODS, initial_noise
-from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig, check_mnn_files, mnn_runtime_manager
+from sd2mnn.core.files import read_user_text
+from sd2mnn.core.layout import MANIFEST_NAME, MTOK_NAME, bundle_mtok, bundle_mtoks
+from sd2mnn.core.bundle import check_for_use
+from sd2mnn.core.files import confined
+from sd2mnn.core.manifest import FileRecord, read_manifest
+from sd2mnn.generation.noise import LATENT_SHAPE, METHODS, initial_noise
+from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig, check_mnn_files, mnn_runtime_manager
 from sd2mnn import families, recipes, schedulers
 from sd2mnn.families import Family
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS, clamp_steps
@@ -325,7 +325,7 @@ class Generation:
         return image
 
     def save(self, path: str | os.PathLike) -> Path:
-        from sd2mnn.images import write_png
+        from sd2mnn.core.images import write_png
 
         return write_png(path, self.pixels, self.metadata)
 
@@ -487,8 +487,8 @@ class Pipeline:
     def _check_onnx_vocabulary(self) -> None:
         """Before the tokenizer is built from the runtime's ids: a one-line error when its BOS/EOS
         cannot index the text encoder's embedding table."""
-        from sd2mnn.contract import check_runtime_ids, onnx_vocabulary
-        from sd2mnn.layout import load_component
+        from sd2mnn.core.contract import check_runtime_ids, onnx_vocabulary
+        from sd2mnn.core.layout import load_component
 
         for name in self.text_encoders:
             model = self._model_file(name)
@@ -595,7 +595,7 @@ class Pipeline:
     def _output_shapes(self) -> dict[str, dict[str, list[int]]]:
         """The models' output shapes as their files declare them (MNN: read in a child process),
         and each text encoder's vocabulary on the way; for a model not loaded yet, its inputs'."""
-        from sd2mnn.contract import onnx_vocabulary, read_tensors
+        from sd2mnn.core.contract import onnx_vocabulary, read_tensors
 
         if self.runtime == "mnn":
             specs = {n: self.family.components[n] for n in self.components}
@@ -609,7 +609,7 @@ class Pipeline:
                                          "--overwrite), or check it with sd2mnn verify")
                     model.declared_inputs = {t: v["shape"] for t, v in tensors[name].items() if t in specs[name].inputs}
             return {n: {t: v["shape"] for t, v in tensors[n].items() if t in specs[n].outputs} for n in self.components}
-        from sd2mnn.layout import load_component
+        from sd2mnn.core.layout import load_component
 
         self.vocabularies = {n: onnx_vocabulary(self._model_file(n)) for n in self.text_encoders}
         return {n: {o.name: [d if isinstance(d, int) and d > 0 else -1 for d in o.shape]
@@ -774,12 +774,12 @@ def declared_image_size(source: str | os.PathLike, runtime: str, family: Family)
     (None where it is not fixed or not readable)."""
     source, spec = Path(source), family.components["vae_decoder"]
     if runtime == "mnn":
-        from sd2mnn.contract import read_tensors
+        from sd2mnn.core.contract import read_tensors
 
         found = read_tensors({"d": (source / spec.mnn_name, ["sample"])})["d"] or {}
         shape = ((found.get("tensors") or {}).get("sample") or {}).get("shape") or []
     else:
-        from sd2mnn.layout import load_component
+        from sd2mnn.core.layout import load_component
 
         try:
             outputs = load_component(source, "vae_decoder", family).summary.outputs

@@ -12,11 +12,11 @@ import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sd2mnn.converter import Converter
-from sd2mnn.converter_flags import CONVERTER_FLAGS, check_extra_value, check_values, converter_words
+from sd2mnn.conversion.converter import Converter
+from sd2mnn.conversion.converter_flags import CONVERTER_FLAGS, check_extra_value, check_values, converter_words
 from sd2mnn.errors import InputError
-from sd2mnn.layout import ComponentSource, OnnxPipeline
-from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest
+from sd2mnn.core.layout import ComponentSource, OnnxPipeline
+from sd2mnn.core.manifest import ComponentRecord, FileRecord, Manifest
 
 # Flags sd2mnn sets itself for every component; EXTRA may not override them.
 _RESERVED_FLAGS = ("-f", "--framework", "--modelFile", "--MNNModel", "--saveExternalData", "--prototxt")
@@ -53,7 +53,7 @@ class ConvertOptions:
     """Everything a conversion can be asked for. Paths are the only thing not in here."""
 
     components: tuple[str, ...] | None = None  # None: the pipeline family's defaults
-    # The converter flags sd2mnn names (sd2mnn.converter_flags: one row each, unset by default).
+    # The converter flags sd2mnn names (sd2mnn.conversion.converter_flags: one row each, unset by default).
     weight_quant_bits: int | None = None
     weight_quant_block: int | None = None
     weight_quant_asymmetric: bool = False

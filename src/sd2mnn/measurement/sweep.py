@@ -1,13 +1,13 @@
-"""``sd2mnn.sweep``: convert one ONNX pipeline several ways, and say which way to ship.
+"""``sd2mnn.measurement.sweep``: convert one ONNX pipeline several ways, and say which way to ship.
 
 Each variant is a named set of MNNConvert flags (VARIANTS; add your own as NAME=FLAGS, or as a
 dict in Python). For each one, in OUT_DIR/<variant>/:
 
     convert   sd2mnn.convert, incremental: a rerun reuses every component already converted
               with the same flags, so only new or changed variants cost a conversion
-    verify    sd2mnn.verification.verify against the ONNX models (per component, the worst
+    verify    sd2mnn.verification.verify.verify against the ONNX models (per component, the worst
               output's PSNR and cosine)
-    bench     sd2mnn.bench on MNN (steady-run median per component)
+    bench     sd2mnn.measurement.bench on MNN (steady-run median per component)
 
 A variant that fails at any stage is reported with the stage and the reason, and the sweep goes
 on. ONNX Runtime is benchmarked once, on the same inputs, as the reference row.
@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from sd2mnn.converter_flags import BY_SPELLING
+from sd2mnn.conversion.converter_flags import BY_SPELLING
 from sd2mnn.errors import InputError, Sd2MnnError
-from sd2mnn.layout import folder_family, parse_components
-from sd2mnn.plan import ConvertOptions
-from sd2mnn.progress import NullProgress, Progress
-from sd2mnn.verification import DEFAULT_THRESHOLDS
+from sd2mnn.core.layout import folder_family, parse_components
+from sd2mnn.conversion.plan import ConvertOptions
+from sd2mnn.core.progress import NullProgress, Progress
+from sd2mnn.verification.verify import DEFAULT_THRESHOLDS
 
 
 @dataclass(frozen=True)
@@ -270,9 +270,9 @@ def recommend(variants: list[VariantResult], min_psnr: float) -> tuple[str | Non
 
 def _run_variant(variant: Variant, onnx_dir: Path, out_dir: Path, names: tuple[str, ...], settings: dict,
                  progress: Progress) -> VariantResult:
-    from sd2mnn.bench import bench
-    from sd2mnn.conversion import convert
-    from sd2mnn.verification import verify
+    from sd2mnn.measurement.bench import bench
+    from sd2mnn.conversion.convert import convert
+    from sd2mnn.verification.verify import verify
 
     result = VariantResult(variant.name, variant.flags, out_dir / variant.name)
     progress.update(variant.name, "converting", variant.flags or "no flags")
@@ -325,8 +325,8 @@ def sweep(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike,
     defaults). Raises InputError for
     bad arguments; a variant that fails is reported in the result, not raised.
     """
-    from sd2mnn.bench import bench
-    from sd2mnn.layout import load_component
+    from sd2mnn.measurement.bench import bench
+    from sd2mnn.core.layout import load_component
 
     started = time.monotonic()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
@@ -372,9 +372,9 @@ def _check_sources(onnx_dir: Path, names: tuple[str, ...], family) -> list[str]:
     """What MNN's runtime would refuse in every variant (read from the ONNX models, named by the
     bundle file each becomes); an InputError, before any conversion, for ids a text encoder
     cannot take."""
-    from sd2mnn.contract import check_tensors, onnx_vocabulary, runtime_notes, tensor_infos
-    from sd2mnn.layout import load_component
-    from sd2mnn.verify_inputs import prompt_ids, static_shape
+    from sd2mnn.core.contract import check_tensors, onnx_vocabulary, runtime_notes, tensor_infos
+    from sd2mnn.core.layout import load_component
+    from sd2mnn.verification.inputs import prompt_ids, static_shape
 
     sources = {n: load_component(onnx_dir, n, family) for n in names}
     for name, text in sources.items():

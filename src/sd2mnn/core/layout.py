@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd2mnn.errors import InputError
-from sd2mnn.files import confined
+from sd2mnn.core.files import confined
 from sd2mnn.families import SD15, ComponentSpec, Family
-from sd2mnn.onnx_scan import OnnxSummary, scan_onnx
+from sd2mnn.core.onnx_scan import OnnxSummary, scan_onnx
 from sd2mnn.tokenization.folder import tokenizer_folder_files
 
 

@@ -1,6 +1,6 @@
 """Child-process entry point for the MNN Python package's converter.
 
-``python -m sd2mnn._mnnconvert ARGS`` is ``MNNConvert ARGS`` without the package's console
+``python -m sd2mnn.conversion._mnnconvert ARGS`` is ``MNNConvert ARGS`` without the package's console
 script (which pip-installs and phones home). With SD2MNN_NO_NETWORK=1 any socket use raises,
 which proves a conversion needs no network.
 """

@@ -1,7 +1,7 @@
-"""``sd2mnn.bench``: how fast and how big each component of a bundle is on MNN, and on ONNX
+"""``sd2mnn.measurement.bench``: how fast and how big each component of a bundle is on MNN, and on ONNX
 Runtime beside it.
 
-Per component and runtime, a child process (``python -m sd2mnn.bench ...``) imports the runtime,
+Per component and runtime, a child process (``python -m sd2mnn.measurement.bench ...``) imports the runtime,
 loads the model, runs one input once (the first run: MNN sizes its buffers and packs weights
 then), then ``runs`` more times (the steady runs). It reports
 
@@ -15,7 +15,7 @@ then), then ``runs`` more times (the steady runs). It reports
 One child per runtime per component, because a process's peak memory only says something about
 one model when it held nothing else: ONNX Runtime does not give memory back, and MNN's and
 ONNX Runtime's peaks would mix. Both runtimes get the same input, the first of the ones
-``sd2mnn verify`` uses (sd2mnn.verify_inputs); the unet's text embeddings are random here, which
+``sd2mnn verify`` uses (sd2mnn.verification.inputs); the unet's text embeddings are random here, which
 changes nothing for timing. MNN runs on the CPU at ``precision``; ONNX Runtime on its CPU
 provider (fp32), both with ``threads`` intra-op threads.
 
@@ -36,15 +36,15 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from sd2mnn.bundle import check_for_use
-from sd2mnn.contract import check_contract, onnx_vocabulary, runtime_notes
+from sd2mnn.core.bundle import check_for_use
+from sd2mnn.core.contract import check_contract, onnx_vocabulary, runtime_notes
 from sd2mnn.errors import InputError
 from sd2mnn.families import Family
-from sd2mnn.layout import MANIFEST_NAME, folder_family, load_component, parse_components
-from sd2mnn.manifest import read_manifest
-from sd2mnn.sources import check_sources
-from sd2mnn.runtime import PRECISIONS
-from sd2mnn.verify_inputs import build_inputs, component_rng, prompt_ids, static_shape
+from sd2mnn.core.layout import MANIFEST_NAME, folder_family, load_component, parse_components
+from sd2mnn.core.manifest import read_manifest
+from sd2mnn.verification.sources import check_sources
+from sd2mnn.core.runtime import PRECISIONS
+from sd2mnn.verification.inputs import build_inputs, component_rng, prompt_ids, static_shape
 
 RUNTIMES = ("mnn", "onnxruntime")
 MEMORY_METHOD = ("peak RSS (ru_maxrss) of a child process per runtime per component; "
@@ -188,7 +188,7 @@ def _files_bytes(runtime: str, name: str, bundle: Path, onnx_dir: Path | None, f
 def measure(runtime: str, name: str, model: Path, feed: dict, threads: int, precision: str, runs: int,
             workdir: Path, file_bytes: int, family: Family, timeout: float | None = None) -> Timing:
     """Run one model on one runtime in a child process; see the module docstring."""
-    from sd2mnn.children import log_tail, run_module
+    from sd2mnn.core.children import log_tail, run_module
 
     spec = family.components[name]
     timeout = timeout or RUN_TIMEOUT_S
@@ -196,7 +196,7 @@ def measure(runtime: str, name: str, model: Path, feed: dict, threads: int, prec
     np.savez(feeds_path, **feed)
     args = [runtime, model.resolve(), feeds_path, out, ",".join(spec.inputs), ",".join(spec.outputs), threads,
             precision, runs]
-    result = run_module("sd2mnn.bench", args, workdir, timeout, log)
+    result = run_module("sd2mnn.measurement.bench", args, workdir, timeout, log)
     timing = Timing(runtime, file_bytes)
     if result.timed_out:
         timing.error = f"ran past {timeout:g}s and was killed"
@@ -219,7 +219,7 @@ def bench(bundle, onnx_dir=None, components=None, threads: int = 2, precision: s
     A runtime that fails on a component is recorded in its Timing.error (see report.errors), not
     raised. ``timeout``: seconds per child. Raises InputError for missing folders or components.
     """
-    from sd2mnn.progress import NullProgress
+    from sd2mnn.core.progress import NullProgress
 
     started = time.monotonic()
     bundle, onnx_dir = Path(bundle), Path(onnx_dir) if onnx_dir is not None else None
@@ -274,9 +274,9 @@ def _peak_rss() -> int:
 
 
 def _child(argv: list[str]) -> int:
-    """``python -m sd2mnn.bench RUNTIME MODEL FEEDS.npz OUT.json INPUTS OUTPUTS THREADS PRECISION RUNS``"""
+    """``python -m sd2mnn.measurement.bench RUNTIME MODEL FEEDS.npz OUT.json INPUTS OUTPUTS THREADS PRECISION RUNS``"""
     runtime, model, feeds_path, out, inputs, outputs, threads, precision, runs = argv
-    from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
+    from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig
 
     with np.load(feeds_path) as data:
         feed = {k: data[k] for k in data.files}

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from sd2mnn.errors import InputError
-from sd2mnn.files import read_user_text
+from sd2mnn.core.files import read_user_text
 from sd2mnn.families import Family
-from sd2mnn.layout import bundle_mtok
+from sd2mnn.core.layout import bundle_mtok
 from sd2mnn.tokenization.prompt_ids import PromptIds
 
 # Below what a default bundle reaches on the built-in prompts (README: "Conditioning": 98.5% of
@@ -109,7 +109,7 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
     end-of-word .mtok does; T5's diffusers scheme changes no text encoder to show it by)."""
     import tempfile
 
-    from sd2mnn._verify_pass import run_pass
+    from sd2mnn.verification._pass import run_pass
     prompts = prompts if prompts is not None else builtin_prompts()
     component = component or family.text_encoder
     ids = PromptIds.for_bundle((Path(mnn_dir) / bundle_mtok(family, component)).parent,

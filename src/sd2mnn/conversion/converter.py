@@ -3,7 +3,7 @@
 Two kinds exist: an ``MNNConvert`` executable (built from MNN's sources, or found on PATH) and the
 ``MNN`` Python package's ``_tools.mnnconvert``. The package's ``mnnconvert`` console script is
 never used: it pip-installs a logging SDK and uploads telemetry. The package backend runs in a
-child Python (``sd2mnn._mnnconvert``) so its C++ output is captured at the file-descriptor level
+child Python (``sd2mnn.conversion._mnnconvert``) so its C++ output is captured at the file-descriptor level
 and a crash cannot take sd2mnn down.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Converter:
         """The child command line that runs the converter with ``args``."""
         if self.kind == EXECUTABLE:
             return [self.location, *args]
-        return [sys.executable, "-m", "sd2mnn._mnnconvert", *args]
+        return [sys.executable, "-m", "sd2mnn.conversion._mnnconvert", *args]
 
     @property
     def version(self) -> str:

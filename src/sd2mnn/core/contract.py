@@ -26,7 +26,7 @@ the same rules to shapes read elsewhere (an ONNX folder, loaded models), so gene
 sweep can say what the runtime would refuse.
 
 Reading an .mnn's tensors (``MNN.expr.load_as_dict``) happens in a child process
-(``python -m sd2mnn.contract REQUEST.json OUT.json``), so neither a multi-GB model nor a file that
+(``python -m sd2mnn.core.contract REQUEST.json OUT.json``), so neither a multi-GB model nor a file that
 crashes MNN can hurt the caller.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, Family, PromptFormat
-from sd2mnn.layout import bundle_mtoks, folder_family
+from sd2mnn.core.layout import bundle_mtoks, folder_family
 
 # Each SD1.x family's text length and BOS/EOS: the families' facts (sd2mnn.families), by the text
 # length a converted text encoder shows.
@@ -125,12 +125,12 @@ def _describe_tensors(model: Path, names: list[str]) -> dict:
 
 
 def _read_in_child(requests: dict[str, tuple[Path, list[str]]], timeout: float) -> dict[str, dict] | None:
-    from sd2mnn.children import run_module
+    from sd2mnn.core.children import run_module
 
     with tempfile.TemporaryDirectory(prefix="sd2mnn-contract-") as tmp:
         request, out = Path(tmp) / "request.json", Path(tmp) / "tensors.json"
         request.write_text(json.dumps({k: [str(p.resolve()), names] for k, (p, names) in requests.items()}))
-        done = run_module("sd2mnn.contract", [str(request), str(out)], Path(tmp), timeout=timeout)
+        done = run_module("sd2mnn.core.contract", [str(request), str(out)], Path(tmp), timeout=timeout)
         return json.loads(out.read_text()) if done.returncode == 0 and out.is_file() else None
 
 
@@ -402,7 +402,7 @@ def check_contract(mnn_dir: str | Path, components: tuple[str, ...] | list[str] 
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m sd2mnn.contract REQUEST.json RESULT.json``: {key: [model, names]} -> {key: info}."""
+    """``python -m sd2mnn.core.contract REQUEST.json RESULT.json``: {key: [model, names]} -> {key: info}."""
     request, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
     result = {}
     for key, (model, names) in request.items():

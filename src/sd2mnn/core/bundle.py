@@ -11,7 +11,7 @@ A run that fails keeps ``pending/`` so the next run resumes from it; everything 
 removed. The commit moves each file into place with one rename, the manifest last.
 
 A bundle comes from a folder the user may have been handed: the work area, each pending record
-and every path they name are confined to the bundle (``sd2mnn.files.confined``), and a bundle is
+and every path they name are confined to the bundle (``sd2mnn.core.files.confined``), and a bundle is
 checked against its manifest before it is used (``check_for_use``).
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sd2mnn.errors import BundleLockedError, DiskSpaceError, InputError, Sd2MnnError, UnsafeModelError
-from sd2mnn.files import confined
-from sd2mnn.layout import MANIFEST_NAME, bundle_mtoks
-from sd2mnn.manifest import ComponentRecord, Manifest, read_manifest
+from sd2mnn.core.files import confined
+from sd2mnn.core.layout import MANIFEST_NAME, bundle_mtoks
+from sd2mnn.core.manifest import ComponentRecord, Manifest, read_manifest
 
 WORK_AREA = ".sd2mnn"
 RECORD_NAME = "record.json"

@@ -1,6 +1,6 @@
 """Child-process check that a converted model loads in MNN as the runtime loads it.
 
-``python -m sd2mnn._probe MODEL.mnn RESULT.json --inputs a,b --outputs c`` writes the inputs'
+``python -m sd2mnn.conversion._probe MODEL.mnn RESULT.json --inputs a,b --outputs c`` writes the inputs'
 and outputs' names, shapes and dtypes to RESULT.json, or exits non-zero with the reason on
 stderr. It runs apart from sd2mnn so a crash in MNN cannot take sd2mnn down.
 

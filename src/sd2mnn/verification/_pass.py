@@ -1,7 +1,7 @@
 """Run one model on one runtime over a list of feeds: load, run them all, free.
 
-``run_pass`` does it in this process or, with ``isolate``, in a child (sd2mnn.children.run_module:
-``python -m sd2mnn._verify_pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS``): ONNX
+``run_pass`` does it in this process or, with ``isolate``, in a child (sd2mnn.core.children.run_module:
+``python -m sd2mnn.verification._pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS``): ONNX
 Runtime does not give a multi-GB model's memory back, and a child's ends with it. Feeds and
 outputs travel as .npz files; the child's peak memory comes from wait4.
 """
@@ -33,7 +33,7 @@ class PassError(Exception):
 
 
 def _load(runtime: str, model: Path, inputs: list[str], outputs: list[str], threads: int):
-    from sd2mnn.runtime import MnnModel, OrtModel, RuntimeConfig
+    from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig
 
     if runtime == "onnxruntime":
         return OrtModel(model, threads=threads)
@@ -70,12 +70,12 @@ def _run_in_process(runtime, model, inputs, outputs, feeds, threads, quiet=True)
 
 
 def _run_in_child(runtime, model, inputs, outputs, feeds, threads, workdir: Path, timeout: float):
-    from sd2mnn.children import log_tail, run_module
+    from sd2mnn.core.children import log_tail, run_module
 
     feeds_path, out_path, log = workdir / f"{runtime}-in.npz", workdir / f"{runtime}-out.npz", workdir / f"{runtime}.log"
     np.savez(feeds_path, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
     args = [runtime, model.resolve(), feeds_path, out_path, ",".join(inputs), ",".join(outputs), threads]
-    result = run_module("sd2mnn._verify_pass", args, workdir, timeout, log)
+    result = run_module("sd2mnn.verification._pass", args, workdir, timeout, log)
     if result.timed_out:
         raise PassError(f"{model.name}: ran past {timeout:g}s and was killed")
     if result.returncode != 0 or not out_path.is_file():
@@ -106,7 +106,7 @@ def run_pass(runtime: str, model: Path, inputs: list[str], outputs: list[str], f
 
 
 def main(argv: list[str]) -> int:
-    """``python -m sd2mnn._verify_pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS``."""
+    """``python -m sd2mnn.verification._pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS``."""
     runtime, model, feeds_path, out_path, inputs, outputs, threads = argv
     inputs, outputs = inputs.split(","), outputs.split(",")
     with np.load(feeds_path) as data:

@@ -1,7 +1,7 @@
 """``sd2mnn.convert``: an ONNX pipeline folder to an MNN bundle, checked, atomically.
 
 plan (what to convert, reuse or resume) -> run (child converters, each output loaded in MNN)
--> commit (files into place, manifest last) -> report. See bundle.py for the on-disk protocol.
+-> commit (files into place, manifest last) -> report. See sd2mnn.core.bundle for the on-disk protocol.
 """
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ from pathlib import Path
 
 from sd2mnn import families
 from sd2mnn._version import __version__
-from sd2mnn.bundle import WORK_AREA, BundleDir
-from sd2mnn.children import Child, ChildResult, child_env, interrupts_deferred, log_tail
-from sd2mnn.converter import find_converter
+from sd2mnn.core.bundle import WORK_AREA, BundleDir
+from sd2mnn.core.children import Child, ChildResult, child_env, interrupts_deferred, log_tail
+from sd2mnn.conversion.converter import find_converter
 from sd2mnn.errors import (ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError,
                            os_errors_as_one_line)
-from sd2mnn.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bundle_mtok, bundle_mtoks,
+from sd2mnn.core.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bundle_mtok, bundle_mtoks,
                            check_component_names, open_onnx_pipeline, split_components,
                            tokenizer_folder_files)
-from sd2mnn.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
-from sd2mnn.onnx_scan import TensorSpec, check_external_data
-from sd2mnn.plan import (
+from sd2mnn.core.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
+from sd2mnn.core.onnx_scan import TensorSpec, check_external_data
+from sd2mnn.conversion.plan import (
     OUTPUT_PER_SOURCE_BYTE,
     ComponentJob,
     ConversionPlan,
@@ -41,7 +41,7 @@ from sd2mnn.plan import (
     expected_peak,
     plan_conversion,
 )
-from sd2mnn.progress import NullProgress, Progress
+from sd2mnn.core.progress import NullProgress, Progress
 from sd2mnn.tokenization.id_rewrite import TextEncoderPrefix, load_rewrite
 from sd2mnn.tokenization.writer import write_mtok
 
@@ -85,6 +85,10 @@ class ConversionReport:
         }
 
 
+# ConvertOptions fields under the names they had before: former name -> field.
+FORMER_OPTION_NAMES = {"tokenizer": "tokenizer_scheme"}
+
+
 def convert(
     onnx_dir: str | os.PathLike,
     mnn_dir: str | os.PathLike,
@@ -97,13 +101,14 @@ def convert(
     Options come as a ``ConvertOptions`` or as its fields by keyword
     (``convert(src, dst, weight_quant_bits=8)``). Raises an ``Sd2MnnError`` subclass on bad
     input or a failed conversion, leaving ``mnn_dir`` as it was. Exporting a diffusers model
-    first (``sd2mnn.export``) and verifying afterwards (``sd2mnn.verification``) are separate
+    first (``sd2mnn.exporting.export``) and verifying afterwards (``sd2mnn.verification.verify``) are separate
     steps; the command line composes them.
     """
     if "components" in overrides:
         overrides["components"] = split_components(overrides["components"])
-    if "tokenizer" in overrides:  # tokenizer_scheme's former name: scripts that pass it keep working
-        overrides["tokenizer_scheme"] = overrides.pop("tokenizer")
+    for former, field_name in FORMER_OPTION_NAMES.items():  # scripts that pass a former name keep working
+        if former in overrides:
+            overrides[field_name] = overrides.pop(former)
     options = replace(options or ConvertOptions(), **overrides)
     progress = progress or NullProgress()
     for path, what in ((onnx_dir, "ONNX_DIR"), (mnn_dir, "MNN_DIR")):
@@ -298,7 +303,7 @@ def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict
 def _probe(running: _Running, plan: ConversionPlan, env: dict) -> Child:
     spec = running.job.source.spec
     argv = [
-        sys.executable, "-m", "sd2mnn._probe", str(running.output), str(running.scratch / "probe.json"),
+        sys.executable, "-m", "sd2mnn.conversion._probe", str(running.output), str(running.scratch / "probe.json"),
         "--inputs", ",".join(spec.inputs), "--outputs", ",".join(spec.outputs),
     ]
     return Child(argv, running.scratch, running.log, env=env, timeout=plan.options.timeout)
