@@ -270,7 +270,7 @@ def flow_conditioning(onnx_root: Path, mnn_root: Path, embedded: int) -> None:
     """The CLIP tokenizers of the mnn flow bundle, checked as verify checks a bundle's (ids on the
     built-in corpus; the text embeddings of ``embedded`` differing prompts through both chains)."""
     sys.path.insert(0, str(ROOT / "src"))
-    from sd2mnn.verification.verify import conditioning as verify_conditioning
+    from sd2mnn.verification import conditioning as verify_conditioning
     from sd2mnn.families.sd35 import SD35
 
     verify_conditioning.EMBEDDED_DIFFERING = embedded  # CLIP-G at full size: a few seconds per prompt and runtime

@@ -391,7 +391,7 @@ def test_conversion_needs_no_network(demo_onnx, tmp_path, monkeypatch):
 
 
 def test_not_enough_disk_space(demo_onnx, tmp_path, monkeypatch):
-    from sd2mnn.conversion.convert import convert as conversion
+    from sd2mnn.conversion import convert as conversion
 
     real = shutil.disk_usage
     monkeypatch.setattr(conversion.shutil, "disk_usage",

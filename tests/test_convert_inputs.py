@@ -308,7 +308,7 @@ def test_bad_tokenizer_fails_before_any_converter(onnx_copy, tmp_path):
 def test_disk_space_check_counts_the_tokenizer(bundle_copy, demo_onnx, monkeypatch):
     """Everything reused: the run still writes the tokenizer files and the manifest."""
     import sd2mnn
-    from sd2mnn.conversion.convert import convert as conversion
+    from sd2mnn.conversion import convert as conversion
     from sd2mnn.errors import DiskSpaceError
 
     before = tree_state(bundle_copy)

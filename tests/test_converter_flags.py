@@ -21,9 +21,9 @@ from sd2mnn.measurement.sweep import VARIANTS, Variant
 from sd2mnn.verification.verify import _precision
 
 # ConvertOptions fields that are not converter flags: what to convert and how to run it.
-RUN_FIELDS = {"components", "extra", "converter", "force", "jobs", "timeout", "tokenizer"}
+RUN_FIELDS = {"components", "extra", "converter", "force", "jobs", "timeout", "tokenizer_scheme"}
 # The modules that used to spell these flags themselves.
-READERS = ("plan.py", "sweep.py", "verification.py", "cli/convert.py")
+READERS = ("conversion/plan.py", "measurement/sweep.py", "verification/verify.py", "cli/convert.py")
 
 
 def _set_value(flag: ConverterFlag):

@@ -5,9 +5,9 @@ dict in Python). For each one, in OUT_DIR/<variant>/:
 
     convert   sd2mnn.convert, incremental: a rerun reuses every component already converted
               with the same flags, so only new or changed variants cost a conversion
-    verify    sd2mnn.verification.verify.verify against the ONNX models (per component, the worst
+    verify    sd2mnn.verify against the ONNX models (per component, the worst
               output's PSNR and cosine)
-    bench     sd2mnn.measurement.bench on MNN (steady-run median per component)
+    bench     sd2mnn.bench on MNN (steady-run median per component)
 
 A variant that fails at any stage is reported with the stage and the reason, and the sweep goes
 on. ONNX Runtime is benchmarked once, on the same inputs, as the reference row.
