@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sd2mnn.errors import InputError
 from sd2mnn.core.images import probe_folder
+from sd2mnn.errors import InputError
 
 
 def check_folder(path: str | Path, what: str, flag: str = "") -> Path:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sd2mnn.measurement.bench import BenchReport, Timing, bench
 from sd2mnn.cli._checks import check_at_least, check_folder, check_positive, check_seed
 from sd2mnn.cli._common import human_bytes, print_json, table, terminate_as_interrupt
 from sd2mnn.core.progress import make_progress
 from sd2mnn.core.runtime import PRECISIONS
+from sd2mnn.measurement.bench import BenchReport, Timing, bench
 
 EPILOG = """measures, per component and runtime, each in its own child process:
   load      building the MNN module / ONNX Runtime session (the library import not counted)

@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 
 from sd2mnn.cli._common import add_overwrite_flag, native_stdout_to_stderr, print_json, table
-from sd2mnn.errors import InputError
 from sd2mnn.core.files import check_replaceable
 from sd2mnn.core.images import check_diff_path, compare_pixels, read_image
+from sd2mnn.errors import InputError
 
 
 def register(subparsers) -> None:

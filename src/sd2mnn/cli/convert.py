@@ -11,11 +11,11 @@ from sd2mnn.cli._checks import check_output_folder
 from sd2mnn.cli._common import add_overwrite_flag, human_bytes, print_json, table, terminate_as_interrupt
 from sd2mnn.conversion.convert import ConversionReport, check_before_export, convert
 from sd2mnn.conversion.converter_flags import CONVERTER_FLAGS
-from sd2mnn.errors import InputError, os_errors_as_one_line
+from sd2mnn.conversion.plan import ConvertOptions
 from sd2mnn.core.files import check_replaceable, is_inside
 from sd2mnn.core.layout import component_choices, split_components
-from sd2mnn.conversion.plan import ConvertOptions
 from sd2mnn.core.progress import make_progress
+from sd2mnn.errors import InputError, os_errors_as_one_line
 
 EXAMPLES = """examples:
   sd2mnn convert onnx/ mnn/                              fp32, every component the runtime loads

@@ -7,11 +7,11 @@ from sd2mnn.cli._common import add_overwrite_flag, terminate_as_interrupt
 from sd2mnn.cli.convert import print_report
 from sd2mnn.conversion.convert import convert
 from sd2mnn.core.demo import demo_pipeline_dir
-from sd2mnn.errors import InputError
 from sd2mnn.core.files import OVERWRITE_FLAG
 from sd2mnn.core.layout import MANIFEST_NAME
 from sd2mnn.core.manifest import read_manifest
 from sd2mnn.core.progress import make_progress
+from sd2mnn.errors import InputError
 
 
 def register(subparsers) -> None:

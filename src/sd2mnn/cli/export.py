@@ -7,8 +7,8 @@ from pathlib import Path
 
 from sd2mnn import families
 from sd2mnn.cli._common import add_overwrite_flag, terminate_as_interrupt
-from sd2mnn.exporting.export import KNOWN_COMPONENTS, ExportOptions, export
 from sd2mnn.core.layout import component_choices
+from sd2mnn.exporting.export import KNOWN_COMPONENTS, ExportOptions, export
 
 EPILOG = """\
 MODEL is a local diffusers folder (model_index.json) or a .safetensors/.ckpt checkpoint in the

@@ -11,9 +11,9 @@ from typing import TextIO
 import numpy as np
 
 from sd2mnn.cli._common import add_overwrite_flag, native_stdout_to_stderr, print_json, terminate_as_interrupt
-from sd2mnn.errors import InputError
 from sd2mnn.core.files import check_replaceable
 from sd2mnn.core.images import check_png_path, probe_folder, write_failure
+from sd2mnn.errors import InputError
 from sd2mnn.generation.noise import METHODS
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS
 
@@ -179,8 +179,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path, progress: StepProgress | None):
     from sd2mnn import families
-    from sd2mnn.generation.pipeline import (GenerationParams, Pipeline, check_image_size, declared_image_size, load_latents,
-                                 mnn_runtime_config)
+    from sd2mnn.generation.pipeline import (GenerationParams, Pipeline, check_image_size, declared_image_size,
+                                            load_latents, mnn_runtime_config)
 
     family = families.detect(source) if source.is_dir() else families.SD15  # else Pipeline says what is wrong
     # A .txt holds bare numbers: its shape is the models', known once they are loaded.

@@ -9,12 +9,12 @@ from sd2mnn.cli._checks import (check_at_least, check_finite, check_folder, chec
                                 check_positive, check_seed)
 from sd2mnn.cli._common import add_overwrite_flag, print_json, table, terminate_as_interrupt
 from sd2mnn.conversion.converter import find_converter
-from sd2mnn.errors import InputError
 from sd2mnn.core.files import check_replaceable
 from sd2mnn.core.images import write_failure
 from sd2mnn.core.layout import component_choices
 from sd2mnn.core.progress import make_progress
 from sd2mnn.core.runtime import PRECISIONS
+from sd2mnn.errors import InputError
 from sd2mnn.measurement.sweep import DEFAULT_MIN_PSNR, DEFAULT_VARIANTS, VARIANTS, SweepReport, plot, sweep
 
 

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 from sd2mnn.cli._common import add_overwrite_flag, print_json, table, terminate_as_interrupt
-from sd2mnn.errors import InputError, VerificationError
 from sd2mnn.core.files import check_replaceable
 from sd2mnn.core.layout import MANIFEST_NAME, component_choices
 from sd2mnn.core.progress import make_progress
-from sd2mnn.verification.verify import DEFAULT_THRESHOLDS, REPORT_FILES, VerificationReport, verify
+from sd2mnn.errors import InputError, VerificationError
 from sd2mnn.verification.conditioning import read_prompts
+from sd2mnn.verification.verify import DEFAULT_THRESHOLDS, REPORT_FILES, VerificationReport, verify
 
 
 def _defaults_text() -> str:

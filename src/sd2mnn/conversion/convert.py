@@ -12,36 +12,26 @@ import os
 import re
 import shutil
 import sys
-import time
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sd2mnn import families
 from sd2mnn._version import __version__
+from sd2mnn.conversion.converter import find_converter
+from sd2mnn.conversion.plan import (OUTPUT_PER_SOURCE_BYTE, ComponentJob, ConversionPlan, ConvertOptions,
+                                    check_extra_flags, converter_argv, converter_identity, default_jobs, expected_peak,
+                                    plan_conversion)
 from sd2mnn.core.bundle import WORK_AREA, BundleDir
 from sd2mnn.core.children import Child, ChildResult, child_env, interrupts_deferred, log_tail
-from sd2mnn.conversion.converter import find_converter
-from sd2mnn.errors import (ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError,
-                           os_errors_as_one_line)
 from sd2mnn.core.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bundle_mtok, bundle_mtoks,
-                           check_component_names, open_onnx_pipeline, split_components,
-                           tokenizer_folder_files)
+                                check_component_names, open_onnx_pipeline, split_components, tokenizer_folder_files)
 from sd2mnn.core.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
 from sd2mnn.core.onnx_scan import TensorSpec, check_external_data
-from sd2mnn.conversion.plan import (
-    OUTPUT_PER_SOURCE_BYTE,
-    ComponentJob,
-    ConversionPlan,
-    ConvertOptions,
-    check_extra_flags,
-    converter_argv,
-    converter_identity,
-    default_jobs,
-    expected_peak,
-    plan_conversion,
-)
 from sd2mnn.core.progress import NullProgress, Progress
+from sd2mnn.errors import (ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError,
+                           os_errors_as_one_line)
 from sd2mnn.tokenization.id_rewrite import TextEncoderPrefix, load_rewrite
 from sd2mnn.tokenization.writer import write_mtok
 
@@ -101,8 +91,8 @@ def convert(
     Options come as a ``ConvertOptions`` or as its fields by keyword
     (``convert(src, dst, weight_quant_bits=8)``). Raises an ``Sd2MnnError`` subclass on bad
     input or a failed conversion, leaving ``mnn_dir`` as it was. Exporting a diffusers model
-    first (``sd2mnn.exporting.export``) and verifying afterwards (``sd2mnn.verification.verify``) are separate
-    steps; the command line composes them.
+    first (``sd2mnn.export``) and verifying afterwards (``sd2mnn.verify``) are separate steps; the
+    command line composes them.
     """
     if "components" in overrides:
         overrides["components"] = split_components(overrides["components"])

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from sd2mnn.conversion.converter import Converter
 from sd2mnn.conversion.converter_flags import CONVERTER_FLAGS, check_extra_value, check_values, converter_words
-from sd2mnn.errors import InputError
 from sd2mnn.core.layout import ComponentSource, OnnxPipeline
 from sd2mnn.core.manifest import ComponentRecord, FileRecord, Manifest
+from sd2mnn.errors import InputError
 
 # Flags sd2mnn sets itself for every component; EXTRA may not override them.
 _RESERVED_FLAGS = ("-f", "--framework", "--modelFile", "--MNNModel", "--saveExternalData", "--prototxt")

@@ -25,10 +25,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sd2mnn.errors import BundleLockedError, DiskSpaceError, InputError, Sd2MnnError, UnsafeModelError
 from sd2mnn.core.files import confined
 from sd2mnn.core.layout import MANIFEST_NAME, bundle_mtoks
 from sd2mnn.core.manifest import ComponentRecord, Manifest, read_manifest
+from sd2mnn.errors import BundleLockedError, DiskSpaceError, InputError, Sd2MnnError, UnsafeModelError
 
 WORK_AREA = ".sd2mnn"
 RECORD_NAME = "record.json"

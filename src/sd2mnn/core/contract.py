@@ -37,9 +37,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sd2mnn.core.layout import bundle_mtoks, folder_family
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, Family, PromptFormat
-from sd2mnn.core.layout import bundle_mtoks, folder_family
 
 # Each SD1.x family's text length and BOS/EOS: the families' facts (sd2mnn.families), by the text
 # length a converted text encoder shows.

@@ -20,12 +20,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd2mnn.errors import InputError
 from sd2mnn.core.files import confined
-from sd2mnn.families import SD15, ComponentSpec, Family
 from sd2mnn.core.onnx_scan import OnnxSummary, scan_onnx
+from sd2mnn.errors import InputError
+from sd2mnn.families import SD15, ComponentSpec, Family
 from sd2mnn.tokenization.folder import tokenizer_folder_files
-
 
 TOKENIZER_DIR = "tokenizer"
 MTOK_NAME = "tokenizer.mtok"

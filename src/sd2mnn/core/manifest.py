@@ -17,9 +17,9 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from sd2mnn.errors import InputError
 from sd2mnn.core.files import confined
 from sd2mnn.core.onnx_scan import TensorSpec
+from sd2mnn.errors import InputError
 
 MANIFEST_FORMAT = 1
 _CHUNK = 8 << 20

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from sd2mnn.errors import InputError
-from sd2mnn.exporting.export import _Job, _config, _load, _text_ids, _vae_factor
 from sd2mnn.exporters import Exporter, MemoryTerms
 from sd2mnn.exporters.vae import text_encoder_terms, vae_decoder_job, vae_terms
+from sd2mnn.exporting.export import _config, _Job, _load, _text_ids, _vae_factor
 from sd2mnn.families import SD35Dims
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd2mnn.exporting.export import _Job, _config, _load
 from sd2mnn.exporters import MemoryTerms
+from sd2mnn.exporting.export import _config, _Job, _load
 
 
 def _vae_wrappers():

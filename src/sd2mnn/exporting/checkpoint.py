@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from sd2mnn import families
+from sd2mnn.core.files import read_json_object
 from sd2mnn.errors import InputError, UnsafeModelError
 from sd2mnn.families import Family
-from sd2mnn.core.files import read_json_object
 
 SUFFIXES = (".safetensors", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

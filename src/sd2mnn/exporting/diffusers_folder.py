@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sd2mnn.core.files import confined_tree, read_json_object
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, Family
-from sd2mnn.core.files import confined_tree, read_json_object
 
 FIX = "re-download the model"
 LINK_FIX = "copy the files into the model's folder (no links that leave it)"

@@ -68,13 +68,10 @@ from pathlib import Path
 from typing import Callable
 
 from sd2mnn import families
-
-from sd2mnn.exporting import checkpoint
-
-from sd2mnn.exporting import diffusers_folder
 from sd2mnn.core.children import interrupts_deferred
-from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError, os_errors_as_one_line
 from sd2mnn.core.files import is_inside, read_json_object
+from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError, os_errors_as_one_line
+from sd2mnn.exporting import checkpoint, diffusers_folder
 from sd2mnn.families import FAMILIES, Family
 
 # Every component some family exports.

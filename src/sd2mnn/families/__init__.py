@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sd2mnn.errors import InputError
 from sd2mnn.core.files import read_json_object
 from sd2mnn.core.manifest import read_manifest
 from sd2mnn.core.onnx_scan import scan_onnx
-from sd2mnn.tokenization.folder import tokenizer_folder_files, tokenizer_kind
-from sd2mnn.tokenization.reader import MTOK_NAME, read_mtok_model_kind
+from sd2mnn.errors import InputError
 from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, TensorShapes
 from sd2mnn.families.sd35 import SD35, SD35Dims
 from sd2mnn.families.stable_diffusion import SD15, TAIYI
+from sd2mnn.tokenization.folder import tokenizer_folder_files, tokenizer_kind
+from sd2mnn.tokenization.reader import MTOK_NAME, read_mtok_model_kind
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD15, TAIYI, SD35)}
 

@@ -51,8 +51,8 @@ class SD35Dims:
     def from_configs(cls, folder: str | Path) -> "SD35Dims":
         """The dims of a diffusers StableDiffusion3Pipeline folder, from its config.json files
         (text_encoder_3 may be absent: T5's width is then the transformer's joint width)."""
-        from sd2mnn.errors import InputError
         from sd2mnn.core.files import read_json_object
+        from sd2mnn.errors import InputError
 
         folder = Path(folder)
 

@@ -32,18 +32,17 @@ from typing import Callable
 
 import numpy as np
 
-from sd2mnn._version import __version__
-from sd2mnn.core.contract import check_vocabulary
-from sd2mnn.errors import InputError, MissingExtraError
-from sd2mnn.core.files import read_user_text
-from sd2mnn.core.layout import MANIFEST_NAME, MTOK_NAME, bundle_mtok, bundle_mtoks
-from sd2mnn.core.bundle import check_for_use
-from sd2mnn.core.files import confined
-from sd2mnn.core.manifest import FileRecord, read_manifest
-from sd2mnn.generation.noise import LATENT_SHAPE, METHODS, initial_noise
-from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig, check_mnn_files, mnn_runtime_manager
 from sd2mnn import families, recipes, schedulers
+from sd2mnn._version import __version__
+from sd2mnn.core.bundle import check_for_use
+from sd2mnn.core.contract import check_vocabulary
+from sd2mnn.core.files import confined, read_user_text
+from sd2mnn.core.layout import MANIFEST_NAME, MTOK_NAME, bundle_mtok, bundle_mtoks
+from sd2mnn.core.manifest import FileRecord, read_manifest
+from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig, check_mnn_files, mnn_runtime_manager
+from sd2mnn.errors import InputError, MissingExtraError
 from sd2mnn.families import Family
+from sd2mnn.generation.noise import LATENT_SHAPE, METHODS, initial_noise
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS, clamp_steps
 from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME
 from sd2mnn.tokenization.prompt_ids import PromptIds

@@ -38,13 +38,13 @@ import numpy as np
 
 from sd2mnn.core.bundle import check_for_use
 from sd2mnn.core.contract import check_contract, onnx_vocabulary, runtime_notes
-from sd2mnn.errors import InputError
-from sd2mnn.families import Family
 from sd2mnn.core.layout import MANIFEST_NAME, folder_family, load_component, parse_components
 from sd2mnn.core.manifest import read_manifest
-from sd2mnn.verification.sources import check_sources
 from sd2mnn.core.runtime import PRECISIONS
+from sd2mnn.errors import InputError
+from sd2mnn.families import Family
 from sd2mnn.verification.inputs import build_inputs, component_rng, prompt_ids, static_shape
+from sd2mnn.verification.sources import check_sources
 
 RUNTIMES = ("mnn", "onnxruntime")
 MEMORY_METHOD = ("peak RSS (ru_maxrss) of a child process per runtime per component; "

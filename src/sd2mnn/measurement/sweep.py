@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from sd2mnn.conversion.converter_flags import BY_SPELLING
-from sd2mnn.errors import InputError, Sd2MnnError
-from sd2mnn.core.layout import folder_family, parse_components
 from sd2mnn.conversion.plan import ConvertOptions
+from sd2mnn.core.layout import folder_family, parse_components
 from sd2mnn.core.progress import NullProgress, Progress
+from sd2mnn.errors import InputError, Sd2MnnError
 from sd2mnn.verification.verify import DEFAULT_THRESHOLDS
 
 
@@ -270,8 +270,8 @@ def recommend(variants: list[VariantResult], min_psnr: float) -> tuple[str | Non
 
 def _run_variant(variant: Variant, onnx_dir: Path, out_dir: Path, names: tuple[str, ...], settings: dict,
                  progress: Progress) -> VariantResult:
-    from sd2mnn.measurement.bench import bench
     from sd2mnn.conversion.convert import convert
+    from sd2mnn.measurement.bench import bench
     from sd2mnn.verification.verify import verify
 
     result = VariantResult(variant.name, variant.flags, out_dir / variant.name)
@@ -325,8 +325,8 @@ def sweep(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike,
     defaults). Raises InputError for
     bad arguments; a variant that fails is reported in the result, not raised.
     """
-    from sd2mnn.measurement.bench import bench
     from sd2mnn.core.layout import load_component
+    from sd2mnn.measurement.bench import bench
 
     started = time.monotonic()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)

@@ -59,10 +59,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sd2mnn.core.runtime import MNN_GPU_MEMORY_BUFFER, RuntimeConfig
 from sd2mnn.errors import InputError
 from sd2mnn.families.sd35 import RUNTIME_DIMS, SD35Dims
 from sd2mnn.recipes.lifetime import ModelLifetime
-from sd2mnn.core.runtime import MNN_GPU_MEMORY_BUFFER, RuntimeConfig
 
 CLIP_L, CLIP_G, T5 = "text_encoder", "text_encoder_2", "text_encoder_3"
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sd2mnn.core.runtime import (DYNAMIC_QUANT_OPTIONS, MNN_GPU_MEMORY_BUFFER, MNN_GPU_TUNING_FAST,
+                                 WINOGRAD_MEMORY_LEVEL, RuntimeConfig)
 from sd2mnn.recipes.lifetime import KEEP_ALL, ModelLifetime
-from sd2mnn.core.runtime import (DYNAMIC_QUANT_OPTIONS, MNN_GPU_MEMORY_BUFFER, MNN_GPU_TUNING_FAST, WINOGRAD_MEMORY_LEVEL,
-                            RuntimeConfig)
 
 
 def unet_feeds(latent: np.ndarray, timestep: int, text_embeddings: np.ndarray) -> dict[str, np.ndarray]:

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd2mnn.errors import InputError
 from sd2mnn.core.files import confined
+from sd2mnn.errors import InputError
 
 # The model each class holds (transformers' CLIPTokenizer, BertTokenizer, T5Tokenizer).
 CLASS_KINDS = {"CLIPTokenizer": ("clip", "BPE"), "BertTokenizer": ("bert", "WordPiece"),

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sd2mnn.errors import InputError
 from sd2mnn.core.files import confined
+from sd2mnn.errors import InputError
 from sd2mnn.tokenization.codes import Decoder, Model, Normalizer, PostOp, PreTokenizer
 
 MTOK_NAME = "tokenizer.mtok"

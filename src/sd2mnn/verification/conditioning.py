@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sd2mnn.errors import InputError
 from sd2mnn.core.files import read_user_text
-from sd2mnn.families import Family
 from sd2mnn.core.layout import bundle_mtok
+from sd2mnn.errors import InputError
+from sd2mnn.families import Family
 from sd2mnn.tokenization.prompt_ids import PromptIds
 
 # Below what a default bundle reaches on the built-in prompts (README: "Conditioning": 98.5% of

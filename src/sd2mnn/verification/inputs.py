@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from sd2mnn.core.contract import check_runtime_ids, check_vocabulary, expected_tensors
+from sd2mnn.core.layout import bundle_mtok
 from sd2mnn.errors import InputError
 from sd2mnn.families import Family
-from sd2mnn.core.layout import bundle_mtok
 from sd2mnn.tokenization.prompt_ids import PromptIds
 
 PROMPTS = (

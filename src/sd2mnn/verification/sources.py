@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from sd2mnn.errors import InputError
 from sd2mnn.core.layout import MANIFEST_NAME
 from sd2mnn.core.manifest import read_manifest, record_mismatch
+from sd2mnn.errors import InputError
 
 
 def check_sources(onnx_dir: Path, mnn_dir: Path, names: Iterable[str]) -> list[str]:

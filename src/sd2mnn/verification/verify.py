@@ -39,18 +39,18 @@ from typing import Mapping
 import numpy as np
 
 from sd2mnn._version import __version__
-from sd2mnn.verification._pass import PassError, RunStats, run_pass
+from sd2mnn.conversion.converter_flags import quantizing_words
 from sd2mnn.core.bundle import BundleDir, confine_runtime_files
 from sd2mnn.core.contract import ContractIssue, check_contract, contract_notes, onnx_vocabulary
-from sd2mnn.conversion.converter_flags import quantizing_words
-from sd2mnn.errors import InputError
-from sd2mnn.families import FAMILIES, Family
 from sd2mnn.core.layout import MANIFEST_NAME, bundle_mtok, folder_family, load_component, parse_components
 from sd2mnn.core.manifest import read_manifest, write_json_atomic
 from sd2mnn.core.progress import NullProgress, Progress
-from sd2mnn.verification.sources import check_sources
+from sd2mnn.errors import InputError
+from sd2mnn.families import FAMILIES, Family
+from sd2mnn.verification._pass import PassError, RunStats, run_pass
 from sd2mnn.verification.conditioning import ConditioningReport, check_conditioning
 from sd2mnn.verification.inputs import build_inputs, component_rng, prompt_ids, static_shape
+from sd2mnn.verification.sources import check_sources
 
 PSNR_CAP = 200.0
 ISOLATE_ABOVE_BYTES = 64 << 20
