@@ -196,7 +196,7 @@ def test_changing_the_scheme_under_a_kept_text_encoder_is_refused(tiny_sd3_bundl
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_sd3_bundle, bundle)
     before = tree_state(bundle)
-    with pytest.raises(InputError, match=r"text_encoder_2, text_encoder_3 were converted with --tokenizer diffusers"):
+    with pytest.raises(InputError, match=r"text_encoder_2, text_encoder_3 were converted with --tokenizer-scheme diffusers"):
         sd2mnn.convert(tiny_sd3_onnx, bundle, components=["text_encoder"], tokenizer_scheme="mnn")
     assert tree_state(bundle) == before
     # Converting what the tokenizers feed keeps the bundle's scheme, as for SD1.5.
