@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from sd2mnn.generation.noise import LATENT_SHAPE, initial_noise
+from sd2mnn.families import SD15
+from sd2mnn.generation.noise import initial_noise
 
 
 def _median_s(draw, repeat: int) -> float:
@@ -34,12 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--max-ms", type=float, default=500.0)
     args = parser.parse_args(argv)
+    shape = SD15.recipe.latent_shape  # the latent MNN's SD1.5 runtime draws
 
-    baseline = _median_s(lambda seed: np.random.default_rng(seed).standard_normal(LATENT_SHAPE, dtype=np.float32),
+    baseline = _median_s(lambda seed: np.random.default_rng(seed).standard_normal(shape, dtype=np.float32),
                          args.repeat)
     rows = [("numpy (baseline)", baseline)]
     for method in ("mnn-libstdc++", "mnn-libc++"):
-        rows.append((method, _median_s(lambda seed, m=method: initial_noise(seed, LATENT_SHAPE, m), args.repeat)))
+        rows.append((method, _median_s(lambda seed, m=method: initial_noise(seed, shape, m), args.repeat)))
     print(f"{'method':<18} {'median ms':>10} {'vs numpy':>9}")
     for name, seconds in rows:
         print(f"{name:<18} {seconds * 1e3:>10.2f} {seconds / baseline:>8.1f}x")

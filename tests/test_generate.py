@@ -44,7 +44,8 @@ def generate_cli(*args: str) -> int:
 def test_mnn_and_onnxruntime_agree_from_the_same_noise(mnn_pipe, ort_pipe):
     params = GenerationParams(PROMPT, steps=STEPS, seed=3)
     a, b = mnn_pipe.run(params), ort_pipe.run(params)
-    np.testing.assert_array_equal(a.params.initial_latents(), b.params.initial_latents())
+    shape = SD15.recipe.latent_shape
+    np.testing.assert_array_equal(a.params.initial_latents(shape), b.params.initial_latents(shape))
     assert psnr(a.pixels, b.pixels) >= MIN_PSNR_FP32
     assert a.pixels.std() > 5  # a picture, not a flat field that would agree trivially
 
@@ -53,7 +54,7 @@ def test_same_latents_file_on_both_runtimes_via_cli(fp32_bundle, demo_onnx, tmp_
     noise = tmp_path / "noise.npy"
     assert generate_cli(fp32_bundle, PROMPT, "-o", tmp_path / "mnn.png", "--steps", STEPS, "--seed", 11,
                         "--save-latents", noise, "-q") == 0
-    np.testing.assert_array_equal(np.load(noise), initial_noise(11))
+    np.testing.assert_array_equal(np.load(noise), initial_noise(11, SD15.recipe.latent_shape))
     assert generate_cli("--onnx", demo_onnx, PROMPT, "-o", tmp_path / "ort.png", "--steps", STEPS,
                         "--latents", noise, "-q") == 0
     capsys.readouterr()
@@ -74,7 +75,7 @@ def test_seeds_are_reproducible_and_matter(mnn_pipe):
 
 def test_given_latents_equal_drawn_noise(mnn_pipe, tmp_path):
     drawn = mnn_pipe.run(GenerationParams(PROMPT, steps=STEPS, seed=9))
-    np.savetxt(tmp_path / "random.txt", initial_noise(9).reshape(-1))  # MNN_DUMP_DATA's format
+    np.savetxt(tmp_path / "random.txt", initial_noise(9, SD15.recipe.latent_shape).reshape(-1))  # MNN_DUMP_DATA's format
     given = mnn_pipe.generate(PROMPT, steps=STEPS, latents=tmp_path / "random.txt")
     np.testing.assert_array_equal(np.asarray(given), drawn.pixels)
     assert given.info["noise"] == "latents random.txt" and "seed" not in given.info

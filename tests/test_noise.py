@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sd2mnn.families import SD15
 from sd2mnn.generation.noise import MT19937, fma_f32, glibc_logf, initial_noise, normal_polar
 
 SEEDS = [0, 1, 42, 2**31 - 1, 2**32 - 1]
 COUNT = 16384
+SD15_LATENT = SD15.recipe.latent_shape  # [1,4,64,64]: 16384 values, the C++ loop count
 
 CPP_SOURCE = r"""
 #include <cstdint>
@@ -124,7 +126,7 @@ def test_mt19937_raw_matches_cpp(toolchain):
 def test_initial_noise_mnn_methods_match_cpp(toolchain):
     stdlib, fma, exe = toolchain
     expected = np.array([int(h, 16) for h in _run(exe, "normal", COUNT, [42])[42]], dtype=np.uint32)
-    latent = initial_noise(42, method=f"mnn-{stdlib}", fma=fma)
+    latent = initial_noise(42, SD15_LATENT, method=f"mnn-{stdlib}", fma=fma)
     assert latent.shape == (1, 4, 64, 64) and latent.dtype == np.float32
     np.testing.assert_array_equal(latent.reshape(-1).view(np.uint32), expected)
 
@@ -155,26 +157,26 @@ PINNED = {
 
 @pytest.mark.parametrize("stdlib,seed", list(PINNED))
 def test_pinned_first_values(stdlib, seed):
-    got = initial_noise(seed, method=f"mnn-{stdlib}").reshape(-1)[:4].view(np.uint32)
+    got = initial_noise(seed, SD15_LATENT, method=f"mnn-{stdlib}").reshape(-1)[:4].view(np.uint32)
     assert [hex(int(v)) for v in got] == PINNED[(stdlib, seed)]
 
 
 def test_libcxx_is_libstdcxx_with_pairs_swapped():
     # Same uniforms, same pair; libstdc++ returns y*mult first, libc++ u*mult.
-    a = initial_noise(3, method="mnn-libstdc++").reshape(-1, 2)
-    b = initial_noise(3, method="mnn-libc++").reshape(-1, 2)
+    a = initial_noise(3, SD15_LATENT, method="mnn-libstdc++").reshape(-1, 2)
+    b = initial_noise(3, SD15_LATENT, method="mnn-libc++").reshape(-1, 2)
     np.testing.assert_array_equal(a[:, ::-1], b)
 
 
 def test_fma_changes_some_values_slightly():
-    plain, fused = (initial_noise(42, method="mnn-libc++", fma=f) for f in (False, True))
+    plain, fused = (initial_noise(42, SD15_LATENT, method="mnn-libc++", fma=f) for f in (False, True))
     differ = plain != fused
     assert 0 < differ.sum() < plain.size // 4
     assert np.max(np.abs(plain - fused)) < 1e-5
 
 
 def test_mnn_default_is_libstdcxx():
-    np.testing.assert_array_equal(initial_noise(5, method="mnn"), initial_noise(5, method="mnn-libstdc++"))
+    np.testing.assert_array_equal(initial_noise(5, SD15_LATENT, method="mnn"), initial_noise(5, SD15_LATENT, method="mnn-libstdc++"))
 
 
 def test_numpy_and_torch_methods():
@@ -197,13 +199,13 @@ def test_torch_missing_is_a_clear_error(monkeypatch):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="seed"):
-        initial_noise(-1)
+        initial_noise(-1, SD15_LATENT)
     with pytest.raises(ValueError, match="2\\*\\*32"):
-        initial_noise(2**32)
+        initial_noise(2**32, SD15_LATENT)
     with pytest.raises(ValueError, match="unknown noise method"):
-        initial_noise(0, method="mnn-msvc")
+        initial_noise(0, SD15_LATENT, method="mnn-msvc")
     with pytest.raises(ValueError, match="fma"):
-        initial_noise(0, method="numpy", fma=True)
+        initial_noise(0, SD15_LATENT, method="numpy", fma=True)
     assert initial_noise(2**32, (2,), "numpy").shape == (2,)  # only mt19937 seeds are 32-bit
 
 

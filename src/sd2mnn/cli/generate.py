@@ -179,10 +179,12 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path, progress: StepProgress | None):
     from sd2mnn import families
-    from sd2mnn.generation.pipeline import (GenerationParams, Pipeline, check_image_size, declared_image_size,
-                                            load_latents, mnn_runtime_config)
+    from sd2mnn.generation.pipeline import (GenerationParams, Pipeline, check_image_size, check_source,
+                                            declared_image_size, load_latents, mnn_runtime_config)
 
-    family = families.detect(source) if source.is_dir() else families.SD15  # else Pipeline says what is wrong
+    runtime = "mnn" if args.onnx is None else "onnxruntime"
+    check_source(source, runtime)
+    family = families.detect(source)
     # A .txt holds bare numbers: its shape is the models', known once they are loaded.
     text_latents = bool(args.latents) and Path(args.latents).suffix.lower() == ".txt"
     latents = load_latents(args.latents) if args.latents and not text_latents else None
@@ -191,8 +193,7 @@ def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path,
     params.validate(family)  # before minutes of loading
     if text_latents and not Path(args.latents).is_file():
         load_latents(args.latents)  # its one-line error
-    runtime = "mnn" if args.onnx is None else "onnxruntime"
-    if (args.height or args.width) and source.is_dir():  # before minutes of loading
+    if args.height or args.width:  # before minutes of loading
         size = declared_image_size(source, runtime, family)
         if size is not None:
             decoder = family.components["vae_decoder"]

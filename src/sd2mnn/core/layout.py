@@ -23,7 +23,7 @@ from pathlib import Path
 from sd2mnn.core.files import confined
 from sd2mnn.core.onnx_scan import OnnxSummary, scan_onnx
 from sd2mnn.errors import InputError
-from sd2mnn.families import SD15, ComponentSpec, Family
+from sd2mnn.families import ComponentSpec, Family
 from sd2mnn.tokenization.folder import tokenizer_folder_files
 
 TOKENIZER_DIR = "tokenizer"
@@ -99,14 +99,10 @@ def bundle_mtok(family: Family, component: str) -> str:
 
 
 def folder_family(root: Path) -> Family:
-    """The family of an ONNX pipeline folder or a bundle (sd2mnn.families.detect). One that
-    cannot tell is taken for SD1.5: its tokenizer's or files' own check then names what is wrong."""
+    """The family of an ONNX pipeline folder or a bundle (sd2mnn.families.detect)."""
     from sd2mnn import families
 
-    try:
-        return families.detect(root)
-    except InputError:
-        return SD15
+    return families.detect(root)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,6 @@ import math
 import numpy as np
 
 METHODS = ("mnn", "mnn-libstdc++", "mnn-libc++", "numpy", "torch")
-LATENT_SHAPE = (1, 4, 64, 64)  # 16384 values: SD1.5's C++ loop count (SD3.5's: 1x16x128x128)
 
 _U32 = 0xFFFFFFFF
 
@@ -231,7 +230,7 @@ def normal_polar(seed: int, count: int, stdlib: str, fma: bool = False) -> np.nd
     return values * np.float32(1) + np.float32(0)
 
 
-def initial_noise(seed: int, shape=LATENT_SHAPE, method: str = "mnn", *, fma: bool = False) -> np.ndarray:
+def initial_noise(seed: int, shape: tuple[int, ...], method: str = "mnn", *, fma: bool = False) -> np.ndarray:
     """The initial latent, float32, C order.
 
     ``method``:

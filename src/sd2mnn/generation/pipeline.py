@@ -42,7 +42,7 @@ from sd2mnn.core.manifest import FileRecord, read_manifest
 from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig, check_mnn_files, mnn_runtime_manager
 from sd2mnn.errors import InputError, MissingExtraError
 from sd2mnn.families import Family
-from sd2mnn.generation.noise import LATENT_SHAPE, METHODS, initial_noise
+from sd2mnn.generation.noise import METHODS, initial_noise
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS, clamp_steps
 from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME
 from sd2mnn.tokenization.prompt_ids import PromptIds
@@ -209,8 +209,8 @@ class GenerationParams:
             out.append(f"seed {self.seed} (diffusion_demo reads its seed with atoi: below 2**31)")
         return out
 
-    def initial_latents(self, shape: tuple[int, ...] = LATENT_SHAPE) -> np.ndarray:
-        """Given latents, or noise of ``shape`` (the unet's; MNN's runtime draws [1,4,64,64])."""
+    def initial_latents(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Given latents, or noise of ``shape`` (the denoiser's: Pipeline.latent_shape)."""
         if self.latents is not None:
             return np.ascontiguousarray(self.latents, dtype=np.float32)
         return initial_noise(int(self.seed), tuple(shape), self.noise)
@@ -220,7 +220,7 @@ def _whole(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def check_latents(latents, source: str, shape: tuple[int, ...] | None = LATENT_SHAPE) -> np.ndarray:
+def check_latents(latents, source: str, shape: tuple[int, ...] | None) -> np.ndarray:
     """``shape`` None: any shape (the pipeline checks it against its models' later)."""
     array = np.asarray(latents)
     if (shape is not None and array.shape != tuple(shape)) or array.dtype.kind != "f":
@@ -239,14 +239,16 @@ def load_latents(path: str | os.PathLike, shape: tuple[int, ...] | None = None) 
     """Initial latents from a .npy file, or a .txt of numbers in NCHW order (the random.txt that
     MNN's SD1.5 runtime reads instead of drawing noise when built with MNN_DUMP_DATA: 16384).
     ``shape``: the denoiser's latents; None: a .npy is taken as it is (the pipeline checks it),
-    a .txt as SD1.5's [1,4,64,64]."""
+    a .txt cannot be read without one (it holds bare numbers)."""
     path = Path(path)
-    expected = tuple(shape or LATENT_SHAPE)
-    fix = f"give a .npy file of float32 {list(expected)} latents"
+    fix = f"give a .npy file of float32 {list(shape) if shape else 'denoiser-shaped'} latents"
     if path.is_dir() or not path.exists():
         raise InputError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}; {fix}")
     try:
         if path.suffix.lower() == ".txt":
+            if shape is None:
+                raise ValueError("a .txt of latents is read with the shape of the model's latents")
+            expected = tuple(shape)
             text = read_user_text(path, "latents", fix, LATENTS_LIMIT_BYTES, line_limit=None)
             array = np.loadtxt(io.StringIO(text), dtype=np.float32).reshape(-1)
             if array.size != math.prod(expected):
@@ -405,6 +407,15 @@ class HeldModel:
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------------------
+def check_source(source: Path, runtime: str) -> None:
+    """Refuse a source that is no folder: a bundle for ``runtime`` "mnn", else an ONNX folder."""
+    if not source.is_dir():
+        what = "does not exist" if not source.exists() else "is not a folder"
+        kind = "MNN bundle" if runtime == "mnn" else "ONNX pipeline folder"
+        fix = "convert one with sd2mnn convert ONNX_DIR BUNDLE" if runtime == "mnn" else "export one with sd2mnn export"
+        raise InputError(f"{source} {what}; give an {kind} ({fix})")
+
+
 class Pipeline:
     """A family's models and tokenizers, loaded once; ``generate``/``run`` as often as wanted.
 
@@ -430,11 +441,7 @@ class Pipeline:
         self.model_events: list[ModelEvent] = []
         self.source = Path(source)
         self.runtime = runtime
-        kind = "MNN bundle" if runtime == "mnn" else "ONNX pipeline folder"
-        if not self.source.is_dir():
-            what = "does not exist" if not self.source.exists() else "is not a folder"
-            fix = "convert one with sd2mnn convert ONNX_DIR BUNDLE" if runtime == "mnn" else "export one with sd2mnn export"
-            raise InputError(f"{self.source} {what}; give an {kind} ({fix})")
+        check_source(self.source, runtime)
         self.family = families.detect(self.source)
         self.steps = recipes.steps_for(self.family)
         self.model_lifetime = self.steps.model_lifetime(memory_mode) if runtime == "mnn" else recipes.KEEP_ALL
