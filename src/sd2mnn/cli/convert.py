@@ -16,6 +16,7 @@ from sd2mnn.core.files import check_replaceable, is_inside
 from sd2mnn.core.layout import component_choices, split_components
 from sd2mnn.core.progress import make_progress
 from sd2mnn.errors import InputError, os_errors_as_one_line
+from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME, SCHEMES
 
 EXAMPLES = """examples:
   sd2mnn convert onnx/ mnn/                              fp32, every component the runtime loads
@@ -60,12 +61,12 @@ def register(subparsers) -> None:
              "(default: the ones MNN's runtime loads)",
     )
     add_conversion_flags(parser)
-    parser.add_argument("--tokenizer-scheme", choices=("diffusers", "mnn"), default="diffusers",
+    parser.add_argument("--tokenizer-scheme", choices=SCHEMES, default=DEFAULT_SCHEME,
                         help="diffusers (default): tokenizer.mtok and a text encoder that make MNN's runtime feed "
                              "the ids diffusers would (CLIP end-of-word tokens, CLIP padding); mnn: MNN's own "
                              "tokenizer.mtok and text encoder, byte for byte")
     # Its former spelling, so that existing commands keep working.
-    parser.add_argument("--tokenizer", dest="tokenizer_scheme", choices=("diffusers", "mnn"),
+    parser.add_argument("--tokenizer", dest="tokenizer_scheme", choices=SCHEMES,
                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run = parser.add_argument_group("how to run")
     run.add_argument("--converter", metavar="PATH", help="MNNConvert executable (default: $MNNCONVERT, PATH, then the MNN package)")

@@ -16,6 +16,7 @@ from sd2mnn.core.images import check_png_path, probe_folder, write_failure
 from sd2mnn.errors import InputError
 from sd2mnn.generation.noise import METHODS
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS
+from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME, SCHEMES
 
 EXAMPLES = """examples:
   sd2mnn generate mnn/ "a photo of a cat" -o cat.png --seed 42
@@ -72,7 +73,7 @@ def register(subparsers) -> None:
                       help="whose token ids condition the image: runtime (default): the ids MNN's runtime feeds, "
                            "from the bundle's tokenizer.mtok; hf: Hugging Face's, as diffusers would (not the "
                            "bundle's tokenizer scheme: that is --tokenizer-scheme)")
-    draw.add_argument("--tokenizer-scheme", choices=("diffusers", "mnn"), default="diffusers",
+    draw.add_argument("--tokenizer-scheme", choices=SCHEMES, default=DEFAULT_SCHEME,
                       help="with --onnx: imitate a bundle converted with sd2mnn convert --tokenizer-scheme SCHEME "
                            "(default: %(default)s)")
     draw.add_argument("--schedule", choices=("runtime", "diffusers"), default="runtime",

@@ -17,6 +17,7 @@ from sd2mnn.conversion.converter_flags import CONVERTER_FLAGS, check_extra_value
 from sd2mnn.core.layout import ComponentSource, OnnxPipeline
 from sd2mnn.core.manifest import ComponentRecord, FileRecord, Manifest
 from sd2mnn.errors import InputError
+from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME, SCHEMES
 
 # Flags sd2mnn sets itself for every component; EXTRA may not override them.
 _RESERVED_FLAGS = ("-f", "--framework", "--modelFile", "--MNNModel", "--saveExternalData", "--prototxt")
@@ -67,10 +68,10 @@ class ConvertOptions:
     timeout: float | None = None  # seconds per component
     # "diffusers": tokenizer.mtok + text encoder that make MNN's runtime condition as diffusers
     # does (sd2mnn.tokenization); "mnn": MNN's own flow, byte for byte.
-    tokenizer_scheme: str = "diffusers"
+    tokenizer_scheme: str = DEFAULT_SCHEME
 
     def __post_init__(self):
-        if self.tokenizer_scheme not in ("diffusers", "mnn"):
+        if self.tokenizer_scheme not in SCHEMES:
             raise InputError(f"--tokenizer-scheme must be diffusers or mnn, got {self.tokenizer_scheme!r}")
         check_values(self._flag_values())
         if self.jobs is not None and self.jobs < 1:
