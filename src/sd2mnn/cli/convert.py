@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   sd2mnn convert onnx/ mnn/ --weight-quant-bits 8        8-bit weights (about 4x smaller)
   sd2mnn convert onnx/ mnn/ "--weightQuantBits=8 --transformerFuse"   raw MNNConvert flags
   sd2mnn convert onnx/ mnn/ --components unet,vae_encoder --jobs 1
+  sd2mnn convert onnx/ mnn/ --compression-file unet=unet.compression.json   bits per layer
   sd2mnn convert my-diffusers-model/ mnn/ --keep-onnx onnx/   export first (sd2mnn[export])
 """
 
@@ -61,6 +62,10 @@ def register(subparsers) -> None:
              "(default: the ones MNN's runtime loads)",
     )
     add_conversion_flags(parser)
+    parser.add_argument("--compression-file", action="append", metavar="COMPONENT=FILE", default=[],
+                        help="bits per layer for one component: an MNN compression file (.json, as MNNConvert's "
+                             "--compressionParamsFile or sd2mnn quantize write it); layers it leaves out take the "
+                             "flags; repeat for several components")
     parser.add_argument("--tokenizer-scheme", choices=SCHEMES, default=DEFAULT_SCHEME,
                         help="diffusers (default): tokenizer.mtok and a text encoder that make MNN's runtime feed "
                              "the ids diffusers would (CLIP end-of-word tokens, CLIP padding); mnn: MNN's own "
@@ -85,8 +90,22 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_command)
 
 
+def compression_files(given: list[str]) -> dict[str, Path]:
+    """--compression-file COMPONENT=FILE, each component once."""
+    files: dict[str, Path] = {}
+    for item in given:
+        name, equals, path = item.partition("=")
+        if not equals or not name.strip() or not path.strip():
+            raise InputError(f"--compression-file {item!r}: give COMPONENT=FILE, e.g. unet=unet.compression.json")
+        if name.strip() in files:
+            raise InputError(f"--compression-file names {name.strip()} twice; give one file per component")
+        files[name.strip()] = Path(path.strip())
+    return files
+
+
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(
+        compression=compression_files(args.compression_file) or None,
         components=split_components(args.components),
         **{flag.field: getattr(args, flag.field) for flag in CONVERTER_FLAGS},
         extra=args.extra,

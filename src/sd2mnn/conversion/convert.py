@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Mapping
 
 from sd2mnn import families
 from sd2mnn._version import __version__
@@ -32,6 +33,8 @@ from sd2mnn.core.onnx_scan import TensorSpec, check_external_data
 from sd2mnn.core.progress import NullProgress, Progress
 from sd2mnn.errors import (ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError,
                            os_errors_as_one_line)
+from sd2mnn.quantization.compression import (LayerBits, check_against_model, layer_labels, read_compression_file,
+                                             write_compression_file)
 from sd2mnn.tokenization.id_rewrite import TextEncoderPrefix, load_rewrite
 from sd2mnn.tokenization.writer import write_mtok
 
@@ -111,6 +114,7 @@ def convert(
     for source in onnx.components.values():
         check_external_data(source.summary)
     _tokenizer_files(onnx)  # a tokenizer file the bundle cannot take is refused before anything runs
+    compression = _compression(onnx, options)
     converter = find_converter(options.converter)
     for warning in check_extra_flags(options, converter):
         log.warning("warning: %s", warning)
@@ -132,7 +136,7 @@ def convert(
             (tokenizer_scratch / target).mkdir(exist_ok=True)
             write_mtok(folder, tokenizer_scratch / target / MTOK_NAME, tokenizer_scheme)
         prefixes = _prefixes(onnx, options, tokenizer_scheme, tokenizer_scratch)
-        plan = plan_conversion(onnx, mnn_path, converter, options, previous, bundle.pending(), prefixes)
+        plan = plan_conversion(onnx, mnn_path, converter, options, previous, bundle.pending(), prefixes, compression)
         _check_foreign_files(plan)
         _check_disk_space(plan, bundle)
         jobs = options.jobs or default_jobs([expected_peak(j) for j in plan.to_convert])
@@ -149,7 +153,7 @@ def convert(
         staged, records = _stage_components(plan, bundle, finished)
         staged.update(tokenizer_staged)
         manifest = _next_manifest(plan, records, tokenizer_files, tokenizer_scheme, family)
-        bundle.commit(staged, manifest)
+        bundle.commit(staged, manifest, _retired(plan, records))
     progress.close()
 
     outcomes = [
@@ -173,6 +177,26 @@ def convert(
         files=_bundle_files(mnn_path, manifest),
     )
     return report
+
+
+def _compression(onnx: OnnxPipeline, options: ConvertOptions) -> dict[str, dict[str, LayerBits]]:
+    """Each component's per-layer bits, read (from a file) and checked against its model: a layer
+    the model lacks or MNN cannot quantize as asked is refused here, before anything runs (MNN
+    would skip it without a word)."""
+    chosen = {}
+    for name, given in (options.compression or {}).items():
+        if name not in onnx.components:
+            raise InputError(f"--compression-file names {name}, which this run does not convert; "
+                             f"give one of {', '.join(onnx.components)}, or add it to --components")
+        model = onnx.components[name].model
+        if isinstance(given, Mapping):
+            layers, where = dict(given), Path(f"<{name} layer bits>")
+        else:
+            where = Path(given)
+            layers = read_compression_file(where)
+        check_against_model(where, layers, model)
+        chosen[name] = layers
+    return chosen
 
 
 def check_before_export(mnn_dir: Path, options: ConvertOptions) -> None:
@@ -283,6 +307,11 @@ def _start(job: ComponentJob, plan: ConversionPlan, bundle: BundleDir, env: dict
     if job.name in plan.prefixes:
         model = plan.prefixes[job.name].prepend(model, scratch / "model.onnx")
     argv = plan.converter.argv(converter_argv(model, output, plan.flags))
+    if job.compression:
+        # MNN reads the file when it exists (and writes one when it does not): it is always written first.
+        layers_file = scratch / job.source.spec.compression_name
+        write_compression_file(layers_file, job.compression)
+        argv += ["--compressionParamsFile", str(layers_file)]
     log.write_text(f"$ {' '.join(argv)}\n")
     # cwd=scratch: the converter drops .__convert_external_data.bin in its working directory.
     child = Child(argv, scratch, log, env=env, timeout=plan.options.timeout)
@@ -376,10 +405,8 @@ def _run_jobs(plan: ConversionPlan, bundle: BundleDir, jobs: int, progress: Prog
                     _check_no_ignored_flags(item)
                     item.convert_result = result
                     item.phase, item.child = "loading", _probe(item, plan, env)
-                    spec = item.job.source.spec
                     item.outputs = _Background(
-                        lambda s=item.scratch, names=(spec.mnn_name, spec.weight_name): tuple(
-                            FileRecord.of(s / n, s) for n in names))
+                        lambda s=item.scratch, names=item.job.outputs: tuple(FileRecord.of(s / n, s) for n in names))
                     progress.update(item.job.name, "loading", "checking the model loads in MNN")
                     continue
                 if result.returncode != 0 or result.timed_out:
@@ -422,6 +449,7 @@ def _record(item: _Running, plan: ConversionPlan) -> ComponentRecord:
         wall_s=round(converted.wall_s, 3),
         peak_rss_bytes=converted.peak_rss_bytes,
         prefix=plan.prefix_id(item.job.name),
+        compression=layer_labels(item.job.compression),
     )
 
 
@@ -445,12 +473,26 @@ def _stage_components(
     return staged, records
 
 
+def _retired(plan: ConversionPlan, records: dict[str, ComponentRecord]) -> tuple[str, ...]:
+    """Files the bundle's manifest records for a component this run converts and its new record
+    does not (a compression file, when it is converted with the flags alone)."""
+    if plan.previous is None:
+        return ()
+    retired = []
+    for name, record in records.items():
+        old = plan.previous.components.get(name)
+        if old is not None:
+            kept = {f.path for f in record.outputs}
+            retired += [f.path for f in old.outputs if f.path not in kept]
+    return tuple(retired)
+
+
 def _tokenizer_files(onnx: OnnxPipeline) -> list[tuple[str, Path]]:
     """(bundle-relative name, ONNX file) of every tokenizer file the bundle gets a copy of. A
     tokenizer file named like a file of the bundle's own would replace it: refused."""
     own = {MANIFEST_NAME, LOGS_DIR, WORK_AREA, *bundle_mtoks(onnx.family),
            *(name for family in families.FAMILIES.values() for spec in family.components.values()
-             for name in (spec.mnn_name, spec.weight_name))}
+             for name in spec.output_names(compressed=True))}
     files = []
     for target, folder in onnx.tokenizers.items():
         for item in tokenizer_folder_files(folder):
@@ -554,7 +596,7 @@ def _bundle_targets(plan: ConversionPlan) -> list[str]:
     targets = []
     for name in [*(job.name for job in plan.to_convert), *plan.resumed]:
         spec = plan.onnx.components[name].spec
-        targets += [spec.mnn_name, spec.weight_name, f"{LOGS_DIR}/{name}.log"]
+        targets += [*spec.output_names(compressed=True), f"{LOGS_DIR}/{name}.log"]
     targets += [rel for rel, _ in _tokenizer_files(plan.onnx)]
     targets += bundle_mtoks(plan.onnx.family)
     return [*targets, MANIFEST_NAME]

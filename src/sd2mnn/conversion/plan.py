@@ -11,12 +11,14 @@ import shlex
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Mapping
 
 from sd2mnn.conversion.converter import Converter
 from sd2mnn.conversion.converter_flags import CONVERTER_FLAGS, check_extra_value, check_values, converter_words
 from sd2mnn.core.layout import ComponentSource, OnnxPipeline
 from sd2mnn.core.manifest import ComponentRecord, FileRecord, Manifest
 from sd2mnn.errors import InputError
+from sd2mnn.quantization.compression import layer_labels
 from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME, SCHEMES
 
 # Flags sd2mnn sets itself for every component; EXTRA may not override them.
@@ -69,6 +71,9 @@ class ConvertOptions:
     # "diffusers": tokenizer.mtok + text encoder that make MNN's runtime condition as diffusers
     # does (sd2mnn.tokenization); "mnn": MNN's own flow, byte for byte.
     tokenizer_scheme: str = DEFAULT_SCHEME
+    # Bits per layer, per component: component -> an MNN compression file (its path) or
+    # {op name: LayerBits} (sd2mnn.quantization.compression). A layer it leaves out takes the flags.
+    compression: Mapping[str, object] | None = None
 
     def __post_init__(self):
         if self.tokenizer_scheme not in SCHEMES:
@@ -84,6 +89,9 @@ class ConvertOptions:
                     f"extra converter flag {token!r} is set by sd2mnn itself; leave it out of EXTRA"
                 )
             check_extra_value(name, value, token)
+            if name == "--compressionParamsFile":
+                raise InputError(f"extra converter flag {token!r}: a compression file belongs to one component; "
+                                 "give it as --compression-file COMPONENT=FILE")
 
     def _flag_values(self) -> dict[str, object]:
         return {flag.field: getattr(self, flag.field) for flag in CONVERTER_FLAGS}
@@ -162,10 +170,15 @@ class ComponentJob:
     source: ComponentSource
     reason: str  # why it is converted: "new", "flags changed", "source changed", ...
     sources: tuple[FileRecord, ...]  # the source files as they are now
+    compression: dict = field(default_factory=dict)  # op name -> LayerBits: MNN's per-layer file
 
     @property
     def name(self) -> str:
         return self.source.spec.name
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.source.spec.output_names(bool(self.compression))
 
 
 @dataclass(frozen=True)
@@ -207,11 +220,14 @@ def _stale_reason(
     outputs_root: Path,
     prefix: str = "",
     output_names: tuple[str, ...] = (),
+    compression: dict[str, str] | None = None,
 ) -> str | None:
     """Why ``record`` cannot stand for a conversion with these inputs, or None if it can.
     ``output_names``: the files a conversion writes; a record of others is not this component's."""
     if record is None:
         return "new"
+    if record.compression != (compression or {}):
+        return "layer bits changed"
     if output_names and sorted(f.path for f in record.outputs) != sorted(output_names):
         return "outputs changed"
     if record.flags != flags:
@@ -245,10 +261,13 @@ def plan_conversion(
     previous: Manifest | None,
     pending: dict[str, tuple[ComponentRecord, Path]],
     prefixes: dict[str, object] | None = None,
+    compression: dict[str, dict] | None = None,
 ) -> ConversionPlan:
     """Decide per component: reuse the bundle's, resume an interrupted run's, or convert.
-    ``prefixes``: graphs put in front of components before converting (see ConversionPlan)."""
+    ``prefixes``: graphs put in front of components before converting (see ConversionPlan);
+    ``compression``: component -> {op name: LayerBits}, read and checked."""
     prefixes = prefixes or {}
+    compression = compression or {}
     flags = options.converter_flags()
     identity = converter_identity(converter)
     jobs, reused, resumed = [], {}, {}
@@ -257,20 +276,22 @@ def plan_conversion(
         old = previous.components.get(name) if previous else None
         waiting, waiting_root = pending.get(name, (None, None))
         sources = source_records(source, onnx.root, old or waiting)
+        layers = compression.get(name, {})
         if options.force:
-            jobs.append(ComponentJob(source, "forced", sources))
+            jobs.append(ComponentJob(source, "forced", sources, layers))
             continue
         sources = _hash_where_needed(old or waiting, sources, onnx.root)
         prefix = prefixes[name].prefix_id if name in prefixes else ""
-        outputs = (source.spec.mnn_name, source.spec.weight_name)
-        reason = _stale_reason(old, sources, flags, identity, mnn_dir, prefix, outputs)
+        outputs = source.spec.output_names(bool(layers))
+        labels = layer_labels(layers)
+        reason = _stale_reason(old, sources, flags, identity, mnn_dir, prefix, outputs, labels)
         if reason is None:
             reused[name] = replace(old, sources=sources)  # new mtimes: no re-hash next time
         elif waiting is not None and _stale_reason(waiting, sources, flags, identity, waiting_root, prefix,
-                                                   outputs) is None:
+                                                   outputs, labels) is None:
             resumed[name] = replace(waiting, sources=sources)
         else:
-            jobs.append(ComponentJob(source, reason, sources))
+            jobs.append(ComponentJob(source, reason, sources, layers))
     return ConversionPlan(onnx, mnn_dir, converter, flags, options, previous, tuple(jobs), reused, resumed, prefixes)
 
 

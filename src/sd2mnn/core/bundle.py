@@ -152,14 +152,15 @@ class BundleDir:
 
     # -- the commit ----------------------------------------------------------------------
 
-    def commit(self, staged: dict[str, Path], manifest: Manifest) -> None:
-        """Move staged files (bundle-relative name -> file) into place, then the manifest: all
+    def commit(self, staged: dict[str, Path], manifest: Manifest, retired: tuple[str, ...] = ()) -> None:
+        """Move staged files (bundle-relative name -> file) into place, remove the ``retired`` ones
+        (files the old manifest records and the new one does not), then the manifest: all
         or nothing. Everything that needs disk space is written first (the manifest into the
         work area); the commit itself is renames. Each file it replaces is first moved aside into
         the work area, so a failure at any step is undone rename by rename: the bundle is as it
         was, and the staged files are back where the next run resumes from."""
         fix = "move it out of the way and run again (the bundle is unchanged)"
-        targets = {rel: confined(self.root, rel, fix) for rel in [*staged, MANIFEST_NAME]}
+        targets = {rel: confined(self.root, rel, fix) for rel in [*staged, *retired, MANIFEST_NAME]}
         aside = self.work_area / "replaced"
         shutil.rmtree(aside, ignore_errors=True)
         new_manifest = self.work_area / MANIFEST_NAME
@@ -180,6 +181,10 @@ class BundleDir:
                 if current.is_symlink() or current.is_file():
                     _move(current, aside / str(index), moves)
                 _move(path, current, moves)
+            for index, rel in enumerate(retired):
+                current = targets[rel]
+                if current.is_symlink() or current.is_file():
+                    _move(current, aside / f"retired-{index}", moves)
         except BaseException as err:
             left = _undo(moves, made)
             new_manifest.unlink(missing_ok=True)

@@ -17,9 +17,11 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from sd2mnn.conversion.converter_flags import quantizing_words
 from sd2mnn.core.files import confined
 from sd2mnn.core.onnx_scan import TensorSpec
 from sd2mnn.errors import InputError
+from sd2mnn.quantization.compression import FLOAT_LABEL
 
 MANIFEST_FORMAT = 1
 _CHUNK = 8 << 20
@@ -79,12 +81,22 @@ class ComponentRecord:
     # What sd2mnn put in front of the model before converting it ("" for nothing): the text
     # encoder's id rewrite (sd2mnn.tokenization.id_rewrite), by its version and tables' digest.
     prefix: str = ""
+    # The bits per layer it was converted with (op name -> sd2mnn.quantization.compression.LayerBits
+    # label, "4b64"); empty when every layer took the flags.
+    compression: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> bool:
+        """Its weights are not all fp32: by a flag, or by a layer of its compression file."""
+        return bool(quantizing_words(self.flags)) or any(v != FLOAT_LABEL for v in self.compression.values())
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["inputs"] = [t.to_dict() for t in self.inputs]
         data["output_tensors"] = [t.to_dict() for t in self.output_tensors]
         data["flags"] = list(self.flags)
+        if not self.compression:
+            del data["compression"]  # a component converted by the flags alone: as before per-layer bits
         return data
 
     @classmethod
@@ -101,6 +113,7 @@ class ComponentRecord:
             peak_rss_bytes=int(data["peak_rss_bytes"]),
             verification=data.get("verification"),
             prefix=data.get("prefix", ""),
+            compression={str(k): str(v) for k, v in data.get("compression", {}).items()},
         )
 
 

@@ -51,6 +51,15 @@ class ComponentSpec:
         # The runtime derives the weight file's name from the model's: "<model>.mnn.weight".
         return f"{self.name}.mnn.weight"
 
+    @property
+    def compression_name(self) -> str:
+        """The per-layer bits it was converted with (MNN's --compressionParamsFile), when it was."""
+        return f"{self.name}.compression.json"
+
+    def output_names(self, compressed: bool = False) -> tuple[str, ...]:
+        """The bundle files a conversion of it writes."""
+        return (self.mnn_name, self.weight_name, *((self.compression_name,) if compressed else ()))
+
 
 @dataclass(frozen=True)
 class Recipe:
