@@ -16,7 +16,7 @@ from sd2mnn._version import __version__
 from sd2mnn.errors import Sd2MnnError
 
 # Module names under sd2mnn.cli, in the order `sd2mnn --help` lists them.
-COMMANDS = ["convert", "verify", "bench", "sweep", "demo", "doctor", "export", "generate", "compare"]
+COMMANDS = ["convert", "quantize", "verify", "bench", "sweep", "demo", "doctor", "export", "generate", "compare"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,7 +48,7 @@ from sd2mnn.core.progress import NullProgress, Progress
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, Family
 from sd2mnn.verification._pass import PassError, RunStats, run_pass
-from sd2mnn.verification.conditioning import ConditioningReport, check_conditioning
+from sd2mnn.verification.conditioning import MIN_MATCHING_COSINE, ConditioningReport, check_conditioning
 from sd2mnn.verification.inputs import build_inputs, component_rng, prompt_ids, static_shape
 from sd2mnn.verification.sources import check_sources
 
@@ -286,7 +286,11 @@ def _precision(name: str, mnn_dir: Path, manifest, source) -> tuple[bool, str]:
     record = manifest.components.get(name) if manifest else None
     if record is not None:
         flags = quantizing_words(record.flags)
-        return (True, f"manifest flags {' '.join(flags)}") if flags else (False, "manifest: fp32 weights")
+        if flags:
+            return True, f"manifest flags {' '.join(flags)}"
+        if record.quantized:
+            return True, f"manifest: bits per layer ({source.spec.compression_name})"
+        return False, "manifest: fp32 weights"
     weight = mnn_dir / source.spec.weight_name
     if not weight.is_file():
         return False, "unknown (no manifest, no weights)"
@@ -383,6 +387,26 @@ class _Session:
         return result
 
 
+def component_feeds(onnx_dir: Path, name: str, family: Family, seed: int = 0, threads: int = 2) -> list[dict]:
+    """The inputs verify feeds ``name`` (its cases, in order), made from the ONNX folder alone:
+    ids from its tokenizer, a denoiser's text embeddings from its ONNX text encoder."""
+    with tempfile.TemporaryDirectory(prefix="sd2mnn-feeds-") as tmp:
+        session = _Session(Path(onnx_dir), Path(onnx_dir), seed, None, threads, None, Path(tmp), NullProgress(), [],
+                           None, family)
+        session.prepare_text((name,))
+        source = load_component(Path(onnx_dir), name, family)
+        feeds, _ = build_inputs(name, source, component_rng(seed, name), session.ids.get(name, []),
+                                session.embeddings, family)
+    return feeds
+
+
+def _matching_cosine(result: ComponentResult) -> float:
+    """What the conditioning check holds a text encoder's embeddings to where the ids agree:
+    its own cosine limit when its weights are quantized (their error is judged there), else
+    MIN_MATCHING_COSINE (only the conversion may differ)."""
+    return min(MIN_MATCHING_COSINE, result.thresholds.min_cosine) if result.quantized else MIN_MATCHING_COSINE
+
+
 def _check_outputs(source, results: list[dict], model: Path) -> None:
     """Refuse a model that gave no output of the name the runtime reads (one of another pipeline,
     whose tensors differ): nothing can be compared."""
@@ -459,7 +483,8 @@ def verify(
             tokenizer_scheme = manifest.tokenizer_scheme if manifest is not None else None
             conditionings.append(check_conditioning(onnx_dir, mnn_dir, prompts, session.threads,
                                                     big if isolate is None else isolate, Path(tmp),
-                                                    family=family, component=result.name, tokenizer_scheme=tokenizer_scheme))
+                                                    family=family, component=result.name, tokenizer_scheme=tokenizer_scheme,
+                                                    min_matching_cosine=_matching_cosine(result)))
             progress.update(label, "done", conditionings[-1].summary())
     report = VerificationReport(onnx_dir, mnn_dir, seed, results, contract, conditionings=conditionings,
                                 family=family.name, notes=contract_notes(mnn_dir, family), warnings=warnings)
@@ -560,10 +585,12 @@ class _Prefixed:
         self.inner.close()
 
 
-def verify_after_convert(onnx_root: Path, mnn_path: Path, components, progress: Progress | None = None) -> VerificationReport:
+def verify_after_convert(onnx_root: Path, mnn_path: Path, components, progress: Progress | None = None,
+                         thresholds: Mapping | None = None, seed: int = 0) -> VerificationReport:
     """Verify the components just converted and record each result in manifest.json."""
     progress = progress or NullProgress()
-    report = verify(onnx_root, mnn_path, components=components, progress=_Prefixed(progress, "verify "))
+    report = verify(onnx_root, mnn_path, components=components, seed=seed, thresholds=thresholds,
+                    progress=_Prefixed(progress, "verify "))
     progress.close()
     with BundleDir(Path(mnn_path)) as bundle:  # the bundle's lock: no other run rewrites the manifest meanwhile
         manifest = read_manifest(bundle.manifest_path)
