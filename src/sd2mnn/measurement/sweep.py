@@ -36,14 +36,30 @@ from sd2mnn.conversion.plan import ConvertOptions
 from sd2mnn.core.layout import folder_family, parse_components
 from sd2mnn.core.progress import NullProgress, Progress
 from sd2mnn.errors import InputError, Sd2MnnError
+from sd2mnn.quantization.quantize import QuantizeOptions
 from sd2mnn.verification.verify import DEFAULT_THRESHOLDS
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str  # also the bundle's folder name under OUT_DIR
-    flags: str  # MNNConvert flags, as `sd2mnn convert` takes them in EXTRA
+    flags: str  # MNNConvert flags, as `sd2mnn convert` takes them in EXTRA; or QUANTIZE[:DB]
     about: str = ""
+
+    @property
+    def quantized_per_layer(self) -> bool:
+        """Made by sd2mnn quantize (bits per layer), not by flags."""
+        return self.flags.split(":")[0].strip() == QUANTIZE
+
+    def floor(self, sweep_floor: float) -> float:
+        """The PSNR floor sd2mnn quantize gets: QUANTIZE:DB's, or the sweep's --min-psnr."""
+        _, colon, value = self.flags.partition(":")
+        if not colon:
+            return sweep_floor
+        try:
+            return float(value)
+        except ValueError:
+            raise InputError(f"variant {self.name}: {self.flags!r} needs a floor in dB, e.g. {QUANTIZE}:35") from None
 
     def convert_fields(self) -> dict:
         """ConvertOptions fields for these flags: known flags to their fields (so the manifest
@@ -72,6 +88,9 @@ class Variant:
         return fields
 
 
+# A variant made by sd2mnn quantize: bits per layer meeting a floor (the sweep's, or QUANTIZE:DB).
+QUANTIZE = "quantize"
+
 # The named variants. MNN documents --transformerFuse for OpenCL/Metal only: on the CPU it may
 # fail, which the sweep then reports.
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -84,6 +103,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("w4", "--weightQuantBits=4", "4-bit weights, per channel"),
     Variant("w4-b64", "--weightQuantBits=4 --weightQuantBlock=64", "4-bit weights, blocks of 64"),
     Variant("w4-hqq", "--weightQuantBits=4 --weightQuantBlock=64 --hqq", "4-bit HQQ weights, blocks of 64"),
+    Variant("mixed", QUANTIZE, "bits per layer, the fewest bytes meeting --min-psnr (sd2mnn quantize)"),
 )}
 DEFAULT_VARIANTS = ("fp32", "fp16", "w8", "w4-b64")
 # The floor `sd2mnn verify` applies to quantized bundles: below it a layer is likely broken.
@@ -120,9 +140,13 @@ def resolve_variants(spec: str | Mapping[str, str | None] | Iterable[str | Varia
         if any(v.name == variant.name for v in variants):
             raise InputError(f"variant {variant.name!r} is named twice; give each variant once")
         try:
-            ConvertOptions(**variant.convert_fields())
+            if variant.quantized_per_layer:
+                QuantizeOptions(min_psnr=variant.floor(DEFAULT_MIN_PSNR))
+            else:
+                ConvertOptions(**variant.convert_fields())
         except InputError as err:
-            raise InputError(f"variant {variant.name}: {err.message}") from None
+            message = err.message if err.message.startswith("variant ") else f"variant {variant.name}: {err.message}"
+            raise InputError(message) from None
         variants.append(variant)
     if not variants:
         raise InputError(f"no variant named; choose from {', '.join(VARIANTS)}")
@@ -261,8 +285,15 @@ def recommend(variants: list[VariantResult], min_psnr: float) -> tuple[str | Non
         return None, (f"no variant reaches {min_psnr:g} dB; the most faithful is {best.name} "
                       f"({best.fidelity:.1f} dB): lower --min-psnr or add a variant with more bits")
     pick = min(meeting, key=lambda v: (v.size_bytes, -v.fidelity, v.latency_s or 0.0))
-    return pick.name, (f"{pick.name}: the smallest variant ({_mib(pick.size_bytes)}) whose worst component "
-                       f"PSNR ({pick.fidelity:.1f} dB) meets the {min_psnr:g} dB floor")
+    why = (f"{pick.name}: the smallest variant ({_mib(pick.size_bytes)}) whose worst component "
+           f"PSNR ({pick.fidelity:.1f} dB) meets the {min_psnr:g} dB floor")
+    if pick.flags.startswith(QUANTIZE):
+        uniform = [v for v in meeting if not v.flags.startswith(QUANTIZE)]
+        smallest = min(uniform, key=lambda v: v.size_bytes) if uniform else None
+        against = (f", {pick.size_bytes / smallest.size_bytes:.2f}x the smallest one-width variant that meets it "
+                   f"({smallest.name})" if smallest else "; no one-width variant meets it")
+        why += f"; bits per layer (sd2mnn {pick.flags}){against}"
+    return pick.name, why
 
 
 # -- the sweep -------------------------------------------------------------------------------
@@ -272,14 +303,21 @@ def _run_variant(variant: Variant, onnx_dir: Path, out_dir: Path, names: tuple[s
                  progress: Progress) -> VariantResult:
     from sd2mnn.conversion.convert import convert
     from sd2mnn.measurement.bench import bench
+    from sd2mnn.quantization.quantize import quantize
     from sd2mnn.verification.verify import verify
 
     result = VariantResult(variant.name, variant.flags, out_dir / variant.name)
     progress.update(variant.name, "converting", variant.flags or "no flags")
     try:
-        options = ConvertOptions(components=names, converter=settings["converter"], jobs=settings["jobs"],
-                                 timeout=settings["timeout"], **variant.convert_fields())
-        converted = convert(onnx_dir, result.bundle, options)
+        common = dict(components=names, converter=settings["converter"], jobs=settings["jobs"], timeout=settings["timeout"])
+        if variant.quantized_per_layer:
+            floor = variant.floor(settings["min_psnr"])
+            result.flags = f"{QUANTIZE} --min-psnr {floor:g}"
+            converted = quantize(onnx_dir, result.bundle, QuantizeOptions(min_psnr=floor, seed=settings["seed"],
+                                                                          threads=settings["threads"],
+                                                                          convert=ConvertOptions(**common))).conversion
+        else:
+            converted = convert(onnx_dir, result.bundle, ConvertOptions(**common, **variant.convert_fields()))
     except Sd2MnnError as err:
         return result.fail("convert", err.message + (f"\n{err.detail}" if err.detail else ""))
     result.converter_flags = converted.flags
@@ -342,7 +380,7 @@ def sweep(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike,
     for v in chosen:
         progress.update(v.name, "waiting")
     settings = dict(converter=converter, jobs=jobs, timeout=timeout, threads=threads, precision=precision,
-                    runs=runs, seed=seed)
+                    runs=runs, seed=seed, min_psnr=min_psnr)
     results = []
     for v in chosen:
         result = _run_variant(v, onnx_dir, out_dir, names, settings, progress)

@@ -63,6 +63,9 @@ class ConditioningReport:
     differing: list[str] = field(default_factory=list)  # prompts whose ids differ
     component: str = "text_encoder"  # the text encoder checked (with its tokenizer)
     label: str = "conditioning"  # how the report names it (the family's first text encoder: plainly)
+    # The cosine where the ids agree must reach: MIN_MATCHING_COSINE for float weights; for
+    # quantized ones, the component's own limit (its weights' error is not the tokenizer's).
+    min_matching_cosine: float = MIN_MATCHING_COSINE
 
     @property
     def prompt_share(self) -> float:
@@ -81,9 +84,9 @@ class ConditioningReport:
             out.append(f"{self.label}: {self.prompt_share:.1%} of prompts get diffusers' ids < {MIN_PROMPT_SHARE:.0%}")
         if self.position_share < MIN_POSITION_SHARE:
             out.append(f"{self.label}: {self.position_share:.2%} of token positions agree < {MIN_POSITION_SHARE:.0%}")
-        if self.matching_cosine is not None and self.matching_cosine < MIN_MATCHING_COSINE:
+        if self.matching_cosine is not None and self.matching_cosine < self.min_matching_cosine:
             out.append(f"{self.label}: the text encoder on MNN gives cosine {self.matching_cosine:.6f} < "
-                       f"{MIN_MATCHING_COSINE} against ONNX Runtime for the same ids; reconvert the text encoder")
+                       f"{self.min_matching_cosine:g} against ONNX Runtime for the same ids; reconvert the text encoder")
         return out
 
     def summary(self) -> str:
@@ -95,14 +98,15 @@ class ConditioningReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        del data["label"]
+        del data["label"], data["min_matching_cosine"]  # both shown in the failures they lead to
         data.update(prompt_share=self.prompt_share, position_share=self.position_share, failures=self.failures)
         return data
 
 
 def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None = None, threads: int = 2,
                        isolate: bool = False, workdir: Path | None = None, *, family: Family,
-                       component: str | None = None, tokenizer_scheme: str | None = None) -> ConditioningReport:
+                       component: str | None = None, tokenizer_scheme: str | None = None,
+                       min_matching_cosine: float = MIN_MATCHING_COSINE) -> ConditioningReport:
     """Check ``component`` (a text encoder of ``family``) with its tokenizer. ``isolate``: run
     each runtime in a child process (in ``workdir``), as verify does for big models. ``tokenizer_scheme``:
     the bundle's, as its manifest records it (default: what its .mtok shows, which only CLIP's
@@ -142,5 +146,5 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
     return ConditioningReport(tokenizer_scheme or ids.tokenizer_scheme, len(prompts), sum(same), len(prompts) * length, positions, worst,
                               worst_prompt, matching, len(chosen), [p for p, ok in zip(prompts, same) if not ok],
                               component, "conditioning" if component == family.text_encoder
-                              else f"conditioning of {component}")
+                              else f"conditioning of {component}", min_matching_cosine)
 
