@@ -1,0 +1,241 @@
+"""Bits per layer (sd2mnn quantize) against uniform weight bits, on the full-size SD1.5 architecture.
+
+    python benchmarks/mixed_precision_full_size.py ONNX_DIR OUT_DIR [--floors 45,35] [--steps 20] [--threads 2]
+
+ONNX_DIR is a full-size export (benchmarks/full_size.py WORK_DIR makes WORK_DIR/onnx). Stages, each
+result kept in OUT_DIR/results.json so a rerun goes on where it stopped:
+
+ 1. uniform  bits 8 down to 3, per output channel and in blocks of 32/64/128 input channels
+             (MNNConvert --weightQuantBits/--weightQuantBlock; a layer whose channels a block does
+             not divide stays per channel, as MNN does): convert into OUT_DIR/uniform/<name>,
+             verify (each component's worst output PSNR against ONNX Runtime, verify's inputs)
+ 2. mixed    `sd2mnn quantize --min-psnr F` for each floor F in --floors and for uniform w8's
+             worst PSNR minus 3 dB, into OUT_DIR/mixed-<F>; wall time and the process tree's
+             peak RSS of the whole command, and the sensitivity analysis's own time and peak
+             from its report. The first floor measures; the others start from its measurements.
+ 3. images   `sd2mnn generate` after --steps steps (seed 0, MNN's noise) with fp32 (OUT_DIR/uniform/fp32),
+             w8, w4 and each mixed bundle; each image's PSNR against fp32's
+ 4. speed    `sd2mnn bench` (MNN, --threads threads, precision low as MNN's runtime runs): each
+             component's steady median and peak RSS, w8 against each mixed bundle
+
+Writes OUT_DIR/mixed_precision.md and prints it. Each unet conversion peaks near 7.5 GB and runs
+one at a time; the whole run takes hours on 2 cores (the sensitivity analysis of the unet, the
+24 uniform variants); stop it at any point and run it again to continue.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _measure import measure  # noqa: E402
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+BLOCKS = (0, 32, 64, 128)
+
+
+def uniform_variants() -> dict[str, dict]:
+    variants = {}
+    for bits in range(8, 2, -1):
+        for block in BLOCKS:
+            name = f"w{bits}" + (f"-b{block}" if block else "")
+            variants[name] = {"weight_quant_bits": bits, **({"weight_quant_block": block} if block else {})}
+    return variants
+
+
+def sizes(bundle: Path) -> int:
+    return sum((bundle / f"{c}{suffix}").stat().st_size for c in COMPONENTS for suffix in (".mnn", ".mnn.weight"))
+
+
+def worst_psnr(verification) -> dict[str, float]:
+    return {c.name: min(o.psnr for o in c.outputs) for c in verification.components}
+
+
+class Results:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, stage: str, name: str):
+        return self.data.get(stage, {}).get(name)
+
+    def put(self, stage: str, name: str, value) -> None:
+        self.data.setdefault(stage, {})[name] = value
+        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+def run_uniform(onnx: Path, out: Path, results: Results, threads: int, names: list[str]) -> None:
+    from sd2mnn import convert
+    from sd2mnn.verification.verify import verify
+
+    variants = {"fp32": {}, **uniform_variants()}
+    for name in names:
+        flags = variants[name]
+        if results.get("uniform", name):
+            continue
+        bundle = out / "uniform" / name
+        started = time.monotonic()
+        convert(onnx, bundle, components=COMPONENTS, **flags)
+        converted = time.monotonic() - started
+        psnr = worst_psnr(verify(onnx, bundle, components=COMPONENTS, threads=threads)) if name != "fp32" else {}
+        results.put("uniform", name, {"flags": flags, "bytes": sizes(bundle), "psnr": psnr,
+                                      "convert_s": round(converted, 1)})
+        print(f"uniform {name}: {sizes(bundle) / 2**20:.1f} MiB, {psnr}", file=sys.stderr, flush=True)
+
+
+def run_mixed(onnx: Path, out: Path, results: Results, floors: list[float], threads: int) -> list[str]:
+    names = []
+    first = None
+    for floor in floors:
+        name = f"mixed-{floor:g}"
+        names.append(name)
+        bundle = out / name
+        if not results.get("mixed", name):
+            if first is not None and not (bundle / ".sd2mnn" / "measured").exists():
+                shutil.copytree(first / ".sd2mnn" / "measured", bundle / ".sd2mnn" / "measured")
+            report_path = out / f"{name}.json"
+            argv = [sys.executable, "-m", "sd2mnn.cli", "quantize", str(onnx), str(bundle), "--min-psnr", f"{floor:g}",
+                    "--threads", str(threads), "--json"]
+            measured = measure(argv, stdout_path=report_path)
+            if measured["returncode"] != 0:
+                print(f"{name}: sd2mnn quantize exited {measured['returncode']}", file=sys.stderr, flush=True)
+                continue
+            report = json.loads(report_path.read_text())
+            results.put("mixed", name, {
+                "floor": floor, "bytes": sizes(bundle), "wall_s": measured["wall_s"],
+                "tree_peak_bytes": measured["tree_peak_bytes"],
+                "psnr": {c["name"]: c["chosen"]["psnr"] for c in report["components"]},
+                "bits": {c["name"]: c["bits"] for c in report["components"]},
+                "trials": {c["name"]: len(c["trials"]) for c in report["components"]},
+                "sensitivity_s": {c["name"]: c["sensitivity_s"] for c in report["components"]},
+                "sensitivity_peak_bytes": max(c["sensitivity_peak_bytes"] for c in report["components"]),
+            })
+        first = first or bundle
+        print(f"{name}: {results.get('mixed', name)}", file=sys.stderr, flush=True)
+    return names
+
+
+def run_images(out: Path, results: Results, bundles: dict[str, Path], steps: int, threads: int) -> None:
+    from sd2mnn.core.images import compare
+
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for name, bundle in bundles.items():
+        if results.get("images", name) or not bundle.is_dir():
+            continue
+        png = images / f"{name}.png"
+        png.unlink(missing_ok=True)  # from a run that stopped before recording it
+        argv = [sys.executable, "-m", "sd2mnn.cli", "generate", str(bundle), "a photo of an astronaut riding a horse on mars",
+                "-o", str(png), "--steps", str(steps), "--seed", "0", "--threads", str(threads)]
+        done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            print(f"image {name}: sd2mnn generate exited {done.returncode}: {done.stderr.strip()[-300:]}",
+                  file=sys.stderr, flush=True)
+            continue
+        psnr = None if name == "fp32" else compare(images / "fp32.png", png).psnr_db
+        results.put("images", name, {"png": str(png), "psnr_vs_fp32": psnr})
+        print(f"image {name}: {psnr}", file=sys.stderr, flush=True)
+
+
+def run_speed(onnx: Path, results: Results, bundles: dict[str, Path], threads: int) -> None:
+    from sd2mnn.measurement.bench import bench
+
+    for name, bundle in bundles.items():
+        if results.get("speed", name) or not bundle.is_dir():
+            continue
+        report = bench(bundle, onnx, COMPONENTS, threads, "low", 3, runtimes=("mnn",))
+        results.put("speed", name, {c.name: {"steady_s": c.timings["mnn"].median_s,
+                                             "peak_rss_bytes": c.timings["mnn"].peak_rss_bytes}
+                                    for c in report.components})
+        print(f"speed {name}: {results.get('speed', name)}", file=sys.stderr, flush=True)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def summary(results: Results, floors: list[float], mixed: list[str], args) -> str:
+    uniform = {n: r for n, r in results.data.get("uniform", {}).items() if n != "fp32"}
+    w8 = uniform["w8"]
+    lines = ["| bundle | size | " + " | ".join(f"{c} PSNR" for c in COMPONENTS) + " | worst |", "|---" * 5 + "|---|"]
+    for name, r in sorted(uniform.items(), key=lambda item: -item[1]["bytes"]):
+        cells = [f"{r['psnr'][c]:.1f}" for c in COMPONENTS]
+        lines.append(f"| {name} | {mib(r['bytes'])} | " + " | ".join(cells) + f" | {min(r['psnr'].values()):.1f} |")
+    for name in mixed:
+        r = results.get("mixed", name)
+        if r and "bytes" in r:
+            cells = [f"{r['psnr'][c]:.1f}" for c in COMPONENTS]
+            lines.append(f"| **{name}** | {mib(r['bytes'])} | " + " | ".join(cells) + f" | {min(r['psnr'].values()):.1f} |")
+    lines += ["", "| floor | mixed | smallest uniform meeting it | mixed / that | mixed / w8 | sensitivity (unet) | quantize wall, peak |",
+              "|---|---|---|---|---|---|---|"]
+    for floor, name in zip(floors, mixed):
+        r = results.get("mixed", name)
+        if not r or "bytes" not in r:
+            lines.append(f"| {floor:g} | {name}: failed | | | | | |")
+            continue
+        meeting = [(n, u) for n, u in uniform.items() if min(u["psnr"].values()) >= floor]
+        best = min(meeting, key=lambda item: item[1]["bytes"]) if meeting else None
+        against = f"{best[0]} ({mib(best[1]['bytes'])})" if best else "none"
+        ratio = f"{r['bytes'] / best[1]['bytes']:.3f}x" if best else "-"
+        lines.append(f"| {floor:.2f} | {mib(r['bytes'])} | {against} | {ratio} | {r['bytes'] / w8['bytes']:.3f}x "
+                     f"| {r['sensitivity_s'].get('unet', 0):.0f} s, process peak {mib(r['sensitivity_peak_bytes'])} "
+                     f"| {r['wall_s']:.0f} s, {mib(r['tree_peak_bytes'])} |")
+    images = results.data.get("images", {})
+    if images:
+        lines += ["", f"Image after {args.steps} steps against the fp32 bundle's (PSNR, dB): " + ", ".join(
+            f"{n} {r['psnr_vs_fp32']:.1f}" for n, r in images.items() if r.get("psnr_vs_fp32") is not None)]
+    speed = results.data.get("speed", {})
+    if speed:
+        lines += ["", "| bundle | " + " | ".join(f"{c} steady, peak RSS" for c in COMPONENTS) + " |", "|---" * 4 + "|"]
+        for name, r in speed.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{r[c]['steady_s'] * 1e3:.0f} ms, {mib(r[c]['peak_rss_bytes'] or 0)}" for c in COMPONENTS) + " |")
+    lines += ["", f"Measured on {platform.machine()}, {platform.python_version()}, {args.threads} threads, "
+                  f"`python benchmarks/mixed_precision_full_size.py` (SD1.5 architecture, random weights)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("onnx_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--floors", default="45,35", help="floors in dB besides w8's worst - 3 (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stages", default="uniform,mixed,images,speed")
+    args = parser.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    results = Results(args.out_dir / "results.json")
+    stages = args.stages.split(",")
+    floors = [float(f) for f in args.floors.split(",")]
+    # The baselines the floors and the images need first; the rest of the grid last (the longest part).
+    first = ["w8", "w4", "fp32"]
+    if "uniform" in stages:
+        run_uniform(args.onnx_dir, args.out_dir, results, args.threads, first)
+    w8 = results.get("uniform", "w8")
+    if w8:
+        floors.append(round(min(w8["psnr"].values()) - 3.0, 2))
+    mixed = run_mixed(args.onnx_dir, args.out_dir, results, floors, args.threads) if "mixed" in stages else \
+        [f"mixed-{f:g}" for f in floors]
+    picked = {"fp32": args.out_dir / "uniform" / "fp32", "w8": args.out_dir / "uniform" / "w8",
+              "w4": args.out_dir / "uniform" / "w4", **{n: args.out_dir / n for n in mixed}}
+    if "images" in stages:
+        run_images(args.out_dir, results, picked, args.steps, args.threads)
+    if "speed" in stages:
+        run_speed(args.onnx_dir, results, {n: p for n, p in picked.items() if n != "fp32" and n != "w4"}, args.threads)
+    if "uniform" in stages:
+        run_uniform(args.onnx_dir, args.out_dir, results, args.threads, [n for n in uniform_variants() if n not in first])
+    text = summary(results, floors, mixed, args)
+    (args.out_dir / "mixed_precision.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
