@@ -265,3 +265,21 @@ def test_compare_into_a_closed_pipe_is_quiet(tmp_path):
     os.close(write_end)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_mnn_runs_quantized_weights_in_the_memory_mode_asked_for(w8_bundle, demo_onnx):
+    """MNN's low-memory mode computes with the 8-bit weights as they are (MNN's SD runtime runs it);
+    normal mode widens them to float first: the outputs differ, so the mode reached MNN."""
+    from sd2mnn.core.runtime import DYNAMIC_QUANT_OPTIONS, MnnModel, RuntimeConfig
+    from sd2mnn.families import FAMILIES
+    from sd2mnn.verification.verify import component_feeds
+
+    feeds = component_feeds(demo_onnx, "unet", FAMILIES["sd15"])[0]
+    outputs = {}
+    for memory in ("normal", "low"):
+        config = RuntimeConfig(threads=2, precision="high", memory=memory, hints=((DYNAMIC_QUANT_OPTIONS, 2),))
+        model = MnnModel(w8_bundle / "unet.mnn", list(feeds), ["out_sample"], config)
+        outputs[memory] = model.run(feeds)["out_sample"]
+        del model
+    assert np.isfinite(outputs["low"]).all()
+    assert not np.array_equal(outputs["normal"], outputs["low"])

@@ -26,9 +26,24 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def bits_per_layer_bundle(demo_onnx, tmp_path_factory) -> Path:
+    """The demo pipeline with bits per layer (sd2mnn quantize, 40 dB floor per component)."""
+    from sd2mnn.quantization.quantize import quantize
+
+    bundle = tmp_path_factory.mktemp("quantized") / "bundle"
+    report = quantize(demo_onnx, bundle, min_psnr=40)
+    assert all(len(choice.histogram()) >= 2 for choice in report.components)
+    return bundle
+
+
 @pytest.mark.parametrize("seed, steps", [(42, 3), (7, 5)])
-def test_generate_matches_diffusion_demo_pixel_for_pixel(fp32_bundle, tmp_path, seed, steps):
+@pytest.mark.parametrize("which", ["fp32", "w8", "bits per layer"])
+def test_generate_matches_diffusion_demo_pixel_for_pixel(fp32_bundle, w8_bundle, bits_per_layer_bundle, tmp_path, seed,
+                                                         steps, which):
     prompt = "a photo of a cat"
+    # Quantized weights run as the C++ runs them only with its low-memory mode (int8 compute).
+    fp32_bundle = {"fp32": fp32_bundle, "w8": w8_bundle, "bits per layer": bits_per_layer_bundle}[which]
     demo = Path(DIFFUSION_DEMO).expanduser()
     assert demo.is_file(), f"SD2MNN_DIFFUSION_DEMO={DIFFUSION_DEMO} is not a file"
     # diffusion_demo <resource_path> <model_type 0: SD1.5> <memory_mode 1> <backend 0: CPU>

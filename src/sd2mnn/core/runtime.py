@@ -25,6 +25,10 @@ DYNAMIC_QUANT_OPTIONS = 5
 MNN_GPU_TUNING_FAST = 1 << 4  # MNNForwardType.h
 MNN_GPU_MEMORY_BUFFER = 1 << 6
 MEMORY_MODES = ("low", "normal", "high")
+# MNN::BackendConfig's enums. pymnn reads "memory" only as a number (a name is dropped without a
+# word) and "precision" as a number or as "low"/"high": both go as numbers.
+_MEMORY_ENUM = {"normal": 0, "high": 1, "low": 2}
+_PRECISION_ENUM = {"normal": 0, "high": 1, "low": 2}
 # The backend names MNN's create_runtime_manager takes (MNNForwardType); a build has only some.
 BACKENDS = ("CPU", "OPENCL", "VULKAN", "METAL", "CUDA", "OPENGL", "NN", "HIAI", "TRT")
 
@@ -71,8 +75,8 @@ def mnn_runtime_manager(config: RuntimeConfig):
     runtime_config = {
         "backend": config.backend,
         "numThread": config.threads,  # GPU backends read this field as their mode bits
-        "precision": config.precision,
-        "memory": config.memory,
+        "precision": _PRECISION_ENUM[config.precision],
+        "memory": _MEMORY_ENUM[config.memory],
     }
     if config.backend == "CPU":
         runtime = nn.create_runtime_manager((runtime_config,))
