@@ -14,8 +14,8 @@ about noise * error(setting) / error(probe) (sd2mnn.quantization.allocate builds
 """
 from __future__ import annotations
 
+import mmap
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from sd2mnn.quantization.compression import LayerBits, OnnxLayer
-from sd2mnn.quantization.fake_quant import kernel_positions, quantize_rows, to_mnn_layout, from_mnn_layout, weight_error
+from sd2mnn.quantization.fake_quant import from_mnn_layout, kernel_positions, quantize_rows, to_mnn_layout, weight_error
 
 # Below this noise an output is float rounding, not quantization.
 NOISE_FLOOR = 1e-20
@@ -86,12 +86,23 @@ class OverridableModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3  # each overridable weight would print a warning
-        # The external files, memory-mapped: ONNX Runtime reads them in place (the model is
-        # loaded from bytes, so it could not find them beside itself).
-        self._maps = [np.memmap(self.model.parent / name, dtype=np.uint8, mode="r") for name in files]
-        if files:
-            options.add_external_initializers_from_files_in_memory(files, self._maps, [m.size for m in self._maps])
-        self._session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        # The external files, memory-mapped (the model is loaded from bytes, so ONNX Runtime could
+        # not find them beside itself). It copies what it needs while the session is made; the
+        # maps are closed after, so the weights are not held twice.
+        maps = []
+        try:
+            for name in files:
+                with open(self.model.parent / name, "rb") as stream:
+                    maps.append(mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ))
+            if files:
+                views = [np.frombuffer(m, dtype=np.uint8) for m in maps]
+                options.add_external_initializers_from_files_in_memory(files, views, [v.size for v in views])
+                del views
+            self._session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        finally:
+            del options
+            for mapped in maps:
+                mapped.close()
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray], replaced: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -141,8 +152,3 @@ def measure(model: Path, layers: list[OnnxLayer], feeds: list[dict[str, np.ndarr
     report(len(layers), len(layers), "")
     return costs
 
-
-def timed(fn, *args, **kwargs):
-    started = time.monotonic()
-    result = fn(*args, **kwargs)
-    return result, time.monotonic() - started
