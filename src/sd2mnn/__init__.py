@@ -6,7 +6,7 @@
     image = sd2mnn.Pipeline("mnn/").generate("a photo of a cat", seed=42)
 
 The engines live one package each: conversion/, verification/, generation/, exporting/,
-measurement/ (bench, sweep); what a model family brings in families/, recipes/, exporters/,
+measurement/ (bench, sweep), quantization/ (bits per layer); what a model family brings in families/, recipes/, exporters/,
 schedulers/ and tokenization/; what they share in core/; the command line in cli/.
 """
 from __future__ import annotations
@@ -27,6 +27,8 @@ _LAZY = {
     "bench": "sd2mnn.measurement.bench",
     "sweep": "sd2mnn.measurement.sweep",
     "PromptIds": "sd2mnn.tokenization.prompt_ids",
+    "quantize": "sd2mnn.quantization.quantize",
+    "QuantizeOptions": "sd2mnn.quantization.quantize",
 }
 
 __all__ = ["__version__", "convert", "ConvertOptions", "ConversionReport", "Sd2MnnError", *_LAZY]
