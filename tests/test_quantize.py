@@ -298,3 +298,10 @@ def test_sd35_transformer_and_t5_get_bits_per_layer(tiny_sd3_onnx, tmp_path):
         assert len(choice.histogram()) >= 2
     # The tiny model's shapes are off MNN's runtime contract; only that may fail.
     assert all("shape" in failure or "runtime expects" in failure for failure in report.verification.failures)
+
+
+def test_every_component_needs_a_floor(demo_onnx, tmp_path):
+    done = _cli("quantize", str(demo_onnx), str(tmp_path / "bundle"), "--min-psnr", "unet=35",
+                "--components", "unet,vae_decoder")
+    assert done.returncode == 2 and "gives no floor for vae_decoder" in done.stderr, done.stderr
+    assert not (tmp_path / "bundle").exists()

@@ -74,8 +74,9 @@ class QuantizeOptions:
             raise InputError(f"--sensitivity-cases must be at least 1, got {self.sensitivity_cases}")
 
     def floor(self, name: str) -> float:
+        """``name``'s floor: its own, else the "*" one (quantize checks every component has one)."""
         if isinstance(self.min_psnr, Mapping):
-            return float(self.min_psnr.get(name, self.min_psnr.get("*", 40.0)))
+            return float(self.min_psnr[name] if name in self.min_psnr else self.min_psnr["*"])
         return float(self.min_psnr)
 
     @property
@@ -176,24 +177,27 @@ class _Measurements:
 # -- the search --------------------------------------------------------------------------------
 
 
-def _trial(onnx_dir: Path, trial_dir: Path, name: str, layers: dict[str, LayerBits], options: QuantizeOptions,
+def _trial(onnx_dir: Path, trial_dir: Path, spec, layers: dict[str, LayerBits], options: QuantizeOptions,
            threads: int) -> tuple[float, float, int]:
-    """Convert ``name`` with ``layers`` into the scratch bundle and verify it: (worst PSNR, worst cosine, bytes)."""
+    """Convert the component ``spec`` with ``layers`` into the scratch bundle and verify it:
+    (worst PSNR, worst cosine, its .mnn + .mnn.weight bytes)."""
     from sd2mnn.conversion.convert import convert
     from sd2mnn.verification.verify import verify
 
+    name = spec.name
     converted = convert(onnx_dir, trial_dir, replace(options.convert, components=(name,), compression={name: layers},
                                                      force=False))
-    size = sum(f.size for c in converted.components for f in c.record.outputs if not f.path.endswith(".json"))
+    size = sum(f.size for f in converted.components[0].record.outputs if f.path in (spec.mnn_name, spec.weight_name))
     checked = verify(onnx_dir, trial_dir, components=(name,), seed=options.seed, threads=threads).components[0]
     if checked.error or not checked.outputs or any(o.problem for o in checked.outputs):
         raise ConversionError(f"{name}: the trial bundle did not run: {(checked.failures or ['no output'])[0]}")
     return min(o.psnr for o in checked.outputs), min(o.cosine for o in checked.outputs), size
 
 
-def _search(name: str, onnx_dir: Path, trial_dir: Path, layers: list[OnnxLayer], costs: list[LayerCost],
+def _search(spec, onnx_dir: Path, trial_dir: Path, layers: list[OnnxLayer], costs: list[LayerCost],
             store: _Measurements, options: QuantizeOptions, threads: int, progress: Progress) -> list[tuple[Trial, dict]]:
     """Trials until one meets the floor within TOLERANCE_DB (or the attempts run out)."""
+    name = spec.name
     floor = options.floor(name)
     by_name = {c.op_name: c for c in costs}
     settings = options.settings
@@ -212,7 +216,7 @@ def _search(name: str, onnx_dir: Path, trial_dir: Path, layers: list[OnnxLayer],
             trial = Trial(digest, predicted, remembered["psnr"], remembered["cosine"], remembered["weight_bytes"], True)
         else:
             progress.update(name, "trial", f"{attempt + 1}: predicted {predicted:.1f} dB, converting and verifying")
-            psnr, cosine, size = _trial(onnx_dir, trial_dir, name, chosen.layers, options, threads)
+            psnr, cosine, size = _trial(onnx_dir, trial_dir, spec, chosen.layers, options, threads)
             trial = Trial(digest, predicted, psnr, cosine, size)
             store.trials[key] = {"psnr": psnr, "cosine": cosine, "weight_bytes": size}
             store.save()
@@ -256,7 +260,7 @@ def _choose(name, onnx, mnn_dir: Path, trial_dir: Path, options: QuantizeOptions
         store.sensitivity_s = time.monotonic() - started
         store.trials = {}
         store.save()
-    trials = _search(name, onnx.root, trial_dir, layers, store.costs, store, options, threads, progress)
+    trials = _search(source.spec, onnx.root, trial_dir, layers, store.costs, store, options, threads, progress)
     meeting = [(t, chosen) for t, chosen in trials if t.psnr >= options.floor(name)]
     if not meeting:
         best = max(trials, key=lambda item: item[0].psnr)[0]
@@ -302,6 +306,10 @@ def quantize(onnx_dir: str | os.PathLike, mnn_dir: str | os.PathLike, options: Q
         if unknown:
             raise InputError(f"--min-psnr names {', '.join(unknown)}, which this run does not convert; "
                              f"give floors for {', '.join(names)}")
+        missing = [n for n in names if n not in options.min_psnr and "*" not in options.min_psnr]
+        if missing:
+            raise InputError(f"--min-psnr gives no floor for {', '.join(missing)}; add one for each (COMPONENT=DB) "
+                             "or a default (a plain DB, e.g. 40,unet=35)")
     threads = options.threads or min(4, os.cpu_count() or 1)
     created = not mnn_path.exists()
     trial_dir = mnn_path / TRIAL
