@@ -305,3 +305,27 @@ def test_every_component_needs_a_floor(demo_onnx, tmp_path):
                 "--components", "unet,vae_decoder")
     assert done.returncode == 2 and "gives no floor for vae_decoder" in done.stderr, done.stderr
     assert not (tmp_path / "bundle").exists()
+
+
+def test_a_bias_shared_through_identity_is_folded_as_mnn_folds_it(tmp_path):
+    """torch's exporter hands a bias it shares to Add through an Identity node (SD1.5's full-size
+    text encoder does): MNN still folds the Add into the converted MatMul and names it after it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((32, 48)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(48).astype(np.float32), "b")
+    nodes = [helper.make_node("Identity", ["b"], ["b_shared"], name="/shared"),
+             helper.make_node("MatMul", ["x", "w"], ["/proj/MatMul_output_0"], name="/proj/MatMul"),
+             helper.make_node("Add", ["b_shared", "/proj/MatMul_output_0"], ["/proj/Add_output_0"], name="/proj/Add"),
+             helper.make_node("Relu", ["/proj/Add_output_0"], ["y"], name="/act")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 48])], [weight, bias])
+    model = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    written = tmp_path / "layers.json"
+    _mnnconvert(model, tmp_path / "model.mnn", "--weightQuantBits=8", "--compressionParamsFile", str(written))
+    assert list(read_compression_file(written)) == ["/proj/Add_output_0__matmul_converted"]
+    layers = quantizable_layers(model)
+    assert list(layers) == ["/proj/Add_output_0__matmul_converted"] and layers[list(layers)[0]].weight == "w"

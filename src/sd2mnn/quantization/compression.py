@@ -116,15 +116,27 @@ def quantizable_layers(model: Path) -> dict[str, OnnxLayer]:
     graph, in graph order."""
     graph = _load_graph(model)
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+
+    def initializer(name: str) -> str | None:
+        """The initializer ``name`` is, through Identity nodes (exporters share a tensor that way)."""
+        while name not in shapes and name in producers and producers[name].op_type == "Identity":
+            name = producers[name].input[0]
+        return name if name in shapes else None
+
+    def constant(name: str) -> bool:
+        return initializer(name) is not None or (name in producers and producers[name].op_type == "Constant")
+
     layers: dict[str, OnnxLayer] = {}
     for node in graph.node:
-        if len(node.input) < 2 or node.input[1] not in shapes:
+        weight = initializer(node.input[1]) if len(node.input) >= 2 else None
+        if weight is None:
             continue
-        weight, shape = node.input[1], shapes[node.input[1]]
+        shape = shapes[weight]
         if node.op_type == "Conv" and len(shape) >= 3:
             layers[node.output[0]] = OnnxLayer(node.output[0], "Conv", weight, shape, False)
         elif node.op_type == "Gemm" and len(shape) == 2:
@@ -134,7 +146,7 @@ def quantizable_layers(model: Path) -> dict[str, OnnxLayer]:
         elif node.op_type == "MatMul" and len(shape) == 2:
             after = consumers.get(node.output[0], [])
             # MNN folds a bias Add (the other input a constant) into the converted MatMul.
-            if len(after) == 1 and after[0].op_type == "Add" and any(i in shapes for i in after[0].input):
+            if len(after) == 1 and after[0].op_type == "Add" and any(constant(i) for i in after[0].input):
                 name = after[0].output[0] + MATMUL_SUFFIX
             else:
                 name = node.output[0] + MATMUL_SUFFIX
