@@ -113,12 +113,18 @@ def run_mixed(onnx: Path, out: Path, results: Results, floors: list[float], thre
                 "psnr": {c["name"]: c["chosen"]["psnr"] for c in report["components"]},
                 "bits": {c["name"]: c["bits"] for c in report["components"]},
                 "trials": {c["name"]: len(c["trials"]) for c in report["components"]},
-                "sensitivity_s": {c["name"]: c["sensitivity_s"] for c in report["components"]},
+                # From the kept measurements: a rerun that reused them reports 0 s.
+                "sensitivity_s": {c["name"]: _measured_seconds(bundle, c["name"]) for c in report["components"]},
                 "sensitivity_peak_bytes": max(c["sensitivity_peak_bytes"] for c in report["components"]),
             })
         first = first or bundle
         print(f"{name}: {results.get('mixed', name)}", file=sys.stderr, flush=True)
     return names
+
+
+def _measured_seconds(bundle: Path, name: str) -> float:
+    measured = bundle / ".sd2mnn" / "measured" / f"{name}.json"
+    return round(json.loads(measured.read_text()).get("sensitivity_s", 0.0), 1) if measured.is_file() else 0.0
 
 
 def run_images(out: Path, results: Results, bundles: dict[str, Path], steps: int, threads: int) -> None:
