@@ -17,6 +17,7 @@ no choice meets is refused, and the bundle is left as it was.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -247,8 +248,9 @@ def _choose(name, onnx, mnn_dir: Path, trial_dir: Path, options: QuantizeOptions
         raise InputError(f"{source.model} has no layer MNN quantizes (Conv, MatMul or Gemm with constant weights); "
                          f"leave {name} out of --components")
     probe = LayerBits.parse(options.probe)
+    names_digest = hashlib.sha256("\n".join(layer.op_name for layer in layers).encode()).hexdigest()[:16]
     key = {"sd2mnn": __version__, "seed": options.seed, "cases": options.sensitivity_cases, "probe": probe.label,
-           "choices": [s.label for s in options.settings]}
+           "choices": [s.label for s in options.settings], "layers": names_digest}
     store = _Measurements(mnn_dir, name, key, list(source.files), onnx.root)
     reused = store.costs is not None
     if not reused:
