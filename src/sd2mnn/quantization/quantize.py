@@ -92,7 +92,7 @@ class Trial:
     psnr: float
     cosine: float
     weight_bytes: int  # the component's .mnn + .mnn.weight
-    reused: bool = False  # remembered from an earlier run
+    reused: bool = False  # taken from the kept measurements, not converted again
 
     def to_dict(self) -> dict:
         return vars(self).copy()
