@@ -15,7 +15,6 @@ about noise * error(setting) / error(probe) (sd2mnn.quantization.allocate builds
 from __future__ import annotations
 
 import mmap
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -110,27 +109,19 @@ class OverridableModel:
         return dict(zip(self.output_names, values))
 
 
-def load_weight(model: Path, layer: OnnxLayer) -> np.ndarray:
-    from onnx import numpy_helper
-
-    # The graph alone is small; one initializer's external bytes are read when asked for.
-    proto = _graph_cache(model)
-    tensor = proto[layer.weight]
-    return numpy_helper.to_array(tensor, base_dir=str(Path(model).parent)).astype(np.float32)
-
-
-_GRAPHS: dict[tuple[str, int], dict] = {}
-
-
-def _graph_cache(model: Path) -> dict:
+def initializers(model: Path) -> dict:
+    """The model's initializers by name, without their external bytes (read per tensor when asked)."""
     import onnx
 
-    key = (str(Path(model).resolve()), os.stat(model).st_mtime_ns)
-    if key not in _GRAPHS:
-        _GRAPHS.clear()
-        proto = onnx.load(str(model), load_external_data=False)
-        _GRAPHS[key] = {t.name: t for t in proto.graph.initializer}
-    return _GRAPHS[key]
+    return {t.name: t for t in onnx.load(str(model), load_external_data=False).graph.initializer}
+
+
+def load_weight(model: Path, layer: OnnxLayer, tensors: dict | None = None) -> np.ndarray:
+    """The layer's weights as float32; ``tensors``: ``initializers(model)``, read once by the caller."""
+    from onnx import numpy_helper
+
+    tensor = (tensors if tensors is not None else initializers(model))[layer.weight]
+    return numpy_helper.to_array(tensor, base_dir=str(Path(model).parent)).astype(np.float32)
 
 
 def measure(model: Path, layers: list[OnnxLayer], feeds: list[dict[str, np.ndarray]], probe: LayerBits,
@@ -139,10 +130,11 @@ def measure(model: Path, layers: list[OnnxLayer], feeds: list[dict[str, np.ndarr
     """Each layer's LayerCost on ``feeds``: its noise alone at ``probe``, its weight error at each setting."""
     session = OverridableModel(model, [layer.weight for layer in layers], threads)
     references = [session.run(case) for case in feeds]
+    tensors = initializers(model)
     costs = []
     for index, layer in enumerate(layers):
         report(index, len(layers), layer.op_name)
-        weight = load_weight(model, layer)
+        weight = load_weight(model, layer, tensors)
         rows = to_mnn_layout(layer, weight)
         kernel = kernel_positions(layer)
         errors = {s.label: weight_error(rows, kernel, s) for s in {*settings, probe} if layer.takes_block(s.block_size)}
