@@ -17,6 +17,10 @@ result kept in OUT_DIR/results.json so a rerun goes on where it stopped:
              w8, w4 and each mixed bundle; each image's PSNR against fp32's
  4. speed    `sd2mnn bench` (MNN, --threads threads, precision low as MNN's runtime runs): each
              component's steady median and peak RSS, w8 against each mixed bundle
+ 5. probe    the sensitivity analysis alone, in a child process per component, on --probe-layers
+             layers spread over the component: its set-up (session, reference outputs), its time per
+             layer, the whole analysis's time that gives, and the child's peak RSS (stage 2's own
+             figures are those of its measuring run, whatever else the machine ran then)
 
 Writes OUT_DIR/mixed_precision.md and prints it. Each unet conversion peaks near 7.5 GB and runs
 one at a time; the whole run takes hours on 2 cores (the sensitivity analysis of the unet, the
@@ -113,18 +117,60 @@ def run_mixed(onnx: Path, out: Path, results: Results, floors: list[float], thre
                 "psnr": {c["name"]: c["chosen"]["psnr"] for c in report["components"]},
                 "bits": {c["name"]: c["bits"] for c in report["components"]},
                 "trials": {c["name"]: len(c["trials"]) for c in report["components"]},
-                # From the kept measurements: a rerun that reused them reports 0 s.
-                "sensitivity_s": {c["name"]: _measured_seconds(bundle, c["name"]) for c in report["components"]},
-                "sensitivity_peak_bytes": max(c["sensitivity_peak_bytes"] for c in report["components"]),
+                # From the kept measurements, so a rerun that reused them still reports them.
+                "sensitivity_s": {c["name"]: _measured(bundle, c["name"], "sensitivity_s") for c in report["components"]},
+                "sensitivity_peak_bytes": max(_measured(bundle, c["name"], "sensitivity_peak_bytes")
+                                              for c in report["components"]),
             })
         first = first or bundle
         print(f"{name}: {results.get('mixed', name)}", file=sys.stderr, flush=True)
     return names
 
 
-def _measured_seconds(bundle: Path, name: str) -> float:
+def _measured(bundle: Path, name: str, field: str) -> float:
+    """A figure sd2mnn quantize keeps with its measurements (0 where it kept none)."""
     measured = bundle / ".sd2mnn" / "measured" / f"{name}.json"
-    return round(json.loads(measured.read_text()).get("sensitivity_s", 0.0), 1) if measured.is_file() else 0.0
+    return round(json.loads(measured.read_text()).get(field, 0), 1) if measured.is_file() else 0
+
+
+def run_probe(onnx: Path, out: Path, results: Results, threads: int, layers: int) -> None:
+    for name in COMPONENTS:
+        if results.get("probe", name):
+            continue
+        argv = [sys.executable, __file__, str(onnx), str(out), "--probe-child", name, "--threads", str(threads),
+                "--probe-layers", str(layers)]
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            print(f"probe {name}: exited {done.returncode}: {done.stderr.strip()[-300:]}", file=sys.stderr, flush=True)
+            continue
+        results.put("probe", name, json.loads(done.stdout.splitlines()[-1]))
+        print(f"probe {name}: {results.get('probe', name)}", file=sys.stderr, flush=True)
+
+
+def probe_child(name: str, onnx: Path, threads: int, count: int) -> dict:
+    """The sensitivity analysis of ``count`` of the component's layers, as sd2mnn quantize runs it."""
+    import resource
+
+    from sd2mnn.families import detect
+    from sd2mnn.quantization.compression import LayerBits, quantizable_layers
+    from sd2mnn.quantization.quantize import QuantizeOptions
+    from sd2mnn.quantization.sensitivity import measure
+    from sd2mnn.verification.verify import component_feeds
+
+    options = QuantizeOptions()
+    model = onnx / name / "model.onnx"
+    layers = list(quantizable_layers(model).values())
+    picked = layers[::max(1, len(layers) // count)][:count]
+    feeds = component_feeds(onnx, name, detect(onnx), options.seed, threads)[:options.sensitivity_cases]
+    marks = []
+    started = time.monotonic()
+    measure(model, picked, feeds, LayerBits.parse(options.probe), options.settings, threads,
+            lambda done, total, op: marks.append(time.monotonic()))
+    setup = marks[0] - started
+    per_layer = (marks[-1] - marks[0]) / len(picked)
+    return {"layers": len(layers), "probed": len(picked), "setup_s": round(setup, 1),
+            "per_layer_s": round(per_layer, 2), "estimated_s": round(setup + per_layer * len(layers), 1),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def run_images(out: Path, results: Results, bundles: dict[str, Path], steps: int, threads: int) -> None:
@@ -202,6 +248,13 @@ def summary(results: Results, floors: list[float], mixed: list[str], args) -> st
         for name, r in speed.items():
             lines.append(f"| {name} | " + " | ".join(
                 f"{r[c]['steady_s'] * 1e3:.0f} ms, {mib(r[c]['peak_rss_bytes'] or 0)}" for c in COMPONENTS) + " |")
+    probe = results.data.get("probe", {})
+    if probe:
+        lines += ["", "| sensitivity analysis | layers | set-up | per layer | whole analysis | peak RSS |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in probe.items():
+            lines.append(f"| {name} | {r['layers']} | {r['setup_s']:.1f} s | {r['per_layer_s']:.2f} s "
+                         f"| {r['estimated_s']:.0f} s (from {r['probed']} layers) | {mib(r['peak_rss_bytes'])} |")
     lines += ["", f"Measured on {platform.machine()}, {platform.python_version()}, {args.threads} threads, "
                   f"`python benchmarks/mixed_precision_full_size.py` (SD1.5 architecture, random weights)."]
     return "\n".join(lines)
@@ -214,8 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floors", default="45,35", help="floors in dB besides w8's worst - 3 (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--stages", default="uniform,mixed,images,speed")
+    parser.add_argument("--stages", default="uniform,mixed,images,speed,probe")
+    parser.add_argument("--probe-layers", type=int, default=6, help="layers per component the probe stage measures")
+    parser.add_argument("--probe-child", metavar="COMPONENT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe_child:
+        print(json.dumps(probe_child(args.probe_child, args.onnx_dir, args.threads, args.probe_layers)))
+        return 0
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = Results(args.out_dir / "results.json")
     stages = args.stages.split(",")
@@ -235,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         run_images(args.out_dir, results, picked, args.steps, args.threads)
     if "speed" in stages:
         run_speed(args.onnx_dir, results, {n: p for n, p in picked.items() if n != "fp32" and n != "w4"}, args.threads)
+    if "probe" in stages:
+        run_probe(args.onnx_dir, args.out_dir, results, args.threads, args.probe_layers)
     if "uniform" in stages:
         run_uniform(args.onnx_dir, args.out_dir, results, args.threads, [n for n in uniform_variants() if n not in first])
     text = summary(results, floors, mixed, args)

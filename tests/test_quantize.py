@@ -212,6 +212,10 @@ def test_quantize_again_reuses_the_measurements_and_the_bundle(quantized, demo_o
     report = json.loads(done.stdout)
     unet = report["components"][0]
     assert unet["reused_measurements"] and all(t["reused"] for t in unet["trials"])
+    # The reusing run measured nothing itself; the kept measurements still say what measuring cost.
+    assert unet["sensitivity_s"] == 0 and unet["sensitivity_peak_bytes"] == 0
+    kept = json.loads((bundle / ".sd2mnn" / "measured" / "unet.json").read_text())
+    assert kept["sensitivity_s"] > 0 and kept["sensitivity_peak_bytes"] >= first.components[0].sensitivity_peak_bytes > 0
     assert report["conversion"]["components"][0]["status"] == "reused"
     assert unet["chosen"]["digest"] == first.components[0].chosen.digest
 

@@ -107,7 +107,7 @@ class ComponentChoice:
     sensitivity_s: float  # measuring (0 when reused)
     measured_layers: int
     reused_measurements: bool
-    sensitivity_peak_bytes: int = 0  # this process's peak RSS once measured (0 when reused)
+    sensitivity_peak_bytes: int = 0  # this process's peak RSS right after measuring (0 when reused)
 
     @property
     def chosen(self) -> Trial:
@@ -160,6 +160,8 @@ class _Measurements:
         self.costs = [LayerCost.from_dict(c) for c in saved["costs"]] if same and saved.get("costs") else None
         self.trials: dict[str, dict] = saved.get("trials", {}) if same else {}
         self.sensitivity_s = float(saved.get("sensitivity_s", 0.0)) if same else 0.0
+        # The measuring process's peak RSS, kept so a run that reuses them can still report it.
+        self.sensitivity_peak_bytes = int(saved.get("sensitivity_peak_bytes", 0)) if same else 0
 
     def _read(self) -> dict | None:
         try:
@@ -172,7 +174,8 @@ class _Measurements:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path, {"key": self.key, "sources": [vars(r) for r in self.records],
                                       "costs": [c.to_dict() for c in self.costs or []],
-                                      "sensitivity_s": self.sensitivity_s, "trials": self.trials})
+                                      "sensitivity_s": self.sensitivity_s,
+                                      "sensitivity_peak_bytes": self.sensitivity_peak_bytes, "trials": self.trials})
 
 
 # -- the search --------------------------------------------------------------------------------
@@ -260,6 +263,7 @@ def _choose(name, onnx, mnn_dir: Path, trial_dir: Path, options: QuantizeOptions
         store.costs = measure(source.model, layers, feeds, probe, options.settings, threads,
                               lambda done, total, op: progress.update(name, "measuring", f"layer {done}/{total}"))
         store.sensitivity_s = time.monotonic() - started
+        store.sensitivity_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         store.trials = {}
         store.save()
     trials = _search(source.spec, onnx.root, trial_dir, layers, store.costs, store, options, threads, progress)
@@ -273,7 +277,7 @@ def _choose(name, onnx, mnn_dir: Path, trial_dir: Path, options: QuantizeOptions
     pick, layers_chosen = min(meeting, key=lambda item: item[0].weight_bytes)
     return ComponentChoice(name, options.floor(name), layers_chosen, [t for t, _ in trials],
                            0.0 if reused else store.sensitivity_s, len(store.costs), reused,
-                           0 if reused else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                           0 if reused else store.sensitivity_peak_bytes)
 
 
 def quantize(onnx_dir: str | os.PathLike, mnn_dir: str | os.PathLike, options: QuantizeOptions | None = None,
