@@ -683,3 +683,76 @@ def record_model_calls(pipeline, params):
             return out
         model.run = spy
     return calls, pipeline.run(params)
+
+
+# Wan2.1 at the smallest sizes its code takes: head dim 12 (RoPE splits it 4/4/4 over frames,
+# height and width), the runtime's 16 latent channels and 2x2 patches, a VAE of 8x spatial and 4x
+# temporal factors (4 levels, two temporal down-samplings).
+WAN_TEXT_ENCODER_CONFIG = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+                               relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+WAN_TRANSFORMER_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                              out_channels=16, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0)
+# What the hub's Wan2.1 diffusers folders ship.
+WAN_SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                            num_train_timesteps=1000)
+
+
+def make_tiny_wan_pipeline(out_dir: str | Path, seed: int = 0, *, transformer: dict | None = None,
+                           vae: dict | None = None) -> Path:
+    """Save a tiny diffusers WanPipeline folder at ``out_dir`` and return it: model_index.json,
+    text_encoder/ (UMT5EncoderModel), tokenizer/ (a small T5 Unigram tokenizer, as umT5's is),
+    transformer/, vae/, scheduler/. Seeded random weights, jittered as the other tiny pipelines'."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from t5_tokenizer import write_t5_tokenizer
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tokenizer_dir = write_t5_tokenizer(out / ".tokenizer")
+    vocab = len(T5TokenizerFast.from_pretrained(str(tokenizer_dir)))
+    builders = {
+        "text_encoder": lambda: UMT5EncoderModel(UMT5Config(vocab_size=vocab, **WAN_TEXT_ENCODER_CONFIG)),
+        "transformer": lambda: WanTransformer3DModel(**{**WAN_TRANSFORMER_CONFIG, **(transformer or {})}),
+        "vae": lambda: AutoencoderKLWan(**{**WAN_VAE_CONFIG, **(vae or {})}),
+    }
+    parts = {}
+    for i, (name, build) in enumerate(builders.items()):
+        torch.manual_seed(seed + i)
+        model = build().eval()
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed + 10 + i)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+        parts[name] = model
+    parts["tokenizer"] = T5TokenizerFast.from_pretrained(str(tokenizer_dir))
+    pipe = WanPipeline(scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER_CONFIG), **parts)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    # save_pretrained rewrites the tokenizer in the library's current layout: put back the hub's.
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    shutil.move(str(tokenizer_dir), out / "tokenizer")
+    return out
+
+
+def load_wan_pipeline(folder: str | Path):
+    """WanPipeline from a folder without accelerate, which WanPipeline.from_pretrained needs for
+    WanTransformer3DModel (it keeps modules in float32 only through accelerate; in float32 there is
+    nothing to keep)."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5TokenizerFast, UMT5EncoderModel
+
+    folder = Path(folder)
+    transformer_class = type("WanTransformer3DModel", (WanTransformer3DModel,), {"_keep_in_fp32_modules": None})
+    return WanPipeline(
+        tokenizer=T5TokenizerFast.from_pretrained(str(folder / "tokenizer")),
+        text_encoder=UMT5EncoderModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32).eval(),
+        transformer=transformer_class.from_pretrained(str(folder / "transformer"), torch_dtype=torch.float32).eval(),
+        vae=AutoencoderKLWan.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32).eval(),
+        scheduler=UniPCMultistepScheduler.from_pretrained(str(folder / "scheduler")))

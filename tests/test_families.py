@@ -81,7 +81,9 @@ def test_detect_sd35_from_diffusers_index_onnx_folder_and_t5_mtok(tmp_path):
     assert families.detect(onnx) is SD15  # an empty folder says nothing
     (onnx / "transformer" / "model.onnx").write_bytes(b"")
     assert families.detect(onnx) is SD35
-    assert families.by_tokenizer_model("Unigram") is SD35
+    # T5's Unigram is SD3.5's and Wan's (umT5): a tokenizer alone cannot tell them apart.
+    with pytest.raises(InputError, match="a Unigram tokenizer is the tokenizer of sd35 and wan"):
+        families.by_tokenizer_model("Unigram")
 
 
 def test_sd35_family_states_the_runtime_contract():
@@ -147,7 +149,7 @@ def test_detect_reads_the_record_export_writes_before_any_file(tmp_path):
     (onnx / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
     families.write_marker(onnx, SD35)
     assert families.detect(onnx) is SD35  # a CLIP tokenizer/ alone would read as SD1.5
-    (onnx / families.FAMILY_MARKER).write_text(json.dumps({"family": "wan"}))
+    (onnx / families.FAMILY_MARKER).write_text(json.dumps({"family": "sana"}))
     with pytest.raises(InputError, match=families.FAMILY_MARKER):
         families.detect(onnx)
 

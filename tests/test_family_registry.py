@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import sd2mnn
+from sd2mnn.errors import InputError
 from sd2mnn.exporters import exporter_for
 from sd2mnn.families import FAMILIES
 from sd2mnn.recipes import steps_for
@@ -104,6 +105,11 @@ def test_no_engine_module_branches_on_the_family():
 
 def test_each_family_names_its_code():
     for family in FAMILIES.values():
-        assert family.title and steps_for(family) is not None
+        assert family.title
+        if family.steps_module:
+            assert steps_for(family) is not None
+        else:  # a family sd2mnn exports, converts and verifies but does not draw with in Python
+            with pytest.raises(InputError, match=f"sd2mnn cannot draw with {family.title} bundles in Python yet"):
+                steps_for(family)
         exporter = exporter_for(family)
         assert set(exporter.order) == set(family.components) == set(exporter.jobs) == set(exporter.terms)

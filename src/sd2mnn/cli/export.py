@@ -56,6 +56,8 @@ def register(subparsers) -> None:
     parser.add_argument("--height", type=int, default=None,
                         help="image height (default: the model's, unet sample_size x VAE factor; 512 for SD1.5)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's, as --height)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="video frames, 4n + 1 (a video model only; default: its runtime's, 9 for Wan2.1)")
     parser.add_argument("--config", type=Path, default=None, metavar="DIR",
                         help="local diffusers config folder for a single-file checkpoint")
     add_overwrite_flag(parser, "ONNX_DIR if it exists and is not empty")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     terminate_as_interrupt()  # SIGTERM removes the staging folder as Ctrl-C does
     options = ExportOptions(
         opset=args.opset, components=tuple(args.components) if args.components else None, height=args.height,
-        width=args.width, config=args.config, overwrite=args.overwrite,
+        width=args.width, frames=args.frames, config=args.config, overwrite=args.overwrite,
     )
 
     def progress(component: str, message: str) -> None:
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     report = export(args.model, args.onnx_dir, options, progress=progress)
     # SD3.5 feeds 77 tokens to its CLIPs and 256 to T5.
     lengths = "+".join(str(f.max_length) for f in dict.fromkeys(families.by_name(report.kind).prompt_formats.values()))
-    print(f"exported {report.kind} ({lengths} tokens, {report.width}x{report.height}, opset {report.opset}) "
+    size = f"{report.width}x{report.height}" + (f", {report.frames} frames" if report.frames else "")
+    print(f"exported {report.kind} ({lengths} tokens, {size}, opset {report.opset}) "
           f"to {report.onnx_dir}")
     for comp in report.components:
         errs = ", ".join(f"{k} {v:.2e}" for k, v in comp.max_abs_error.items())

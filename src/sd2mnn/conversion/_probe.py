@@ -54,6 +54,11 @@ def main(argv=None) -> int:
     if module is None:
         print(f"probe: MNN cannot load {args.model}", file=sys.stderr)
         return 1
+    unknown = [n for n in inputs + outputs if variables[n].shape is None]
+    if unknown:
+        print(f"probe: MNN cannot tell the shape of {', '.join(unknown)} in {args.model} (a shape the graph "
+              "computes at run time, e.g. through an If); export it with static shapes", file=sys.stderr)
+        return 1
     result = {
         "inputs": [_spec(n, variables[n]) for n in inputs],
         "outputs": [_spec(n, variables[n]) for n in outputs],

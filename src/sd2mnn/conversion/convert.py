@@ -509,17 +509,12 @@ def _tokenizer_files(onnx: OnnxPipeline) -> list[tuple[str, Path]]:
 def _stage_tokenizer(plan: ConversionPlan, scratch: Path, staged: dict[str, Path]) -> tuple[tuple[FileRecord, ...], str]:
     """Copy the tokenizer files into ``scratch``, beside the tokenizer.mtok written there (each
     tokenizer in the bundle folder it goes to); stage the ones whose content differs from the
-    bundle's. Also the model family: for a family of one tokenizer, the one its tokenizer.mtok
-    makes MNN's runtime run ("" for one it has no runtime for)."""
+    bundle's. Also the model family: the pipeline's where its tokenizer is of the family's kind,
+    else the one its tokenizer.mtok makes MNN's runtime run ("" for one it has no runtime for)."""
     for rel, item in _tokenizer_files(plan.onnx):
         shutil.copy2(item, scratch / rel)
-    if len(plan.onnx.tokenizers) > 1:
-        family = plan.onnx.family.name
-    else:
-        try:
-            family = families.detect(scratch / MTOK_NAME).name
-        except InputError:
-            family = ""
+    family = plan.onnx.family.name if len(plan.onnx.tokenizers) > 1 else \
+        families.runtime_family(plan.onnx.family, scratch / MTOK_NAME)
     known = {f.path: f for f in plan.previous.tokenizer} if plan.previous else {}
     records = []
     for path in sorted(p for p in scratch.rglob("*") if p.is_file()):

@@ -43,7 +43,7 @@ from sd2mnn.families import FAMILIES, Family, PromptFormat
 
 # Each SD1.x family's text length and BOS/EOS: the families' facts (sd2mnn.families), by the text
 # length a converted text encoder shows.
-FORMATS: dict[int, PromptFormat] = {f.text_length: f.prompt for f in FAMILIES.values() if not f.tokenizers}
+FORMATS: dict[int, PromptFormat] = {f.text_length: f.prompt for f in FAMILIES.values() if not f.fixed_widths}
 # transformers/llm/engine/src/tokenizer/tokenizer.cpp:90, tokenizer.hpp:136: MAGIC_NUMBER = 430.
 MTOK_MAGIC = b"430"
 
@@ -176,7 +176,7 @@ def onnx_vocabulary(model: Path) -> int | None:
 def _runtime_format(length: int | None, family: Family, component: str | None = None) -> PromptFormat | None:
     """The format MNN's runtime feeds ``component`` with: by its text length for the SD1.x
     families (the runtime's model type sets it), else its tokenizer's in the family."""
-    if not family.tokenizers:
+    if not family.fixed_widths:
         return FORMATS.get(length)
     return family.prompt_formats.get(family.components[component or family.text_encoder].tokenizer)
 
@@ -288,7 +288,7 @@ def check_tensors(infos: dict[str, dict], family: Family, files: dict[str, str] 
     file in the messages. ``complete=False``: ``infos`` holds only some tensors (a loaded model's
     inputs); check those."""
     files = files or {}
-    if family.tokenizers:  # a runtime of fixed widths (SD3.5): the family's tensors say them all
+    if family.fixed_widths:  # SD3.5, Wan: the family's tensors say them all
         return [i for name, info in infos.items()
                 for i in _check_tensors(name, info, 0, None, family, files.get(name), complete)]
     issues = []

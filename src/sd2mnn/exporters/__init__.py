@@ -9,9 +9,11 @@ the exporter of the family (``Family.exporter_module``, imported by that name) f
     size_step    (denoiser config, VAE factor) -> what the image size must be a multiple of
     text_lengths (source folder) -> a component's text length beyond its tokenizer's
     tokenizer_fix what to do about a missing tokenizer folder ("": the family needs it)
+    check_folder (source folder) -> None; raises InputError for a model its runtime cannot run
 
     stable_diffusion.py  SD1.5 and Taiyi (MNN's onnx_export.py)
     sd35.py              SD3.5 (diffusion_sd35.cpp's tensors)
+    wan.py               Wan2.1 (wan_diffusion.cpp's tensors, diffusers' WanPipeline's values)
     vae.py               the VAE's and the text encoders' parts both share
 
 Torch is imported inside the job builders only: looking an exporter up needs no export extra.
@@ -49,6 +51,7 @@ class Exporter:
     size_step: Callable[[dict, int], int]
     text_lengths: Callable[[Path], dict[str, int]] = field(default=lambda folder: {})
     tokenizer_fix: str = ""
+    check_folder: Callable[[Path], None] = field(default=lambda folder: None)
 
 
 def exporter_for(family: Family) -> Exporter:

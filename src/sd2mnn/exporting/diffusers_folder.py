@@ -56,10 +56,14 @@ CONFIG_FIELDS = {
                                     "max_position_embeddings": "count", "num_attention_heads": "count"},
     "BertModel": {"hidden_size": "count!", "max_position_embeddings": "count", "num_attention_heads": "count"},
     "T5EncoderModel": {"d_model": "count", "num_heads": "count"},
+    "UMT5EncoderModel": {"d_model": "count", "num_heads": "count"},
+    "WanTransformer3DModel": {"in_channels": "count", "out_channels": "count", "num_attention_heads": "count",
+                              "attention_head_dim": "count", "text_dim": "count"},
+    "AutoencoderKLWan": {"z_dim": "count", "base_dim": "count", "dim_mult": "counts"},
 }
 # The config value that holds a model's latent channels (MNN's runtime draws text-to-image only).
 LATENT_CHANNELS = {"UNet2DConditionModel": "in_channels", "SD3Transformer2DModel": "in_channels",
-                   "AutoencoderKL": "latent_channels"}
+                   "AutoencoderKL": "latent_channels", "WanTransformer3DModel": "in_channels", "AutoencoderKLWan": "z_dim"}
 # Tokenizer class prefix -> the sets of files it can be read from (any one set will do).
 TOKENIZER_FILES = {"CLIPTokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
                    "BertTokenizer": (("vocab.txt",), ("tokenizer.json",)),
@@ -138,9 +142,9 @@ def _check_config(path: Path, class_name: str, family: Family) -> None:
     key = LATENT_CHANNELS.get(class_name)
     latent = family.recipe.latent_shape[1]
     if key in config and config[key] != latent:
-        raise InputError(f"{path}: {key} {config[key]}; MNN's {family.name} runtime draws text-to-image with "
-                         f"{latent} latent channels only (inpainting and other image-conditioned models take "
-                         "more): export a text-to-image model")
+        raise InputError(f"{path}: {key} {config[key]}; MNN's {family.name} runtime draws from text alone with "
+                         f"{latent} latent channels (inpainting and other image-conditioned models take "
+                         "more): export a text-to-image or text-to-video model")
 
 
 def _check_tokenizer(folder: Path, class_name: str) -> None:

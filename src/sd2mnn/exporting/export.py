@@ -92,6 +92,8 @@ class ExportOptions:
     # Image size; None: the model's own (unet sample_size * the VAE's scale factor).
     height: int | None = None
     width: int | None = None
+    # Video frames (a video family only); None: the family's runtime's documented default.
+    frames: int | None = None
     # For a single-file checkpoint: a local diffusers folder of the same model with its configs,
     # tokenizers and scheduler (sd2mnn.exporting.checkpoint), weights only for the models the file lacks.
     config: Path | None = None
@@ -128,6 +130,7 @@ class ExportReport:
     components: list[ComponentReport] = field(default_factory=list)
     height: int = 0  # the image size exported
     width: int = 0
+    frames: int = 0  # the video frames exported (0: an image family)
 
     @property
     def max_abs_error(self) -> float:
@@ -208,6 +211,7 @@ def _open_source(folder: Path, components: tuple[str, ...] | None = None, confin
         if not (folder / name / "config.json").is_file():
             raise InputError(f"{folder / name / 'config.json'}: missing; re-download the model")
     diffusers_folder.check_pipeline(folder, index, family, tuple(models), confine)
+    _exporter(family).check_folder(folder)
     return source
 
 
@@ -258,6 +262,10 @@ def _load(source: _Source, sub: str):
             kwargs["variant"] = "fp16"  # only fp16 weights shipped: load them, export in fp32
         else:
             raise InputError(f"{folder}: no weights (*.safetensors or *.bin); re-download the model")
+    if getattr(cls, "_keep_in_fp32_modules", None):
+        # Those (WanTransformer3DModel) load only through accelerate, which export does not need:
+        # in float32 there is nothing to keep in float32.
+        cls = type(cls.__name__, (cls,), {"_keep_in_fp32_modules": None})
     try:
         model = cls.from_pretrained(str(folder), **kwargs)
     except Exception as err:  # the libraries raise many types for unreadable or mismatched files
@@ -310,7 +318,10 @@ def _config(folder: Path, sub: str) -> dict:
 
 
 def _scale_factor(vae_config: dict) -> int:
-    """diffusers' ``vae_scale_factor``: 2 ** (len(block_out_channels) - 1), 8 for SD1.5."""
+    """diffusers' ``vae_scale_factor``: 2 ** (len(block_out_channels) - 1), 8 for SD1.5; a video
+    VAE's (AutoencoderKLWan) states its own spatial factor."""
+    if vae_config.get("scale_factor_spatial"):
+        return int(vae_config["scale_factor_spatial"])
     return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
 
 
@@ -320,11 +331,12 @@ def _pair(value) -> tuple[int, int]:
 
 def image_size(folder: Path, height: int | None, width: int | None, family: Family) -> tuple[int, int]:
     """(height, width) to export: the given ones, else the model's own as diffusers' pipeline
-    takes it (``sample_size * vae_scale_factor`` of the family's denoiser). Each must give
-    latents the denoiser's down-sampling (or patching) divides."""
+    takes it (``sample_size * vae_scale_factor`` of the family's denoiser; a denoiser without one,
+    the family's runtime's image size). Each must give latents the denoiser's down-sampling (or
+    patching) divides."""
     model, vae = _config(folder, family.denoiser), _config(folder, "vae")
     factor = _scale_factor(vae)
-    size = _pair(model.get("sample_size") or 64)
+    size = _pair(model.get("sample_size") or family.recipe.image_size // factor)
     height = height or size[0] * factor
     width = width or size[1] * factor
     step = _exporter(family).size_step(model, factor)
@@ -341,6 +353,21 @@ def image_size(folder: Path, height: int | None, width: int | None, family: Fami
     return height, width
 
 
+def video_frames(frames: int | None, family: Family) -> int | None:
+    """The frames to export a video family at (its runtime's documented default unless given);
+    None for an image family, which refuses ``frames``."""
+    if not family.recipe.frames:
+        if frames is not None:
+            raise InputError(f"--frames {frames}: {family.title or family.name} draws images; leave --frames out")
+        return None
+    frames = frames or family.recipe.frames
+    step = family.recipe.frames_step
+    if (frames - 1) % step:
+        raise InputError(f"--frames {frames}: the VAE decodes {step}n + 1 frames; give {frames - (frames - 1) % step} "
+                         f"or {frames - (frames - 1) % step + step}")
+    return frames
+
+
 # Over this many bytes of initializers torch.onnx.export writes each tensor to a file of its own
 # (protobuf's limit, INT_MAX); below it the model proto holds every weight inline.
 TORCH_EXTERNAL_DATA_SWITCH = 2**31 - 1
@@ -353,7 +380,8 @@ def _per_block(value, blocks: int) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value or 1)] * blocks
 
 
-def check_bytes(folder: Path, name: str, height: int, width: int, text_length: int, family: Family) -> int:
+def check_bytes(folder: Path, name: str, height: int, width: int, text_length: int, family: Family,
+                frames: int | None = None) -> int:
     """An estimate of the peak memory of one component's export, in bytes: the larger of its two
     phases, which never overlap (the PyTorch module is freed before ONNX Runtime's check starts).
 
@@ -371,7 +399,9 @@ def check_bytes(folder: Path, name: str, height: int, width: int, text_length: i
     weights_dir = folder / family.model_folder(name)
     weights = sum(p.stat().st_size for p in weights_dir.glob("*") if p.suffix in (".safetensors", ".bin"))
     factor = _scale_factor(_config(folder, "vae"))
-    terms = _exporter(family).terms[name](folder, name, height // factor, width // factor, height, width, text_length)
+    video = {"frames": frames} if frames else {}  # a video family's terms take its frames
+    terms = _exporter(family).terms[name](folder, name, height // factor, width // factor, height, width, text_length,
+                                          **video)
     attention, activation, folded = terms.attention, terms.activation, terms.folded
     export_phase = weights + (weights // 2 if weights - folded > TORCH_EXTERNAL_DATA_SWITCH else 2 * weights)
     check_phase = weights + 2 * attention
@@ -379,7 +409,7 @@ def check_bytes(folder: Path, name: str, height: int, width: int, text_length: i
 
 
 def check_memory(folder: Path, names: list[str], height: int, width: int, text_length: int, family: Family,
-                 budget: int | None = None, lengths: dict[str, int] | None = None) -> None:
+                 budget: int | None = None, lengths: dict[str, int] | None = None, frames: int | None = None) -> None:
     """Refuse, with the numbers, an export whose check cannot fit in ``budget`` bytes (default:
     the memory available now). ``lengths``: a component's own text length, where not ``text_length``."""
     if budget is None:
@@ -387,11 +417,12 @@ def check_memory(folder: Path, names: list[str], height: int, width: int, text_l
 
         budget = psutil.virtual_memory().available
     lengths = lengths or {}
-    needs = {n: check_bytes(folder, n, height, width, lengths.get(n, text_length), family) for n in names}
+    needs = {n: check_bytes(folder, n, height, width, lengths.get(n, text_length), family, frames) for n in names}
     worst = max(needs, key=needs.get)
     if needs[worst] > budget:
         raise InputError(
-            f"{folder / family.model_folder(worst)}: checking the {worst} at {width}x{height} needs "
+            f"{folder / family.model_folder(worst)}: checking the {worst} at {width}x{height}"
+            f"{f', {frames} frames,' if frames else ''} needs "
             f"about {needs[worst] / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB available; export at a smaller "
             f"--height/--width (the model's default is its own size) or free memory")
 
@@ -591,6 +622,8 @@ def _validate_options(options: ExportOptions) -> None:
     for name, value in (("height", options.height), ("width", options.width)):
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise InputError(f"--{name} {value}: must be a positive number of pixels")
+    if options.frames is not None and (not isinstance(options.frames, int) or options.frames <= 0):
+        raise InputError(f"--frames {options.frames}: must be a positive number of frames")
     if not 11 <= options.opset <= 20:
         raise InputError(f"--opset {options.opset}: use 14..20 (MNN's docs use 18)")
 
@@ -682,11 +715,13 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
     staged.mkdir()
     length = family.text_length
     size = image_size(source.folder, options.height, options.width, family)
-    options = replace(options, **dict(zip(("height", "width"), size)))
+    options = replace(options, **dict(zip(("height", "width"), size)), frames=video_frames(options.frames, family))
     lengths = {n: family.prompt_formats[s.tokenizer].max_length for n, s in family.components.items() if s.prompt_ids}
     lengths.update(_exporter(family).text_lengths(source.folder))
-    check_memory(source.folder, names, options.height, options.width, length, family, options.memory_budget, lengths)
-    report = ExportReport(model, onnx_dir, source.kind, length, options.opset, height=options.height, width=options.width)
+    check_memory(source.folder, names, options.height, options.width, length, family, options.memory_budget, lengths,
+                 options.frames)
+    report = ExportReport(model, onnx_dir, source.kind, length, options.opset, height=options.height, width=options.width,
+                          frames=options.frames or 0)
     for folder in family.prompt_formats:
         shutil.copytree(source.folder / folder, staged / folder)
     families.write_marker(staged, family)

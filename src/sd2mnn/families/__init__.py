@@ -4,6 +4,7 @@
                          tolerance), PromptFormat, Recipe (scheduler, guidance, latent scaling)
     stable_diffusion.py  SD15 (CLIP BPE, 77 tokens) and TAIYI (BERT WordPiece, 512 tokens)
     sd35.py              SD35 (two CLIPs, optional T5, MMDiT transformer, flow-match Euler)
+    wan.py               WAN (Wan2.1 text to video: UMT5, a 3D transformer, a causal 3D VAE)
 
 Which family a folder holds is decided here only: ``detect(path)``.
 """
@@ -19,13 +20,14 @@ from sd2mnn.errors import InputError
 from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, TensorShapes
 from sd2mnn.families.sd35 import SD35, SD35Dims
 from sd2mnn.families.stable_diffusion import SD15, TAIYI
+from sd2mnn.families.wan import WAN, WanDims
 from sd2mnn.tokenization.folder import tokenizer_folder_files, tokenizer_kind
 from sd2mnn.tokenization.reader import MTOK_NAME, read_mtok_model_kind
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD15, TAIYI, SD35)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD15, TAIYI, SD35, WAN)}
 
 __all__ = ["ComponentSpec", "FAMILIES", "Family", "PromptFormat", "Recipe", "SD15", "SD35", "SD35Dims", "TAIYI",
-           "TensorShapes", "by_name", "by_tokenizer_model", "detect", "write_marker"]
+           "TensorShapes", "WAN", "WanDims", "by_name", "by_tokenizer_model", "detect", "runtime_family", "write_marker"]
 
 # What `sd2mnn export` writes into ONNX_DIR to say which family the folder holds: {"family": name}.
 FAMILY_MARKER = "sd2mnn_family.json"
@@ -51,6 +53,19 @@ def by_tokenizer_model(model_kind: str, among: tuple[Family, ...] | None = None,
                          "give the bundle with its manifest.json, or the ONNX folder sd2mnn export wrote")
     raise InputError(f"{where}{model_kind or 'this kind of'} tokenizers have no MNN SD runtime (it knows CLIP BPE for "
                      "SD1.5, BERT WordPiece for Taiyi and T5's Unigram for SD3.5)")
+
+
+def runtime_family(pipeline: Family, mtok: Path) -> str:
+    """The family MNN's runtime runs a bundle as, by its tokenizer.mtok: the pipeline's own where
+    the tokenizer is of its kind, else the one family of that kind (SD1.5 weights with a BERT
+    tokenizer run as Taiyi), else "" (a tokenizer no runtime takes)."""
+    kind = read_mtok_model_kind(mtok)
+    if kind == pipeline.tokenizer_model:
+        return pipeline.name
+    try:
+        return by_tokenizer_model(kind, what=str(mtok)).name
+    except InputError:
+        return ""
 
 
 def write_marker(onnx_dir: Path, family: Family) -> None:
@@ -122,13 +137,17 @@ def _by_tokenizer(path: Path, among: tuple[Family, ...]) -> Family:
     """Of ``among``, the family of the tokenizer in ``path``: its tokenizer.mtok (a bundle), its
     tokenizer/ folder or ``path`` itself as a tokenizer folder, by the tokenizer's kind."""
     if (path / MTOK_NAME).is_file():
-        return by_tokenizer_model(read_mtok_model_kind(path / MTOK_NAME), among, str(path / MTOK_NAME))
-    folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-    tokenizer_folder_files(folder)
-    if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
-        raise InputError(f"{folder}: no tokenizer sd2mnn can tell the model family from; give a CLIPTokenizer "
-                         "(SD1.5) or BertTokenizer (Taiyi) folder, or one with a tokenizer.json")
-    return by_tokenizer_model(tokenizer_kind(folder).model, among, str(folder))
+        kind, where = read_mtok_model_kind(path / MTOK_NAME), str(path / MTOK_NAME)
+    else:
+        folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+        tokenizer_folder_files(folder)
+        if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+            raise InputError(f"{folder}: no tokenizer sd2mnn can tell the model family from; give a CLIPTokenizer "
+                             "(SD1.5) or BertTokenizer (Taiyi) folder, or one with a tokenizer.json")
+        kind, where = tokenizer_kind(folder).model, str(folder)
+    # A family of several tokenizers may have any kind in tokenizer/ (SD3.5's is CLIP's).
+    fitting = [f for f in among if f.tokenizer_model == kind] or [f for f in among if f.tokenizers]
+    return fitting[0] if len(fitting) == 1 else by_tokenizer_model(kind, among, where)
 
 
 def _from_files(path: Path) -> Family:
@@ -137,6 +156,10 @@ def _from_files(path: Path) -> Family:
     owners = tuple(f for f in FAMILIES.values() if any((path / rel).is_file() for rel in _own_files(f)))
     if len(owners) == 1:
         return owners[0]
+    if not owners:  # then those with every component found there (a transformer: SD3.5 or Wan)
+        found = {c for f in FAMILIES.values() for c in f.components
+                 if (path / c / "model.onnx").is_file() or (path / f"{c}.mnn").is_file()}
+        owners = tuple(f for f in FAMILIES.values() if found <= set(f.components))
     return _by_tokenizer(path, _by_graphs(path, owners or tuple(FAMILIES.values())))
 
 

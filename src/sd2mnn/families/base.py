@@ -74,6 +74,10 @@ class Recipe:
     # The runtime draws image_size only, whatever size the models were exported at (a refused
     # --height/--width says so); False where it follows the models' sizes.
     draws_only_image_size: bool = False
+    # A video family's frames by default (0: an image family) and what they must be 1 more than a
+    # multiple of (the VAE's temporal factor).
+    frames: int = 0
+    frames_step: int = 1
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,9 @@ class Family:
     exporter_module: str = ""
     # Generated images' metadata names the family; SD1.5's never did, so its images keep saying nothing.
     named_in_metadata: bool = True
+    # Its runtime fixes the text length and widths itself (SD3.5, Wan): the components' runtime
+    # tensors say them all. False: MNN's SD1.x runtime, which takes them from the text encoder.
+    fixed_widths: bool = False
 
     @staticmethod
     def model_folder(component: str) -> str:

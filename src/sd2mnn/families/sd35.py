@@ -267,4 +267,4 @@ CLASSES = {"text_encoder": CLIP_WITH_PROJECTION, "text_encoder_2": CLIP_WITH_PRO
 SD35 = Family("sd35", CLIP_FORMAT, "Unigram", COMPONENTS, RUNTIME_COMPONENTS, RECIPE,
               ("", "a photo of a cat"), tokenizers=TOKENIZERS, denoiser="transformer", single_file=SINGLE_FILE,
               classes=CLASSES, pipelines=("StableDiffusion3Pipeline",), title="Stable Diffusion 3", steps_module="sd2mnn.recipes.sd35",
-              exporter_module="sd2mnn.exporters.sd35")
+              exporter_module="sd2mnn.exporters.sd35", fixed_widths=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
+from sd2mnn.errors import InputError
 from sd2mnn.families import Family
 from sd2mnn.recipes.lifetime import KEEP_ALL, ModelLifetime
 
@@ -33,5 +34,8 @@ MEMORY_MODES = (0, 1, 2)  # diffusion_demo's and diffusion_sd35_demo's memory_mo
 
 
 def steps_for(family: Family):
-    """The runtime steps of ``family``."""
+    """The runtime steps of ``family``; an InputError for a family sd2mnn does not draw with."""
+    if not family.steps_module:
+        raise InputError(f"sd2mnn cannot draw with {family.title or family.name} bundles in Python yet; "
+                         "run MNN's own demo on the bundle")
     return import_module(family.steps_module).STEPS

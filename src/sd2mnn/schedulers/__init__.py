@@ -4,12 +4,14 @@
     scheduler.step(model_output, i, sample)   the sample after call i
 
     plms.py        PNDM in PLMS mode (SD1.5, Taiyi: stable_diffusion.cpp step_plms)
-    flow_match.py  flow-matching Euler (SD3.5: diffusion_sd35.cpp step_flow_match)
+    flow_match.py  flow-matching Euler (SD3.5: diffusion_sd35.cpp step_flow_match; Wan:
+                   wan_diffusion.cpp stepFlowMatch)
 
 A family names its scheduler (sd2mnn.families.Recipe.scheduler); ``make`` builds it.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -17,7 +19,8 @@ import numpy as np
 from sd2mnn.schedulers.flow_match import FlowMatchEulerScheduler
 from sd2mnn.schedulers.plms import MAX_STEPS, MIN_STEPS, PLMSScheduler, clamp_steps
 
-SCHEDULERS = {"plms": PLMSScheduler, "flow_match_euler": FlowMatchEulerScheduler}
+SCHEDULERS = {"plms": PLMSScheduler, "flow_match_euler": FlowMatchEulerScheduler,
+              "wan_flow_match_euler": partial(FlowMatchEulerScheduler, rule="wan")}
 
 __all__ = ["FlowMatchEulerScheduler", "MAX_STEPS", "MIN_STEPS", "PLMSScheduler", "SCHEDULERS", "Scheduler",
            "clamp_steps", "make"]

@@ -44,18 +44,29 @@ def _check_steps(num_inference_steps) -> int:
     return n
 
 
-def sd35_timesteps(num_inference_steps: int, shift: float = SHIFT) -> np.ndarray:
-    """``mTimeSteps``: int32, descending, one per transformer call."""
-    n = _check_steps(num_inference_steps)
+def _shifted_timesteps(n: int, shift: float) -> list[np.float32]:
+    """``1000 * shift(t)`` for t a float32 linspace from 1 to 1/1000, as both runtimes compute it."""
     if n == 1:
-        return np.array([NUM_TRAIN_TIMESTEPS], dtype=np.int32)
+        return [_F(NUM_TRAIN_TIMESTEPS)]
     start, end, shift = _F(1.0), _F(1.0) / _F(1000.0), _F(shift)
     out = []
     for i in range(n):
         t_linear = start + _F(i) * (end - start) / _F(n - 1)
         t_shifted = (shift * t_linear) / (_F(1.0) + (shift - _F(1.0)) * t_linear)
-        out.append(int(t_shifted * _F(1000.0)))  # float -> int conversion truncates toward 0
-    return np.array(out, dtype=np.int32)
+        out.append(t_shifted * _F(1000.0))
+    return out
+
+
+def sd35_timesteps(num_inference_steps: int, shift: float = SHIFT) -> np.ndarray:
+    """``mTimeSteps``: int32, descending, one per transformer call."""
+    # float -> int conversion truncates toward 0
+    return np.array([int(t) for t in _shifted_timesteps(_check_steps(num_inference_steps), shift)], dtype=np.int32)
+
+
+def wan_timesteps(num_inference_steps: int, shift: float = SHIFT) -> np.ndarray:
+    """MNN's Wan runtime's ``mTimesteps`` (wan_diffusion.cpp runVideo): the same shifted linspace,
+    kept as float32."""
+    return np.array(_shifted_timesteps(_check_steps(num_inference_steps), shift), dtype=np.float32)
 
 
 def diffusers_sigmas(num_inference_steps: int, shift: float = SHIFT) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +86,7 @@ def diffusers_sigmas(num_inference_steps: int, shift: float = SHIFT) -> tuple[np
     return sigmas * _F(NUM_TRAIN_TIMESTEPS), np.append(sigmas, _F(0)).astype(np.float32)
 
 
-RULES = ("mnn", "diffusers")
+RULES = ("mnn", "diffusers", "wan")
 
 
 @dataclass(eq=False)
@@ -83,7 +94,8 @@ class FlowMatchEulerScheduler:
     """``step_flow_match`` for one run of ``num_inference_steps`` transformer calls.
 
     Call ``step(v, i, sample)`` for i = 0, ..., N-1, with ``v`` the guided transformer output at
-    ``timesteps[i]``. ``rule``: "mnn" (the runtime's int32 timesteps) or "diffusers" (float32)."""
+    ``timesteps[i]``. ``rule``: "mnn" (the SD3.5 runtime's int32 timesteps), "diffusers" (float32)
+    or "wan" (the Wan runtime's float32 timesteps, each step ``x + v * ((t_next - t) / 1000)``)."""
 
     num_inference_steps: int
     shift: float = SHIFT
@@ -97,6 +109,10 @@ class FlowMatchEulerScheduler:
         if self.rule == "diffusers":
             self.timesteps, self.sigmas = diffusers_sigmas(self.num_inference_steps, self.shift)
             return
+        if self.rule == "wan":
+            self.timesteps = wan_timesteps(self.num_inference_steps, self.shift)
+            self.sigmas = np.append(self.timesteps, _F(0.0)).astype(np.float32) / _F(1000.0)
+            return
         self.timesteps = sd35_timesteps(self.num_inference_steps, self.shift)
         self.sigmas = np.append(self.timesteps.astype(np.float32) / _F(1000.0), _F(0.0)).astype(np.float32)
 
@@ -104,6 +120,10 @@ class FlowMatchEulerScheduler:
         """``x + v * (sigma_next - sigma)``, each operation rounded to float32."""
         if not 0 <= index < len(self.timesteps):
             raise IndexError(f"step index {index} outside 0..{len(self.timesteps) - 1}")
-        dt = self.sigmas[index + 1] - self.sigmas[index]
+        if self.rule == "wan":  # wan_diffusion.cpp stepFlowMatch: the difference of timesteps, over 1000
+            following = self.timesteps[index + 1] if index + 1 < len(self.timesteps) else _F(0.0)
+            dt = (following - self.timesteps[index]) / _F(1000.0)
+        else:
+            dt = self.sigmas[index + 1] - self.sigmas[index]
         model_output = np.asarray(model_output, dtype=np.float32)
         return np.asarray(sample, dtype=np.float32) + model_output * dt

@@ -1,0 +1,153 @@
+"""Wan2.1 text-to-video: a tiny diffusers WanPipeline exported to the graphs MNN's Wan runtime
+loads, each computing what diffusers computes from what that runtime feeds it, and converted."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builders import load_wan_pipeline, make_tiny_wan_pipeline
+from sd2mnn import families
+from sd2mnn.errors import InputError
+from sd2mnn.exporting.export import ExportOptions, export, video_frames
+from sd2mnn.families.wan import TEXT_LENGTH, WAN, WanDims
+
+pytest.importorskip("diffusers")
+
+SIZE = dict(height=64, width=64, frames=5)
+PROMPTS = ("", "a cat walking in the snow", "a red car on a bridge at night, detailed, cinematic")
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory) -> Path:
+    return make_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "diffusers")
+
+
+@pytest.fixture(scope="module")
+def wan_export(wan_dir, tmp_path_factory):
+    onnx = tmp_path_factory.mktemp("wan-onnx") / "onnx"
+    return export(wan_dir, onnx, ExportOptions(**SIZE))
+
+
+def _ort(path: Path, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _runtime_ids(tokenizer, prompt: str) -> list[int]:
+    # wan_diffusion.cpp: MtokTokenizer(kSingle) adds no EOS; cut or padded with 0 to 512.
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:TEXT_LENGTH]
+    return ids + [0] * (TEXT_LENGTH - len(ids))
+
+
+def test_export_writes_the_runtime_layout_at_the_size_asked(wan_dir, wan_export):
+    assert families.detect(wan_dir) is WAN and families.detect(wan_export.onnx_dir) is WAN
+    assert (wan_export.width, wan_export.height, wan_export.frames) == (64, 64, 5)
+    expected = {n: c.shapes(WanDims(frames=5, height=64, width=64, text_hidden=32)) for n, c in WAN.components.items()}
+    for comp in wan_export.components:
+        spec = WAN.components[comp.name]
+        assert list(comp.inputs) == list(spec.inputs) and list(comp.outputs) == list(spec.outputs)
+        for name, (dtype, shape) in {**comp.inputs, **comp.outputs}.items():
+            assert (dtype, list(shape)) == tuple(expected[comp.name][name]), (comp.name, name)
+        assert max(comp.max_abs_error.values()) < 1e-4
+
+
+def test_text_encoder_graph_gives_diffusers_prompt_embeddings_from_the_runtime_ids(wan_dir, wan_export):
+    """The runtime feeds ids without EOS and no mask; the graph adds both and zeroes the padding,
+    as WanPipeline._get_t5_prompt_embeds does."""
+    import torch
+
+    pipe = load_wan_pipeline(wan_dir)
+    for prompt in PROMPTS:
+        ids = np.array([_runtime_ids(pipe.tokenizer, ""), _runtime_ids(pipe.tokenizer, prompt)], dtype=np.int32)
+        (states,) = _ort(wan_export.onnx_dir / "text_encoder" / "model.onnx", {"input_ids": ids})
+        with torch.no_grad():
+            want = pipe._get_t5_prompt_embeds(["", prompt], max_sequence_length=TEXT_LENGTH).numpy()
+        np.testing.assert_allclose(states, want, atol=1e-5, err_msg=prompt)
+        used = len(pipe.tokenizer(prompt)["input_ids"])  # with its EOS
+        assert np.abs(states[1, used:]).max() == 0 and np.abs(states[1, used - 1]).max() > 0
+
+
+def test_transformer_graph_keeps_diffusers_conditioning_under_the_runtime_mask(wan_dir, wan_export):
+    import torch
+
+    pipe = load_wan_pipeline(wan_dir)
+    ids = np.array([_runtime_ids(pipe.tokenizer, ""), _runtime_ids(pipe.tokenizer, PROMPTS[1])], dtype=np.int32)
+    with torch.no_grad():
+        conditioning = pipe._get_t5_prompt_embeds(["", PROMPTS[1]], max_sequence_length=TEXT_LENGTH)
+    rng = np.random.default_rng(0)
+    latents = np.repeat(rng.standard_normal([1, *WanDims(**SIZE).latent[1:]]).astype(np.float32), 2, axis=0)
+    feeds = {"hidden_states": latents, "timestep": np.full(2, 857.3, np.float32),
+             "encoder_hidden_states": conditioning.numpy(), "encoder_attention_mask": (ids != 0).astype(np.int32)}
+    (noise,) = _ort(wan_export.onnx_dir / "transformer" / "model.onnx", feeds)
+    with torch.no_grad():
+        want = pipe.transformer(hidden_states=torch.from_numpy(latents), timestep=torch.full((2,), 857.3),
+                                encoder_hidden_states=conditioning, return_dict=False)[0].numpy()
+    np.testing.assert_allclose(noise, want, atol=1e-5)
+
+
+def test_vae_decoder_graph_denormalises_as_diffusers(wan_dir, wan_export):
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(str(wan_dir / "vae"), torch_dtype=torch.float32).eval()
+    latent = np.random.default_rng(1).standard_normal(WanDims(**SIZE).latent).astype(np.float32)
+    (video,) = _ort(wan_export.onnx_dir / "vae_decoder" / "model.onnx", {"latent_sample": latent})
+    # WanPipeline: latents / (1 / std) + mean, then decode.
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    std = 1.0 / torch.tensor(vae.config.latents_std).view(shape)
+    mean = torch.tensor(vae.config.latents_mean).view(shape)
+    with torch.no_grad():
+        want = vae.decode(torch.from_numpy(latent) / std + mean, return_dict=False)[0].numpy()
+    assert video.shape == (1, 3, 5, 64, 64)
+    np.testing.assert_allclose(video, want, atol=1e-4)
+
+
+def test_frames_must_be_what_the_vae_decodes_and_only_for_video():
+    assert video_frames(None, WAN) == 9 and video_frames(13, WAN) == 13
+    with pytest.raises(InputError, match=r"--frames 8: the VAE decodes 4n \+ 1 frames; give 5 or 9"):
+        video_frames(8, WAN)
+    with pytest.raises(InputError, match="--frames 9: .* draws images; leave --frames out"):
+        video_frames(9, families.SD15)
+    assert video_frames(None, families.SD15) is None
+
+
+def test_a_bad_frame_count_is_one_line_from_the_cli(wan_dir, tmp_path):
+    out = tmp_path / "onnx"
+    done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "export", str(wan_dir), str(out), "--frames", "6"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --frames 6: the VAE decodes 4n + 1 frames")
+    assert not out.exists()
+
+
+def test_a_second_transformer_is_refused(wan_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "wan22"
+    shutil.copytree(wan_dir, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="a second transformer .*export a Wan2.1 pipeline"):
+        export(copy, tmp_path / "onnx", ExportOptions(**SIZE))
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_converts_and_the_denoiser_and_text_encoder_match_onnx_runtime(wan_export, tmp_path):
+    from sd2mnn import convert
+    from sd2mnn.verification.verify import verify
+
+    bundle = tmp_path / "mnn"
+    convert(wan_export.onnx_dir, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["family"] == "wan" and (bundle / "tokenizer.mtok").is_file()
+    assert sorted(manifest["components"]) == ["text_encoder", "transformer", "vae_decoder"]
+    report = verify(wan_export.onnx_dir, bundle, components=("text_encoder", "transformer"))
+    for comp in report.components:
+        assert min(o.psnr for o in comp.outputs) > 60, comp.name
