@@ -151,3 +151,17 @@ def test_converts_and_the_denoiser_and_text_encoder_match_onnx_runtime(wan_expor
     report = verify(wan_export.onnx_dir, bundle, components=("text_encoder", "transformer"))
     for comp in report.components:
         assert min(o.psnr for o in comp.outputs) > 60, comp.name
+    # MNN's runtime ids, with the EOS the graph writes, against diffusers' (the tokenizer here is
+    # trained on the prompts checked; what differs is trailing spaces and punctuation runs).
+    conditioning = report.conditioning
+    assert conditioning.prompt_share >= 0.95 and conditioning.matching_cosine > 0.99999 and not conditioning.failures
+
+
+def test_the_graph_eos_is_added_after_the_ids_and_taken_off_diffusers_ids():
+    from sd2mnn.tokenization.prompt_ids import with_graph_eos, without_graph_eos
+
+    runtime = np.array([[0, 0, 0, 0], [7, 8, 0, 0], [5, 6, 7, 8]], dtype=np.int32)
+    seen = with_graph_eos(runtime, 1)
+    assert seen.tolist() == [[1, 0, 0, 0], [7, 8, 1, 0], [5, 6, 7, 1]]  # a full row: cut, as diffusers truncates
+    assert without_graph_eos(seen, 1).tolist() == [[0, 0, 0, 0], [7, 8, 0, 0], [5, 6, 7, 0]]
+    assert with_graph_eos(without_graph_eos(seen, 1), 1).tolist() == seen.tolist()

@@ -134,7 +134,7 @@ COMPONENTS: dict[str, ComponentSpec] = {
 
 # WAN:25 MtokTokenizer(kSingle): no BOS, no EOS; WAN:136-137 "" and the prompt cut or padded with
 # 0 to 512 ids each. model_type: the demo passes none (wan_diffusion_demo.cpp); unused.
-PROMPT = PromptFormat("wan-umt5", 0, -1, -1, TEXT_LENGTH)
+PROMPT = PromptFormat("wan-umt5", 0, -1, -1, TEXT_LENGTH, graph_eos_id=1)
 
 # WAN:325-335 flow-match Euler, shift 3, float timesteps; WAN:345 CFG; the VAE graph de-normalises.
 RECIPE = Recipe(scheduler="wan_flow_match_euler", guidance=GUIDANCE, latent_scale=1.0,

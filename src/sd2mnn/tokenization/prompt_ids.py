@@ -18,6 +18,26 @@ def _is_end_of_word_mtok(runtime) -> bool:
     return len(runtime.model_ids("a" + MARKER)) == 1
 
 
+def with_graph_eos(ids: np.ndarray, eos: int) -> np.ndarray:
+    """The ids a text encoder graph that writes ``eos`` after the runtime's ids gives its model:
+    ``eos`` after each row's last id (in the last position when all are used), 0 after it."""
+    out = np.array(ids, dtype=np.int32, copy=True)
+    for row in out.reshape(-1, out.shape[-1]):
+        used = min(int((row != 0).sum()), row.size - 1)
+        row[used], row[used + 1:] = eos, 0
+    return out
+
+
+def without_graph_eos(ids: np.ndarray, eos: int) -> np.ndarray:
+    """What to feed such a graph for its model to see ``ids`` (each row ending in ``eos``)."""
+    out = np.array(ids, dtype=np.int32, copy=True)
+    for row in out.reshape(-1, out.shape[-1]):
+        used = int((row != 0).sum())
+        if used and row[used - 1] == eos:
+            row[used - 1] = 0
+    return out
+
+
 class PromptIds:
     """The ids of ``[negative, prompt]`` for a bundle (its tokenizer.mtok and tokenizer files) or
     a tokenizer folder converted with ``tokenizer_scheme``."""

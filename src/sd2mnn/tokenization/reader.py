@@ -51,6 +51,9 @@ class PromptFormat:
     bos_id: int
     eos_id: int
     max_length: int
+    # The EOS the family's exported text encoder writes after the runtime's ids itself, where the
+    # runtime adds none but the model was trained with one (Wan's umT5); -1: none.
+    graph_eos_id: int = -1
 
 
 def read_mtok_model_kind(path: Path) -> str:

@@ -20,7 +20,7 @@ from sd2mnn.core.files import read_user_text
 from sd2mnn.core.layout import bundle_mtok
 from sd2mnn.errors import InputError
 from sd2mnn.families import Family
-from sd2mnn.tokenization.prompt_ids import PromptIds
+from sd2mnn.tokenization.prompt_ids import PromptIds, with_graph_eos, without_graph_eos
 
 # Below what a default bundle reaches on the built-in prompts (README: "Conditioning": 98.5% of
 # prompts with SD1.5's tokenizer, 97.7% with the demo's 130-merge one); a bundle converted with
@@ -122,6 +122,13 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
     runtime = [ids.runtime_pair(p, length) for p in prompts]
     seen = [ids.rewrite_pair(r) for r in runtime]
     expected = [ids.hf_pair(p, length) for p in prompts]
+    # Where the text encoder's graph writes the EOS itself (Wan), its model sees the runtime's ids
+    # with that EOS, and diffusers' ids are fed to the ONNX graph without theirs.
+    eos = family.prompt_formats[family.components[component].tokenizer].graph_eos_id
+    fed = expected
+    if eos >= 0:
+        seen = [with_graph_eos(s, eos) for s in seen]
+        fed = [without_graph_eos(e, eos) for e in expected]
     same = [bool((s[1] == e[1]).all()) for s, e in zip(seen, expected)]
     positions = sum(int((s[1] == e[1]).sum()) for s, e in zip(seen, expected))
 
@@ -131,7 +138,7 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
     names = (list(spec.inputs), list(spec.outputs))
     with tempfile.TemporaryDirectory(prefix="sd2mnn-conditioning-", dir=workdir) as tmp:
         reference, _ = run_pass("onnxruntime", Path(onnx_dir) / component / "model.onnx", *names,
-                                [{"input_ids": expected[i]} for i in chosen], threads, isolate, Path(tmp))
+                                [{"input_ids": fed[i]} for i in chosen], threads, isolate, Path(tmp))
         device, _ = run_pass("mnn", Path(mnn_dir) / spec.mnn_name, *names,
                              [{"input_ids": runtime[i]} for i in chosen], threads, isolate, Path(tmp))
     worst, worst_prompt, matching = None, None, None
