@@ -6,6 +6,8 @@ a WanPipeline folder in three places, each fixed here: its text encoder attends 
 (an all-ones mask), its VAE de-normalises with ``latent / std + mean`` where diffusers has
 ``latent * std + mean``, and it leaves two modules torch 2.13's TorchScript exporter cannot write
 at opset 18 (``torch.nn.RMSNorm``, ``nearest-exact`` upsampling), so it does not export at all.
+Two more patches keep MNN from computing another graph than ONNX Runtime: no ``If`` for a
+squeeze (MNN cannot size the output through it) and no ReduceL2 (converted over every axis).
 """
 from __future__ import annotations
 
@@ -131,6 +133,25 @@ def _static_attention(model) -> None:
             module.forward = _attention_block_forward.__get__(module)
 
 
+def _rms_norm_by_sums(self, x):
+    """diffusers' WanRMS_norm.forward with ``F.normalize`` written as a sum and a square root: the
+    same values, but ``F.normalize`` exports as ONNX ReduceL2, whose opset-18 form (axes as an
+    input) MNNConvert 3.6.1 turns into a reduction over every axis (onnxextra/OnnxReduceL2.cpp
+    reads axes from an attribute only): the decoder's output then has cosine 0.1 with ONNX Runtime's."""
+    import torch
+
+    dim = 1 if self.channel_first else -1
+    norm = torch.sqrt((x * x).sum(dim=dim, keepdim=True)).clamp_min(1e-12)  # F.normalize's eps
+    return x / norm * self.scale * self.gamma + self.bias
+
+
+def _reduce_without_l2(model) -> None:
+    for module in model.modules():
+        if type(module).__name__ == "WanRMS_norm" and all(hasattr(module, a) for a in ("channel_first", "scale",
+                                                                                      "gamma", "bias")):
+            module.forward = _rms_norm_by_sums.__get__(module)
+
+
 def dims_of(source, options) -> WanDims:
     text = _config(source.folder, "text_encoder")
     return WanDims(frames=options.frames, height=options.height, width=options.width,
@@ -186,6 +207,7 @@ def vae_decoder_job(source, options, text_length: int, gen) -> _Job:
     vae = _load(source, "vae")
     _nearest_upsampling(vae, source.folder / "vae")
     _static_attention(vae)
+    _reduce_without_l2(vae)
     return _Job(VaeDecoder(vae), {"latent_sample": torch.randn(*dims.latent, generator=gen)}, ["sample"])
 
 
