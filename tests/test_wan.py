@@ -177,3 +177,47 @@ def test_the_graph_eos_is_added_after_the_ids_and_taken_off_diffusers_ids():
     assert seen.tolist() == [[1, 0, 0, 0], [7, 8, 1, 0], [5, 6, 7, 1]]  # a full row: cut, as diffusers truncates
     assert without_graph_eos(seen, 1).tolist() == [[0, 0, 0, 0], [7, 8, 0, 0], [5, 6, 7, 0]]
     assert with_graph_eos(without_graph_eos(seen, 1), 1).tolist() == seen.tolist()
+
+
+def _l2_graph(path: Path, opset: int) -> Path:
+    """latent_sample -> latent_sample / ReduceL2(latent_sample, channels) named as the runtime's VAE."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = WanDims(**SIZE).latent
+    if opset >= 18:
+        nodes = [helper.make_node("ReduceL2", ["latent_sample", "axes"], ["norm"], keepdims=1)]
+        initializers = [helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
+    else:
+        nodes, initializers = [helper.make_node("ReduceL2", ["latent_sample"], ["norm"], keepdims=1, axes=[1])], []
+    nodes.append(helper.make_node("Div", ["latent_sample", "norm"], ["sample"]))
+    graph = helper.make_graph(nodes, "l2", [helper.make_tensor_value_info("latent_sample", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("sample", TensorProto.FLOAT, shape)], initializer=initializers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return path
+
+
+def test_scan_counts_the_reductions_mnn_converts_over_every_axis(tmp_path):
+    from sd2mnn.core.onnx_scan import check_mnn_computes_it, scan_onnx
+
+    assert scan_onnx(_l2_graph(tmp_path / "17.onnx", 17)).l2_reductions_with_axes_input == 0
+    check_mnn_computes_it(scan_onnx(tmp_path / "17.onnx"))
+    summary = scan_onnx(_l2_graph(tmp_path / "18.onnx", 18))
+    assert summary.l2_reductions_with_axes_input == 1
+    with pytest.raises(InputError, match="1 ReduceL2 node.* reduction over every axis .*re-export at opset 17"):
+        check_mnn_computes_it(summary)
+
+
+def test_convert_refuses_a_graph_mnn_would_compute_otherwise(wan_export, tmp_path):
+    import shutil
+
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(wan_export.onnx_dir, onnx_dir)
+    _l2_graph(onnx_dir / "vae_decoder" / "model.onnx", 18)
+    done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "convert", str(onnx_dir), str(tmp_path / "mnn")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "vae_decoder/model.onnx: 1 ReduceL2 node(s) take their axes as an input" in last
+    assert not (tmp_path / "mnn").exists()

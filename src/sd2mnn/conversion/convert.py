@@ -29,7 +29,7 @@ from sd2mnn.core.children import Child, ChildResult, child_env, interrupts_defer
 from sd2mnn.core.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bundle_mtok, bundle_mtoks,
                                 check_component_names, open_onnx_pipeline, split_components, tokenizer_folder_files)
 from sd2mnn.core.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
-from sd2mnn.core.onnx_scan import TensorSpec, check_external_data
+from sd2mnn.core.onnx_scan import TensorSpec, check_external_data, check_mnn_computes_it
 from sd2mnn.core.progress import NullProgress, Progress
 from sd2mnn.errors import (ConversionError, ConversionTimeoutError, DiskSpaceError, InputError, Sd2MnnError,
                            os_errors_as_one_line)
@@ -113,6 +113,7 @@ def convert(
     options = replace(options, components=tuple(onnx.components))  # the family's names (defaults: its own)
     for source in onnx.components.values():
         check_external_data(source.summary)
+        check_mnn_computes_it(source.summary)
     _tokenizer_files(onnx)  # a tokenizer file the bundle cannot take is refused before anything runs
     compression = _compression(onnx, options)
     converter = find_converter(options.converter)

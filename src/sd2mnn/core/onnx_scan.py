@@ -24,6 +24,8 @@ _GRAPH_INITIALIZER = 5
 _GRAPH_INPUT = 11
 _GRAPH_OUTPUT = 12
 _GRAPH_SPARSE_INITIALIZER = 15
+_NODE_INPUT = 1
+_NODE_OP_TYPE = 4
 _NODE_ATTRIBUTE = 5
 _ATTRIBUTE_TENSOR, _ATTRIBUTE_GRAPH, _ATTRIBUTE_TENSORS, _ATTRIBUTE_GRAPHS = 5, 6, 10, 11
 _ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS = 22, 23
@@ -80,6 +82,8 @@ class OnnxSummary:
     # Every distinct external-data location, as written in the file (relative to its folder).
     external_locations: tuple[str, ...]
     external_tensors: tuple[ExternalTensor, ...] = ()
+    # ReduceL2 nodes given their axes as an input (opset 18's form), in any graph of the model.
+    l2_reductions_with_axes_input: int = 0
 
 
 class _NotOnnx(Exception):
@@ -192,6 +196,7 @@ class _Found:
         self.initializer_names: set[str] = set()
         self.locations: dict[str, None] = {}
         self.external: list[ExternalTensor] = []
+        self.l2_reductions_with_axes_input = 0
 
     def tensor(self, stream: io.BufferedReader, end: int, what: str) -> str:
         """Read a TensorProto's header; keep it if its data is external. Returns its name."""
@@ -209,8 +214,16 @@ def _walk_sparse(stream: io.BufferedReader, end: int, found: _Found, what: str) 
 
 
 def _walk_node(stream: io.BufferedReader, end: int, found: _Found) -> None:
-    """A NodeProto's attributes: tensors, sparse tensors and subgraphs (If, Loop, Scan bodies)."""
+    """A NodeProto's op type and inputs, and its attributes: tensors, sparse tensors and subgraphs
+    (If, Loop, Scan bodies)."""
+    op_type, inputs = "", 0
     for number, wire, length in _fields(stream, end):
+        if number == _NODE_OP_TYPE and wire == _WIRE_LEN:
+            op_type = _read_text(stream, length)
+            continue
+        if number == _NODE_INPUT and wire == _WIRE_LEN:
+            inputs += bool(_read_text(stream, length))  # "" is an omitted optional input
+            continue
         if number != _NODE_ATTRIBUTE or wire != _WIRE_LEN:
             continue
         for a_number, a_wire, a_length in _fields(stream, stream.tell() + length):
@@ -223,6 +236,8 @@ def _walk_node(stream: io.BufferedReader, end: int, found: _Found) -> None:
                 _walk_sparse(stream, a_end, found, "a node attribute's sparse tensor")
             elif a_number in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
                 _walk_graph(stream, a_end, found, top=False)
+    if op_type == "ReduceL2" and inputs > 1:
+        found.l2_reductions_with_axes_input += 1
 
 
 def _walk_graph(stream: io.BufferedReader, end: int, found: _Found, top: bool) -> None:
@@ -276,7 +291,19 @@ def scan_onnx(path: Path) -> OnnxSummary:
         )
     # Old exporters list initializers among the inputs; they are not inputs a runtime feeds.
     inputs = [spec for spec in found.inputs if spec.name not in found.initializer_names]
-    return OnnxSummary(path, tuple(inputs), tuple(found.outputs), tuple(found.locations), tuple(found.external))
+    return OnnxSummary(path, tuple(inputs), tuple(found.outputs), tuple(found.locations), tuple(found.external),
+                       found.l2_reductions_with_axes_input)
+
+
+def check_mnn_computes_it(summary: OnnxSummary) -> None:
+    """Refuse a graph MNNConvert 3.6.1 converts into another computation without a word: a
+    ReduceL2 whose axes are an input (onnxextra/OnnxReduceL2.cpp reads them from an attribute
+    only, so it reduces over every axis; PyTorch's F.normalize exports so at opset 18)."""
+    count = summary.l2_reductions_with_axes_input
+    if count:
+        raise InputError(f"{summary.path}: {count} ReduceL2 node(s) take their axes as an input, which MNNConvert "
+                         "3.6.1 turns into a reduction over every axis (a wrong model); re-export at opset 17, "
+                         "or compute the norm as ReduceSum and Sqrt")
 
 
 def check_external_data(summary: OnnxSummary) -> None:
