@@ -221,3 +221,78 @@ def test_convert_refuses_a_graph_mnn_would_compute_otherwise(wan_export, tmp_pat
     last = done.stderr.strip().splitlines()[-1]
     assert "vae_decoder/model.onnx: 1 ReduceL2 node(s) take their axes as an input" in last
     assert not (tmp_path / "mnn").exists()
+
+
+@pytest.fixture(scope="module")
+def wan_bundle(wan_export, tmp_path_factory) -> Path:
+    from sd2mnn import convert
+
+    bundle = tmp_path_factory.mktemp("wan-mnn") / "mnn"
+    convert(wan_export.onnx_dir, bundle)
+    return bundle
+
+
+def _frames(folder: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(folder / f"frame_{i:04d}.png").convert("RGB")) for i in range(5)])
+
+
+def test_generate_draws_the_runtime_recipe_as_diffusers_modules_compute_it(wan_dir, wan_export, tmp_path):
+    """wan_diffusion.cpp's loop (its noise, float shift-3 timesteps, CFG on [uncond, cond], Euler
+    by timestep differences, one VAE decode, frames rounded) run on the diffusers modules with
+    diffusers' conditioning, against sd2mnn's on the exported graphs."""
+    import torch
+
+    from sd2mnn.generation.noise import initial_noise
+    from sd2mnn.generation.pipeline import GenerationParams, Pipeline, decoded_to_frames
+    from sd2mnn.schedulers.flow_match import wan_timesteps
+
+    prompt, steps = "a cat walking in the snow", 3
+    generation = Pipeline.from_onnx(wan_export.onnx_dir, threads=2).run(GenerationParams(prompt, steps=steps, seed=7))
+    assert generation.is_video and generation.pixels.shape == (5, 64, 64, 3)
+
+    pipe = load_wan_pipeline(wan_dir)
+    latent = torch.from_numpy(initial_noise(7, tuple(WanDims(**SIZE).latent), "mnn"))
+    timesteps = list(wan_timesteps(steps)) + [0.0]
+    with torch.no_grad():
+        conditioning = pipe._get_t5_prompt_embeds(["", prompt], max_sequence_length=TEXT_LENGTH)
+        for t, following in zip(timesteps, timesteps[1:]):
+            noise = pipe.transformer(hidden_states=torch.cat([latent, latent]), timestep=torch.full((2,), float(t)),
+                                     encoder_hidden_states=conditioning, return_dict=False)[0]
+            guided = noise[:1] + (noise[1:] - noise[:1]) * 5.0
+            latent = latent + guided * ((following - float(t)) / 1000)
+        shape = (1, pipe.vae.config.z_dim, 1, 1, 1)
+        std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(shape)
+        video = pipe.vae.decode(latent / std + torch.tensor(pipe.vae.config.latents_mean).view(shape),
+                                return_dict=False)[0].numpy()
+    want = decoded_to_frames(video)
+    assert np.abs(generation.pixels.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_generate_on_mnn_draws_the_frames_onnx_runtime_draws(wan_export, wan_bundle, tmp_path):
+    runs = {}
+    for name, source in (("mnn", [str(wan_bundle)]), ("ort", ["--onnx", str(wan_export.onnx_dir)])):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "generate", *source, "a red car on a bridge",
+                               "-o", str(out), "--steps", "3", "--seed", "3"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert sorted(p.name for p in out.iterdir()) == [f"frame_{i:04d}.png" for i in range(5)] + ["video.webp"]
+        runs[name] = _frames(out)
+    assert np.abs(runs["mnn"].astype(int) - runs["ort"].astype(int)).max() <= 2
+
+    from PIL import Image
+
+    animation = Image.open(tmp_path / "mnn" / "video.webp")
+    assert animation.is_animated and animation.n_frames == 5
+    for i in range(5):  # lossless: each frame as its PNG
+        animation.seek(i)
+        assert (np.asarray(animation.convert("RGB")) == runs["mnn"][i]).all()
+
+
+def test_a_video_to_a_png_path_is_one_line(wan_bundle, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "generate", str(wan_bundle), "a cat", "-o",
+                           str(tmp_path / "clip.png")], capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "a video is a folder of frames" in done.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())

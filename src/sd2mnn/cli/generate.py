@@ -12,7 +12,7 @@ import numpy as np
 
 from sd2mnn.cli._common import add_overwrite_flag, native_stdout_to_stderr, print_json, terminate_as_interrupt
 from sd2mnn.core.files import check_replaceable
-from sd2mnn.core.images import check_png_path, probe_folder, write_failure
+from sd2mnn.core.images import check_png_path, check_video_folder, probe_folder, write_failure
 from sd2mnn.errors import InputError
 from sd2mnn.generation.noise import METHODS
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS
@@ -150,9 +150,12 @@ def split_words(args: argparse.Namespace) -> tuple[Path, str]:
 
 def run_command(args: argparse.Namespace) -> int:
     terminate_as_interrupt()
+    from sd2mnn import families
+
     source, prompt = split_words(args)
-    output = check_png_path(args.output)
-    check_replaceable(output, args.overwrite, "the image")
+    video = bool(families.detect(source).recipe.frames)
+    output = check_video_folder(args.output) if video else check_png_path(args.output)
+    check_replaceable(output, args.overwrite, "the video" if video else "the image")
     if args.save_latents:
         check_npy_path(args.save_latents)
         check_replaceable(args.save_latents, args.overwrite, "the latents")
@@ -171,7 +174,9 @@ def run_command(args: argparse.Namespace) -> int:
                     "timings": generation.timings.to_dict(), "notes": generation.notes})
     elif not args.quiet:
         t = generation.timings
-        print(f"wrote {output} ({generation.pixels.shape[1]}x{generation.pixels.shape[0]}) with {pipeline.runtime} "
+        height, width = generation.pixels.shape[-3:-1]
+        frames = f", {len(generation.pixels)} frames" if generation.is_video else ""
+        print(f"wrote {output} ({width}x{height}{frames}) with {pipeline.runtime} "
               f"in {t.total_s:.1f}s (+{t.load_s:.1f}s load): text encoder {t.text_encoder_s:.2f}s, "
               f"{len(t.step_s)} steps (first {t.first_step_s:.2f}s, then {t.steady_step_s:.2f}s/step), "
               f"VAE decoder {t.vae_decoder_s:.2f}s")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import shutil
 import struct
 import tempfile
 import zlib
@@ -48,6 +49,63 @@ def check_png_path(path: str | os.PathLike) -> Path:
         raise InputError(f"{parent} is not writable; choose another output folder")
     probe_folder(parent, path)
     return path
+
+
+VIDEO_NAME = "video.webp"  # the animation a video folder holds beside its frames
+VIDEO_FPS = 16  # Wan2.1's frame rate (diffusers' export_to_video in its examples)
+
+
+def frame_name(index: int) -> str:
+    """wan_diffusion_demo's frame file names (wan_diffusion.cpp saveVideoFrames)."""
+    return f"frame_{index:04d}.png"
+
+
+def check_video_folder(path: str | os.PathLike) -> Path:
+    """Refuse an output folder for a video that cannot be made, before minutes of work go into it."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        raise InputError(f"{path}: a video is a folder of frames (frame_0000.png, ... and {VIDEO_NAME}); "
+                         "give a folder name, e.g. -o clip")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is a file; give a folder name for the video's frames")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{parent} does not exist; create it first (mkdir -p {parent})")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{parent} is not writable; choose another output folder")
+    probe_folder(parent, path)
+    return path
+
+
+def write_video(folder: str | os.PathLike, frames: np.ndarray, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write uint8 RGB ``frames`` [F, H, W, 3] into ``folder``: each as a PNG named as the demo
+    names them (with ``metadata``), and all as one animated lossless WebP. Staged beside
+    ``folder`` and renamed into place: a failure leaves no partial folder (and an old one as it was)."""
+    from PIL import Image
+
+    folder = check_video_folder(folder)
+    staged = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    old = staged.parent / f"{staged.name}-old"
+    try:
+        for i, frame in enumerate(frames):
+            write_png(staged / frame_name(i), frame, metadata)
+        images = [Image.fromarray(frame, "RGB") for frame in frames]
+        images[0].save(staged / VIDEO_NAME, format="WEBP", save_all=True, append_images=images[1:], lossless=True,
+                       duration=round(1000 / VIDEO_FPS), loop=0)
+        if folder.exists():
+            os.replace(folder, old)
+        try:
+            os.replace(staged, folder)
+        except OSError:
+            if old.exists():
+                os.replace(old, folder)  # the earlier video back in place
+            raise
+    except OSError as err:
+        raise write_failure(folder, err) from None
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def probe_folder(folder: Path, target: Path | None = None) -> None:

@@ -149,4 +149,4 @@ CLASSES = {"text_encoder": (("transformers", "UMT5EncoderModel"),),
 
 WAN = Family("wan", PROMPT, "Unigram", COMPONENTS, tuple(COMPONENTS), RECIPE, ("", "a cat walking in the snow"),
              denoiser="transformer", classes=CLASSES, pipelines=("WanPipeline",), title="Wan2.1 text-to-video",
-             steps_module="", exporter_module="sd2mnn.exporters.wan", fixed_widths=True)
+             steps_module="sd2mnn.recipes.wan", exporter_module="sd2mnn.exporters.wan", fixed_widths=True)

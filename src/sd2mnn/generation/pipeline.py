@@ -45,7 +45,7 @@ from sd2mnn.families import Family
 from sd2mnn.generation.noise import METHODS, initial_noise
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS, clamp_steps
 from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME
-from sd2mnn.tokenization.prompt_ids import PromptIds
+from sd2mnn.tokenization.prompt_ids import PromptIds, without_graph_eos
 
 # The runtime's guidance, latent scale and the like are each family's (Family.recipe).
 MAX_GUIDANCE = 100.0  # published pipelines use 1..20; beyond this only blank or noise images come out
@@ -88,6 +88,12 @@ def decoded_to_pixels(sample: np.ndarray) -> np.ndarray:
     scaled = image * np.float32(255.0)
     floor = np.floor(scaled)
     return (floor + (scaled - floor >= np.float32(0.5))).astype(np.uint8)  # roundf; x - floor(x) is exact
+
+
+def decoded_to_frames(sample: np.ndarray) -> np.ndarray:
+    """A video VAE's NCTHW output [1, 3, F, H, W] -> uint8 RGB [F, H, W, 3]: each frame sliced
+    out and written as an image (wan_diffusion.cpp saveVideoFrames, saveFrame)."""
+    return np.stack([decoded_to_pixels(sample[:, :, i]) for i in range(sample.shape[2])])
 
 
 def mnn_runtime_config(
@@ -169,8 +175,8 @@ class GenerationParams:
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; choose {' or '.join(SCHEDULES)}")
         if self.schedule == "diffusers" and family.recipe.scheduler != "flow_match_euler":
-            raise InputError(f"schedule 'diffusers' is for the flow-matching families (SD3.5); {family.name} runs "
-                             "MNN's PLMS only")
+            raise InputError(f"schedule 'diffusers' is SD3.5's; {family.name} runs its runtime's schedule only "
+                             f"({family.recipe.scheduler})")
         for name, value in (("height", self.height), ("width", self.width)):
             if value is not None and (not _whole(value) or value <= 0):
                 raise InputError(f"{name} must be a whole number of pixels above 0, got {value!r}")
@@ -304,7 +310,7 @@ class Timings:
 
 @dataclass
 class Generation:
-    pixels: np.ndarray  # uint8 RGB [H, W, 3]
+    pixels: np.ndarray  # uint8 RGB [H, W, 3]; a video's [F, H, W, 3]
     latents: np.ndarray  # the final latents, before the decoder's scaling
     params: GenerationParams
     timings: Timings
@@ -317,18 +323,25 @@ class Generation:
     def notes(self) -> list[str]:
         return [f"the image will not match MNN's C++ runtime: {d}" for d in self.divergences] + list(self.info)
 
+    @property
+    def is_video(self) -> bool:
+        return self.pixels.ndim == 4
+
     def image(self):
-        """A PIL image whose ``info`` holds the metadata (``images.write_png`` writes it)."""
+        """A PIL image whose ``info`` holds the metadata (``images.write_png`` writes it); a
+        video's: a list of them, one per frame."""
         from PIL import Image
 
-        image = Image.fromarray(self.pixels, "RGB")
-        image.info.update(self.metadata)
-        return image
+        frames = [Image.fromarray(frame, "RGB") for frame in (self.pixels if self.is_video else [self.pixels])]
+        for frame in frames:
+            frame.info.update(self.metadata)
+        return frames if self.is_video else frames[0]
 
     def save(self, path: str | os.PathLike) -> Path:
-        from sd2mnn.core.images import write_png
+        """A PNG file; a video's: a folder of frame PNGs and an animated WebP (images.write_video)."""
+        from sd2mnn.core.images import write_png, write_video
 
-        return write_png(path, self.pixels, self.metadata)
+        return write_video(path, self.pixels, self.metadata) if self.is_video else write_png(path, self.pixels, self.metadata)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,15 +598,17 @@ class Pipeline:
         self.shapes = {name: self._models[name].input_shapes() for name in self.components}
         self.files = {name: self._model_file(name).relative_to(self.source).as_posix() for name in self.components}
         sample = self.shapes[self.denoiser].get(self.steps.latent_input, [])
-        self.latent_shape = (1, *sample[1:]) if len(sample) == 4 and min(sample) > 0 else self.family.recipe.latent_shape
+        # [2, C, h, w] (images) or [2, C, T, h, w] (video): the denoiser's batch of two.
+        self.latent_shape = (1, *sample[1:]) if len(sample) in (4, 5) and min(sample) > 0 \
+            else self.family.recipe.latent_shape
         self.text_lengths = {}
         for name in self.text_encoders:
             ids = self.shapes[name].get("input_ids", [])
             self.text_lengths[name] = ids[1] if len(ids) == 2 and ids[1] > 0 else None
         self.off_contract = self.steps.contract_notes(self.shapes, outputs, self.files, self.family) + self.tokenizer_notes
         decoded = outputs.get("vae_decoder", {}).get("sample", [])
-        if len(decoded) == 4 and all(isinstance(d, int) and d > 0 for d in decoded):
-            self.image_size = (decoded[2], decoded[3])
+        if len(decoded) in (4, 5) and all(isinstance(d, int) and d > 0 for d in decoded):
+            self.image_size = (decoded[-2], decoded[-1])
         else:  # a decoder of free size: the family's factor
             factor = self.family.recipe.image_size // self.family.recipe.latent_shape[-1]
             self.image_size = (self.latent_shape[2] * factor, self.latent_shape[3] * factor)
@@ -663,7 +678,9 @@ class Pipeline:
         tokens, length = self.tokenizers[name], self.text_lengths[name]
         if params.tokenizer == "hf":
             ids = tokens.hf_pair(params.prompt, length, params.negative_prompt)
-            return ids, ids
+            eos = self._prompt_format(name).graph_eos_id
+            # A text encoder that writes the EOS itself (Wan) is fed the ids without it.
+            return (without_graph_eos(ids, eos) if eos >= 0 else ids), ids
         model_ids = tokens.model_pair(params.prompt, length, params.negative_prompt)
         if self.runtime == "mnn":
             return tokens.runtime_pair(params.prompt, length, params.negative_prompt), model_ids
@@ -692,7 +709,8 @@ class Pipeline:
         outputs = {}
         for name in self.text_encoders:
             with self._holding(name, timings):
-                outputs[name] = self._models[name].run({"input_ids": feeds[name]})
+                # The ids too: a runtime may derive the denoiser's inputs from them (Wan's mask).
+                outputs[name] = {"input_ids": feeds[name], **self._models[name].run({"input_ids": feeds[name]})}
         text = self.steps.condition(outputs, self.shapes, self.files)
         timings.text_encoder_s = time.perf_counter() - t - (timings.load_s - moved)
         report(StepEvent("text_encoder", 0, 1, timings.text_encoder_s))
@@ -716,7 +734,7 @@ class Pipeline:
         with self._holding("vae_decoder", timings):
             decoded = self._models["vae_decoder"].run({"latent_sample": scaled})["sample"]
             _check_finite(decoded, "the VAE decoder's output", params, guidance, recipe.guidance)
-            pixels = decoded_to_pixels(decoded)
+            pixels = decoded_to_frames(decoded) if decoded.ndim == 5 else decoded_to_pixels(decoded)
             timings.vae_decoder_s = time.perf_counter() - t - (timings.load_s - moved)
         report(StepEvent("vae_decoder", 0, 1, timings.vae_decoder_s))
         timings.total_s = time.perf_counter() - started - (timings.load_s - self.load_s)
@@ -792,7 +810,7 @@ def declared_image_size(source: str | os.PathLike, runtime: str, family: Family)
         except InputError:
             return None  # loading the pipeline says what is wrong with it
         shape = next((list(o.shape) for o in outputs if o.name == "sample"), [])
-    return (shape[2], shape[3]) if len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape) else None
+    return (shape[-2], shape[-1]) if len(shape) in (4, 5) and all(isinstance(d, int) and d > 0 for d in shape) else None
 
 
 def check_image_size(params: GenerationParams, size: tuple[int, int], decoder: Path, family: Family) -> None:

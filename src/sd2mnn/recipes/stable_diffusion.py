@@ -52,22 +52,28 @@ class StableDiffusionSteps:
 
     def runtime_config(self, backend: str, threads: int, precision: str, memory_mode: int,
                        cache_file: str | None) -> RuntimeConfig:
-        """``StableDiffusion::load()``: CPU with DYNAMIC_QUANT_OPTIONS 2 (int8 weights), the
-        Winograd level that ``memory_mode`` is in this runtime (0: off, 1: MNN's default, 2: level
-        1); on OpenCL, buffer memory with fast tuning; one thread on the other backends."""
-        winograd_level = memory_mode
-        hints = []
-        if winograd_level == 2:
-            hints.append((WINOGRAD_MEMORY_LEVEL, 1))
-        backend = backend.upper()
-        if backend == "CPU":
-            hints.append((DYNAMIC_QUANT_OPTIONS, 2))
-        elif backend == "OPENCL":
-            threads = MNN_GPU_MEMORY_BUFFER | MNN_GPU_TUNING_FAST  # load(): config.mode for OpenCL
-        else:
-            threads = 1  # load(): "config.numThread = 1" for the other backends
-        return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low",
-                             cache_file=cache_file, winograd=winograd_level != 0, hints=tuple(hints))
+        return winograd_runtime_config(backend, threads, precision, memory_mode, cache_file)
+
+
+def winograd_runtime_config(backend: str, threads: int, precision: str, memory_mode: int,
+                            cache_file: str | None) -> RuntimeConfig:
+    """``StableDiffusion::load()`` (and ``WanDiffusion::load()``, the same settings): CPU with
+    DYNAMIC_QUANT_OPTIONS 2 (int8 weights), the Winograd level that ``memory_mode`` is in these
+    runtimes (0: off, 1: MNN's default, 2: level 1); on OpenCL, buffer memory with fast tuning;
+    one thread on the other backends."""
+    winograd_level = memory_mode
+    hints = []
+    if winograd_level == 2:
+        hints.append((WINOGRAD_MEMORY_LEVEL, 1))
+    backend = backend.upper()
+    if backend == "CPU":
+        hints.append((DYNAMIC_QUANT_OPTIONS, 2))
+    elif backend == "OPENCL":
+        threads = MNN_GPU_MEMORY_BUFFER | MNN_GPU_TUNING_FAST  # load(): config.mode for OpenCL
+    else:
+        threads = 1  # load(): "config.numThread = 1" for the other backends
+    return RuntimeConfig(backend=backend, threads=threads, precision=precision, memory="low",
+                         cache_file=cache_file, winograd=winograd_level != 0, hints=tuple(hints))
 
 
 STEPS = StableDiffusionSteps()
