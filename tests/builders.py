@@ -497,6 +497,24 @@ def write_sd3_tokenizers(out_dir: str | Path) -> Path:
     return out
 
 
+def seeded_models(builders: dict, seed: int) -> dict:
+    """Each builder's model in eval mode, its weights seeded and jittered so no parameter sits at
+    its initial constant; one generator per component, so changing one config leaves the others'
+    weights alone."""
+    import torch
+
+    models = {}
+    for i, (name, build) in enumerate(builders.items()):
+        torch.manual_seed(seed + i)
+        model = build().eval()
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed + 10 + i)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+        models[name] = model
+    return models
+
+
 def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, *, transformer: dict | None = None,
                            vae: dict | None = None, with_t5: bool = True) -> Path:
     """Save a tiny diffusers StableDiffusion3Pipeline folder at ``out_dir`` and return it.
@@ -506,7 +524,6 @@ def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, *, transformer: d
     weights, jittered so no parameter sits at its initial constant. ``transformer``, ``vae``: config
     overrides; ``with_t5=False`` leaves T5 out (text_encoder_3 and tokenizer_3 null in the index).
     """
-    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
                               T5TokenizerFast)
@@ -525,16 +542,7 @@ def make_tiny_sd3_pipeline(out_dir: str | Path, seed: int = 0, *, transformer: d
         "transformer": lambda: SD3Transformer2DModel(**{**SD3_TRANSFORMER_CONFIG, **(transformer or {})}),
         "vae": lambda: AutoencoderKL(**{**SD3_VAE_CONFIG, **(vae or {})}),
     }
-    parts = {}
-    # One generator per component, so changing one config leaves the others' weights alone.
-    for i, (name, build) in enumerate(builders.items()):
-        torch.manual_seed(seed + i)
-        model = build().eval()
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(seed + 10 + i)
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-        parts[name] = model
+    parts = seeded_models(builders, seed)
     parts["tokenizer"] = CLIPTokenizer.from_pretrained(str(tokenizers / "tokenizer"))
     parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(tokenizers / "tokenizer_2"))
     parts["tokenizer_3"] = T5TokenizerFast.from_pretrained(str(tokenizers / "tokenizer_3"))
@@ -706,7 +714,6 @@ def make_tiny_wan_pipeline(out_dir: str | Path, seed: int = 0, *, transformer: d
     """Save a tiny diffusers WanPipeline folder at ``out_dir`` and return it: model_index.json,
     text_encoder/ (UMT5EncoderModel), tokenizer/ (a small T5 Unigram tokenizer, as umT5's is),
     transformer/, vae/, scheduler/. Seeded random weights, jittered as the other tiny pipelines'."""
-    import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from t5_tokenizer import write_t5_tokenizer
     from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
@@ -722,15 +729,7 @@ def make_tiny_wan_pipeline(out_dir: str | Path, seed: int = 0, *, transformer: d
         "transformer": lambda: WanTransformer3DModel(**{**WAN_TRANSFORMER_CONFIG, **(transformer or {})}),
         "vae": lambda: AutoencoderKLWan(**{**WAN_VAE_CONFIG, **(vae or {})}),
     }
-    parts = {}
-    for i, (name, build) in enumerate(builders.items()):
-        torch.manual_seed(seed + i)
-        model = build().eval()
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(seed + 10 + i)
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-        parts[name] = model
+    parts = seeded_models(builders, seed)
     parts["tokenizer"] = T5TokenizerFast.from_pretrained(str(tokenizer_dir))
     pipe = WanPipeline(scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER_CONFIG), **parts)
     pipe.save_pretrained(str(out), safe_serialization=True)

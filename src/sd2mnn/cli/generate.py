@@ -96,7 +96,9 @@ def register(subparsers) -> None:
                           "halves mode 1's load time and memory for steps within 5%% (default: %(default)s). SD3.5 "
                           "(diffusion_sd35_demo's): no Winograd level; each model is loaded just before its first "
                           "use, and 0 and 2 free it once used (one model held at a time: an SD3 of the C++'s shapes "
-                          "peaks at 0.61x mode 1's memory), 1 keeps it; the pixels are the same in every mode")
+                          "peaks at 0.61x mode 1's memory), 1 keeps it; the pixels are the same in every mode. "
+                          "Wan (wan_diffusion_demo's): SD1.5's Winograd setting, and 0 and 2 free each model "
+                          "once used")
     run.add_argument("--cache-file", metavar="PATH", help="MNN cache file for GPU backends' tuned kernels")
     out = parser.add_argument_group("output")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress, no summary")
@@ -150,10 +152,8 @@ def split_words(args: argparse.Namespace) -> tuple[Path, str]:
 
 def run_command(args: argparse.Namespace) -> int:
     terminate_as_interrupt()
-    from sd2mnn import families
-
     source, prompt = split_words(args)
-    video = bool(families.detect(source).recipe.frames)
+    video = _draws_video(source)
     output = check_video_folder(args.output) if video else check_png_path(args.output)
     check_replaceable(output, args.overwrite, "the video" if video else "the image")
     if args.save_latents:
@@ -181,6 +181,17 @@ def run_command(args: argparse.Namespace) -> int:
               f"{len(t.step_s)} steps (first {t.first_step_s:.2f}s, then {t.steady_step_s:.2f}s/step), "
               f"VAE decoder {t.vae_decoder_s:.2f}s")
     return 0
+
+
+def _draws_video(source: Path) -> bool:
+    """Whether ``source`` holds a video family's models (its output is then a folder); what is
+    wrong with a source that says nothing is told when the pipeline loads."""
+    from sd2mnn import families
+
+    try:
+        return bool(families.detect(source).recipe.frames)
+    except InputError:
+        return False
 
 
 def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path, progress: StepProgress | None):

@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("result", type=Path)
     parser.add_argument("--inputs", required=True)
     parser.add_argument("--outputs", required=True)
+    parser.add_argument("--sizes", default="{}", help="JSON: input -> the runtime's shape for it (None: free)")
     args = parser.parse_args(argv)
     inputs, outputs = args.inputs.split(","), args.outputs.split(",")
 
@@ -41,6 +42,8 @@ def main(argv=None) -> int:
     import MNN.expr as F
     import MNN.nn as nn
 
+    from sd2mnn.core.contract import size_free_inputs
+
     variables = F.load_as_dict(str(args.model))
     missing = [n for n in inputs + outputs if n not in variables]
     if missing:
@@ -54,6 +57,7 @@ def main(argv=None) -> int:
     if module is None:
         print(f"probe: MNN cannot load {args.model}", file=sys.stderr)
         return 1
+    size_free_inputs(variables, json.loads(args.sizes))
     unknown = [n for n in inputs + outputs if variables[n].shape is None]
     if unknown:
         print(f"probe: MNN cannot tell the shape of {', '.join(unknown)} in {args.model} (a shape the graph "

@@ -26,6 +26,7 @@ from sd2mnn.conversion.plan import (OUTPUT_PER_SOURCE_BYTE, ComponentJob, Conver
                                     plan_conversion)
 from sd2mnn.core.bundle import WORK_AREA, BundleDir
 from sd2mnn.core.children import Child, ChildResult, child_env, interrupts_deferred, log_tail
+from sd2mnn.core.contract import runtime_input_shapes
 from sd2mnn.core.layout import (LOGS_DIR, MANIFEST_NAME, MTOK_NAME, OnnxPipeline, bundle_mtok, bundle_mtoks,
                                 check_component_names, open_onnx_pipeline, split_components, tokenizer_folder_files)
 from sd2mnn.core.manifest import ComponentRecord, FileRecord, Manifest, read_manifest
@@ -326,6 +327,9 @@ def _probe(running: _Running, plan: ConversionPlan, env: dict) -> Child:
         sys.executable, "-m", "sd2mnn.conversion._probe", str(running.output), str(running.scratch / "probe.json"),
         "--inputs", ",".join(spec.inputs), "--outputs", ",".join(spec.outputs),
     ]
+    sizes = runtime_input_shapes(spec.name, plan.onnx.family)
+    if sizes:  # inputs declared free (Wan's) are sized as the runtime feeds them
+        argv += ["--sizes", json.dumps(sizes)]
     return Child(argv, running.scratch, running.log, env=env, timeout=plan.options.timeout)
 
 

@@ -106,13 +106,41 @@ def _mnn_vocabulary(variables: dict) -> int | None:
     return max(sizes) if sizes else None
 
 
-def _describe_tensors(model: Path, names: list[str]) -> dict:
-    """{"inputs": [input names], "tensors": {name: {"shape", "dtype"}}, "vocabulary": rows or None}."""
+def runtime_input_shapes(name: str, family: Family) -> dict[str, list[int | None]]:
+    """The shapes a runtime of fixed widths feeds ``name``'s inputs (None: a size it takes from
+    its arguments); empty for the SD1.x runtime, which sizes its inputs from the models."""
+    if not family.fixed_widths:
+        return {}
+    spec = family.components[name]
+    return {t: shape for t, (_, shape) in expected_tensors(name, 0, None, family).items() if t in spec.inputs}
+
+
+def size_free_inputs(variables: dict, shapes: dict[str, list[int | None]]) -> None:
+    """Give each input MNN holds with free dimensions (-1, declared symbolic) the size ``shapes``
+    has for them, and zeros: MNN then works out its outputs' shapes (some only once the input
+    holds data). An input whose free dimensions ``shapes`` leaves open stays as it is."""
+    import numpy as np
+
+    for name, expected in shapes.items():
+        var = variables.get(name)
+        if var is None or var.shape is None or -1 not in var.shape or len(expected) != len(var.shape):
+            continue
+        shape = [e if d == -1 else d for d, e in zip(var.shape, expected)]
+        if None in shape:
+            continue
+        var.resize(shape)
+        var.write(np.zeros(int(np.prod(shape)), dtype=np.int32 if "int" in str(var.dtype) else np.float32))
+
+
+def _describe_tensors(model: Path, names: list[str], shapes: dict | None = None) -> dict:
+    """{"inputs": [input names], "tensors": {name: {"shape", "dtype"}}, "vocabulary": rows or None};
+    ``shapes``: what the runtime feeds its inputs (``size_free_inputs``)."""
     import MNN.expr as F
 
     variables = F.load_as_dict(str(model))
     if not variables:  # MNN returns nothing, rather than raising, for a file it cannot parse
         raise ValueError("no tensors")
+    size_free_inputs(variables, shapes or {})
     inputs, _ = F.get_inputs_and_outputs(variables)
     tensors = {}
     for name in names:
@@ -129,7 +157,7 @@ def _read_in_child(requests: dict[str, tuple[Path, list[str]]], timeout: float) 
 
     with tempfile.TemporaryDirectory(prefix="sd2mnn-contract-") as tmp:
         request, out = Path(tmp) / "request.json", Path(tmp) / "tensors.json"
-        request.write_text(json.dumps({k: [str(p.resolve()), names] for k, (p, names) in requests.items()}))
+        request.write_text(json.dumps({k: [str(p.resolve()), *rest] for k, (p, *rest) in requests.items()}))
         done = run_module("sd2mnn.core.contract", [str(request), str(out)], Path(tmp), timeout=timeout)
         return json.loads(out.read_text()) if done.returncode == 0 and out.is_file() else None
 
@@ -138,8 +166,8 @@ def _read_in_child(requests: dict[str, tuple[Path, list[str]]], timeout: float) 
 READ_TIMEOUT_S = 600.0
 
 
-def read_tensors(requests: dict[str, tuple[Path, list[str]]], timeout: float = READ_TIMEOUT_S) -> dict[str, dict | None]:
-    """key -> ``_describe_tensors(path, names)``, or None where MNN cannot read the file.
+def read_tensors(requests: dict[str, tuple], timeout: float = READ_TIMEOUT_S) -> dict[str, dict | None]:
+    """key -> ``_describe_tensors(path, names[, input shapes])``, or None where MNN cannot read the file.
     One child reads them all; if it crashes (a corrupt file can take MNN down) or runs past
     ``timeout`` seconds, one child each."""
     if not requests:
@@ -389,7 +417,8 @@ def check_contract(mnn_dir: str | Path, components: tuple[str, ...] | list[str] 
         issues += file_issues
         if not any(i.file == specs[name].mnn_name for i in file_issues):
             readable.append(name)
-    found = read_tensors({n: (mnn_dir / specs[n].mnn_name, [*specs[n].inputs, *specs[n].outputs]) for n in readable})
+    found = read_tensors({n: (mnn_dir / specs[n].mnn_name, [*specs[n].inputs, *specs[n].outputs],
+                              runtime_input_shapes(n, family)) for n in readable})
     infos = {name: info for name, info in found.items() if info is not None}
     for name in readable:
         if name not in infos:
@@ -402,12 +431,12 @@ def check_contract(mnn_dir: str | Path, components: tuple[str, ...] | list[str] 
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m sd2mnn.core.contract REQUEST.json RESULT.json``: {key: [model, names]} -> {key: info}."""
+    """``python -m sd2mnn.core.contract REQUEST.json RESULT.json``: {key: [model, names[, shapes]]} -> {key: info}."""
     request, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
     result = {}
-    for key, (model, names) in request.items():
+    for key, (model, names, *shapes) in request.items():
         try:
-            result[key] = _describe_tensors(Path(model), names)
+            result[key] = _describe_tensors(Path(model), names, *shapes)
         except Exception as err:  # MNN raises plain exceptions for unreadable files
             print(f"cannot read {model}: {err}", file=sys.stderr)
             result[key] = None

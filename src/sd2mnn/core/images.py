@@ -40,6 +40,11 @@ def check_png_path(path: str | os.PathLike) -> Path:
         raise InputError(f"{path} does not end in .png; sd2mnn writes PNG files (e.g. -o out.png)")
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a file name such as {path / 'out.png'}")
+    return _check_parent(path)
+
+
+def _check_parent(path: Path) -> Path:
+    """``path``'s folder exists and takes new entries."""
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise InputError(f"{parent} is a file, not a folder; give a path inside a folder (e.g. out/{path.name})")
@@ -68,13 +73,7 @@ def check_video_folder(path: str | os.PathLike) -> Path:
                          "give a folder name, e.g. -o clip")
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} is a file; give a folder name for the video's frames")
-    parent = path.parent
-    if not parent.is_dir():
-        raise InputError(f"{parent} does not exist; create it first (mkdir -p {parent})")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{parent} is not writable; choose another output folder")
-    probe_folder(parent, path)
-    return path
+    return _check_parent(path)
 
 
 def write_video(folder: str | os.PathLike, frames: np.ndarray, metadata: Mapping[str, str] | None = None) -> Path:

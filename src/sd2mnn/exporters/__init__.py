@@ -10,6 +10,7 @@ the exporter of the family (``Family.exporter_module``, imported by that name) f
     text_lengths (source folder) -> a component's text length beyond its tokenizer's
     tokenizer_fix what to do about a missing tokenizer folder ("": the family needs it)
     check_folder (source folder) -> None; raises InputError for a model its runtime cannot run
+    free_dims    component -> input -> {axis: name}: dimensions the graph declares symbolic
 
     stable_diffusion.py  SD1.5 and Taiyi (MNN's onnx_export.py)
     sd35.py              SD3.5 (diffusion_sd35.cpp's tensors)
@@ -52,6 +53,7 @@ class Exporter:
     text_lengths: Callable[[Path], dict[str, int]] = field(default=lambda folder: {})
     tokenizer_fix: str = ""
     check_folder: Callable[[Path], None] = field(default=lambda folder: None)
+    free_dims: dict[str, dict[str, dict[int, str]]] = field(default_factory=dict)
 
 
 def exporter_for(family: Family) -> Exporter:

@@ -271,4 +271,12 @@ EXPORTER = Exporter(
            "vae_decoder": vae_terms},
     size_step=size_step,
     check_folder=check_model,
+    # WanDiffusion::load() fixes each module's resize right after loading it (WAN:116-118), before
+    # any forward: on a model whose every input size is known, MNN allocated its memory at load,
+    # the fix frees it, and the first forward writes into freed memory (wan_diffusion_demo
+    # crashes). One symbolic input dimension each keeps MNN from allocating at load; the graphs
+    # inside stay static, and sd2mnn feeds that dimension what the runtime feeds.
+    free_dims={"text_encoder": {"input_ids": {1: "text_length"}},
+               "transformer": {"encoder_attention_mask": {1: "text_length"}},
+               "vae_decoder": {"latent_sample": {1: "latent_channels"}}},
 )

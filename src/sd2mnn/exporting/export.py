@@ -546,8 +546,10 @@ def _nested_tensors(model):
         yield from in_nodes(function.node)
 
 
-def set_static_output_shapes(model_path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Write the known static shape of each graph output (tracing loses some, e.g. after Split)."""
+def set_static_output_shapes(model_path: Path, shapes: dict[str, tuple[int, ...]],
+                             free: dict[str, dict[int, str]] | None = None) -> None:
+    """Write the known static shape of each graph output (tracing loses some, e.g. after Split);
+    declare the ``free`` input dimensions (input -> axis -> name) symbolic."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
@@ -558,6 +560,12 @@ def set_static_output_shapes(model_path: Path, shapes: dict[str, tuple[int, ...]
             del dims[:]
             for size in shapes[out.name]:
                 dims.add().dim_value = int(size)
+            changed = True
+    for tensor in model.graph.input:
+        for axis, name in (free or {}).get(tensor.name, {}).items():
+            dim = tensor.type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_param = name
             changed = True
     if changed:
         onnx.save(model, str(model_path))
@@ -778,7 +786,8 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
     elif any(p.name != "model.onnx" for p in path.parent.iterdir()):
         # Over 2 GB the exporter writes external data; keep it in one file like the unet.
         consolidate_external_data(path, WEIGHTS_FILE)
-    set_static_output_shapes(path, {n: a.shape for n, a in expected.items()})
+    set_static_output_shapes(path, {n: a.shape for n, a in expected.items()},
+                             _exporter(source.family).free_dims.get(name))
     ins, outs = describe_io(path)
     atol = (options.tolerances or {}).get(name, source.family.components[name].export_atol)
     comp = ComponentReport(name, path, ins, outs, tolerance=atol)

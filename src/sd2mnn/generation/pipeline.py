@@ -35,7 +35,7 @@ import numpy as np
 from sd2mnn import families, recipes, schedulers
 from sd2mnn._version import __version__
 from sd2mnn.core.bundle import check_for_use
-from sd2mnn.core.contract import check_vocabulary
+from sd2mnn.core.contract import check_vocabulary, runtime_input_shapes
 from sd2mnn.core.files import confined, read_user_text
 from sd2mnn.core.layout import MANIFEST_NAME, MTOK_NAME, bundle_mtok, bundle_mtoks
 from sd2mnn.core.manifest import FileRecord, read_manifest
@@ -611,7 +611,7 @@ class Pipeline:
             self.image_size = (decoded[-2], decoded[-1])
         else:  # a decoder of free size: the family's factor
             factor = self.family.recipe.image_size // self.family.recipe.latent_shape[-1]
-            self.image_size = (self.latent_shape[2] * factor, self.latent_shape[3] * factor)
+            self.image_size = (self.latent_shape[-2] * factor, self.latent_shape[-1] * factor)
 
     def _output_shapes(self) -> dict[str, dict[str, list[int]]]:
         """The models' output shapes as their files declare them (MNN: read in a child process),
@@ -620,7 +620,8 @@ class Pipeline:
 
         if self.runtime == "mnn":
             specs = {n: self.family.components[n] for n in self.components}
-            found = read_tensors({n: (self._model_file(n), [*spec.outputs, *spec.inputs]) for n, spec in specs.items()})
+            found = read_tensors({n: (self._model_file(n), [*spec.outputs, *spec.inputs],
+                                      runtime_input_shapes(n, self.family)) for n, spec in specs.items()})
             self.vocabularies = {n: (found.get(n) or {}).get("vocabulary") for n in self.text_encoders}
             tensors = {n: (found.get(n) or {}).get("tensors") or {} for n in self.components}
             for name, model in self._models.items():
@@ -800,7 +801,7 @@ def declared_image_size(source: str | os.PathLike, runtime: str, family: Family)
     if runtime == "mnn":
         from sd2mnn.core.contract import read_tensors
 
-        found = read_tensors({"d": (source / spec.mnn_name, ["sample"])})["d"] or {}
+        found = read_tensors({"d": (source / spec.mnn_name, ["sample"], runtime_input_shapes("vae_decoder", family))})["d"] or {}
         shape = ((found.get("tensors") or {}).get("sample") or {}).get("shape") or []
     else:
         from sd2mnn.core.layout import load_component

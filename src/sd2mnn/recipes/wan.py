@@ -53,7 +53,7 @@ class WanSteps:
         """What the runtime fixes (512 ids, 16 latent channels) against the models' shapes."""
         issues = []
         ids = inputs.get("text_encoder", {}).get("input_ids") or []
-        if len(ids) == 2 and ids[1] != TEXT_LENGTH:
+        if len(ids) == 2 and ids[1] not in (TEXT_LENGTH, -1):  # -1: declared free, fed 512
             issues.append(f"{files.get('text_encoder', 'text_encoder')} takes {ids[1]} ids ({TEXT_LENGTH} in the runtime)")
         latents = inputs.get("transformer", {}).get(self.latent_input) or []
         if len(latents) == 5 and latents[1] != LATENT_CHANNELS:
