@@ -303,3 +303,13 @@ def test_a_video_to_a_png_path_is_one_line(wan_bundle, tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "a video is a folder of frames" in done.stderr.strip().splitlines()[-1]
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_times_every_component_on_both_runtimes(wan_export, wan_bundle):
+    from sd2mnn.measurement.bench import bench
+
+    report = bench(wan_bundle, wan_export.onnx_dir, threads=1, runs=1)
+    assert [c.name for c in report.components] == ["text_encoder", "transformer", "vae_decoder"]
+    assert not report.errors
+    for comp in report.components:
+        assert all(comp.timings[r].median_s > 0 for r in ("mnn", "onnxruntime")), comp.name
