@@ -7,7 +7,9 @@ a WanPipeline folder in three places, each fixed here: its text encoder attends 
 ``latent * std + mean``, and it leaves two modules torch 2.13's TorchScript exporter cannot write
 at opset 18 (``torch.nn.RMSNorm``, ``nearest-exact`` upsampling), so it does not export at all.
 Two more patches keep MNN from computing another graph than ONNX Runtime: no ``If`` for a
-squeeze (MNN cannot size the output through it) and no ReduceL2 (converted over every axis).
+squeeze (MNN cannot size the output through it) and no ReduceL2 (converted over every axis); and
+one input size of each graph is declared free, or MNN's stock wan_diffusion_demo crashes
+(``EXPORTER.free_dims``).
 """
 from __future__ import annotations
 
@@ -158,7 +160,7 @@ def dims_of(source, options) -> WanDims:
                    text_hidden=int(text.get("d_model") or 4096))
 
 
-def _runtime_ids(source, gen):
+def _runtime_ids(source):
     """[uncond "", prompt] ids as the runtime makes them: no EOS, cut or padded with 0 to 512."""
     import torch
 
@@ -177,7 +179,7 @@ def text_encoder_job(source, options, text_length: int, gen) -> _Job:
         raise InputError(f"{source.folder / 'text_encoder' / 'config.json'}: pad_token_id "
                          f"{model.config.pad_token_id}; MNN's Wan runtime pads with 0 and masks by it")
     eos = int(getattr(model.config, "eos_token_id", 1) or 1)
-    return _Job(TextEncoder(model, eos), {"input_ids": _runtime_ids(source, gen)}, ["last_hidden_state"])
+    return _Job(TextEncoder(model, eos), {"input_ids": _runtime_ids(source)}, ["last_hidden_state"])
 
 
 def transformer_job(source, options, text_length: int, gen) -> _Job:
@@ -187,7 +189,7 @@ def transformer_job(source, options, text_length: int, gen) -> _Job:
     dims = dims_of(source, options)
     model = _load(source, "transformer")
     _decompose_rms_norms(model)
-    ids = _runtime_ids(source, gen)
+    ids = _runtime_ids(source)
     latents = torch.randn(1, *dims.latent[1:], generator=gen)
     inputs = {
         "hidden_states": torch.cat([latents, latents]),

@@ -5,8 +5,8 @@ include/diffusion/wan_diffusion.hpp.
 
 The runtime fixes the text length (512), the latent channels (16), the batch of two (CFG) and the
 VAE's factors (8 in space, 4 in time); the frames, height and width are its command's arguments,
-and its graphs' shapes are static, so a bundle runs only at the size it was exported at
-(``WanDims``, recorded by export and read back from the graphs).
+and the graphs are traced at one size, so a bundle runs only at the size it was exported at
+(``WanDims``; read back from the graphs' shapes).
 
 What the runtime does not do as diffusers' WanPipeline does, and the graphs sd2mnn exports do in
 its place (sd2mnn.exporters.wan):

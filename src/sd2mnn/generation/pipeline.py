@@ -655,7 +655,8 @@ class Pipeline:
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = DEFAULT_STEPS, seed: int = 0,
                  guidance: float | None = None, noise: str = "mnn", latents=None, tokenizer: str = "runtime",
                  schedule: str = "runtime", on_step: Callable[[StepEvent], None] | None = None):
-        """A PIL image (512x512 RGB for SD1.5, 1024x1024 for SD3.5); its ``info`` holds the metadata.
+        """A PIL image (512x512 RGB for SD1.5, 1024x1024 for SD3.5; a video family's: a list of
+        them, one per frame); its ``info`` holds the metadata.
 
         ``latents``: initial latents (an array, or a .npy/.txt path) instead of drawing noise.
         ``guidance`` None: the family's (the runtime's). ``schedule="diffusers"`` with
