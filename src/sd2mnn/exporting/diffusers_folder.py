@@ -142,9 +142,10 @@ def _check_config(path: Path, class_name: str, family: Family) -> None:
     key = LATENT_CHANNELS.get(class_name)
     latent = family.recipe.latent_shape[1]
     if key in config and config[key] != latent:
-        raise InputError(f"{path}: {key} {config[key]}; MNN's {family.name} runtime draws from text alone with "
-                         f"{latent} latent channels (inpainting and other image-conditioned models take "
-                         "more): export a text-to-image or text-to-video model")
+        what = "text-to-video" if family.recipe.frames else "text-to-image"
+        raise InputError(f"{path}: {key} {config[key]}; MNN's {family.name} runtime draws {what} with "
+                         f"{latent} latent channels only (inpainting and other image-conditioned models take "
+                         f"more): export a {what} model")
 
 
 def _check_tokenizer(folder: Path, class_name: str) -> None:
