@@ -45,7 +45,7 @@ from sd2mnn.families import Family
 from sd2mnn.generation.noise import METHODS, initial_noise
 from sd2mnn.schedulers import MAX_STEPS, MIN_STEPS, clamp_steps
 from sd2mnn.tokenization.diffusers_scheme import DEFAULT_SCHEME
-from sd2mnn.tokenization.prompt_ids import PromptIds, without_graph_eos
+from sd2mnn.tokenization.prompt_ids import PromptIds
 
 # The runtime's guidance, latent scale and the like are each family's (Family.recipe).
 MAX_GUIDANCE = 100.0  # published pipelines use 1..20; beyond this only blank or noise images come out
@@ -680,9 +680,7 @@ class Pipeline:
         tokens, length = self.tokenizers[name], self.text_lengths[name]
         if params.tokenizer == "hf":
             ids = tokens.hf_pair(params.prompt, length, params.negative_prompt)
-            eos = self._prompt_format(name).graph_eos_id
-            # A text encoder that writes the EOS itself (Wan) is fed the ids without it.
-            return (without_graph_eos(ids, eos) if eos >= 0 else ids), ids
+            return tokens.graph_feed(ids), ids
         model_ids = tokens.model_pair(params.prompt, length, params.negative_prompt)
         if self.runtime == "mnn":
             return tokens.runtime_pair(params.prompt, length, params.negative_prompt), model_ids

@@ -80,6 +80,19 @@ class PromptIds:
         """The bundle's text encoder's id rewrite (none for MNN's own scheme), in numpy."""
         return rewrite_ids(runtime_ids, self.rewrite) if self.rewrite is not None else runtime_ids
 
+    def seen_pair(self, runtime_ids: np.ndarray) -> np.ndarray:
+        """The ids the model inside the text encoder sees: the id rewrite's, and the EOS a graph
+        that writes its own (Wan) adds after them."""
+        eos = self.runtime.format.graph_eos_id
+        rewritten = self.rewrite_pair(runtime_ids)
+        return with_graph_eos(rewritten, eos) if eos >= 0 else rewritten
+
+    def graph_feed(self, model_ids: np.ndarray) -> np.ndarray:
+        """What to feed the text encoder's graph for its model to see ``model_ids`` (diffusers'):
+        without their EOS where the graph writes its own."""
+        eos = self.runtime.format.graph_eos_id
+        return without_graph_eos(model_ids, eos) if eos >= 0 else model_ids
+
     def hf_pair(self, prompt: str, length: int | None = None, negative: str = "") -> np.ndarray:
         """int32 [2, L]: Hugging Face's ids (diffusers' conditioning), from the tokenizer files."""
         length = length or self.max_length

@@ -20,7 +20,7 @@ from sd2mnn.core.files import read_user_text
 from sd2mnn.core.layout import bundle_mtok
 from sd2mnn.errors import InputError
 from sd2mnn.families import Family
-from sd2mnn.tokenization.prompt_ids import PromptIds, with_graph_eos, without_graph_eos
+from sd2mnn.tokenization.prompt_ids import PromptIds
 
 # Below what a default bundle reaches on the built-in prompts (README: "Conditioning": 98.5% of
 # prompts with SD1.5's tokenizer, 97.7% with the demo's 130-merge one); a bundle converted with
@@ -120,15 +120,9 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
                               family.prompt_formats[family.components[component].tokenizer])
     length = ids.max_length
     runtime = [ids.runtime_pair(p, length) for p in prompts]
-    seen = [ids.rewrite_pair(r) for r in runtime]
+    seen = [ids.seen_pair(r) for r in runtime]
     expected = [ids.hf_pair(p, length) for p in prompts]
-    # Where the text encoder's graph writes the EOS itself (Wan), its model sees the runtime's ids
-    # with that EOS, and diffusers' ids are fed to the ONNX graph without theirs.
-    eos = family.prompt_formats[family.components[component].tokenizer].graph_eos_id
-    fed = expected
-    if eos >= 0:
-        seen = [with_graph_eos(s, eos) for s in seen]
-        fed = [without_graph_eos(e, eos) for e in expected]
+    fed = [ids.graph_feed(e) for e in expected]  # the ONNX graph's model then sees diffusers' ids
     same = [bool((s[1] == e[1]).all()) for s, e in zip(seen, expected)]
     positions = sum(int((s[1] == e[1]).sum()) for s, e in zip(seen, expected))
 
