@@ -156,12 +156,10 @@ def test_the_graphs_avoid_what_mnn_computes_otherwise(wan_export):
         assert not ops & {"If", "ReduceL2"}, comp.name
 
 
-def test_converts_and_every_component_matches_onnx_runtime(wan_export, tmp_path):
-    from sd2mnn import convert
+def test_converts_and_every_component_matches_onnx_runtime(wan_export, wan_bundle):
     from sd2mnn.verification.verify import verify
 
-    bundle = tmp_path / "mnn"
-    convert(wan_export.onnx_dir, bundle)
+    bundle = wan_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["family"] == "wan" and (bundle / "tokenizer.mtok").is_file()
     assert sorted(manifest["components"]) == ["text_encoder", "transformer", "vae_decoder"]
@@ -174,6 +172,45 @@ def test_converts_and_every_component_matches_onnx_runtime(wan_export, tmp_path)
     # trained on the prompts checked; what differs is trailing spaces and punctuation runs).
     conditioning = report.conditioning
     assert conditioning.prompt_share >= 0.95 and conditioning.matching_cosine > 0.99999 and not conditioning.failures
+    assert conditioning.padding_max == 0.0  # diffusers' zeroed padding, exactly
+
+
+def test_verify_fails_a_text_encoder_that_attends_its_padding(wan_dir, wan_export, tmp_path):
+    """MNN's Wan exporter runs UMT5 with a mask of ones: the padding is attended and its states
+    kept. Converted, such a text encoder fits the runtime; verify's conditioning check says what
+    it does instead of diffusers."""
+    import shutil
+
+    import torch
+
+    from sd2mnn import convert
+    from sd2mnn.verification.verify import verify
+
+    class MaskOfOnes(torch.nn.Module):  # wan_onnx_export.py's text encoder wrapper
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            ids = input_ids.to(torch.int64)
+            return self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+
+    onnx = tmp_path / "onnx"
+    shutil.copytree(wan_export.onnx_dir, onnx, ignore=shutil.ignore_patterns("text_encoder"))
+    (onnx / "text_encoder").mkdir()
+    model = load_wan_pipeline(wan_dir).text_encoder.eval()
+    with torch.no_grad():
+        torch.onnx.export(MaskOfOnes(model), (torch.ones(2, TEXT_LENGTH, dtype=torch.int32),),
+                          str(onnx / "text_encoder" / "model.onnx"), input_names=["input_ids"],
+                          output_names=["last_hidden_state"], opset_version=18, dynamo=False)
+    convert(onnx, tmp_path / "mnn", components="text_encoder")
+    report = verify(onnx, tmp_path / "mnn", components="text_encoder")
+    conditioning = report.conditioning
+    assert conditioning.matching_cosine > 0.99999 and conditioning.padding_max > 0.01
+    assert conditioning.failures == [
+        f"conditioning: the text encoder's states past the prompt are not zero (max |x| {conditioning.padding_max:.3g}): "
+        "it attends to the padding, where diffusers masks it and zeroes them; export the text encoder with sd2mnn export"]
+    assert not report.passed
 
 
 def test_the_graph_eos_is_added_after_the_ids_and_taken_off_diffusers_ids():
@@ -313,3 +350,62 @@ def test_bench_times_every_component_on_both_runtimes(wan_export, wan_bundle):
     assert not report.errors
     for comp in report.components:
         assert all(comp.timings[r].median_s > 0 for r in ("mnn", "onnxruntime")), comp.name
+
+
+@pytest.fixture(scope="module")
+def mixed_sizes(wan_dir, wan_export, wan_bundle, tmp_path_factory) -> tuple[Path, Path]:
+    """The ONNX folder and the bundle with their VAE decoder taken from an export of 9 frames
+    (the others: 5), as a user copying parts of two exports together would have them."""
+    import shutil
+
+    from sd2mnn import convert
+
+    root = tmp_path_factory.mktemp("wan-mixed")
+    other = export(wan_dir, root / "onnx9", ExportOptions(components=("vae_decoder",), height=64, width=64, frames=9))
+    convert(other.onnx_dir, root / "mnn9", components="vae_decoder")
+    onnx, bundle = root / "onnx", root / "mnn"
+    shutil.copytree(wan_export.onnx_dir, onnx, ignore=shutil.ignore_patterns("vae_decoder"))
+    shutil.copytree(other.onnx_dir / "vae_decoder", onnx / "vae_decoder")
+    shutil.copytree(wan_bundle, bundle)
+    for name in ("vae_decoder.mnn", "vae_decoder.mnn.weight"):
+        shutil.copy(root / "mnn9" / name, bundle / name)
+    return onnx, bundle
+
+
+def test_the_contract_refuses_parts_exported_at_different_sizes(mixed_sizes, wan_bundle):
+    from sd2mnn.core.contract import check_contract
+
+    assert check_contract(wan_bundle) == []
+    issues = check_contract(mixed_sizes[1])
+    assert [(i.component, i.kind) for i in issues] == [("vae_decoder", "size")]
+    assert "latent channels, frames, height and width of transformer.mnn's 'hidden_states' ([16,2,8,8])" \
+        in issues[0].expected
+    assert issues[0].found.startswith("[16,3,8,8]: the parts were exported at different sizes")
+
+
+def test_generate_refuses_parts_of_different_sizes_and_frames_not_exported(mixed_sizes, wan_bundle, tmp_path):
+    cases = {"mixed": (["--onnx", str(mixed_sizes[0]), "a cat"],
+                       "vae_decoder/model.onnx: takes 'latent_sample' with the latent channels, frames, height and "
+                       "width of transformer/model.onnx's 'hidden_states' ([16,2,8,8]); it has [?,3,8,8]"),
+             "frames": ([str(wan_bundle), "a cat", "--frames", "9"],
+                        "vae_decoder.mnn draws 5 frames of 64x64 (fixed at export); --frames 9 needs a pipeline "
+                        "exported at that size (sd2mnn export --frames)")}
+    for name, (args, message) in cases.items():
+        done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "generate", *args, "-o", str(tmp_path / name),
+                               "--steps", "1"], capture_output=True, text=True)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert message in done.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())
+
+
+def test_sweep_measures_wan_variants_of_every_part(wan_export, tmp_path):
+    from sd2mnn.measurement.sweep import sweep
+
+    report = sweep(wan_export.onnx_dir, tmp_path / "sweep", "fp32,w8", min_psnr=20, runs=1)
+    assert [(v.name, v.status) for v in report.variants] == [("fp32", "ok"), ("w8", "ok")], \
+        [v.error for v in report.variants]
+    fp32, w8 = report.variants
+    assert w8.size_bytes < fp32.size_bytes and fp32.fidelity > w8.fidelity > 20
+    assert sorted(report.reference) == ["text_encoder", "transformer", "vae_decoder"]
+    assert not report.off_contract
+    assert json.loads((tmp_path / "sweep" / "w8" / "manifest.json").read_text())["family"] == "wan"

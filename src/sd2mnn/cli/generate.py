@@ -32,8 +32,8 @@ and say so in a note and in the PNG's metadata: --negative-prompt (MNN always us
 than the runtime's (7.5; SD3.5: 5.0), --noise numpy/torch, --latents, --tokenizer hf, --schedule
 diffusers. Steps outside 1..50 are refused: MNN would silently use 50 for more and 10 for fewer than 1
 (its SD3.5 runtime runs any count; sd2mnn keeps to 1..50 there too).
-The image size is the models' (fixed at export; MNN's SD3.5 runtime draws 1024x1024 only): --height and
---width only check it. An SD3.5 bundle without text_encoder_3 (T5) is conditioned on zeros in its place,
+The image size, and a video's frame count, are the models' (fixed at export; MNN's SD3.5 runtime draws
+1024x1024 only): --height, --width and --frames only check them. An SD3.5 bundle without text_encoder_3 (T5) is conditioned on zeros in its place,
 as MNN's runtime does.
 
   sd2mnn generate sd35/ "a photo of a cat" -o cat.png --seed 42 --steps 28
@@ -83,6 +83,9 @@ def register(subparsers) -> None:
                       help="the image height expected (default: the models'; they are fixed at export, so another "
                            "value is refused)")
     draw.add_argument("--width", type=int, metavar="PIXELS", help="the image width expected (as --height)")
+    draw.add_argument("--frames", type=int, metavar="N",
+                      help="a video's frame count expected (as --height; wan_diffusion_demo must be given the "
+                           "bundle's size, which it does not check)")
     draw.add_argument("--negative-prompt", default="", metavar="TEXT",
                       help='unconditional prompt (default: "", MNN\'s; others no longer match MNN\'s runtime)')
     run = parser.add_argument_group("how to run")
@@ -206,11 +209,12 @@ def _generate(args: argparse.Namespace, source: Path, prompt: str, output: Path,
     text_latents = bool(args.latents) and Path(args.latents).suffix.lower() == ".txt"
     latents = load_latents(args.latents) if args.latents and not text_latents else None
     params = GenerationParams(prompt, args.negative_prompt, args.steps, args.seed, args.guidance, args.noise,
-                              latents, args.latents, args.tokenizer, args.schedule, args.height, args.width)
+                              latents, args.latents, args.tokenizer, args.schedule, args.height, args.width,
+                              args.frames)
     params.validate(family)  # before minutes of loading
     if text_latents and not Path(args.latents).is_file():
         load_latents(args.latents)  # its one-line error
-    if args.height or args.width:  # before minutes of loading
+    if args.height or args.width or args.frames:  # before minutes of loading
         size = declared_image_size(source, runtime, family)
         if size is not None:
             decoder = family.components["vae_decoder"]

@@ -55,7 +55,9 @@ BLOCKING = frozenset({"missing file", "empty file", "unreadable", "missing tenso
 class ContractIssue:
     component: str  # a component name, or "tokenizer"
     file: str  # bundle-relative
-    kind: str  # "missing file", "empty file", "unreadable", "missing tensor", "dtype", "shape", "vocabulary"
+    # "missing file", "empty file", "unreadable", "missing tensor", "dtype", "shape", "size" (two
+    # components disagree), "vocabulary"
+    kind: str
     expected: str  # what the runtime expects
     found: str
 
@@ -318,7 +320,8 @@ def check_tensors(infos: dict[str, dict], family: Family, files: dict[str, str] 
     files = files or {}
     if family.fixed_widths:  # SD3.5, Wan: the family's tensors say them all
         return [i for name, info in infos.items()
-                for i in _check_tensors(name, info, 0, None, family, files.get(name), complete)]
+                for i in _check_tensors(name, info, 0, None, family, files.get(name), complete)] + \
+            check_same_sizes(infos, family, files)
     issues = []
     # L and H come from the text encoder (else the unet): the runtime sizes its inputs from them.
     encoder, denoiser = family.text_encoder, family.denoiser
@@ -333,6 +336,30 @@ def check_tensors(infos: dict[str, dict], family: Family, files: dict[str, str] 
         length = 77
     for name, info in infos.items():
         issues += _check_tensors(name, info, length, hidden, family, files.get(name), complete)
+    return issues
+
+
+def check_same_sizes(infos: dict[str, dict], family: Family, files: dict[str, str] | None = None) -> list[ContractIssue]:
+    """The free dimensions two components must share (``Family.same_sizes``) and do not: parts of
+    pipelines exported at different sizes. A tensor ``infos`` lacks, or a dynamic dimension, is
+    not compared."""
+    files = files or {}
+    issues = []
+    for rule in family.same_sizes:
+        (first, first_tensor), (second, second_tensor) = rule.first, rule.second
+        one, other = _dims(infos, first, first_tensor), _dims(infos, second, second_tensor)
+        if not one or not other or max(rule.axes) >= min(len(one), len(other)):
+            continue
+        one, other = [one[a] for a in rule.axes], [other[a] for a in rule.axes]
+        if all(a == b or -1 in (a, b) for a, b in zip(one, other)):
+            continue
+        one, other = ([None if d == -1 else d for d in dims] for dims in (one, other))  # "?" in the message
+        first_file = files.get(first, family.components[first].mnn_name)
+        issues.append(ContractIssue(
+            second, files.get(second, family.components[second].mnn_name), "size",
+            f"{second_tensor!r} with the {rule.what} of {first_file}'s {first_tensor!r} ({_fmt_shape(one)})",
+            f"{_fmt_shape(other)}: the parts were exported at different sizes; export the pipeline once at the "
+            "size wanted and convert every part from that folder"))
     return issues
 
 

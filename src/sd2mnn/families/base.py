@@ -41,6 +41,9 @@ class ComponentSpec:
     shapes: Callable[[object], TensorShapes] | None = field(default=None, compare=False)
     tokenizer: str = "tokenizer"  # the tokenizer folder whose ids it is fed (when prompt_ids)
     runtime_optional: bool = False  # the runtime runs without it (SD3.5's T5: zeros instead)
+    # Its conditioning is zero past the prompt's ids, as diffusers masks and zeroes it (Wan's
+    # UMT5); verify's conditioning check holds the bundle to it.
+    zeroes_padding: bool = False
 
     @property
     def mnn_name(self) -> str:
@@ -81,6 +84,19 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class SameSize:
+    """Dimensions of two components' tensors that must agree because the runtime hands one
+    model's tensor to the other sized from its own arguments, checking neither (Wan's latents and
+    text width: the graphs were traced at one size, and a part exported at another runs wrongly
+    or crashes)."""
+
+    first: tuple[str, str]  # (component, tensor)
+    second: tuple[str, str]
+    axes: tuple[int, ...]  # the same axes of both
+    what: str  # how a message names them ("latent frames, height and width")
+
+
+@dataclass(frozen=True)
 class SingleFileLayout:
     """Where an original-layout single-file checkpoint (CompVis's SD1.x files, Stability's SD3
     files) keeps each diffusers model: its keys' prefixes per model folder, and a key part that
@@ -118,6 +134,9 @@ class Family:
     # Its runtime fixes the text length and widths itself (SD3.5, Wan): the components' runtime
     # tensors say them all. False: MNN's SD1.x runtime, which takes them from the text encoder.
     fixed_widths: bool = False
+    # Dimensions the runtime leaves free but the components must share (checked by verify's
+    # contract and before generate draws).
+    same_sizes: tuple[SameSize, ...] = ()
 
     @staticmethod
     def model_folder(component: str) -> str:

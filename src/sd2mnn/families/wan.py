@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, TensorShapes
+from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, SameSize, TensorShapes
 from sd2mnn.families.stable_diffusion import _text_encoder_feeds, denoiser_inputs
 
 TEXT_LENGTH = 512  # WANH:44 mMaxTextLen
@@ -122,7 +122,8 @@ COMPONENTS: dict[str, ComponentSpec] = {
         # UMT5-XXL is 5.7G parameters, the 1.3B transformer 5.7 GB in fp32: one external-data file each.
         ComponentSpec("text_encoder", ("input_ids",), ("last_hidden_state",), True,
                       _runtime(text_encoder_tensors), _text_encoder_feeds, VERIFY_PROMPTS, weights_file="weights.pb",
-                      prompt_ids=True, conditioning_output="last_hidden_state", shapes=text_encoder_tensors),
+                      prompt_ids=True, conditioning_output="last_hidden_state", shapes=text_encoder_tensors,
+                      zeroes_padding=True),
         ComponentSpec("transformer", ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask"),
                       ("noise_pred",), True, _runtime(transformer_tensors), _transformer_feeds, 3,
                       weights_file="weights.pb", conditioned=True, shapes=transformer_tensors),
@@ -141,6 +142,12 @@ RECIPE = Recipe(scheduler="wan_flow_match_euler", guidance=GUIDANCE, latent_scal
                 latent_shape=tuple(WanDims().latent), image_size=WanDims().height, frames=WanDims().frames,
                 frames_step=TEMPORAL_FACTOR)
 
+# WAN:319 the VAE is fed the transformer's latents; WAN:167 the transformer the text encoder's states.
+SAME_SIZES = (SameSize(("transformer", "hidden_states"), ("vae_decoder", "latent_sample"), (1, 2, 3, 4),
+                       "latent channels, frames, height and width"),
+              SameSize(("text_encoder", "last_hidden_state"), ("transformer", "encoder_hidden_states"), (2,),
+                       "text width"))
+
 CLASSES = {"text_encoder": (("transformers", "UMT5EncoderModel"),),
            "tokenizer": (("transformers", "T5TokenizerFast"), ("transformers", "T5Tokenizer"),
                          ("transformers", "AutoTokenizer")),
@@ -149,4 +156,5 @@ CLASSES = {"text_encoder": (("transformers", "UMT5EncoderModel"),),
 
 WAN = Family("wan", PROMPT, "Unigram", COMPONENTS, tuple(COMPONENTS), RECIPE, ("", "a cat walking in the snow"),
              denoiser="transformer", classes=CLASSES, pipelines=("WanPipeline",), title="Wan2.1 text-to-video",
-             steps_module="sd2mnn.recipes.wan", exporter_module="sd2mnn.exporters.wan", fixed_widths=True)
+             steps_module="sd2mnn.recipes.wan", exporter_module="sd2mnn.exporters.wan", fixed_widths=True,
+             same_sizes=SAME_SIZES)

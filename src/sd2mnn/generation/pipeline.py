@@ -35,7 +35,7 @@ import numpy as np
 from sd2mnn import families, recipes, schedulers
 from sd2mnn._version import __version__
 from sd2mnn.core.bundle import check_for_use
-from sd2mnn.core.contract import check_vocabulary, runtime_input_shapes
+from sd2mnn.core.contract import check_same_sizes, check_vocabulary, runtime_input_shapes
 from sd2mnn.core.files import confined, read_user_text
 from sd2mnn.core.layout import MANIFEST_NAME, MTOK_NAME, bundle_mtok, bundle_mtoks
 from sd2mnn.core.manifest import FileRecord, read_manifest
@@ -139,9 +139,10 @@ class GenerationParams:
     tokenizer: str = "runtime"
     # "runtime": MNN's timesteps; "diffusers": diffusers' scheduler's (SD3.5's float timesteps).
     schedule: str = "runtime"
-    # The image size asked for; None: the models' (fixed when they were exported).
+    # The image size (a video's: and frames) asked for; None: the models' (fixed at export).
     height: int | None = None
     width: int | None = None
+    frames: int | None = None
 
     def guidance_for(self, family: Family) -> float:
         return family.recipe.guidance if self.guidance is None else self.guidance
@@ -177,9 +178,11 @@ class GenerationParams:
         if self.schedule == "diffusers" and family.recipe.scheduler != "flow_match_euler":
             raise InputError(f"schedule 'diffusers' is SD3.5's; {family.name} runs its runtime's schedule only "
                              f"({family.recipe.scheduler})")
-        for name, value in (("height", self.height), ("width", self.width)):
+        for name, value in (("height", self.height), ("width", self.width), ("frames", self.frames)):
             if value is not None and (not _whole(value) or value <= 0):
-                raise InputError(f"{name} must be a whole number of pixels above 0, got {value!r}")
+                raise InputError(f"{name} must be a whole number above 0, got {value!r}")
+        if self.frames is not None and not family.recipe.frames:
+            raise InputError(f"frames {self.frames}: {family.name} draws images; leave --frames out")
         if self.latents is not None:
             check_latents(self.latents, self.latents_source or "the given latents", latent_shape)
             return
@@ -597,6 +600,12 @@ class Pipeline:
         outputs = self._output_shapes()
         self.shapes = {name: self._models[name].input_shapes() for name in self.components}
         self.files = {name: self._model_file(name).relative_to(self.source).as_posix() for name in self.components}
+        mismatched = check_same_sizes({name: {"tensors": {t: {"shape": shape} for t, shape in
+                                                           {**self.shapes[name], **outputs[name]}.items()}}
+                                       for name in self.components}, self.family, self.files)
+        if mismatched:  # the runtime would crash or draw garbage
+            raise InputError(f"{self.source / mismatched[0].file}: takes {mismatched[0].expected}; it has "
+                             f"{mismatched[0].found}")
         sample = self.shapes[self.denoiser].get(self.steps.latent_input, [])
         # [2, C, h, w] (images) or [2, C, T, h, w] (video): the denoiser's batch of two.
         self.latent_shape = (1, *sample[1:]) if len(sample) in (4, 5) and min(sample) > 0 \
@@ -607,6 +616,8 @@ class Pipeline:
             self.text_lengths[name] = ids[1] if len(ids) == 2 and ids[1] > 0 else None
         self.off_contract = self.steps.contract_notes(self.shapes, outputs, self.files, self.family) + self.tokenizer_notes
         decoded = outputs.get("vae_decoder", {}).get("sample", [])
+        # A video's decoder, [1, 3, frames, height, width], has its frames; an image's none.
+        self.frames = decoded[2] if len(decoded) == 5 and decoded[2] > 0 else None
         if len(decoded) in (4, 5) and all(isinstance(d, int) and d > 0 for d in decoded):
             self.image_size = (decoded[-2], decoded[-1])
         else:  # a decoder of free size: the family's factor
@@ -671,7 +682,7 @@ class Pipeline:
 
     def check_size(self, params: GenerationParams) -> None:
         """A size asked for must be the one the models were exported at (static shapes)."""
-        check_image_size(params, self.image_size, self.source / self.files["vae_decoder"], self.family)
+        check_image_size(params, (*self.image_size, self.frames), self.source / self.files["vae_decoder"], self.family)
 
     def _prompt_ids(self, name: str, params: GenerationParams) -> tuple[np.ndarray, np.ndarray]:
         """(what the text encoder is fed, what its embedding table sees): MNN's runtime's ids (a
@@ -793,9 +804,10 @@ class Pipeline:
         return meta
 
 
-def declared_image_size(source: str | os.PathLike, runtime: str, family: Family) -> tuple[int, int] | None:
-    """(height, width) of the image the VAE decoder's file declares, before loading anything
-    (None where it is not fixed or not readable)."""
+def declared_image_size(source: str | os.PathLike, runtime: str,
+                        family: Family) -> tuple[int, int, int | None] | None:
+    """(height, width, frames) of the image or video (frames None: an image) the VAE decoder's
+    file declares, before loading anything (None where it is not fixed or not readable)."""
     source, spec = Path(source), family.components["vae_decoder"]
     if runtime == "mnn":
         from sd2mnn.core.contract import read_tensors
@@ -810,18 +822,25 @@ def declared_image_size(source: str | os.PathLike, runtime: str, family: Family)
         except InputError:
             return None  # loading the pipeline says what is wrong with it
         shape = next((list(o.shape) for o in outputs if o.name == "sample"), [])
-    return (shape[-2], shape[-1]) if len(shape) in (4, 5) and all(isinstance(d, int) and d > 0 for d in shape) else None
+    if len(shape) not in (4, 5) or not all(isinstance(d, int) and d > 0 for d in shape):
+        return None
+    return shape[-2], shape[-1], (shape[2] if len(shape) == 5 else None)
 
 
-def check_image_size(params: GenerationParams, size: tuple[int, int], decoder: Path, family: Family) -> None:
-    """Refuse --height/--width other than the models' (their shapes were fixed at export)."""
-    height, width = size
-    for name, asked, have in (("height", params.height, height), ("width", params.width, width)):
+def check_image_size(params: GenerationParams, size: tuple[int, int, int | None], decoder: Path,
+                     family: Family) -> None:
+    """Refuse --height/--width (a video's: --frames) other than the models' (their shapes were
+    fixed at export; MNN's Wan runtime takes them as arguments and checks nothing)."""
+    height, width, frames = size
+    drawn = f"{width}x{height} images" if frames is None else f"{frames} frames of {width}x{height}"
+    for name, asked, have in (("height", params.height, height), ("width", params.width, width),
+                              ("frames", params.frames, frames)):
         if asked is not None and asked != have:
             runtime = f"; MNN's runtime draws {family.recipe.image_size}x{family.recipe.image_size} only" \
                 if family.recipe.draws_only_image_size else ""
-            raise InputError(f"{decoder} draws {width}x{height} images (fixed at export); --{name} {asked} needs a "
-                             f"pipeline exported at that size (sd2mnn export --height/--width){runtime}")
+            option = "--frames" if name == "frames" else "--height/--width"
+            raise InputError(f"{decoder} draws {drawn} (fixed at export); --{name} {asked} needs a pipeline "
+                             f"exported at that size (sd2mnn export {option}){runtime}")
 
 
 def _check_finite(values: np.ndarray, what: str, params: GenerationParams, guidance: float,

@@ -51,7 +51,7 @@ def tokenizer_kind(tokenizer_dir: Path) -> TokenizerKind:
     if known == CLASS_KINDS["T5Tokenizer"] and not json_path.is_file():
         # MNN's writer reads the Unigram model from tokenizer.json only (never spiece.model).
         raise InputError(f"{config_path}: tokenizer_class {cls!r} needs the folder's tokenizer.json, which is "
-                         "missing; copy the model's tokenizer_3/ folder whole, or save it with "
+                         f"missing; copy the model's {tokenizer_dir.name}/ folder whole, or save it with "
                          "transformers' T5TokenizerFast.save_pretrained")
     if known:
         return TokenizerKind(*known)
@@ -59,5 +59,5 @@ def tokenizer_kind(tokenizer_dir: Path) -> TokenizerKind:
         model = read_json(json_path).get("model")
         return TokenizerKind("generic", str((model if isinstance(model, dict) else {}).get("type") or ""))
     what = f"tokenizer_class {cls!r}" if cls else "no tokenizer_class"
-    raise InputError(f"{config_path}: {what}; sd2mnn writes tokenizer.mtok for CLIPTokenizer (SD1.5) "
-                     "and BertTokenizer (Taiyi) folders, or a folder with a tokenizer.json")
+    raise InputError(f"{config_path}: {what}; sd2mnn writes tokenizer.mtok for CLIPTokenizer (SD1.5, SD3.5), "
+                     "BertTokenizer (Taiyi) and T5Tokenizer (SD3.5, Wan) folders, or a folder with a tokenizer.json")

@@ -4,8 +4,9 @@ Two chains per prompt: the ids MNN's runtime feeds (the bundle's tokenizer.mtok)
 bundle's text encoder on MNN, against Hugging Face's ids (the bundle's tokenizer files, as
 diffusers tokenizes) through the original ONNX text encoder on ONNX Runtime. It reports the share
 of prompts whose ids (as the CLIP model sees them) equal Hugging Face's, the share of token
-positions, and the worst cosine between the two chains' ``last_hidden_state``. A family with
-several text encoders (SD3.5's CLIP-L and CLIP-G) is checked per text encoder, each with its own
+positions, and the worst cosine between the two chains' ``last_hidden_state``. Where diffusers zeroes the states past the prompt (Wan), the bundle's must
+be zero there too: a text encoder exported without the mask (MNN's own Wan exporter) attends to
+the padding instead. A family with several text encoders (SD3.5's CLIP-L and CLIP-G) is checked per text encoder, each with its own
 tokenizer.
 """
 from __future__ import annotations
@@ -66,6 +67,9 @@ class ConditioningReport:
     # The cosine where the ids agree must reach: MIN_MATCHING_COSINE for float weights; for
     # quantized ones, the component's own limit (its weights' error is not the tokenizer's).
     min_matching_cosine: float = MIN_MATCHING_COSINE
+    # The largest |state| past the prompt's ids on MNN, where diffusers zeroes them; None: a text
+    # encoder whose padded states diffusers keeps.
+    padding_max: float | None = None
 
     @property
     def prompt_share(self) -> float:
@@ -87,14 +91,19 @@ class ConditioningReport:
         if self.matching_cosine is not None and self.matching_cosine < self.min_matching_cosine:
             out.append(f"{self.label}: the text encoder on MNN gives cosine {self.matching_cosine:.6f} < "
                        f"{self.min_matching_cosine:g} against ONNX Runtime for the same ids; reconvert the text encoder")
+        if self.padding_max:  # nonzero, or NaN
+            out.append(f"{self.label}: the text encoder's states past the prompt are not zero (max |x| "
+                       f"{self.padding_max:.3g}): it attends to the padding, where diffusers masks it and zeroes them; "
+                       "export the text encoder with sd2mnn export")
         return out
 
     def summary(self) -> str:
         cosine = f"{self.worst_cosine:.6f}" if self.worst_cosine is not None else "-"
         note = "" if self.tokenizer_scheme == "diffusers" else " (bundle converted with --tokenizer-scheme mnn: not judged)"
+        padding = "" if self.padding_max is None else f"; states past the prompt max |x| {self.padding_max:.3g}"
         return (f"{self.label} ({self.tokenizer_scheme}): {self.identical_prompts}/{self.prompts} prompts "
                 f"({self.prompt_share:.1%}) and {self.position_share:.2%} of token positions get diffusers' ids; "
-                f"worst text-embedding cosine {cosine} of {self.embedded} compared (for {self.worst_prompt!r}){note}")
+                f"worst text-embedding cosine {cosine} of {self.embedded} compared (for {self.worst_prompt!r}){padding}{note}")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -144,8 +153,13 @@ def check_conditioning(onnx_dir: Path, mnn_dir: Path, prompts: list[str] | None 
             worst, worst_prompt = cosine, prompts[i]
         if same[i]:
             matching = cosine if matching is None else min(matching, cosine)
+    padding = None
+    if spec.zeroes_padding:  # both prompts of each pair, at the ids the model saw as padding (0)
+        padding = max((float(np.nan_to_num(np.abs(got[spec.conditioning_output][row][seen[i][row] == 0]),
+                                           nan=np.inf).max(initial=0.0))
+                       for i, got in zip(chosen, device) for row in (0, 1)), default=0.0)
     return ConditioningReport(tokenizer_scheme or ids.tokenizer_scheme, len(prompts), sum(same), len(prompts) * length, positions, worst,
                               worst_prompt, matching, len(chosen), [p for p, ok in zip(prompts, same) if not ok],
                               component, "conditioning" if component == family.text_encoder
-                              else f"conditioning of {component}", min_matching_cosine)
+                              else f"conditioning of {component}", min_matching_cosine, padding)
 
