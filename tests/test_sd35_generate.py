@@ -283,7 +283,7 @@ def test_size_flags_equal_to_the_models_are_taken(sd3_bundle, tmp_path):
 
 def test_diffusers_schedule_is_refused_for_sd15(fp32_bundle, tmp_path, capsys):
     assert generate_cli(fp32_bundle, PROMPT, "-o", tmp_path / "x.png", "--schedule", "diffusers") != 0
-    assert "schedule 'diffusers' is SD3.5's; sd15 runs its runtime's schedule only (plms)" in capsys.readouterr().err
+    assert "schedule 'diffusers' is SD3.5's and Wan's; sd15 runs its runtime's schedule only (plms)" in capsys.readouterr().err
 
 
 def test_mismatched_text_widths_are_one_line(sd3_onnx, tmp_path):

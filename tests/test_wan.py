@@ -314,6 +314,52 @@ def test_generate_draws_the_runtime_recipe_as_diffusers_modules_compute_it(wan_d
     assert np.abs(generation.pixels.astype(int) - want.astype(int)).max() <= 1
 
 
+def test_diffusers_recipe_is_what_wan_pipeline_draws(wan_dir, wan_export):
+    """--tokenizer hf --schedule diffusers: diffusers' ids and mask, UniPC, from the same latents,
+    against diffusers' WanPipeline itself."""
+    import torch
+
+    from sd2mnn.generation.noise import initial_noise
+    from sd2mnn.generation.pipeline import GenerationParams, Pipeline
+
+    prompt, steps = "a red car on a bridge at night", 4
+    latents = initial_noise(5, tuple(WanDims(**SIZE).latent), "mnn")
+    params = GenerationParams(prompt, steps=steps, latents=latents, tokenizer="hf", schedule="diffusers")
+    ours = Pipeline.from_onnx(wan_export.onnx_dir, threads=2).run(params)
+    assert any("UniPC" in note for note in ours.notes)
+    with torch.no_grad():
+        video = load_wan_pipeline(wan_dir)(prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=5.0,
+                                            latents=torch.from_numpy(latents), output_type="np",
+                                            max_sequence_length=TEXT_LENGTH, height=64, width=64,
+                                            num_frames=5).frames[0]
+    theirs = np.clip(np.round(video * 255), 0, 255).astype(np.uint8)
+    assert theirs.shape == ours.pixels.shape == (5, 64, 64, 3)
+    # The export's float error and diffusers' round-half-to-even against MNN's rounding: a level.
+    assert np.abs(ours.pixels.astype(int) - theirs.astype(int)).max() <= 2
+
+
+def test_unipc_steps_as_diffusers_scheduler():
+    import torch
+    from diffusers import UniPCMultistepScheduler
+
+    from sd2mnn.schedulers.unipc import UniPCFlowScheduler
+
+    for steps in (1, 2, 3, 20):
+        theirs = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        theirs.set_timesteps(steps)
+        ours = UniPCFlowScheduler(steps)
+        assert ours.timesteps.tolist() == theirs.timesteps.tolist() and (ours.sigmas == theirs.sigmas.numpy()).all()
+        rng = np.random.default_rng(steps)
+        x = rng.standard_normal((1, 16, 2, 4, 4)).astype(np.float32)
+        y = torch.from_numpy(x.copy())
+        for i, t in enumerate(theirs.timesteps):
+            velocity = rng.standard_normal(x.shape).astype(np.float32)
+            x, y = ours.step(velocity, i, x), theirs.step(torch.from_numpy(velocity), t, y).prev_sample
+            assert np.abs(x - y.numpy()).max() <= 1e-5 * max(1.0, float(np.abs(x).max())), (steps, i)
+    with pytest.raises(ValueError, match="step 0 is next, not 1"):
+        UniPCFlowScheduler(3).step(x, 1, x)
+
+
 def test_generate_on_mnn_draws_the_frames_onnx_runtime_draws(wan_export, wan_bundle, tmp_path):
     runs = {}
     for name, source in (("mnn", [str(wan_bundle)]), ("ort", ["--onnx", str(wan_export.onnx_dir)])):

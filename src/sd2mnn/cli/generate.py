@@ -26,18 +26,22 @@ EXAMPLES = """examples:
 
 The defaults are those of MNN's C++ runtime (diffusion_demo <bundle> 0 <memory_mode> 0 <steps> <seed>
 out.png <prompt>; for an SD3.5 bundle diffusion_sd35_demo <bundle> <memory_mode> 0 <steps> <seed> out.png
-<prompt>): the image is the one it draws, given the same MNN version, CPU backend, thread count and noise
-build (--noise mnn: a Linux/GCC build; mnn-libc++: Android, iOS, macOS). These depart from it on purpose
+<prompt>; for a Wan bundle wan_diffusion_demo <bundle> <memory_mode> 0 <steps> <seed> <width> <height>
+<frames> 5.0 <out folder> <prompt>, its size the bundle's): the image is the one it draws, given the same
+MNN version, CPU backend, thread count and noise build (--noise mnn: a Linux/GCC build; mnn-libc++:
+Android, iOS, macOS). These depart from it on purpose
 and say so in a note and in the PNG's metadata: --negative-prompt (MNN always uses ""), --guidance other
-than the runtime's (7.5; SD3.5: 5.0), --noise numpy/torch, --latents, --tokenizer hf, --schedule
+than the runtime's (7.5; SD3.5, Wan: 5.0), --noise numpy/torch, --latents, --tokenizer hf, --schedule
 diffusers. Steps outside 1..50 are refused: MNN would silently use 50 for more and 10 for fewer than 1
 (its SD3.5 runtime runs any count; sd2mnn keeps to 1..50 there too).
 The image size, and a video's frame count, are the models' (fixed at export; MNN's SD3.5 runtime draws
-1024x1024 only): --height, --width and --frames only check them. An SD3.5 bundle without text_encoder_3 (T5) is conditioned on zeros in its place,
-as MNN's runtime does.
+1024x1024 only): --height, --width and --frames only check them. An SD3.5 bundle without text_encoder_3
+(T5) is conditioned on zeros in its place, as MNN's runtime does. A Wan bundle draws a video: -o names a
+folder, which gets frame_0000.png... (as wan_diffusion_demo writes them) and video.webp.
 
   sd2mnn generate sd35/ "a photo of a cat" -o cat.png --seed 42 --steps 28
   sd2mnn generate --onnx sd35-onnx/ "a photo of a cat" -o diffusers.png --tokenizer hf --schedule diffusers
+  sd2mnn generate wan/ "a cat walking in the snow" -o clip --steps 20 --frames 9
 """
 
 
@@ -77,8 +81,10 @@ def register(subparsers) -> None:
                       help="with --onnx: imitate a bundle converted with sd2mnn convert --tokenizer-scheme SCHEME "
                            "(default: %(default)s)")
     draw.add_argument("--schedule", choices=("runtime", "diffusers"), default="runtime",
-                      help="SD3.5: whose timesteps: runtime (default): MNN's, truncated to integers; diffusers: "
-                           "diffusers' FlowMatchEulerDiscreteScheduler's (with --tokenizer hf: diffusers' recipe)")
+                      help="SD3.5 and Wan: whose scheduler: runtime (default): MNN's (SD3.5: timesteps truncated to "
+                           "integers; Wan: flow-match Euler); diffusers: diffusers' pipeline's (SD3.5: "
+                           "FlowMatchEulerDiscreteScheduler; Wan: UniPCMultistepScheduler, flow shift 3). With "
+                           "--tokenizer hf: diffusers' recipe")
     draw.add_argument("--height", type=int, metavar="PIXELS",
                       help="the image height expected (default: the models'; they are fixed at export, so another "
                            "value is refused)")

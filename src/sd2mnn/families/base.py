@@ -81,6 +81,11 @@ class Recipe:
     # multiple of (the VAE's temporal factor).
     frames: int = 0
     frames_step: int = 1
+    # The scheduler diffusers' pipeline for the family steps with (generate --schedule diffusers),
+    # a name in sd2mnn.schedulers.SCHEDULERS; "": the runtime's is diffusers' (SD1.5's PLMS).
+    diffusers_scheduler: str = ""
+    # How that scheduler departs from the runtime's, for the notes of an image drawn with it.
+    diffusers_departure: str = ""
 
 
 @dataclass(frozen=True)

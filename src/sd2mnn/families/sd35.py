@@ -247,7 +247,9 @@ TOKENIZERS = {"tokenizer": CLIP_FORMAT, "tokenizer_2": CLIP_FORMAT, "tokenizer_3
 # SD35:270-273 latent * (1 / 1.5305) + 0.0609 (floats); SD35:317-321 1024x1024, 16x128x128.
 RECIPE = Recipe(scheduler="flow_match_euler", guidance=5.0, latent_scale=1 / SCALING_FACTOR,
                 latent_shape=(1, RUNTIME_DIMS.latent_channels, RUNTIME_DIMS.latent_height, RUNTIME_DIMS.latent_width),
-                image_size=RUNTIME_DIMS.image_height, latent_shift=SHIFT_FACTOR, draws_only_image_size=True)
+                image_size=RUNTIME_DIMS.image_height, latent_shift=SHIFT_FACTOR, draws_only_image_size=True,
+                diffusers_scheduler="flow_match_euler_diffusers",
+                diffusers_departure="MNN's runtime truncates its shifted timesteps to integers")
 
 # tokenizer_model: T5's Unigram is what no SD1.x family has (its CLIP BPE is SD1.5's).
 # Stability's files (sd3.5_medium.safetensors, sd3_medium_incl_clips*.safetensors): the MMDiT under

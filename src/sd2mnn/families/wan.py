@@ -138,9 +138,11 @@ COMPONENTS: dict[str, ComponentSpec] = {
 PROMPT = PromptFormat("wan-umt5", 0, -1, -1, TEXT_LENGTH, graph_eos_id=1)
 
 # WAN:325-335 flow-match Euler, shift 3, float timesteps; WAN:345 CFG; the VAE graph de-normalises.
+# diffusers' WanPipeline: UniPCMultistepScheduler (Wan2.1-T2V-1.3B-Diffusers' scheduler_config.json).
 RECIPE = Recipe(scheduler="wan_flow_match_euler", guidance=GUIDANCE, latent_scale=1.0,
                 latent_shape=tuple(WanDims().latent), image_size=WanDims().height, frames=WanDims().frames,
-                frames_step=TEMPORAL_FACTOR)
+                frames_step=TEMPORAL_FACTOR, diffusers_scheduler="unipc_flow",
+                diffusers_departure="MNN's runtime steps with flow-match Euler, diffusers' WanPipeline with UniPC")
 
 # WAN:319 the VAE is fed the transformer's latents; WAN:167 the transformer the text encoder's states.
 SAME_SIZES = (SameSize(("transformer", "hidden_states"), ("vae_decoder", "latent_sample"), (1, 2, 3, 4),

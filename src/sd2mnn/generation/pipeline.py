@@ -52,8 +52,8 @@ MAX_GUIDANCE = 100.0  # published pipelines use 1..20; beyond this only blank or
 DEFAULT_STEPS = 20
 RUNTIMES = ("mnn", "onnxruntime")
 TOKENIZERS = ("runtime", "hf")  # whose ids feed the text encoder (GenerationParams.tokenizer)
-# Whose timesteps (GenerationParams.schedule): MNN's runtime's, or diffusers' scheduler's (the
-# flow-match families only: diffusers' FlowMatchEulerDiscreteScheduler, float timesteps).
+# Whose scheduler (GenerationParams.schedule): MNN's runtime's, or diffusers' pipeline's (the
+# flow-match families only: Recipe.diffusers_scheduler).
 SCHEDULES = ("runtime", "diffusers")
 
 
@@ -137,7 +137,8 @@ class GenerationParams:
     # "runtime": the ids MNN's runtime feeds (from tokenizer.mtok); "hf": Hugging Face's, as in
     # diffusers, to see the image diffusers' conditioning gives on the same models.
     tokenizer: str = "runtime"
-    # "runtime": MNN's timesteps; "diffusers": diffusers' scheduler's (SD3.5's float timesteps).
+    # "runtime": MNN's scheduler; "diffusers": diffusers' pipeline's (SD3.5's float timesteps,
+    # Wan's UniPC).
     schedule: str = "runtime"
     # The image size (a video's: and frames) asked for; None: the models' (fixed at export).
     height: int | None = None
@@ -175,12 +176,13 @@ class GenerationParams:
             raise InputError(f"unknown tokenizer {self.tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; choose {' or '.join(SCHEDULES)}")
-        if self.schedule == "diffusers" and family.recipe.scheduler != "flow_match_euler":
-            raise InputError(f"schedule 'diffusers' is SD3.5's; {family.name} runs its runtime's schedule only "
-                             f"({family.recipe.scheduler})")
-        for name, value in (("height", self.height), ("width", self.width), ("frames", self.frames)):
+        if self.schedule == "diffusers" and not family.recipe.diffusers_scheduler:
+            raise InputError(f"schedule 'diffusers' is SD3.5's and Wan's; {family.name} runs its runtime's schedule "
+                             f"only ({family.recipe.scheduler})")
+        for name, value, unit in (("height", self.height, " of pixels"), ("width", self.width, " of pixels"),
+                                  ("frames", self.frames, "")):
             if value is not None and (not _whole(value) or value <= 0):
-                raise InputError(f"{name} must be a whole number above 0, got {value!r}")
+                raise InputError(f"{name} must be a whole number{unit} above 0, got {value!r}")
         if self.frames is not None and not family.recipe.frames:
             raise InputError(f"frames {self.frames}: {family.name} draws images; leave --frames out")
         if self.latents is not None:
@@ -209,7 +211,7 @@ class GenerationParams:
         if self.tokenizer == "hf":
             out.append("Hugging Face's token ids (MNN's runtime feeds the ids of tokenizer.mtok: --tokenizer runtime)")
         if self.schedule == "diffusers":
-            out.append("diffusers' timesteps (MNN's runtime truncates its shifted timesteps to integers: --schedule runtime)")
+            out.append(f"diffusers' scheduler ({family.recipe.diffusers_departure}: --schedule runtime)")
         if self.latents is not None:
             out.append("given latents (the same image only if they are the ones MNN's runtime draws)")
         elif not self.noise.startswith("mnn"):
@@ -698,9 +700,9 @@ class Pipeline:
         return model_ids, model_ids
 
     def _scheduler(self, params: GenerationParams):
-        if params.schedule == "diffusers":
-            return schedulers.FlowMatchEulerScheduler(params.steps, rule="diffusers")
-        return schedulers.make(self.family.recipe.scheduler, params.steps)
+        recipe = self.family.recipe
+        return schedulers.make(recipe.diffusers_scheduler if params.schedule == "diffusers" else recipe.scheduler,
+                               params.steps)
 
     @np.errstate(over="ignore", invalid="ignore")  # overflow is caught below, with one clear error
     def run(self, params: GenerationParams, on_step: Callable[[StepEvent], None] | None = None) -> Generation:
