@@ -712,17 +712,18 @@ WAN_SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=T
 def make_tiny_wan_pipeline(out_dir: str | Path, seed: int = 0, *, transformer: dict | None = None,
                            vae: dict | None = None) -> Path:
     """Save a tiny diffusers WanPipeline folder at ``out_dir`` and return it: model_index.json,
-    text_encoder/ (UMT5EncoderModel), tokenizer/ (a small T5 Unigram tokenizer, as umT5's is),
+    text_encoder/ (UMT5EncoderModel), tokenizer/ (a small umT5-like tokenizer: Unigram with byte
+    fallback, trained on text other than the prompts it is checked with),
     transformer/, vae/, scheduler/. Seeded random weights, jittered as the other tiny pipelines'."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from t5_tokenizer import write_t5_tokenizer
+    from t5_tokenizer import write_umt5_tokenizer
     from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    tokenizer_dir = write_t5_tokenizer(out / ".tokenizer")
+    tokenizer_dir = write_umt5_tokenizer(out / ".tokenizer")
     vocab = len(T5TokenizerFast.from_pretrained(str(tokenizer_dir)))
     builders = {
         "text_encoder": lambda: UMT5EncoderModel(UMT5Config(vocab_size=vocab, **WAN_TEXT_ENCODER_CONFIG)),

@@ -168,10 +168,10 @@ def test_converts_and_every_component_matches_onnx_runtime(wan_export, wan_bundl
     for comp in report.components:
         assert min(o.psnr for o in comp.outputs) > 60, comp.name
     assert report.passed, report.failures
-    # MNN's runtime ids, with the EOS the graph writes, against diffusers' (the tokenizer here is
-    # trained on the prompts checked; what differs is trailing spaces and punctuation runs).
+    # MNN's runtime ids, with the EOS the graph writes, against Hugging Face's (the umT5-like
+    # tokenizer is trained on other text; what differs is trailing spaces and Viterbi ties).
     conditioning = report.conditioning
-    assert conditioning.prompt_share >= 0.95 and conditioning.matching_cosine > 0.99999 and not conditioning.failures
+    assert conditioning.prompt_share >= 0.99 and conditioning.matching_cosine > 0.99999 and not conditioning.failures
     assert conditioning.padding_max == 0.0  # diffusers' zeroed padding, exactly
 
 

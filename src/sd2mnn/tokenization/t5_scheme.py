@@ -12,6 +12,12 @@ encodes differently:
 Here the normalizer is the charsmap itself as literal Replace steps (its multi-character keys
 first, then one step per changed code point; MNN runs Replace steps without its control rule),
 and the pre-tokenizer splits on whitespace before the Metaspace step, as transformers does.
+A Unigram model with byte fallback (umT5's, Wan's tokenizer) gets a third fix: MNN's Viterbi
+offers a byte piece ("<0xE2>") for any single byte no piece spells, at the piece's own score,
+0 as SentencePiece writes it, above every real piece's; so the runtime spells "▁cat" as the
+bytes of "▁" then "cat", and every non-ASCII letter as bytes. Hugging Face falls back to bytes
+only for a character no piece covers, scored as its unknown token (the lowest score less 10).
+The byte pieces get that score here, which leaves them to the characters no piece covers.
 What no .mtok can express is left: Hugging Face breaks a Viterbi tie between equal-scoring
 segmentations in favour of the longer last piece, MNN the shorter ("!!!": "!", "!!" vs
 "!!", "!"); and the charsmap works per grapheme (a short grapheme that starts with a changed
@@ -55,7 +61,22 @@ def t5_hugging_face_json(tokenizer_json: dict, source: Path = Path("tokenizer.js
     tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "WhitespaceSplit"},
         {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}]}
+    if tj["model"].get("byte_fallback"):
+        _score_bytes_as_unknown(tj["model"]["vocab"])
     return tj
+
+
+UNKNOWN_PENALTY = 10.0  # tokenizers' Unigram: an unknown character scores the lowest score less this
+BYTE_PIECES = frozenset(f"<0x{b:02X}>" for b in range(256))
+
+
+def _score_bytes_as_unknown(vocab: list) -> None:
+    """Give the byte pieces of ``vocab`` ([piece, score] pairs) Hugging Face's unknown score."""
+    scores = [item[1] for item in vocab if isinstance(item, list) and len(item) >= 2 and item[0] not in BYTE_PIECES]
+    unknown = min(scores, default=0.0) - UNKNOWN_PENALTY
+    for item in vocab:
+        if isinstance(item, list) and len(item) >= 2 and item[0] in BYTE_PIECES:
+            item[1] = unknown
 
 
 def _find_charsmap(norm: dict | None) -> str:
