@@ -3,6 +3,7 @@ loads, each computing what diffusers computes from what that runtime feeds it, a
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,24 @@ def test_a_bad_frame_count_is_one_line_from_the_cli(wan_dir, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: --frames 6: the VAE decodes 4n + 1 frames")
     assert not out.exists()
+
+
+def test_a_text_encoder_whose_weights_cannot_fit_is_refused_before_reading_them(wan_dir, tmp_path):
+    """All of UMT5-XXL (22.7 GB in fp32) cannot be exported here at any size: refused from the
+    files' sizes, its weights (a sparse file, nothing to read) untouched."""
+    import shutil
+
+    folder = tmp_path / "wan"
+    shutil.copytree(wan_dir, folder)
+    for weights in (folder / "text_encoder").glob("*.safetensors"):
+        weights.unlink()
+    with open(folder / "text_encoder" / "model.safetensors", "wb") as f:
+        f.truncate(5_680_910_336 * 4)
+    with pytest.raises(InputError) as refused:  # this machine's 24 GiB, on any machine
+        export(folder, tmp_path / "onnx", ExportOptions(components=("text_encoder",), memory_budget=24 << 30, **SIZE))
+    assert re.fullmatch(r"\S+/text_encoder: its weights are 21\.2 GiB and exporting them needs about [\d.]+ GiB, "
+                        r"24\.0 GiB available, at any size; export on a machine with more memory", str(refused.value))
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_a_second_transformer_is_refused(wan_dir, tmp_path):

@@ -380,6 +380,12 @@ def _per_block(value, blocks: int) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value or 1)] * blocks
 
 
+def weights_bytes(folder: Path, name: str, family: Family) -> int:
+    """The size of a component's weight files (what loading it takes, whatever the export size)."""
+    weights_dir = folder / family.model_folder(name)
+    return sum(p.stat().st_size for p in weights_dir.glob("*") if p.suffix in (".safetensors", ".bin"))
+
+
 def check_bytes(folder: Path, name: str, height: int, width: int, text_length: int, family: Family,
                 frames: int | None = None) -> int:
     """An estimate of the peak memory of one component's export, in bytes: the larger of its two
@@ -396,8 +402,7 @@ def check_bytes(folder: Path, name: str, height: int, width: int, text_length: i
     12.85 GiB at 256x256 (export phase) and 17.04 GiB at 1024x1024 (check phase); a 4-layer one of
     its widths, below the switch, 6.95 GiB at 512x512; the estimate is 8-13% above each.
     """
-    weights_dir = folder / family.model_folder(name)
-    weights = sum(p.stat().st_size for p in weights_dir.glob("*") if p.suffix in (".safetensors", ".bin"))
+    weights = weights_bytes(folder, name, family)
     factor = _scale_factor(_config(folder, "vae"))
     video = {"frames": frames} if frames else {}  # a video family's terms take its frames
     terms = _exporter(family).terms[name](folder, name, height // factor, width // factor, height, width, text_length,
@@ -419,6 +424,12 @@ def check_memory(folder: Path, names: list[str], height: int, width: int, text_l
     lengths = lengths or {}
     needs = {n: check_bytes(folder, n, height, width, lengths.get(n, text_length), family, frames) for n in names}
     worst = max(needs, key=needs.get)
+    weights = weights_bytes(folder, worst, family)
+    if needs[worst] > budget and weights * 3 // 2 > budget:  # no size helps: loading and writing it alone do not fit
+        raise InputError(
+            f"{folder / family.model_folder(worst)}: its weights are {weights / 2**30:.1f} GiB and exporting them "
+            f"needs about {needs[worst] / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB available, at any size; "
+            "export on a machine with more memory")
     if needs[worst] > budget:
         raise InputError(
             f"{folder / family.model_folder(worst)}: checking the {worst} at {width}x{height}"
