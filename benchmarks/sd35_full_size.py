@@ -206,10 +206,12 @@ def parse_bench(text: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # MNN's own flow (convert_mnn_sd35.py), in a child
 # ---------------------------------------------------------------------------------------------
-def mnn_flow(onnx_root: Path, mnn_root: Path, models: list[str], tokenizers: bool, report: Path) -> None:
+def mnn_flow(onnx_root: Path, mnn_root: Path, models: list[str], tokenizers: bool, report: Path,
+             extra: dict[str, list[str]] | None = None) -> None:
     """convert_mnn_sd35.py's convert() for ``models`` (each converter call's outcome printed and
     ignored, as it does; here also recorded in ``report``), then its export_sd35_mtok, called as
-    it is, with llmexport's LlmTokenizer as its ``utils.tokenizer``."""
+    it is, with llmexport's LlmTokenizer as its ``utils.tokenizer``. ``extra``: flags a model's
+    call adds (MNN's Wan script quantizes its text encoder by default)."""
     import importlib.util
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -222,7 +224,7 @@ def mnn_flow(onnx_root: Path, mnn_root: Path, models: list[str], tokenizers: boo
         model_file = onnx_root / model / "model.onnx"
         out_file = mnn_root / f"{model}.mnn"
         cmd = converter.argv(["-f", "ONNX", "--modelFile", str(model_file), "--MNNModel", str(out_file),
-                              "--saveExternalData=1"])
+                              "--saveExternalData=1", *(extra or {}).get(model, [])])
         started = time.monotonic()
         result = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         print(result.stdout[-2000:], flush=True)
