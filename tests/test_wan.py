@@ -398,6 +398,23 @@ def test_generate_on_mnn_draws_the_frames_onnx_runtime_draws(wan_export, wan_bun
         animation.seek(i)
         assert (np.asarray(animation.convert("RGB")) == runs["mnn"][i]).all()
 
+    # compare, frame by frame, with one diff picture of the frames side by side
+    compare = [sys.executable, "-m", "sd2mnn.cli", "compare", str(tmp_path / "mnn"), str(tmp_path / "ort")]
+    done = subprocess.run([*compare, "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    from sd2mnn.core.images import psnr
+
+    assert result["frame_psnr_db"] == [pytest.approx(psnr(x, y)) if psnr(x, y) != float("inf") else None
+                                       for x, y in zip(runs["mnn"], runs["ort"])]
+    assert (result["width"], result["height"]) == (64, 64) and result["max_abs_diff"] <= 2
+    diff = Image.open(tmp_path / "mnn_vs_ort.diff.png")
+    assert diff.size == (5 * 64, 64)
+    done = subprocess.run([*compare[:-1], str(tmp_path / "ort" / "frame_0000.png"), "--no-diff"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        "is a video and " + str(tmp_path / "ort" / "frame_0000.png") + " an image; compare two images or two video folders")
+
 
 def test_a_video_to_a_png_path_is_one_line(wan_bundle, tmp_path):
     done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "generate", str(wan_bundle), "a cat", "-o",

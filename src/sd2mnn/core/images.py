@@ -210,12 +210,14 @@ def write_png(path: str | os.PathLike, pixels, metadata: Mapping[str, str] | Non
 # Reading
 # ---------------------------------------------------------------------------------------------
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, str]]:
-    """uint8 RGB pixels [H, W, 3] and the text metadata of an image file."""
+    """uint8 RGB pixels [H, W, 3] and the text metadata of an image file; of a video folder
+    (frame_0000.png, ... as generate and wan_diffusion_demo write them), its frames [F, H, W, 3]
+    and the first frame's metadata."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path} is a folder; give an image file (PNG)")
+        return read_frames(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist; give an image file (PNG)")
     try:
@@ -225,6 +227,22 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, str]]:
     except (UnidentifiedImageError, OSError) as err:
         raise InputError(f"{path} is not an image Pillow can read ({err}); give a PNG file") from None
     return pixels, text
+
+
+def read_frames(folder: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """A video folder's frames, frame_0000.png on without a gap, all of one size."""
+    count = 0
+    while (folder / frame_name(count)).is_file():
+        count += 1
+    if count == 0:
+        raise InputError(f"{folder} is a folder without {frame_name(0)}; give an image file (PNG) or a video "
+                         "folder of frames (sd2mnn generate's or wan_diffusion_demo's)")
+    frames, metadata = zip(*(read_image(folder / frame_name(i)) for i in range(count)))
+    sizes = {f.shape for f in frames}
+    if len(sizes) > 1:
+        raise InputError(f"{folder}: its frames are not all of one size ({', '.join(sorted(map(str, sizes)))}); "
+                         "regenerate the video")
+    return np.stack(frames), metadata[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +282,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 def diff_picture(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]:
     """A grey picture of |a - b| (largest channel difference per pixel), stretched so the largest
     difference is white; and the stretch factor used. Black everywhere when a == b."""
+    if a.ndim == 4:  # a video's frames, side by side, on one scale
+        a, b = np.concatenate(list(a), axis=1), np.concatenate(list(b), axis=1)
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2)
     peak = int(diff.max())
     gain = 255.0 / peak if peak else 1.0
@@ -284,6 +304,12 @@ class Comparison:
     differing_pixels: float  # fraction of pixels with any channel different
     diff_path: str | None = None
     diff_gain: float | None = None
+    # A video's: each frame's PSNR (the figures above are over all its frames; SSIM their mean).
+    frame_psnr_db: tuple[float, ...] = ()
+
+    @property
+    def frames(self) -> int:
+        return len(self.frame_psnr_db)
 
     @property
     def identical(self) -> bool:
@@ -292,6 +318,7 @@ class Comparison:
     def to_dict(self) -> dict:
         data = dict(self.__dict__)
         data["psnr_db"] = None if math.isinf(self.psnr_db) else self.psnr_db  # JSON has no inf
+        data["frame_psnr_db"] = [None if math.isinf(v) else v for v in self.frame_psnr_db]
         data["identical"] = self.identical
         return data
 
@@ -317,11 +344,17 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, diff_path: str
 
 def compare_pixels(a: np.ndarray, b: np.ndarray, a_path: str | os.PathLike, b_path: str | os.PathLike,
                    diff_path: str | os.PathLike | None = None) -> Comparison:
-    """``compare`` on pixels already read (``read_image``); the paths name them in the result."""
+    """``compare`` on pixels already read (``read_image``: an image, or a video's frames, compared
+    frame by frame); the paths name them in the result."""
+    if a.ndim != b.ndim:
+        video, image = (a_path, b_path) if a.ndim == 4 else (b_path, a_path)
+        raise InputError(f"{video} is a video and {image} an image; compare two images or two video folders")
     if a.shape != b.shape:
+        what = "videos of the same size and length" if a.ndim == 4 else "images of the same size"
+        count = (lambda x: f"{len(x)} frames of " if x.ndim == 4 else "")  # noqa: E731
         raise InputError(
-            f"{a_path} is {a.shape[1]}x{a.shape[0]} but {b_path} is {b.shape[1]}x{b.shape[0]}; "
-            "compare images of the same size"
+            f"{a_path} is {count(a)}{a.shape[-2]}x{a.shape[-3]} but {b_path} is {count(b)}{b.shape[-2]}x{b.shape[-3]}; "
+            f"compare {what}"
         )
     gain = None
     if diff_path is not None:
@@ -330,16 +363,18 @@ def compare_pixels(a: np.ndarray, b: np.ndarray, a_path: str | os.PathLike, b_pa
         write_png(diff_path, picture, {"Software": "sd2mnn compare", "sd2mnn_diff_of": f"{a_path} {b_path}",
                                        "sd2mnn_diff_gain": f"{gain:.3f}"})
     abs_diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    video = a.ndim == 4
     return Comparison(
         a=str(a_path),
         b=str(b_path),
-        width=a.shape[1],
-        height=a.shape[0],
+        width=a.shape[-2],
+        height=a.shape[-3],
         psnr_db=psnr(a, b),
-        ssim=ssim(a, b),
+        ssim=float(np.mean([ssim(x, y) for x, y in zip(a, b)])) if video else ssim(a, b),
         max_abs_diff=int(abs_diff.max()),
         mean_abs_diff=float(abs_diff.mean()),
-        differing_pixels=float((abs_diff.max(axis=2) > 0).mean()),
+        differing_pixels=float((abs_diff.max(axis=-1) > 0).mean()),
         diff_path=None if diff_path is None else str(diff_path),
         diff_gain=gain,
+        frame_psnr_db=tuple(psnr(x, y) for x, y in zip(a, b)) if video else (),
     )
