@@ -73,15 +73,16 @@ def _build(name: str):
     return CLIPTextModelWithProjection(CLIPTextConfig(**(CLIP_L if name == "text_encoder" else CLIP_G)))
 
 
-def build_part(out: Path, name: str, seed: int = 0) -> None:
-    """Build one model with seeded weights and save it as out/name (written beside, then renamed)."""
+def save_seeded(build, out: Path, name: str, seed: int) -> Path:
+    """``build()`` under torch seed ``seed``, its constant parameters jittered, saved as out/name
+    (written beside, then renamed)."""
     import torch
 
-    torch.manual_seed(seed + PARTS.index(name))
-    model = _build(name).eval()
+    torch.manual_seed(seed)
+    model = build().eval()
     # Parameters left at a constant by their initializer (norm scales, zero biases) get a little
     # noise, so none is trivially quantized.
-    gen = torch.Generator().manual_seed(seed + 10 + PARTS.index(name))
+    gen = torch.Generator().manual_seed(seed + 10)
     with torch.no_grad():
         for p in model.parameters():
             if p.numel() > 1 and bool(p.min() == p.max()):
@@ -93,27 +94,21 @@ def build_part(out: Path, name: str, seed: int = 0) -> None:
     model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="2GB")
     del model
     tmp.rename(out / name)
+    return out / name
+
+
+def build_part(out: Path, name: str, seed: int = 0) -> None:
+    """Build one model with seeded weights and save it as out/name."""
+    save_seeded(lambda: _build(name), out, name, seed + PARTS.index(name))
 
 
 def build_t5(out: Path, layers: int, seed: int = 0) -> Path:
     """T5-XXL's encoder (T5_XXL) cut to its first ``layers`` blocks, with T5's own seeded init
     (norm scales then jittered as build_part does), saved as out/text_encoder_3."""
-    import torch
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(seed + len(PARTS))
-    model = T5EncoderModel(T5Config(**{**T5_XXL, "num_layers": layers})).eval()
-    gen = torch.Generator().manual_seed(seed + 10 + len(PARTS))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() > 1 and bool(p.min() == p.max()):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    tmp = out / ".text_encoder_3.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="2GB")
-    del model
-    tmp.rename(out / "text_encoder_3")
-    return out / "text_encoder_3"
+    return save_seeded(lambda: T5EncoderModel(T5Config(**{**T5_XXL, "num_layers": layers})), out, "text_encoder_3",
+                       seed + len(PARTS))
 
 
 def build_pipeline(out: Path, parts=PARTS, seed: int = 0, say=print) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,24 +50,11 @@ def _build(name: str, t5_layers: int):
 
 
 def build_part(out: Path, name: str, t5_layers: int, seed: int = 0) -> None:
-    """One model with seeded weights, saved as out/name (written beside, then renamed)."""
-    import torch
+    """One model with seeded weights, saved as out/name (_sd35_model.save_seeded)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _sd35_model import save_seeded
 
-    torch.manual_seed(seed + PARTS.index(name))
-    model = _build(name, t5_layers).eval()
-    # Parameters left at a constant by their initializer (norm scales, zero biases) get a little
-    # noise, so none is trivially quantized.
-    gen = torch.Generator().manual_seed(seed + 10 + PARTS.index(name))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() > 1 and bool(p.min() == p.max()):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    tmp = out / f".{name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    # 2 GB shards: peak memory stays the model plus one shard.
-    model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="2GB")
-    del model
-    tmp.rename(out / name)
+    save_seeded(lambda: _build(name, t5_layers), out, name, seed + PARTS.index(name))
 
 
 def build_pipeline(out: Path, t5_layers: int, parts=PARTS, seed: int = 0, say=print) -> Path:

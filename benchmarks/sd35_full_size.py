@@ -403,6 +403,28 @@ def run_all(run: Run) -> None:
                  json_out=True)
 
 
+def add_guard_arguments(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """The memory guard's and the time limit's options, shared by the full-size scripts."""
+    parser.add_argument("--min-free-gib", type=float, default=1.0,
+                        help="stop a step when the machine's available memory falls below this (default 1.0)")
+    parser.add_argument("--step-timeout", type=float, default=timeout,
+                        help=f"stop a step after this long (default {timeout:g} s)")
+
+
+def run_then_print(args: argparse.Namespace, body, summary) -> int:
+    """The run in ``args.work`` (made if missing): ``body(run)``, then ``summary(run)`` printed as
+    JSON whatever happened, so an interrupted run still yields its numbers."""
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    run = Run(work, args)
+    try:
+        body(run)
+    finally:
+        json.dump(summary(run), sys.stdout, indent=2)
+        print()
+    return 0
+
+
 def summary(run: Run) -> dict:
     import psutil
 
@@ -437,19 +459,8 @@ def main() -> int:
     parser.add_argument("--no-bench", action="store_true", help="leave out sd2mnn bench")
     parser.add_argument("--no-1024", action="store_true",
                         help="do not retry the transformer at 1024x1024 with the whole memory as export's budget")
-    parser.add_argument("--min-free-gib", type=float, default=1.0,
-                        help="stop a step when the machine's available memory falls below this (default 1.0)")
-    parser.add_argument("--step-timeout", type=float, default=3600, help="stop a step after this long (default 3600 s)")
-    args = parser.parse_args()
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    run = Run(work, args)
-    try:
-        run_all(run)
-    finally:
-        json.dump(summary(run), sys.stdout, indent=2)
-        print()
-    return 0
+    add_guard_arguments(parser, 3600)
+    return run_then_print(parser.parse_args(), run_all, summary)
 
 
 if __name__ == "__main__":

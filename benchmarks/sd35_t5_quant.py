@@ -41,7 +41,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from sd35_full_size import GiB, SD2MNN, Run, parse_bench, parse_convert, parse_verify  # noqa: E402
+from sd35_full_size import (GiB, SD2MNN, Run, add_guard_arguments, parse_bench, parse_convert,  # noqa: E402
+                            parse_verify, run_then_print)
 
 COMPONENT = "text_encoder_3"
 DEFAULT_VARIANTS = ("fp32", "fp16", "w8", "w8-asym", "w6", "w4-b64", "w4")
@@ -272,32 +273,22 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep each depth's diffusers T5, export and bundles")
     parser.add_argument("--prompts", type=int, default=4,
                         help="built-in prompts for verify's conditioning check (default 4; verify's own: 660)")
-    parser.add_argument("--min-free-gib", type=float, default=1.0,
-                        help="stop a step when the machine's available memory falls below this (default 1.0)")
-    parser.add_argument("--step-timeout", type=float, default=1800, help="stop a step after this long (default 1800 s)")
+    add_guard_arguments(parser, 1800)
     args = parser.parse_args()
     args.layers = sorted(int(n) for n in args.layers.split(",") if n)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
         convert_flags(v)  # an unknown name fails now, before anything is built
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    run = Run(work, args)
-    if args.summary_only:
-        json.dump(summary(run), sys.stdout, indent=2)
-        print()
-        return 0
-    try:
-        base = work / "tiny-sd3"
-        rec = run.step("build_base", me("--build-base", str(base)))
-        if rec["returncode"] == 0:
-            prompts = write_prompts(work / "prompts.txt", args.prompts)
-            for layers in args.layers:
-                run_depth(run, layers, base, prompts)
-    finally:
-        json.dump(summary(run), sys.stdout, indent=2)
-        print()
-    return 0
+    return run_then_print(args, (lambda run: None) if args.summary_only else run_depths, summary)
+
+
+def run_depths(run: Run) -> None:
+    base = run.work / "tiny-sd3"
+    rec = run.step("build_base", me("--build-base", str(base)))
+    if rec["returncode"] == 0:
+        prompts = write_prompts(run.work / "prompts.txt", run.args.prompts)
+        for layers in run.args.layers:
+            run_depth(run, layers, base, prompts)
 
 
 if __name__ == "__main__":

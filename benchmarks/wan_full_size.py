@@ -37,8 +37,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from sd35_full_size import (GiB, SD2MNN, Run, _files, export_figures, mnn_flow, move_into,  # noqa: E402
-                            parse_bench, parse_convert, parse_verify)
+from sd35_full_size import (GiB, SD2MNN, Run, _files, add_guard_arguments, export_figures, mnn_flow,  # noqa: E402
+                            move_into, parse_bench, parse_convert, parse_verify, run_then_print)
 
 SMALL = ("text_encoder", "vae_decoder")
 VARIANTS = {"fp32": [], "w8": ["--weight-quant-bits", "8"], "w4": ["--weight-quant-bits", "4"]}
@@ -181,20 +181,8 @@ def main() -> int:
     parser.add_argument("--large", default="", help="a larger HEIGHTxWIDTHxFRAMES for the transformer and VAE")
     parser.add_argument("--t5-layers", type=int, default=2, help="UMT5-XXL blocks kept (default 2)")
     parser.add_argument("--no-bench", action="store_true", help="leave out sd2mnn bench")
-    parser.add_argument("--min-free-gib", type=float, default=1.0,
-                        help="stop a step when the machine's available memory falls below this (default 1.0)")
-    parser.add_argument("--step-timeout", type=float, default=5400, help="stop a step after this long (default 5400 s)")
-    args = parser.parse_args()
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    run = Run(work, args)
-    run.flow = work / "mnn-flow"
-    try:
-        run_all(run)
-    finally:
-        json.dump(summary(run), sys.stdout, indent=2)
-        print()
-    return 0
+    add_guard_arguments(parser, 5400)
+    return run_then_print(parser.parse_args(), run_all, summary)
 
 
 if __name__ == "__main__":
