@@ -491,13 +491,17 @@ def test_export_then_convert_then_verify(layout, request, tmp_path):
 
 
 def test_convert_exports_a_diffusers_folder_first(sd15_dir, tmp_path):
-    """`sd2mnn convert MODEL MNN_DIR`: the diffusers folder is exported, then converted."""
+    """`sd2mnn convert MODEL MNN_DIR`: the diffusers folder is exported (what the conversion takes
+    and no more: no vae_encoder by default), then converted."""
     from sd2mnn.cli import main
 
     keep = tmp_path / "kept-onnx"
-    code = main(["convert", str(sd15_dir), str(tmp_path / "mnn"), "--keep-onnx", str(keep),
-                 "--components", "text_encoder,vae_decoder", "-q"])
+    code = main(["convert", str(sd15_dir), str(tmp_path / "mnn"), "--keep-onnx", str(keep), "-q"])
     assert code == 0
     assert (tmp_path / "mnn" / "vae_decoder.mnn.weight").stat().st_size > 0
-    assert (keep / "vae_decoder" / "model.onnx").is_file() and not (keep / "unet").exists()
+    assert sorted(p.name for p in keep.iterdir() if p.is_dir()) == ["text_encoder", "tokenizer", "unet", "vae_decoder"]
     assert not list(tmp_path.glob(".sd2mnn-export-*"))
+    code = main(["convert", str(sd15_dir), str(tmp_path / "mnn-2"), "--keep-onnx", str(tmp_path / "kept-2"),
+                 "--components", "text_encoder,vae_encoder", "-q"])
+    assert code == 0 and (tmp_path / "kept-2" / "vae_encoder" / "model.onnx").is_file()
+    assert not (tmp_path / "kept-2" / "unet").exists()

@@ -143,7 +143,8 @@ def onnx_source(args: argparse.Namespace, options: ConvertOptions, progress) -> 
     keep = check_keep_onnx(args)
     check_output_folder(args.mnn_dir, "MNN_DIR")
     check_before_export(Path(args.mnn_dir), options)
-    chosen = {"components": options.components} if options.components is not None else {}
+    # Only what the conversion takes: the family's defaults unless --components says.
+    chosen = {"components": options.components} if options.components is not None else {"default_components_only": True}
     export_options = ExportOptions(config=Path(args.config) if args.config else None, overwrite=args.overwrite, **chosen)
     scratch_parent = Path(args.mnn_dir).absolute().parent
     with os_errors_as_one_line(Path(args.mnn_dir), "nothing was written"):

@@ -89,6 +89,9 @@ class ExportOptions:
     opset: int = 18
     # None: every component of the model's family (SD3.5 without T5 when the pipeline has none).
     components: tuple[str, ...] | None = None
+    # With components None: only those convert converts by default (no vae_encoder: convert's
+    # export of a diffusers model, which would throw it away).
+    default_components_only: bool = False
     # Image size; None: the model's own (unet sample_size * the VAE's scale factor).
     height: int | None = None
     width: int | None = None
@@ -729,7 +732,7 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
         # Written by materialize from the checked --config folder, whose own weights it links to.
         source = _open_source(folder, options.components, confine=False)
     family = source.family
-    names = _component_names(source, options.components, say)
+    names = _component_names(source, options.components, say, options.default_components_only)
     staged = work / "onnx"
     staged.mkdir()
     length = family.text_length
@@ -749,14 +752,18 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
     return report
 
 
-def _component_names(source: _Source, wanted: tuple[str, ...] | None, say: Progress) -> list[str]:
-    """The components to export, in export order: ``wanted``, else all of the family's but an
-    optional one the pipeline does not have (SD3 saved without T5)."""
+def _component_names(source: _Source, wanted: tuple[str, ...] | None, say: Progress,
+                     default_only: bool = False) -> list[str]:
+    """The components to export, in export order: ``wanted``, else all of the family's (its
+    default ones with ``default_only``) but an optional one the pipeline does not have (SD3 saved
+    without T5)."""
     family = source.family
     order = _exporter(family).order
     if wanted is None:
         names = []
         for name in order:
+            if default_only and not family.components[name].default:
+                continue
             if family.components[name].runtime_optional and not source.has(name):
                 say(name, "not in the pipeline: left out (MNN's runtime conditions on zeros without it)")
             else:
