@@ -30,6 +30,8 @@ def test_demo_behaviour_is_unchanged(tmp_path):
     assert verification.pop("warnings") == []
     assert verification.pop("conditionings") == [verification["conditioning"]]
     assert verification["conditioning"].pop("component") == "text_encoder"
+    # New: the states past the prompt, checked where diffusers zeroes them (Wan); not SD1.5's.
+    assert verification["conditioning"].pop("padding_max") is None
     assert_same_report(now["verification"], recorded["verification"])
 
 
