@@ -161,3 +161,24 @@ def test_a_tokenizer_kind_two_families_share_names_both():
         families.by_tokenizer_model("BPE", (SD15, TAIYI, replace(SD15, name="wan")), "tokenizer.mtok")
     assert "manifest.json" in str(err.value) and "\n" not in str(err.value)
     assert families.by_tokenizer_model("BPE", (SD15, TAIYI)) is SD15
+
+
+def test_a_wan_bundle_without_its_manifest_is_told_from_sd35_by_its_tokenizer_folders(tmp_path):
+    """T5's Unigram is SD3.5's and Wan's, and so are a transformer and a VAE decoder: the single
+    tokenizer.mtok at the top says Wan, where SD3.5 keeps one per tokenizer folder."""
+    from t5_tokenizer import write_t5_tokenizer
+
+    from sd2mnn.families import SD35, WAN
+    from sd2mnn.tokenization.writer import write_mtok
+
+    tokenizer = write_t5_tokenizer(tmp_path / "t5")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in ("text_encoder", "transformer", "vae_decoder"):
+        (bundle / f"{name}.mnn").write_bytes(b"")
+    write_mtok(tokenizer, bundle / "tokenizer.mtok")
+    assert families.detect(bundle) is WAN
+    for folder in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # SD3.5's layout
+        (bundle / folder).mkdir()
+    (bundle / "tokenizer.mtok").rename(bundle / "tokenizer_3" / "tokenizer.mtok")
+    assert families.detect(bundle) is SD35

@@ -133,6 +133,13 @@ def _by_graphs(path: Path, among: tuple[Family, ...]) -> tuple[Family, ...]:
     return tuple(kept)
 
 
+def _tokenizer_folders_fit(path: Path, family: Family) -> bool:
+    """A family of several tokenizers keeps each in its own folder, in its exports and bundles
+    alike (SD3.5's tokenizer_2/, tokenizer_3/): none of them there, and it is not this one's."""
+    others = [name for name in family.prompt_formats if name != "tokenizer"]
+    return not others or any((path / name).is_dir() for name in others)
+
+
 def _by_tokenizer(path: Path, among: tuple[Family, ...]) -> Family:
     """Of ``among``, the family of the tokenizer in ``path``: its tokenizer.mtok (a bundle), its
     tokenizer/ folder or ``path`` itself as a tokenizer folder, by the tokenizer's kind."""
@@ -147,6 +154,8 @@ def _by_tokenizer(path: Path, among: tuple[Family, ...]) -> Family:
         kind, where = tokenizer_kind(folder).model, str(folder)
     # A family of several tokenizers may have any kind in tokenizer/ (SD3.5's is CLIP's).
     fitting = [f for f in among if f.tokenizer_model == kind] or [f for f in among if f.tokenizers]
+    if len(fitting) > 1:  # T5's Unigram is SD3.5's and Wan's: the one whose tokenizer folders are there
+        fitting = [f for f in fitting if _tokenizer_folders_fit(path, f)] or fitting
     return fitting[0] if len(fitting) == 1 else by_tokenizer_model(kind, among, where)
 
 
