@@ -242,17 +242,17 @@ def test_the_graph_eos_is_added_after_the_ids_and_taken_off_diffusers_ids():
     assert with_graph_eos(without_graph_eos(seen, 1), 1).tolist() == seen.tolist()
 
 
-def _l2_graph(path: Path, opset: int) -> Path:
-    """latent_sample -> latent_sample / ReduceL2(latent_sample, channels) named as the runtime's VAE."""
+def _l2_graph(path: Path, opset: int, op: str = "ReduceL2") -> Path:
+    """latent_sample -> latent_sample / op(latent_sample, channels) named as the runtime's VAE."""
     import onnx
     from onnx import TensorProto, helper
 
     shape = WanDims(**SIZE).latent
     if opset >= 18:
-        nodes = [helper.make_node("ReduceL2", ["latent_sample", "axes"], ["norm"], keepdims=1)]
+        nodes = [helper.make_node(op, ["latent_sample", "axes"], ["norm"], keepdims=1)]
         initializers = [helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
     else:
-        nodes, initializers = [helper.make_node("ReduceL2", ["latent_sample"], ["norm"], keepdims=1, axes=[1])], []
+        nodes, initializers = [helper.make_node(op, ["latent_sample"], ["norm"], keepdims=1, axes=[1])], []
     nodes.append(helper.make_node("Div", ["latent_sample", "norm"], ["sample"]))
     graph = helper.make_graph(nodes, "l2", [helper.make_tensor_value_info("latent_sample", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("sample", TensorProto.FLOAT, shape)], initializer=initializers)
@@ -261,15 +261,45 @@ def _l2_graph(path: Path, opset: int) -> Path:
     return path
 
 
-def test_scan_counts_the_reductions_mnn_converts_over_every_axis(tmp_path):
+@pytest.mark.parametrize("op", ["ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"])
+def test_scan_counts_the_reductions_mnn_converts_over_every_axis(tmp_path, op):
     from sd2mnn.core.onnx_scan import check_mnn_computes_it, scan_onnx
 
-    assert scan_onnx(_l2_graph(tmp_path / "17.onnx", 17)).l2_reductions_with_axes_input == 0
+    assert scan_onnx(_l2_graph(tmp_path / "17.onnx", 17, op)).reductions_with_axes_input == ()
     check_mnn_computes_it(scan_onnx(tmp_path / "17.onnx"))
-    summary = scan_onnx(_l2_graph(tmp_path / "18.onnx", 18))
-    assert summary.l2_reductions_with_axes_input == 1
-    with pytest.raises(InputError, match="1 ReduceL2 node.* reduction over every axis .*re-export at opset 17"):
+    summary = scan_onnx(_l2_graph(tmp_path / "18.onnx", 18, op))
+    assert summary.reductions_with_axes_input == (op,)
+    with pytest.raises(InputError, match=f"1 {op} node.* reduction over every axis .*re-export at opset 17"):
         check_mnn_computes_it(summary)
+    # ReduceMean and the others MNN converts through its own reducer, which takes axes as an input.
+    assert scan_onnx(_l2_graph(tmp_path / "mean.onnx", 18, "ReduceMean")).reductions_with_axes_input == ()
+
+
+def test_mnn_reduces_those_over_every_axis(tmp_path):
+    """What the refusal is for: MNNConvert's ReduceSumSquare of [1, 16, T, h, w] over axis 1
+    (opset 18) gives one number where ONNX Runtime gives [1, 1, T, h, w]."""
+    import MNN.expr as F
+    import MNN.nn as nn
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from sd2mnn.conversion.converter import find_converter
+
+    shape = WanDims(**SIZE).latent
+    graph = helper.make_graph([helper.make_node("ReduceSumSquare", ["x", "axes"], ["y"], keepdims=1)], "sq",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
+    model, converted = tmp_path / "sq.onnx", tmp_path / "sq.mnn"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(model))
+    subprocess.run(find_converter().argv(["-f", "ONNX", "--modelFile", str(model), "--MNNModel", str(converted)]),
+                   capture_output=True, check=True)
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    module = nn.load_module_from_file(str(converted), ["x"], ["y"])
+    got = np.array(module.onForward([F.const(x, list(x.shape), F.NCHW)])[0].read())
+    assert want.shape == (1, 1, *shape[2:]) and got.size == 1
 
 
 def test_convert_refuses_a_graph_mnn_would_compute_otherwise(wan_export, tmp_path):

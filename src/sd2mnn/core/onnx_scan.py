@@ -82,8 +82,15 @@ class OnnxSummary:
     # Every distinct external-data location, as written in the file (relative to its folder).
     external_locations: tuple[str, ...]
     external_tensors: tuple[ExternalTensor, ...] = ()
-    # ReduceL2 nodes given their axes as an input (opset 18's form), in any graph of the model.
-    l2_reductions_with_axes_input: int = 0
+    # The op type of each node MNNConvert reduces over every axis: a reduction of
+    # AXES_IGNORED given its axes as an input (opset 18's form), in any graph of the model.
+    reductions_with_axes_input: tuple[str, ...] = ()
+
+
+# MNNConvert 3.6.1's onnxextra/OnnxReduceL2.cpp rewrites these five and reads their axes from
+# the attribute only (ReduceMean, ReduceSum... go through onnx/ReduceOnnx.cpp, which takes them
+# as an input too).
+AXES_IGNORED = frozenset({"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
 
 
 class _NotOnnx(Exception):
@@ -196,7 +203,7 @@ class _Found:
         self.initializer_names: set[str] = set()
         self.locations: dict[str, None] = {}
         self.external: list[ExternalTensor] = []
-        self.l2_reductions_with_axes_input = 0
+        self.reductions_with_axes_input: list[str] = []
 
     def tensor(self, stream: io.BufferedReader, end: int, what: str) -> str:
         """Read a TensorProto's header; keep it if its data is external. Returns its name."""
@@ -236,8 +243,8 @@ def _walk_node(stream: io.BufferedReader, end: int, found: _Found) -> None:
                 _walk_sparse(stream, a_end, found, "a node attribute's sparse tensor")
             elif a_number in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
                 _walk_graph(stream, a_end, found, top=False)
-    if op_type == "ReduceL2" and inputs > 1:
-        found.l2_reductions_with_axes_input += 1
+    if op_type in AXES_IGNORED and inputs > 1:
+        found.reductions_with_axes_input.append(op_type)
 
 
 def _walk_graph(stream: io.BufferedReader, end: int, found: _Found, top: bool) -> None:
@@ -292,18 +299,19 @@ def scan_onnx(path: Path) -> OnnxSummary:
     # Old exporters list initializers among the inputs; they are not inputs a runtime feeds.
     inputs = [spec for spec in found.inputs if spec.name not in found.initializer_names]
     return OnnxSummary(path, tuple(inputs), tuple(found.outputs), tuple(found.locations), tuple(found.external),
-                       found.l2_reductions_with_axes_input)
+                       tuple(found.reductions_with_axes_input))
 
 
 def check_mnn_computes_it(summary: OnnxSummary) -> None:
     """Refuse a graph MNNConvert 3.6.1 converts into another computation without a word: a
-    ReduceL2 whose axes are an input (onnxextra/OnnxReduceL2.cpp reads them from an attribute
-    only, so it reduces over every axis; PyTorch's F.normalize exports so at opset 18)."""
-    count = summary.l2_reductions_with_axes_input
-    if count:
-        raise InputError(f"{summary.path}: {count} ReduceL2 node(s) take their axes as an input, which MNNConvert "
-                         "3.6.1 turns into a reduction over every axis (a wrong model); re-export at opset 17, "
-                         "or compute the norm as ReduceSum and Sqrt")
+    ReduceL1, ReduceL2, ReduceLogSum, ReduceLogSumExp or ReduceSumSquare whose axes are an input
+    (AXES_IGNORED: reduced over every axis; PyTorch's F.normalize exports a ReduceL2 so at opset 18)."""
+    found = summary.reductions_with_axes_input
+    if found:
+        kinds = ", ".join(f"{found.count(op)} {op}" for op in sorted(set(found)))
+        raise InputError(f"{summary.path}: {kinds} node(s) take their axes as an input, which MNNConvert 3.6.1 "
+                         "turns into a reduction over every axis (a wrong model); re-export at opset 17, "
+                         "or compute them with ReduceSum (a norm: ReduceSum and Sqrt)")
 
 
 def check_external_data(summary: OnnxSummary) -> None:
