@@ -1,13 +1,13 @@
 """verify's conditioning check: does MNN's runtime, with this bundle, condition as diffusers does?
 
 Two chains per prompt: the ids MNN's runtime feeds (the bundle's tokenizer.mtok) through the
-bundle's text encoder on MNN, against Hugging Face's ids (the bundle's tokenizer files, as
-diffusers tokenizes) through the original ONNX text encoder on ONNX Runtime. It reports the share
-of prompts whose ids (as the CLIP model sees them) equal Hugging Face's, the share of token
-positions, and the worst cosine between the two chains' ``last_hidden_state``. Where diffusers zeroes the states past the prompt (Wan), the bundle's must
-be zero there too: a text encoder exported without the mask (MNN's own Wan exporter) attends to
-the padding instead. A family with several text encoders (SD3.5's CLIP-L and CLIP-G) is checked per text encoder, each with its own
-tokenizer.
+bundle's text encoder on MNN, against Hugging Face's ids (the bundle's tokenizer files, as diffusers
+tokenizes) through the original ONNX text encoder on ONNX Runtime. It reports the share of prompts
+whose ids (as the CLIP model sees them) equal Hugging Face's, the share of token positions, and the
+worst cosine between the two chains' ``last_hidden_state``. Where diffusers zeroes the states past
+the prompt (Wan), the bundle's must be zero there too: a text encoder exported without the mask
+(MNN's own Wan exporter) attends to the padding instead. A family with several text encoders
+(SD3.5's CLIP-L and CLIP-G) is checked per text encoder, each with its own tokenizer.
 """
 from __future__ import annotations
 
