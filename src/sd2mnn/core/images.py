@@ -342,6 +342,12 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, diff_path: str
     return compare_pixels(read_image(a_path)[0], read_image(b_path)[0], a_path, b_path, diff_path)
 
 
+def _size_text(pixels: np.ndarray) -> str:
+    """"64x48", or for a video's frames "5 frames of 64x48"."""
+    frames = f"{len(pixels)} frames of " if pixels.ndim == 4 else ""
+    return f"{frames}{pixels.shape[-2]}x{pixels.shape[-3]}"
+
+
 def compare_pixels(a: np.ndarray, b: np.ndarray, a_path: str | os.PathLike, b_path: str | os.PathLike,
                    diff_path: str | os.PathLike | None = None) -> Comparison:
     """``compare`` on pixels already read (``read_image``: an image, or a video's frames, compared
@@ -351,11 +357,7 @@ def compare_pixels(a: np.ndarray, b: np.ndarray, a_path: str | os.PathLike, b_pa
         raise InputError(f"{video} is a video and {image} an image; compare two images or two video folders")
     if a.shape != b.shape:
         what = "videos of the same size and length" if a.ndim == 4 else "images of the same size"
-        count = (lambda x: f"{len(x)} frames of " if x.ndim == 4 else "")  # noqa: E731
-        raise InputError(
-            f"{a_path} is {count(a)}{a.shape[-2]}x{a.shape[-3]} but {b_path} is {count(b)}{b.shape[-2]}x{b.shape[-3]}; "
-            f"compare {what}"
-        )
+        raise InputError(f"{a_path} is {_size_text(a)} but {b_path} is {_size_text(b)}; compare {what}")
     gain = None
     if diff_path is not None:
         check_diff_path(diff_path, a_path, b_path)
