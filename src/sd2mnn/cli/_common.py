@@ -78,3 +78,16 @@ def add_overwrite_flag(parser, replaces: str) -> None:
 
     parser.add_argument(OVERWRITE_FLAG, "--force", dest="overwrite", action="store_true",
                         help=f"replace {replaces} (without it an existing file or folder is refused; alias --force)")
+
+
+def add_lora_flag(parser) -> None:
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA .safetensors (diffusers/PEFT or kohya keys) fused into the weights it targets "
+                        "before export, at SCALE (default 1); repeat for several")
+
+
+def loras_from_args(args) -> tuple:
+    """--lora FILE[:SCALE], each parsed (a scale that is not a number is a one-line error)."""
+    from sd2mnn.exporting.lora import Lora
+
+    return tuple(Lora.parse(text) for text in args.lora)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from sd2mnn import families
-from sd2mnn.cli._common import add_overwrite_flag, terminate_as_interrupt
+from sd2mnn.cli._common import add_lora_flag, add_overwrite_flag, loras_from_args, terminate_as_interrupt
 from sd2mnn.core.layout import component_choices
 from sd2mnn.exporting.export import KNOWN_COMPONENTS, ExportOptions, export
 
@@ -60,6 +60,7 @@ def register(subparsers) -> None:
                         help="video frames, 4n + 1 (a video model only; default: its runtime's, 9 for Wan2.1)")
     parser.add_argument("--config", type=Path, default=None, metavar="DIR",
                         help="local diffusers config folder for a single-file checkpoint")
+    add_lora_flag(parser)
     add_overwrite_flag(parser, "ONNX_DIR if it exists and is not empty")
     parser.set_defaults(func=run)
 
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
         opset=args.opset, components=tuple(args.components) if args.components else None, height=args.height,
         width=args.width, frames=args.frames, config=args.config, overwrite=args.overwrite,
+        loras=loras_from_args(args),
     )
 
     def progress(component: str, message: str) -> None:
@@ -80,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     size = f"{report.width}x{report.height}" + (f", {report.frames} frames" if report.frames else "")
     print(f"exported {report.kind} ({lengths} tokens, {size}, opset {report.opset}) "
           f"to {report.onnx_dir}")
+    for record in report.loras:
+        print(f"  merged LoRA {record.file} (sha256 {record.sha256[:12]}) at scale {record.scale:g} into "
+              f"{', '.join(record.components) or 'no exported part'}")
     for comp in report.components:
         errs = ", ".join(f"{k} {v:.2e}" for k, v in comp.max_abs_error.items())
         print(f"  {comp.name:14} {comp.size_bytes / 1e6:8.1f} MB  max abs error vs PyTorch: {errs}")

@@ -549,6 +549,7 @@ def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], to
         tokenizer=tokenizer,
         tokenizer_scheme=tokenizer_scheme,
         family=family,
+        loras=families.merged_loras(plan.onnx.root),
     )
 
 

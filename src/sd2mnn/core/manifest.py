@@ -132,6 +132,8 @@ class Manifest:
     # The model family (sd2mnn.families) of the converted pipeline; "" in manifests written
     # before it was recorded (sd2mnn.families.detect then reads tokenizer.mtok).
     family: str = ""
+    # LoRAs export fused into the weights: file name, sha256, scale, the components they changed.
+    loras: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -144,6 +146,7 @@ class Manifest:
             "tokenizer": [asdict(f) for f in self.tokenizer],
             "tokenizer_scheme": self.tokenizer_scheme,
             "family": self.family,
+            "loras": self.loras,
         }
 
     @classmethod
@@ -158,6 +161,7 @@ class Manifest:
             format=data.get("format", MANIFEST_FORMAT),
             tokenizer_scheme=data.get("tokenizer_scheme", "mnn"),
             family=data.get("family", ""),
+            loras=list(data.get("loras", [])),
         )
 
     def write(self, path: Path) -> None:

@@ -11,6 +11,7 @@ the exporter of the family (``Family.exporter_module``, imported by that name) f
     tokenizer_fix what to do about a missing tokenizer folder ("": the family needs it)
     check_folder (source folder) -> None; raises InputError for a model its runtime cannot run
     free_dims    component -> input -> {axis: name}: dimensions the graph declares symbolic
+    lora_loader  the diffusers LoRA loader mixin its pipeline class uses (sd2mnn.exporting.lora)
 
     stable_diffusion.py  SD1.5 and Taiyi (MNN's onnx_export.py)
     sd35.py              SD3.5 (diffusion_sd35.cpp's tensors)
@@ -54,6 +55,7 @@ class Exporter:
     tokenizer_fix: str = ""
     check_folder: Callable[[Path], None] = field(default=lambda folder: None)
     free_dims: dict[str, dict[str, dict[int, str]]] = field(default_factory=dict)
+    lora_loader: str = "StableDiffusionLoraLoaderMixin"
 
 
 def exporter_for(family: Family) -> Exporter:

@@ -128,6 +128,7 @@ EXPORTER = Exporter(
     terms={"text_encoder": text_encoder_terms, "text_encoder_2": text_encoder_terms,
            "text_encoder_3": text_encoder_terms, "transformer": transformer_terms, "vae_decoder": vae_terms},
     size_step=size_step,
+    lora_loader="SD3LoraLoaderMixin",
     # The transformer attends to CLIP's tokens and T5's.
     text_lengths=lambda folder: {"transformer": sd3_dims(folder).text_length},
     # MNN's SD3.5 runtime loads all three tokenizers, with or without T5 (SD35:98-109).

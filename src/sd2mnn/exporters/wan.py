@@ -272,6 +272,7 @@ EXPORTER = Exporter(
     terms={"text_encoder": lambda *args, frames: text_encoder_terms(*args), "transformer": transformer_terms,
            "vae_decoder": vae_terms},
     size_step=size_step,
+    lora_loader="WanLoraLoaderMixin",
     check_folder=check_model,
     # WanDiffusion::load() fixes each module's resize right after loading it (WAN:116-118), before
     # any forward: on a model whose every input size is known, MNN allocated its memory at load,

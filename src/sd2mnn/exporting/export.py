@@ -71,7 +71,7 @@ from sd2mnn import families
 from sd2mnn.core.children import interrupts_deferred
 from sd2mnn.core.files import is_inside, read_json_object
 from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError, os_errors_as_one_line
-from sd2mnn.exporting import checkpoint, diffusers_folder
+from sd2mnn.exporting import checkpoint, diffusers_folder, lora
 from sd2mnn.families import FAMILIES, Family
 
 # Every component some family exports.
@@ -107,6 +107,8 @@ class ExportOptions:
     tolerances: dict[str, float] | None = None
     # Bytes the export check may use; None: what the system has available now.
     memory_budget: int | None = None
+    # LoRAs fused into the weights they target before export (sd2mnn.exporting.lora), in order.
+    loras: tuple[lora.Lora, ...] = ()
 
 
 @dataclass
@@ -134,6 +136,7 @@ class ExportReport:
     height: int = 0  # the image size exported
     width: int = 0
     frames: int = 0  # the video frames exported (0: an image family)
+    loras: list[lora.LoraRecord] = field(default_factory=list)  # merged into the weights
 
     @property
     def max_abs_error(self) -> float:
@@ -151,10 +154,11 @@ def is_diffusers_model(path: str | Path) -> bool:
     return p.is_file() and p.suffix.lower() in checkpoint.SUFFIXES
 
 
-def require_export_extra() -> None:
-    """Raise MissingExtraError unless torch, diffusers and transformers import."""
+def require_export_extra(loras: bool = False) -> None:
+    """Raise MissingExtraError unless torch, diffusers and transformers import (and PEFT, which
+    diffusers merges ``loras`` with)."""
     missing = []
-    for name in ("torch", "diffusers", "transformers", "safetensors"):
+    for name in ("torch", "diffusers", "transformers", "safetensors") + (("peft",) if loras else ()):
         try:
             __import__(name)
         except ImportError:
@@ -173,6 +177,7 @@ class _Source:
     folder: Path  # a diffusers pipeline folder with weights
     index: dict  # model_index.json
     family: Family
+    loras: tuple[lora.Lora, ...] = ()  # fused into each model they target as it is loaded
 
     def has(self, name: str) -> bool:
         entry = self.index.get(name)
@@ -239,9 +244,8 @@ class _Job:
     outputs: list[str]
 
 
-def _load(source: _Source, sub: str):
-    import torch
-
+def _model_class(source: _Source, sub: str):
+    """The library class model_index.json names for ``sub`` (a model's own code never runs)."""
     library, cls_name = source.component_class(sub)
     if library == "transformers":
         import transformers as lib
@@ -255,6 +259,18 @@ def _load(source: _Source, sub: str):
             f"{source.folder / 'model_index.json'}: {library} has no class {cls_name}; "
             f"upgrade {library}"
         )
+    if getattr(cls, "_keep_in_fp32_modules", None):
+        # Those (WanTransformer3DModel) load only through accelerate, which export does not need:
+        # in float32 there is nothing to keep in float32.
+        cls = type(cls.__name__, (cls,), {"_keep_in_fp32_modules": None})
+    return cls
+
+
+def _load(source: _Source, sub: str):
+    import torch
+
+    cls = _model_class(source, sub)
+    library, cls_name = source.component_class(sub)
     folder = source.folder / sub
     kwargs = {"torch_dtype": torch.float32, "local_files_only": True}
     if library == "transformers":
@@ -265,17 +281,49 @@ def _load(source: _Source, sub: str):
             kwargs["variant"] = "fp16"  # only fp16 weights shipped: load them, export in fp32
         else:
             raise InputError(f"{folder}: no weights (*.safetensors or *.bin); re-download the model")
-    if getattr(cls, "_keep_in_fp32_modules", None):
-        # Those (WanTransformer3DModel) load only through accelerate, which export does not need:
-        # in float32 there is nothing to keep in float32.
-        cls = type(cls.__name__, (cls,), {"_keep_in_fp32_modules": None})
     try:
         model = cls.from_pretrained(str(folder), **kwargs)
     except Exception as err:  # the libraries raise many types for unreadable or mismatched files
         checkpoint.refuse_unsafe_pickle(err, folder)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{folder}: cannot load {cls_name} ({first})") from err
+    if source.loras:
+        model = lora.merge(model, sub, source.loras, _lora_loader(source.family), folder)
     return model.eval()
+
+
+def _empty_model(source: _Source, sub: str):
+    """``sub``'s model built from its config on the meta device: its layers, no weights."""
+    import torch
+
+    cls = _model_class(source, sub)
+    folder = source.folder / sub
+    try:
+        with torch.device("meta"):
+            if source.component_class(sub)[0] == "diffusers":
+                return cls.from_config(cls.load_config(str(folder)))
+            return cls(cls.config_class.from_pretrained(str(folder), local_files_only=True))
+    except Exception as err:  # the libraries raise many types for configs they cannot read
+        raise InputError(f"{folder / 'config.json'}: cannot build {cls.__name__} from it ({err})") from err
+
+
+def _lora_loader(family: Family):
+    return lora.loader_class(_exporter(family).lora_loader)
+
+
+def _check_loras(source: _Source, names: list[str]) -> list[lora.LoraRecord]:
+    """Try each LoRA on every model it targets among ``names``, built without weights; refuse one
+    that does not fit, naming its file (sd2mnn.exporting.lora). The records for the manifest."""
+    loader = _lora_loader(source.family)
+    records = []
+    for index, item in enumerate(source.loras):
+        weights = lora.read(item, loader)
+        lora.check_targets(weights, loader, tuple(source.family.components), _pipeline_name(source.family))
+        targets = tuple(n for n in names if n in weights.targets)  # in export order
+        for target in targets:
+            lora.inject(_empty_model(source, target), target, weights, loader, f"sd2mnn_{index}", source.folder / target)
+        records.append(lora.record(item, targets))
+    return records
 
 
 def _load_tokenizer(source: _Source, folder: str = "tokenizer"):
@@ -688,22 +736,27 @@ def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | Non
         raise InputError(
             f"{model}: not a diffusers pipeline (no model_index.json) or a .safetensors/.ckpt file"
         )
-    require_export_extra()
+    require_export_extra(loras=bool(options.loras))
     _refuse_replacing_sources(onnx_dir, model, options.config)
     # Everything export reads is checked before anything is written or loaded.
     if model.is_dir():
-        _open_source(model, options.components)
+        checked = _open_source(model, options.components)
     else:
         checkpoint.require_config(model, options.config)
-        _open_source(options.config, options.components)
-    _prepare_target(onnx_dir, options.overwrite)
+        checked = _open_source(options.config, options.components)
     say = progress or (lambda component, message: None)
+    loras = []
+    if options.loras:
+        names = _component_names(checked, options.components, lambda *_: None, options.default_components_only)
+        with _quiet_libraries():
+            loras = _check_loras(replace(checked, loras=options.loras), names)
+    _prepare_target(onnx_dir, options.overwrite)
 
     with os_errors_as_one_line(onnx_dir, f"{onnx_dir.name} is unchanged"):
         work = _staging_folder(onnx_dir)
         try:
             with _quiet_libraries():
-                report = _export_staged(model, work, onnx_dir, options, say)
+                report = _export_staged(model, work, onnx_dir, options, say, loras)
             staged = work / "onnx"
             _move_into_place(staged, onnx_dir)
         finally:
@@ -723,7 +776,7 @@ def _staging_folder(onnx_dir: Path) -> Path:
 
 
 def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptions,
-                   say: Progress) -> ExportReport:
+                   say: Progress, loras: list[lora.LoraRecord]) -> ExportReport:
     if model.is_dir():
         source = _open_source(model, options.components)
     else:
@@ -731,6 +784,7 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
         folder = checkpoint.materialize(model, options.config, work, options.components, say, options.memory_budget)
         # Written by materialize from the checked --config folder, whose own weights it links to.
         source = _open_source(folder, options.components, confine=False)
+    source = replace(source, loras=options.loras)
     family = source.family
     names = _component_names(source, options.components, say, options.default_components_only)
     staged = work / "onnx"
@@ -743,10 +797,12 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
     check_memory(source.folder, names, options.height, options.width, length, family, options.memory_budget, lengths,
                  options.frames)
     report = ExportReport(model, onnx_dir, source.kind, length, options.opset, height=options.height, width=options.width,
-                          frames=options.frames or 0)
+                          frames=options.frames or 0, loras=loras)
     for folder in family.prompt_formats:
         shutil.copytree(source.folder / folder, staged / folder)
-    families.write_marker(staged, family)
+    families.write_marker(staged, family, [r.to_dict() for r in loras])
+    for record in loras:
+        say("lora", f"{record.file} at scale {record.scale:g} into {', '.join(record.components) or 'nothing exported'}")
     for name in names:
         report.components.append(_export_component(source, name, staged, options, length, say))
     return report

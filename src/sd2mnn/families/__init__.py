@@ -68,9 +68,20 @@ def runtime_family(pipeline: Family, mtok: Path) -> str:
         return ""
 
 
-def write_marker(onnx_dir: Path, family: Family) -> None:
-    """Record in an ONNX folder which family it holds (read back by ``detect``)."""
-    (Path(onnx_dir) / FAMILY_MARKER).write_text(json.dumps({"family": family.name}) + "\n", encoding="utf-8")
+def write_marker(onnx_dir: Path, family: Family, loras: list[dict] | None = None) -> None:
+    """Record in an ONNX folder which family it holds (read back by ``detect``) and the LoRAs
+    merged into its weights (read back by ``merged_loras``, for the bundle's manifest)."""
+    marker = {"family": family.name, **({"loras": loras} if loras else {})}
+    (Path(onnx_dir) / FAMILY_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+
+
+def merged_loras(onnx_dir: Path) -> list[dict]:
+    """The LoRAs export merged into the ONNX folder's weights, as its marker records them."""
+    path = Path(onnx_dir) / FAMILY_MARKER
+    loras = read_json_object(path).get("loras", []) if path.is_file() else []
+    if not isinstance(loras, list) or not all(isinstance(item, dict) for item in loras):
+        raise InputError(f"{path}: its 'loras' is not a list of records; export the pipeline again with sd2mnn export")
+    return loras
 
 
 def _from_diffusers_index(index_path: Path) -> Family:
