@@ -756,3 +756,41 @@ def load_wan_pipeline(folder: str | Path):
         transformer=transformer_class.from_pretrained(str(folder / "transformer"), torch_dtype=torch.float32).eval(),
         vae=AutoencoderKLWan.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32).eval(),
         scheduler=UniPCMultistepScheduler.from_pretrained(str(folder / "scheduler")))
+
+
+# ---------------------------------------------------------------------------------------------
+# VAEs users bring in place of a pipeline's own (sd2mnn export --vae)
+# ---------------------------------------------------------------------------------------------
+def _jittered(model, seed: int):
+    import torch
+
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.eval()
+
+
+def make_tiny_taesd(out_dir: str | Path, seed: int = 0, latent_channels: int = 4, **config) -> Path:
+    """A tiny diffusers AutoencoderTiny (TAESD's architecture: 3 upsamplings, 8x) at ``out_dir``,
+    seeded and jittered; ``config`` replaces its entries (SD3's TAESD: scaling_factor, shift_factor)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    model = AutoencoderTiny(**{"encoder_block_out_channels": (8, 8, 8, 8), "decoder_block_out_channels": (8, 8, 8, 8),
+                               "num_encoder_blocks": (1, 1, 1, 1), "num_decoder_blocks": (1, 1, 1, 1),
+                               "latent_channels": latent_channels, **config})
+    _jittered(model, seed + 10).save_pretrained(str(out_dir), safe_serialization=True)
+    return Path(out_dir)
+
+
+def make_tiny_vae(out_dir: str | Path, seed: int = 5, **config) -> Path:
+    """A tiny AutoencoderKL of the tiny pipeline's architecture with other weights (a "fixed" VAE)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    _jittered(AutoencoderKL(**{**VAE_CONFIG, **config}), seed + 10).save_pretrained(str(out_dir),
+                                                                                  safe_serialization=True)
+    return Path(out_dir)

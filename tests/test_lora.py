@@ -256,5 +256,5 @@ def test_kohya_keys_on_sd3_say_diffusers_does_not_convert_them(tiny_sd3_onnx, tm
 
 def test_convert_of_an_onnx_folder_refuses_lora(base_onnx, sd15_loras, tmp_path, capsys):
     assert main(["convert", str(base_onnx), str(tmp_path / "bundle"), "--lora", str(sd15_loras["peft"])]) == 2
-    assert "LoRAs merge at export" in capsys.readouterr().err
+    assert "LoRAs and VAEs change the pipeline at export" in capsys.readouterr().err
     assert not (tmp_path / "bundle").exists()

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Iterable, Sequence
 
 
@@ -80,10 +81,14 @@ def add_overwrite_flag(parser, replaces: str) -> None:
                         help=f"replace {replaces} (without it an existing file or folder is refused; alias --force)")
 
 
-def add_lora_flag(parser) -> None:
+def add_source_change_flags(parser) -> None:
+    """--lora and --vae: what export changes in the pipeline before exporting it."""
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="a LoRA .safetensors (diffusers/PEFT or kohya keys) fused into the weights it targets "
                         "before export, at SCALE (default 1); repeat for several")
+    parser.add_argument("--vae", type=Path, default=None, metavar="DIR",
+                        help="a diffusers VAE folder exported in place of the pipeline's: an AutoencoderKL (e.g. a "
+                        "fixed VAE) or an AutoencoderTiny (TAESD: a fraction of the decoder's time and memory)")
 
 
 def loras_from_args(args) -> tuple:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sd2mnn.cli._checks import check_output_folder
-from sd2mnn.cli._common import (add_lora_flag, add_overwrite_flag, human_bytes, loras_from_args, print_json, table,
+from sd2mnn.cli._common import (add_overwrite_flag, add_source_change_flags, human_bytes, loras_from_args, print_json, table,
                                terminate_as_interrupt)
 from sd2mnn.conversion.convert import ConversionReport, check_before_export, convert
 from sd2mnn.conversion.converter_flags import CONVERTER_FLAGS
@@ -83,7 +83,7 @@ def register(subparsers) -> None:
     run.add_argument("--verify", action="store_true", help="verify the bundle against the ONNX models afterwards")
     source = parser.add_argument_group("when ONNX_DIR is a diffusers model (exported first; needs sd2mnn[export])")
     source.add_argument("--config", metavar="DIR", help="local diffusers folder with the configs, for a single-file checkpoint")
-    add_lora_flag(source)
+    add_source_change_flags(source)
     source.add_argument("--keep-onnx", metavar="DIR", help="keep the exported ONNX folder here (default: a temporary "
                         "folder); a folder of its own: not MNN_DIR, nor in or around it or the model")
     out = parser.add_argument_group("output")
@@ -139,9 +139,10 @@ def onnx_source(args: argparse.Namespace, options: ConvertOptions, progress) -> 
     from sd2mnn.exporting.export import ExportOptions, export, is_diffusers_model
 
     if not str(args.onnx_dir).strip() or not is_diffusers_model(args.onnx_dir):
-        if args.lora:
-            raise InputError(f"--lora: {args.onnx_dir} is already exported; LoRAs merge at export: give the "
-                             "diffusers model (or sd2mnn export MODEL ONNX_DIR --lora FILE)")
+        if args.lora or args.vae:
+            flag = "--lora" if args.lora else "--vae"
+            raise InputError(f"{flag}: {args.onnx_dir} is already exported; LoRAs and VAEs change the pipeline at "
+                             f"export: give the diffusers model (or sd2mnn export MODEL ONNX_DIR {flag} ...)")
         yield args.onnx_dir
         return
     # Not after minutes of exporting: every output is checked first.
@@ -151,7 +152,7 @@ def onnx_source(args: argparse.Namespace, options: ConvertOptions, progress) -> 
     # Only what the conversion takes: the family's defaults unless --components says.
     chosen = {"components": options.components} if options.components is not None else {"default_components_only": True}
     export_options = ExportOptions(config=Path(args.config) if args.config else None, overwrite=args.overwrite,
-                                   loras=loras_from_args(args), **chosen)
+                                   loras=loras_from_args(args), vae=Path(args.vae) if args.vae else None, **chosen)
     scratch_parent = Path(args.mnn_dir).absolute().parent
     with os_errors_as_one_line(Path(args.mnn_dir), "nothing was written"):
         scratch_parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from sd2mnn import families
-from sd2mnn.cli._common import add_lora_flag, add_overwrite_flag, loras_from_args, terminate_as_interrupt
+from sd2mnn.cli._common import add_overwrite_flag, add_source_change_flags, loras_from_args, terminate_as_interrupt
 from sd2mnn.core.layout import component_choices
 from sd2mnn.exporting.export import KNOWN_COMPONENTS, ExportOptions, export
 
@@ -60,7 +60,7 @@ def register(subparsers) -> None:
                         help="video frames, 4n + 1 (a video model only; default: its runtime's, 9 for Wan2.1)")
     parser.add_argument("--config", type=Path, default=None, metavar="DIR",
                         help="local diffusers config folder for a single-file checkpoint")
-    add_lora_flag(parser)
+    add_source_change_flags(parser)
     add_overwrite_flag(parser, "ONNX_DIR if it exists and is not empty")
     parser.set_defaults(func=run)
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
         opset=args.opset, components=tuple(args.components) if args.components else None, height=args.height,
         width=args.width, frames=args.frames, config=args.config, overwrite=args.overwrite,
-        loras=loras_from_args(args),
+        loras=loras_from_args(args), vae=args.vae,
     )
 
     def progress(component: str, message: str) -> None:
@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     for record in report.loras:
         print(f"  merged LoRA {record.file} (sha256 {record.sha256[:12]}) at scale {record.scale:g} into "
               f"{', '.join(record.components) or 'no exported part'}")
+    if report.vae:
+        print(f"  VAE: {report.vae['class']} from {report.vae['folder']}")
     for comp in report.components:
         errs = ", ".join(f"{k} {v:.2e}" for k, v in comp.max_abs_error.items())
         print(f"  {comp.name:14} {comp.size_bytes / 1e6:8.1f} MB  max abs error vs PyTorch: {errs}")

@@ -549,7 +549,7 @@ def _next_manifest(plan: ConversionPlan, records: dict[str, ComponentRecord], to
         tokenizer=tokenizer,
         tokenizer_scheme=tokenizer_scheme,
         family=family,
-        loras=families.merged_loras(plan.onnx.root),
+        **dict(zip(("loras", "vae"), families.export_changes(plan.onnx.root))),
     )
 
 

@@ -134,6 +134,8 @@ class Manifest:
     family: str = ""
     # LoRAs export fused into the weights: file name, sha256, scale, the components they changed.
     loras: list[dict] = field(default_factory=list)
+    # The VAE export put in the pipeline's own's place (folder, class); {}: the pipeline's own.
+    vae: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -147,6 +149,7 @@ class Manifest:
             "tokenizer_scheme": self.tokenizer_scheme,
             "family": self.family,
             "loras": self.loras,
+            "vae": self.vae,
         }
 
     @classmethod
@@ -162,6 +165,7 @@ class Manifest:
             tokenizer_scheme=data.get("tokenizer_scheme", "mnn"),
             family=data.get("family", ""),
             loras=list(data.get("loras", [])),
+            vae=dict(data.get("vae", {})),
         )
 
     def write(self, path: Path) -> None:

@@ -17,17 +17,39 @@ def _vae_wrappers():
             self.model = model
 
         def forward(self, sample):
-            return self.model.encode(sample).latent_dist.mode()
+            encoded = self.model.encode(sample)
+            # AutoencoderKL's posterior's mode; AutoencoderTiny encodes to latents directly.
+            return encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
 
     class VaeDecoder(torch.nn.Module):
-        def __init__(self, model):
+        """``decode`` of what MNN's runtime feeds: its latents already scaled by the runtime's own
+        constants, which ``scale`` and ``shift`` turn into the VAE's (None: they are the same)."""
+
+        def __init__(self, model, scale: float | None = None, shift: float = 0.0):
             super().__init__()
-            self.model = model
+            self.model, self.scale, self.shift = model, scale, shift
 
         def forward(self, latent_sample):
+            if self.scale is not None:
+                latent_sample = latent_sample * self.scale + self.shift
             return self.model.decode(latent_sample, return_dict=False)[0]
 
     return VaeEncoder, VaeDecoder
+
+
+def runtime_to_vae(recipe, vae_config) -> tuple[float | None, float]:
+    """(scale, shift) that turn the decoder input MNN's runtime makes, ``latents * latent_scale +
+    latent_shift`` (its constants), into the one diffusers' pipelines give this VAE, ``latents /
+    scaling_factor + shift_factor`` (its config's); (None, 0) where the two agree, as they do for
+    the pipeline's own AutoencoderKL. TAESD (AutoencoderTiny, scaling factor 1) decodes SD1.5's raw
+    latents, so its graph multiplies the runtime's input by 0.18215."""
+    scaling = float(vae_config.get("scaling_factor") or 1.0)
+    vae_shift = float(vae_config.get("shift_factor") or 0.0)
+    scale = 1.0 / (recipe.latent_scale * scaling)
+    shift = vae_shift - recipe.latent_shift * scale
+    if abs(scale - 1.0) < 1e-6 and abs(shift) < 1e-6:
+        return None, 0.0
+    return scale, shift
 
 
 def vae_encoder_job(source, options, text_length: int, gen) -> _Job:
@@ -47,7 +69,8 @@ def vae_decoder_job(source, options, text_length: int, gen) -> _Job:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = torch.randn(1, vae.config.latent_channels, options.height // factor,
                          options.width // factor, generator=gen)
-    return _Job(VaeDecoder(vae), {"latent_sample": latent}, ["sample"])
+    scale, shift = runtime_to_vae(source.family.recipe, vae.config)
+    return _Job(VaeDecoder(vae, scale, shift), {"latent_sample": latent}, ["sample"])
 
 
 def vae_terms(folder: Path, name: str, lh: int, lw: int, height: int, width: int, text_length: int) -> MemoryTerms:

@@ -47,6 +47,8 @@ CONFIG_FIELDS = {
                              "cross_attention_dim": "per_block?", "attention_head_dim": "per_block?",
                              "num_attention_heads": "per_block?", "down_block_types": "names"},
     "AutoencoderKL": {"in_channels": "count", "latent_channels": "count", "block_out_channels": "counts"},
+    "AutoencoderTiny": {"in_channels": "count", "latent_channels": "count", "block_out_channels": "counts?",
+                        "decoder_block_out_channels": "counts"},
     "SD3Transformer2DModel": {"in_channels": "count", "sample_size": "size", "patch_size": "count",
                               "joint_attention_dim": "count", "pooled_projection_dim": "count",
                               "num_attention_heads": "count", "attention_head_dim": "count",
@@ -63,7 +65,8 @@ CONFIG_FIELDS = {
 }
 # The config value that holds a model's latent channels (MNN's runtime draws text-to-image only).
 LATENT_CHANNELS = {"UNet2DConditionModel": "in_channels", "SD3Transformer2DModel": "in_channels",
-                   "AutoencoderKL": "latent_channels", "WanTransformer3DModel": "in_channels", "AutoencoderKLWan": "z_dim"}
+                   "AutoencoderKL": "latent_channels", "AutoencoderTiny": "latent_channels",
+                   "WanTransformer3DModel": "in_channels", "AutoencoderKLWan": "z_dim"}
 # Tokenizer class prefix -> the sets of files it can be read from (any one set will do).
 TOKENIZER_FILES = {"CLIPTokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
                    "BertTokenizer": (("vocab.txt",), ("tokenizer.json",)),
@@ -107,6 +110,33 @@ def check_pipeline(folder: Path, index: dict, family: Family, models: tuple[str,
         _check_config(folder / name / "config.json", class_of(index, family, name)[1], family)
     for name in tokenizers:
         _check_tokenizer(folder / name, class_of(index, family, name)[1])
+
+
+def check_vae(folder: Path, family: Family) -> tuple[str, str]:
+    """Refuse, before anything is loaded, a --vae folder export cannot put in a ``family`` pipeline:
+    one that is not a diffusers VAE folder, of a class the family does not load, with links that
+    leave it, or drawing other latent channels. The (library, class) to load it as."""
+    if not folder.is_dir():
+        raise InputError(f"--vae {folder}: not a folder; give a diffusers VAE folder (config.json and weights)")
+    confined_tree(folder, Path(), LINK_FIX)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{path}: not found; --vae takes a diffusers VAE folder (config.json and weights)")
+    config = read_json_object(path)
+    cls = config.get("_class_name")
+    allowed = family.classes["vae"]
+    if ("diffusers", cls) not in allowed:
+        names = " or ".join(c for _, c in allowed)
+        raise InputError(f"{path}: a {cls or 'model with no _class_name'}, not a VAE sd2mnn loads for a "
+                         f"{family.title or family.name} pipeline ({names})")
+    key, latent = LATENT_CHANNELS[cls], family.recipe.latent_shape[1]
+    if key in config and config[key] != latent:
+        raise InputError(f"{path}: {key} {config[key]}; a {family.title or family.name} pipeline draws {latent} "
+                         "latent channels: a VAE for another model family?")
+    _check_config(path, cls, family)
+    if not any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()):
+        raise InputError(f"{folder}: no weights (*.safetensors or *.bin); give a VAE saved with save_pretrained")
+    return "diffusers", cls
 
 
 def _link_root(folder: Path) -> tuple[Path, Path]:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import multiprocessing
 import os
 import shutil
@@ -109,6 +110,8 @@ class ExportOptions:
     memory_budget: int | None = None
     # LoRAs fused into the weights they target before export (sd2mnn.exporting.lora), in order.
     loras: tuple[lora.Lora, ...] = ()
+    # A diffusers VAE folder (AutoencoderKL, or AutoencoderTiny: TAESD) exported in place of the pipeline's.
+    vae: Path | None = None
 
 
 @dataclass
@@ -137,6 +140,7 @@ class ExportReport:
     width: int = 0
     frames: int = 0  # the video frames exported (0: an image family)
     loras: list[lora.LoraRecord] = field(default_factory=list)  # merged into the weights
+    vae: dict = field(default_factory=dict)  # the VAE put in the pipeline's own's place: folder, class
 
     @property
     def max_abs_error(self) -> float:
@@ -737,13 +741,15 @@ def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | Non
             f"{model}: not a diffusers pipeline (no model_index.json) or a .safetensors/.ckpt file"
         )
     require_export_extra(loras=bool(options.loras))
-    _refuse_replacing_sources(onnx_dir, model, options.config)
+    _refuse_replacing_sources(onnx_dir, model, options.config, options.vae)
     # Everything export reads is checked before anything is written or loaded.
     if model.is_dir():
         checked = _open_source(model, options.components)
     else:
         checkpoint.require_config(model, options.config)
         checked = _open_source(options.config, options.components)
+    if options.vae is not None:
+        diffusers_folder.check_vae(options.vae, checked.family)
     say = progress or (lambda component, message: None)
     loras = []
     if options.loras:
@@ -784,6 +790,13 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
         folder = checkpoint.materialize(model, options.config, work, options.components, say, options.memory_budget)
         # Written by materialize from the checked --config folder, whose own weights it links to.
         source = _open_source(folder, options.components, confine=False)
+    vae = {}
+    if options.vae is not None:
+        folder = _with_vae(source.folder, options.vae, work / "pipeline")
+        # Links out of the checked pipeline and the checked --vae folder.
+        source = _open_source(folder, options.components, confine=False)
+        vae = {"folder": str(options.vae.resolve()), "class": source.component_class("vae")[1]}
+        say("vae", f"{vae['class']} from {options.vae} in place of the pipeline's VAE")
     source = replace(source, loras=options.loras)
     family = source.family
     names = _component_names(source, options.components, say, options.default_components_only)
@@ -797,15 +810,29 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
     check_memory(source.folder, names, options.height, options.width, length, family, options.memory_budget, lengths,
                  options.frames)
     report = ExportReport(model, onnx_dir, source.kind, length, options.opset, height=options.height, width=options.width,
-                          frames=options.frames or 0, loras=loras)
+                          frames=options.frames or 0, loras=loras, vae=vae)
     for folder in family.prompt_formats:
         shutil.copytree(source.folder / folder, staged / folder)
-    families.write_marker(staged, family, [r.to_dict() for r in loras])
+    families.write_marker(staged, family, [r.to_dict() for r in loras], vae)
     for record in loras:
         say("lora", f"{record.file} at scale {record.scale:g} into {', '.join(record.components) or 'nothing exported'}")
     for name in names:
         report.components.append(_export_component(source, name, staged, options, length, say))
     return report
+
+
+def _with_vae(folder: Path, vae: Path, view: Path) -> Path:
+    """A pipeline folder at ``view`` that is ``folder`` with ``vae`` as its VAE: links to each of
+    ``folder``'s entries but vae/, which links to ``vae``, and a model_index.json naming its class."""
+    view.mkdir()
+    for entry in folder.iterdir():
+        if entry.name not in ("vae", "model_index.json"):
+            (view / entry.name).symlink_to(entry.resolve())
+    (view / "vae").symlink_to(vae.resolve())
+    index = read_json_object(folder / "model_index.json")
+    index["vae"] = ["diffusers", read_json_object(vae / "config.json")["_class_name"]]
+    (view / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return view
 
 
 def _component_names(source: _Source, wanted: tuple[str, ...] | None, say: Progress,

@@ -68,20 +68,23 @@ def runtime_family(pipeline: Family, mtok: Path) -> str:
         return ""
 
 
-def write_marker(onnx_dir: Path, family: Family, loras: list[dict] | None = None) -> None:
-    """Record in an ONNX folder which family it holds (read back by ``detect``) and the LoRAs
-    merged into its weights (read back by ``merged_loras``, for the bundle's manifest)."""
-    marker = {"family": family.name, **({"loras": loras} if loras else {})}
+def write_marker(onnx_dir: Path, family: Family, loras: list[dict] | None = None, vae: dict | None = None) -> None:
+    """Record in an ONNX folder which family it holds (read back by ``detect``), and what export
+    changed in the pipeline: the LoRAs merged into its weights, the VAE put in its own's place
+    (read back by ``export_changes``, for the bundle's manifest)."""
+    marker = {"family": family.name, **({"loras": loras} if loras else {}), **({"vae": vae} if vae else {})}
     (Path(onnx_dir) / FAMILY_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
 
 
-def merged_loras(onnx_dir: Path) -> list[dict]:
-    """The LoRAs export merged into the ONNX folder's weights, as its marker records them."""
+def export_changes(onnx_dir: Path) -> tuple[list[dict], dict]:
+    """(the LoRAs merged, the VAE replaced: {} for the pipeline's own) as the ONNX folder's marker
+    records them."""
     path = Path(onnx_dir) / FAMILY_MARKER
-    loras = read_json_object(path).get("loras", []) if path.is_file() else []
-    if not isinstance(loras, list) or not all(isinstance(item, dict) for item in loras):
-        raise InputError(f"{path}: its 'loras' is not a list of records; export the pipeline again with sd2mnn export")
-    return loras
+    marker = read_json_object(path) if path.is_file() else {}
+    loras, vae = marker.get("loras", []), marker.get("vae", {})
+    if not (isinstance(loras, list) and all(isinstance(item, dict) for item in loras) and isinstance(vae, dict)):
+        raise InputError(f"{path}: its 'loras' or 'vae' is not what sd2mnn export writes; export the pipeline again")
+    return loras, vae
 
 
 def _from_diffusers_index(index_path: Path) -> Family:

@@ -9,6 +9,10 @@ from typing import Callable
 
 from sd2mnn.tokenization.reader import PromptFormat
 
+# The image VAEs an image family loads: diffusers' AutoencoderKL, and the tiny one (TAESD's
+# architecture) that phones decode with.
+IMAGE_VAES = (("diffusers", "AutoencoderKL"), ("diffusers", "AutoencoderTiny"))
+
 # (dtype, shape) per tensor name; None in a shape is a dimension the runtime leaves free.
 TensorShapes = dict[str, tuple[str, list]]
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, SingleFileLayout, TensorShapes
+from sd2mnn.families.base import (IMAGE_VAES, ComponentSpec, Family, PromptFormat, Recipe, SingleFileLayout,
+                                  TensorShapes)
 from sd2mnn.families.stable_diffusion import SD15, _text_encoder_feeds, denoiser_inputs
 
 SCALING_FACTOR = 1.5305  # SD35:270
@@ -265,7 +266,7 @@ CLASSES = {"text_encoder": CLIP_WITH_PROJECTION, "text_encoder_2": CLIP_WITH_PRO
            "text_encoder_3": (("transformers", "T5EncoderModel"),), "tokenizer": CLIP_TOKENIZER,
            "tokenizer_2": CLIP_TOKENIZER,
            "tokenizer_3": (("transformers", "T5TokenizerFast"), ("transformers", "T5Tokenizer")),
-           "transformer": (("diffusers", "SD3Transformer2DModel"),), "vae": (("diffusers", "AutoencoderKL"),)}
+           "transformer": (("diffusers", "SD3Transformer2DModel"),), "vae": IMAGE_VAES}
 SD35 = Family("sd35", CLIP_FORMAT, "Unigram", COMPONENTS, RUNTIME_COMPONENTS, RECIPE,
               ("", "a photo of a cat"), tokenizers=TOKENIZERS, denoiser="transformer", single_file=SINGLE_FILE,
               classes=CLASSES, pipelines=("StableDiffusion3Pipeline",), title="Stable Diffusion 3", steps_module="sd2mnn.recipes.sd35",

@@ -4,7 +4,8 @@
 SD:n cites transformers/diffusion/engine/src/stable_diffusion.cpp of MNN 3.6.1."""
 from __future__ import annotations
 
-from sd2mnn.families.base import ComponentSpec, Family, PromptFormat, Recipe, SingleFileLayout, TensorShapes
+from sd2mnn.families.base import (IMAGE_VAES, ComponentSpec, Family, PromptFormat, Recipe, SingleFileLayout,
+                                  TensorShapes)
 
 # SD:84: mLatentVar = _Input({1, 4, 64, 64}, NCHW, float); SD:90: sample = _Concat({latent, latent}, 0).
 LATENT = [1, 4, 64, 64]
@@ -126,7 +127,7 @@ SINGLE_FILE = SingleFileLayout({"unet": ("model.diffusion_model.",), "vae": ("fi
 CODE = dict(title="Stable Diffusion 1.x", steps_module="sd2mnn.recipes.stable_diffusion",
             exporter_module="sd2mnn.exporters.stable_diffusion")
 PIPELINES = ("StableDiffusionPipeline",)  # Taiyi's folders name it too: its tokenizer tells them apart
-IMAGE_MODELS = {"unet": (("diffusers", "UNet2DConditionModel"),), "vae": (("diffusers", "AutoencoderKL"),)}
+IMAGE_MODELS = {"unet": (("diffusers", "UNet2DConditionModel"),), "vae": IMAGE_VAES}
 SD15 = Family("sd15", PromptFormat("sd15", 0, 49406, 49407, 77), "BPE", COMPONENTS, RUNTIME_COMPONENTS,
               RECIPE, ("", "a photo of a cat"), single_file=SINGLE_FILE, named_in_metadata=False, **CODE,
               pipelines=PIPELINES,
