@@ -24,6 +24,7 @@ _LAZY = {
     "verify": "sd2mnn.verification.verify",
     "export": "sd2mnn.exporting.export",
     "ExportOptions": "sd2mnn.exporting.export",
+    "Lora": "sd2mnn.exporting.lora",
     "bench": "sd2mnn.measurement.bench",
     "sweep": "sd2mnn.measurement.sweep",
     "PromptIds": "sd2mnn.tokenization.prompt_ids",

@@ -732,6 +732,8 @@ def export(model: str | Path, onnx_dir: str | Path, options: ExportOptions | Non
            progress: Progress | None = None) -> ExportReport:
     """Export the pipeline at ``model`` to ``onnx_dir`` and check each part; see the module doc."""
     options = options or ExportOptions()
+    if options.vae is not None:
+        options = replace(options, vae=Path(options.vae))  # a str from the Python API
     model, onnx_dir = Path(model), Path(onnx_dir)
     _validate_options(options)
     if not model.exists():

@@ -33,6 +33,9 @@ class Lora:
     path: Path
     scale: float = 1.0
 
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))  # a str from the Python API
+
     @classmethod
     def parse(cls, text: str) -> "Lora":
         """``FILE`` or ``FILE:SCALE`` (a file whose own name has a colon is taken whole)."""
