@@ -24,6 +24,9 @@ text_encoder_2, text_encoder_3, transformer and vae_decoder with tokenizer/, tok
 tokenizer_3/ (MNN's SD3.5 layout; the CLIPs' penultimate layer as last_hidden_state, as diffusers
 conditions). --components without text_encoder_3 leaves T5 out: MNN's runtime then conditions on
 zeros; so does a single file without T5 whose --config folder has no T5 weights (said on the way).
+--lora FILE[:SCALE] fuses a LoRA (.safetensors only) into the weights it targets with diffusers'
+own loaders; --vae DIR exports a diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder in place
+of the pipeline's VAE. Each is checked against the pipeline before anything is written.
 Needs the export extra: pip install 'sd2mnn[export]'.
 """
 
@@ -42,8 +45,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
         help="export a diffusers Stable Diffusion pipeline to the ONNX folder MNN expects",
-        description="Export a diffusers SD1.5/Taiyi/SD3.5 pipeline to ONNX (static shapes, MNN's "
-        "tensor names), checking each part against PyTorch.",
+        description="Export a diffusers SD1.5/Taiyi/SD3.5/Wan2.1 pipeline to ONNX (static shapes, MNN's "
+        "tensor names), checking each part against PyTorch; optionally with LoRAs fused and another VAE.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
