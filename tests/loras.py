@@ -113,3 +113,15 @@ def to_kohya(diffusers_file: Path, out_file: Path) -> Path:
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(kohya, str(out_file), metadata={"ss_network_module": "networks.lora"})
     return out_file
+
+
+def make_wan_lora(pipeline_dir: Path, out_file: Path, seed: int = 1, rank: int = 4, alpha: int = 8) -> Path:
+    """A PEFT LoRA on the Wan transformer's attention layers, saved by WanPipeline's save_lora_weights."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_pretrained(str(pipeline_dir / "transformer"))
+    state, config = _adapter(transformer, ["to_q", "to_k", "to_v", "to_out.0"], rank, alpha, seed, text=False)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    WanPipeline.save_lora_weights(str(out_file.parent), transformer_lora_layers=state, weight_name=out_file.name,
+                                  transformer_lora_adapter_metadata=config)
+    return out_file

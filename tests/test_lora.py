@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from loras import make_sd3_lora, make_sd15_lora, to_kohya  # noqa: E402
+from loras import make_sd3_lora, make_sd15_lora, make_wan_lora, to_kohya  # noqa: E402
 
 from sd2mnn.cli import main  # noqa: E402
 from sd2mnn.core.images import psnr  # noqa: E402
@@ -176,6 +176,40 @@ def test_sd3_merged_export_draws_diffusers_image_with_the_lora(tiny_sd3_onnx, tm
     assert psnr(drawn, reference) >= 60
     assert np.abs(drawn.astype(int) - reference).max() <= 1
     assert psnr(base.run(params).pixels, reference) < 40
+
+
+def test_wan_merged_export_draws_wan_pipelines_video_with_the_lora(tmp_path):
+    """WanLoraLoaderMixin's LoRA (transformer attention): the merged export's frames are those of
+    diffusers' WanPipeline with it loaded and fused, from the same latents."""
+    import torch
+
+    from builders import load_wan_pipeline, make_tiny_wan_pipeline
+    from sd2mnn.families.wan import TEXT_LENGTH, WanDims
+
+    wan = make_tiny_wan_pipeline(tmp_path / "diffusers")
+    lora = make_wan_lora(wan, tmp_path / "wan-style.safetensors")
+    size = dict(height=64, width=64, frames=5)
+    report = export(wan, tmp_path / "onnx", ExportOptions(loras=(Lora(lora, 0.9),), **size))
+    assert report.loras[0].components == ("transformer",)
+    prompt, steps = "a red car on a bridge at night", 3
+    latents = initial_noise(5, tuple(WanDims(**size).latent), "mnn")
+    params = GenerationParams(prompt, steps=steps, latents=latents, tokenizer="hf", schedule="diffusers")
+    ours = Pipeline.from_onnx(report.onnx_dir, threads=2).run(params).pixels
+
+    def diffusers_frames(with_lora: bool) -> np.ndarray:
+        pipe = load_wan_pipeline(wan)
+        if with_lora:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+            pipe.fuse_lora(components=["transformer"], lora_scale=0.9)
+        with torch.no_grad():
+            video = pipe(prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=5.0,
+                         latents=torch.from_numpy(latents), output_type="np", max_sequence_length=TEXT_LENGTH,
+                         num_frames=5, height=64, width=64).frames[0]
+        return np.clip(np.round(video * 255), 0, 255).astype(int)
+
+    theirs = diffusers_frames(with_lora=True)
+    assert np.abs(ours.astype(int) - theirs).max() <= 2
+    assert np.abs(diffusers_frames(with_lora=False) - theirs).max() > 10
 
 
 # ---------------------------------------------------------------------------------------------
