@@ -368,3 +368,46 @@ def test_sigterm_removes_the_staging_folder_and_keeps_onnx_dir(sd15, tmp_path):
     assert not list(tmp_path.glob(".onnx.export-*"))
     assert tree_state(onnx_dir) == {"keep.txt": tree_state(onnx_dir)["keep.txt"]}
     assert (onnx_dir / "keep.txt").read_text() == "mine"
+
+
+def test_a_check_killed_by_the_kernel_is_an_error_not_a_hang(tmp_path):
+    """ONNX Runtime's check runs in a child; killed (as the kernel kills one out of memory), the
+    export stops with one line instead of waiting forever for its answer."""
+    import threading
+
+    import numpy as np
+    import onnx
+    import psutil
+    from onnx import TensorProto, helper
+
+    from sd2mnn.errors import Sd2MnnError
+    from sd2mnn.exporting.export import check_onnx
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(model))
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    stop = threading.Event()
+
+    def kill_the_child():
+        while not stop.is_set():
+            for child in me.children(recursive=True):
+                try:
+                    if child.pid not in before and "resource_tracker" not in " ".join(child.cmdline()):
+                        child.kill()
+                        return
+                except psutil.Error:  # gone meanwhile
+                    pass
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_child)
+    killer.start()
+    try:
+        with pytest.raises(Sd2MnnError, match="ONNX Runtime's check was killed"):
+            check_onnx(model, {"x": np.ones(1, np.float32)}, {"y": np.ones(1)})
+    finally:
+        stop.set()
+        killer.join()

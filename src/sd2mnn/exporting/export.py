@@ -64,6 +64,8 @@ import shutil
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -680,9 +682,14 @@ def check_onnx(model_path: Path, inputs: dict, expected: dict, in_process: bool 
     """Max abs error of each ONNX output against ``expected`` numpy arrays, same inputs."""
     if in_process:
         return _ort_max_abs_error(str(model_path), inputs, expected)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_ort_max_abs_error, (str(model_path), inputs, expected))
+    # Not multiprocessing.Pool: a worker killed by the kernel (out of memory) leaves Pool waiting
+    # forever; the executor raises BrokenProcessPool.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        try:
+            return child.submit(_ort_max_abs_error, str(model_path), inputs, expected).result()
+        except BrokenProcessPool:
+            raise Sd2MnnError(f"{model_path}: ONNX Runtime's check was killed (out of memory?); free memory, or "
+                              "export at a smaller --height/--width") from None
 
 
 # ---------------------------------------------------------------------------------------------
