@@ -149,6 +149,27 @@ def test_manifest_records_each_lora(merged, sd15_loras):
     ]
 
 
+def test_single_file_checkpoint_takes_the_same_loras(sd15, sd15_loras, merged, tmp_path):
+    """A CompVis-layout file with --config: the LoRAs fuse into the models read from it as into
+    the folder's (the same unet, to float error)."""
+    import torch
+
+    from builders import make_config_folder, save_single_file
+
+    single = save_single_file(sd15, tmp_path / "model.safetensors")
+    config = make_config_folder(sd15, tmp_path / "config")
+    loras = (Lora(sd15_loras["kohya"], KOHYA_SCALE), Lora(sd15_loras["peft"], PEFT_SCALE))
+    out = export(single, tmp_path / "onnx", ExportOptions(components=("unet",), config=config, loras=loras)).onnx_dir
+    gen = torch.Generator().manual_seed(1)
+    inputs = {"sample": torch.randn(2, 4, 64, 64, generator=gen).numpy(), "timestep": np.array([301], np.int32),
+              "encoder_hidden_states": torch.randn(2, 77, 16, generator=gen).numpy()}
+    import onnxruntime as ort
+
+    folder_unet = ort.InferenceSession(str(merged[0] / "unet" / "model.onnx")).run(None, inputs)[0]
+    assert check_onnx(out / "unet" / "model.onnx", inputs, {"out_sample": folder_unet.astype(np.float64)},
+                      in_process=True)["out_sample"] < 1e-4
+
+
 # ---------------------------------------------------------------------------------------------
 # SD3.5: diffusers' format, against StableDiffusion3Pipeline with the LoRA
 # ---------------------------------------------------------------------------------------------
