@@ -497,6 +497,18 @@ def write_sd3_tokenizers(out_dir: str | Path) -> Path:
     return out
 
 
+def jittered(model, seed: int):
+    """``model`` with every parameter moved by seeded noise (std 0.02), in eval mode: no weight
+    sits at its initializer's constant."""
+    import torch
+
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.eval()
+
+
 def seeded_models(builders: dict, seed: int) -> dict:
     """Each builder's model in eval mode, its weights seeded and jittered so no parameter sits at
     its initial constant; one generator per component, so changing one config leaves the others'
@@ -506,12 +518,7 @@ def seeded_models(builders: dict, seed: int) -> dict:
     models = {}
     for i, (name, build) in enumerate(builders.items()):
         torch.manual_seed(seed + i)
-        model = build().eval()
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(seed + 10 + i)
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-        models[name] = model
+        models[name] = jittered(build().eval(), seed + 10 + i)
     return models
 
 
@@ -761,16 +768,6 @@ def load_wan_pipeline(folder: str | Path):
 # ---------------------------------------------------------------------------------------------
 # VAEs users bring in place of a pipeline's own (sd2mnn export --vae)
 # ---------------------------------------------------------------------------------------------
-def _jittered(model, seed: int):
-    import torch
-
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model.eval()
-
-
 def make_tiny_taesd(out_dir: str | Path, seed: int = 0, latent_channels: int = 4, **config) -> Path:
     """A tiny diffusers AutoencoderTiny (TAESD's architecture: 3 upsamplings, 8x) at ``out_dir``,
     seeded and jittered; ``config`` replaces its entries (SD3's TAESD: scaling_factor, shift_factor)."""
@@ -781,7 +778,7 @@ def make_tiny_taesd(out_dir: str | Path, seed: int = 0, latent_channels: int = 4
     model = AutoencoderTiny(**{"encoder_block_out_channels": (8, 8, 8, 8), "decoder_block_out_channels": (8, 8, 8, 8),
                                "num_encoder_blocks": (1, 1, 1, 1), "num_decoder_blocks": (1, 1, 1, 1),
                                "latent_channels": latent_channels, **config})
-    _jittered(model, seed + 10).save_pretrained(str(out_dir), safe_serialization=True)
+    jittered(model, seed + 10).save_pretrained(str(out_dir), safe_serialization=True)
     return Path(out_dir)
 
 
@@ -791,6 +788,6 @@ def make_tiny_vae(out_dir: str | Path, seed: int = 5, **config) -> Path:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    _jittered(AutoencoderKL(**{**VAE_CONFIG, **config}), seed + 10).save_pretrained(str(out_dir),
+    jittered(AutoencoderKL(**{**VAE_CONFIG, **config}), seed + 10).save_pretrained(str(out_dir),
                                                                                   safe_serialization=True)
     return Path(out_dir)

@@ -9,21 +9,14 @@ the binary to run it:
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from clip_tokenizer import with_sd15_tokenizer
-from sd2mnn.core.images import compare
+from mnn_demo import DIFFUSION_DEMO, SKIP_REASON, demo_against_generate
 
-DIFFUSION_DEMO = os.environ.get("SD2MNN_DIFFUSION_DEMO")
-pytestmark = pytest.mark.skipif(
-    not DIFFUSION_DEMO,
-    reason="set SD2MNN_DIFFUSION_DEMO to a diffusion_demo built from MNN's source to compare against it",
-)
+pytestmark = pytest.mark.skipif(not DIFFUSION_DEMO, reason=SKIP_REASON)
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +34,9 @@ def bits_per_layer_bundle(demo_onnx, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("which", ["fp32", "w8", "bits per layer"])
 def test_generate_matches_diffusion_demo_pixel_for_pixel(fp32_bundle, w8_bundle, bits_per_layer_bundle, tmp_path, seed,
                                                          steps, which):
-    prompt = "a photo of a cat"
     # Quantized weights run as the C++ runs them only with its low-memory mode (int8 compute).
-    fp32_bundle = {"fp32": fp32_bundle, "w8": w8_bundle, "bits per layer": bits_per_layer_bundle}[which]
-    demo = Path(DIFFUSION_DEMO).expanduser()
-    assert demo.is_file(), f"SD2MNN_DIFFUSION_DEMO={DIFFUSION_DEMO} is not a file"
-    # diffusion_demo <resource_path> <model_type 0: SD1.5> <memory_mode 1> <backend 0: CPU>
-    #                <iteration_num> <random_seed> <output_image_name> <prompt_text>
-    done = subprocess.run([str(demo), str(fp32_bundle), "0", "1", "0", str(steps), str(seed), "cpp.png", prompt],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and (tmp_path / "cpp.png").is_file(), done.stdout[-2000:] + done.stderr[-2000:]
-    # The C++ always runs 4 threads; MNN picks kernels by thread count. A fresh process, as a user
-    # runs it: after other 2-thread pipelines in the same process MNN's output moved by 1 level on
-    # ~2% of pixels here (state MNN keeps per process).
-    done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "generate", str(fp32_bundle), prompt,
-                           "-o", str(tmp_path / "py.png"), "--steps", str(steps), "--seed", str(seed), "--noise", "mnn",
-                           "--memory-mode", "1", "--threads", "4", "--quiet"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = compare(tmp_path / "cpp.png", tmp_path / "py.png")
+    bundle = {"fp32": fp32_bundle, "w8": w8_bundle, "bits per layer": bits_per_layer_bundle}[which]
+    result = demo_against_generate(bundle, tmp_path, "a photo of a cat", steps, seed)
     assert result.identical, f"PSNR {result.psnr_db:.1f} dB, max diff {result.max_abs_diff}"
 
 
@@ -78,14 +56,6 @@ def sd15_tokenizer_bundle(demo_onnx, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("prompt", ["a photo of a cat", "an astronaut riding a horse on mars, 8k, trending on artstation",
                                     "a wizard's tower, oil painting by greg rutkowski", "a poster in duotone"])
 def test_diffusion_demo_conditions_as_diffusers_with_a_default_bundle(sd15_tokenizer_bundle, tmp_path, prompt):
-    demo = Path(DIFFUSION_DEMO).expanduser()
-    done = subprocess.run([str(demo), str(sd15_tokenizer_bundle), "0", "1", "0", "3", "42", "cpp.png", prompt],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and (tmp_path / "cpp.png").is_file(), done.stdout[-2000:] + done.stderr[-2000:]
     # sd2mnn feeding Hugging Face's ids (diffusers' conditioning) to the same bundle.
-    done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "generate", str(sd15_tokenizer_bundle), prompt,
-                           "-o", str(tmp_path / "hf.png"), "--steps", "3", "--seed", "42", "--tokenizer", "hf",
-                           "--memory-mode", "1", "--threads", "4", "--quiet"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = compare(tmp_path / "cpp.png", tmp_path / "hf.png")
+    result = demo_against_generate(sd15_tokenizer_bundle, tmp_path, prompt, 3, 42, ("--tokenizer", "hf"))
     assert result.identical, f"PSNR {result.psnr_db:.1f} dB, max diff {result.max_abs_diff}"

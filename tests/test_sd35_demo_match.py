@@ -42,22 +42,12 @@ TRANSFORMER = dict(sample_size=128, joint_attention_dim=4096, pooled_projection_
 VAE = dict(mid_block_add_attention=False)
 
 
-def _jittered(model, seed: int):
-    import torch
-
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model.eval()
-
-
 def make_runtime_shaped_sd3(out: Path) -> Path:
     """A StableDiffusion3Pipeline folder whose models have the C++ runtime's shapes."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-    from builders import SD3_CLIP_G_CONFIG, SD3_CLIP_L_CONFIG, SD3_T5_CONFIG, make_tiny_sd3_pipeline
+    from builders import SD3_CLIP_G_CONFIG, SD3_CLIP_L_CONFIG, SD3_T5_CONFIG, jittered, make_tiny_sd3_pipeline
 
     make_tiny_sd3_pipeline(out, seed=5, transformer=TRANSFORMER, vae=VAE)
     t5_vocab = len(T5TokenizerFast.from_pretrained(str(out / "tokenizer_3")))
@@ -68,7 +58,7 @@ def make_runtime_shaped_sd3(out: Path) -> Path:
     }
     for i, (name, build) in enumerate(encoders.items()):
         torch.manual_seed(100 + i)
-        model = _jittered(build(), 200 + i)
+        model = jittered(build(), 200 + i)
         shutil.rmtree(out / name)
         model.save_pretrained(str(out / name), safe_serialization=True)
     return out

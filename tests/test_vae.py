@@ -10,9 +10,6 @@ in MNN's own diffusion_demo.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +18,10 @@ import pytest
 pytest.importorskip("diffusers")
 
 from builders import make_tiny_pipeline, make_tiny_taesd, make_tiny_vae  # noqa: E402
+from mnn_demo import DIFFUSION_DEMO, SKIP_REASON, demo_against_generate  # noqa: E402
 
 from sd2mnn.cli import main  # noqa: E402
-from sd2mnn.core.images import compare, psnr  # noqa: E402
+from sd2mnn.core.images import psnr  # noqa: E402
 from sd2mnn.exporting.export import ExportOptions, check_onnx, export  # noqa: E402
 from sd2mnn.families import SD15, SD35  # noqa: E402
 from sd2mnn.generation.noise import initial_noise  # noqa: E402
@@ -160,20 +158,7 @@ def test_bad_vae_is_one_line_before_anything_is_written(case, sd15, tmp_path, ca
 # ---------------------------------------------------------------------------------------------
 # MNN's own runtime (opt-in, as tests/test_mnn_runtime_match.py)
 # ---------------------------------------------------------------------------------------------
-DIFFUSION_DEMO = os.environ.get("SD2MNN_DIFFUSION_DEMO")
-
-
-@pytest.mark.skipif(not DIFFUSION_DEMO, reason="set SD2MNN_DIFFUSION_DEMO to a diffusion_demo built from MNN's "
-                    "source to compare against it")
+@pytest.mark.skipif(not DIFFUSION_DEMO, reason=SKIP_REASON)
 def test_diffusion_demo_draws_with_the_tiny_vae_as_sd2mnn_does(tiny_bundle, tmp_path):
-    _, bundle = tiny_bundle
-    demo = Path(DIFFUSION_DEMO).expanduser()
-    done = subprocess.run([str(demo), str(bundle), "0", "1", "0", "3", "42", "cpp.png", PROMPT],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and (tmp_path / "cpp.png").is_file(), done.stdout[-2000:] + done.stderr[-2000:]
-    done = subprocess.run([sys.executable, "-m", "sd2mnn.cli", "generate", str(bundle), PROMPT,
-                           "-o", str(tmp_path / "py.png"), "--steps", "3", "--seed", "42", "--noise", "mnn",
-                           "--memory-mode", "1", "--threads", "4", "--quiet"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = compare(tmp_path / "cpp.png", tmp_path / "py.png")
+    result = demo_against_generate(tiny_bundle[1], tmp_path, PROMPT, 3, 42)
     assert result.identical, f"PSNR {result.psnr_db:.1f} dB, max diff {result.max_abs_diff}"
