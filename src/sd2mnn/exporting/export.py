@@ -48,6 +48,12 @@ The folder is written beside ONNX_DIR and renamed into place only when every par
 A single-file checkpoint is first written as a diffusers folder in that scratch space, one model at
 a time (sd2mnn.exporting.checkpoint).
 
+What users bring changes the pipeline before export: LoRAs are fused into each model they target as
+it is loaded (sd2mnn.exporting.lora; each first tried on the models built without weights), and
+a --vae folder takes the pipeline's VAE's place through a view of the pipeline whose vae/ links to
+it (its scaling folded into the decoder's graph where MNN's runtime scales latents otherwise:
+sd2mnn.exporters.vae). Both are recorded in the ONNX folder's marker for the bundle's manifest.
+
 What differs by family (the torch modules, their dummy inputs, the memory terms, the export order)
 is the family's exporter (sd2mnn.exporters), looked up by the family's name for it.
 
