@@ -39,6 +39,10 @@ class MemoryTerms:
     attention: int
     activation: int
     folded: int = 0
+    # What torch's export and ONNX Runtime's check hold beyond the copies the estimate counts for
+    # every model, where measured to matter (Wan2.1's UMT5 embedding table, its transformer).
+    export_extra: int = 0
+    check_extra: int = 0
 
 
 # (folder, component, latent height, latent width, height, width, text length) -> MemoryTerms

@@ -472,7 +472,8 @@ def check_bytes(folder: Path, name: str, height: int, width: int, text_length: i
                                           **video)
     attention, activation, folded = terms.attention, terms.activation, terms.folded
     export_phase = weights + (weights // 2 if weights - folded > TORCH_EXTERNAL_DATA_SWITCH else 2 * weights)
-    check_phase = weights + 2 * attention
+    export_phase += terms.export_extra
+    check_phase = weights + 2 * attention + terms.check_extra
     return EXPORTER_BYTES + 8 * activation + max(export_phase, check_phase)
 
 
