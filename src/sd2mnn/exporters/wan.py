@@ -223,14 +223,14 @@ def transformer_terms(folder: Path, name: str, lh: int, lw: int, height: int, wi
     inner = heads * int(model.get("attention_head_dim") or 128)
     ffn = int(model.get("ffn_dim") or 4 * inner)
     tokens = WanDims(frames=frames).latent_frames * (lh // PATCH) * (lw // PATCH)
-    # torch folds the rotary tables each block applies to q and k into constants of the graph,
-    # broadcast to both CFG rows: 2 per layer of [2, tokens, heads, head_dim] floats (584 MB at
-    # 256x256x9, 2 GB at 480x480x9). ONNX Runtime's check held 2.94 times the graph's weights and
-    # constants (17.2 GiB for the 1.3B transformer at 256x256x9, measured): 1.94 copies beyond the
-    # weights the estimate counts; 3 is counted.
-    rope = int(model.get("num_layers") or 30) * 2 * 2 * tokens * inner * 4
-    weights = weights_bytes(folder, name, WAN)
-    check_extra = 2 * weights + 3 * rope
+    # ONNX Runtime's check of the 1.3B transformer, measured: 17.2 GiB in its child at 256x256x9,
+    # over 20.7 GiB at 320x320x9 (stopped). Three copies of the graph's weights and of the rotary
+    # tables torch folds into every block (2 per layer of [2, tokens, heads, head_dim] floats: 584 MB
+    # at 256x256x9), and every layer's attention scores held at once, account for both.
+    layers = int(model.get("num_layers") or 30)
+    rope = layers * 2 * 2 * tokens * inner * 4
+    scores = layers * 2 * heads * tokens * max(tokens, TEXT_LENGTH) * 4
+    check_extra = 2 * weights_bytes(folder, name, WAN) + 3 * rope + scores
     return MemoryTerms(2 * heads * tokens * max(tokens, TEXT_LENGTH) * 4, 2 * tokens * max(inner, ffn) * 4 * 4,
                        check_extra=check_extra)
 
