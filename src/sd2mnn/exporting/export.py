@@ -299,8 +299,9 @@ def _load(source: _Source, sub: str):
         checkpoint.refuse_unsafe_pickle(err, folder)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{folder}: cannot load {cls_name} ({first})") from err
-    if source.loras:
-        model = lora.merge(model, sub, source.loras, _lora_loader(source.family), folder)
+    loader = _lora_loader(source.family) if source.loras else None
+    if loader is not None and sub in loader._lora_loadable_modules:  # never the VAE
+        model = lora.merge(model, sub, source.loras, loader, folder)
     return model.eval()
 
 
