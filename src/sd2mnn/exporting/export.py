@@ -809,10 +809,11 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
         source = _open_source(folder, options.components, confine=False)
     vae = {}
     if options.vae is not None:
-        folder = _with_vae(source.folder, options.vae, work / "pipeline")
+        entry = source.family.model_folder("vae_decoder")
+        folder = _with_vae(source.folder, options.vae, work / "pipeline", entry)
         # Links out of the checked pipeline and the checked --vae folder.
         source = _open_source(folder, options.components, confine=False)
-        vae = {"folder": str(options.vae.resolve()), "class": source.component_class("vae")[1]}
+        vae = {"folder": str(options.vae.resolve()), "class": source.component_class(entry)[1]}
         say("vae", f"{vae['class']} from {options.vae} in place of the pipeline's VAE")
     source = replace(source, loras=options.loras)
     family = source.family
@@ -838,16 +839,17 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
     return report
 
 
-def _with_vae(folder: Path, vae: Path, view: Path) -> Path:
-    """A pipeline folder at ``view`` that is ``folder`` with ``vae`` as its VAE: links to each of
-    ``folder``'s entries but vae/, which links to ``vae``, and a model_index.json naming its class."""
+def _with_vae(folder: Path, vae: Path, view: Path, entry: str) -> Path:
+    """A pipeline folder at ``view`` that is ``folder`` with ``vae`` as its VAE (model_index.json's
+    ``entry``): links to each of ``folder``'s items but that one, which links to ``vae``, and a
+    model_index.json naming its class."""
     view.mkdir()
-    for entry in folder.iterdir():
-        if entry.name not in ("vae", "model_index.json"):
-            (view / entry.name).symlink_to(entry.resolve())
-    (view / "vae").symlink_to(vae.resolve())
+    for item in folder.iterdir():
+        if item.name not in (entry, "model_index.json"):
+            (view / item.name).symlink_to(item.resolve())
+    (view / entry).symlink_to(vae.resolve())
     index = read_json_object(folder / "model_index.json")
-    index["vae"] = ["diffusers", read_json_object(vae / "config.json")["_class_name"]]
+    index[entry] = ["diffusers", read_json_object(vae / "config.json")["_class_name"]]
     (view / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return view
 
