@@ -126,3 +126,17 @@ def on_full_disk(tmp_path: Path, keep: Path, make_args) -> tuple[subprocess.Comp
     if done.returncode == 77 or not listing.exists():
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[-200:]}")
     return done, listing.read_text().split("\n")[:-1]
+
+
+def assert_export_refuses(pipeline: Path, flag: str, bad: Path, message: str, tmp_path: Path, capsys) -> None:
+    """``sd2mnn export PIPELINE OUT FLAG BAD`` exits 2 with one line naming ``bad`` and saying
+    ``message``, and writes nothing: no OUT, nothing new in ``tmp_path``."""
+    from sd2mnn.cli import main
+
+    out = tmp_path / "out" / "onnx"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(["export", str(pipeline), str(out), flag, str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and message in err, err
+    assert not out.parent.exists() and sorted(p.name for p in tmp_path.iterdir()) == before

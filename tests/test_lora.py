@@ -19,6 +19,7 @@ pytest.importorskip("peft")
 
 from loras import make_sd3_lora, make_sd15_lora, make_wan_lora, to_kohya  # noqa: E402
 
+from conftest import assert_export_refuses  # noqa: E402
 from sd2mnn.cli import main  # noqa: E402
 from sd2mnn.core.images import psnr  # noqa: E402
 from sd2mnn.core.manifest import sha256_file  # noqa: E402
@@ -276,13 +277,7 @@ def _write(path: Path, data: bytes) -> Path:
 def test_bad_lora_is_one_line_before_anything_is_written(case, sd15, sd15_loras, tiny_sd3_onnx, tmp_path, capsys):
     make, message = BAD_LORAS[case]
     bad = make(tmp_path, sd15_loras["peft"], tiny_sd3_onnx.parent / "diffusers")
-    out = tmp_path / "out" / "onnx"
-    before = sorted(p.name for p in tmp_path.iterdir())
-    capsys.readouterr()
-    assert main(["export", str(sd15), str(out), "--lora", str(bad)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(bad) in err and message in err, err
-    assert not out.parent.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert_export_refuses(sd15, "--lora", bad, message, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -20,6 +20,7 @@ pytest.importorskip("diffusers")
 from builders import make_tiny_pipeline, make_tiny_taesd, make_tiny_vae  # noqa: E402
 from mnn_demo import DIFFUSION_DEMO, SKIP_REASON, demo_against_generate  # noqa: E402
 
+from conftest import assert_export_refuses  # noqa: E402
 from sd2mnn.cli import main  # noqa: E402
 from sd2mnn.core.images import psnr  # noqa: E402
 from sd2mnn.exporting.export import ExportOptions, check_onnx, export  # noqa: E402
@@ -146,13 +147,7 @@ def _without_weights(folder: Path) -> Path:
 def test_bad_vae_is_one_line_before_anything_is_written(case, sd15, tmp_path, capsys):
     make, message = BAD_VAES[case]
     vae = make(tmp_path, sd15)
-    out = tmp_path / "out" / "onnx"
-    before = sorted(p.name for p in tmp_path.iterdir())
-    capsys.readouterr()
-    assert main(["export", str(sd15), str(out), "--vae", str(vae)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(vae) in err and message in err, err
-    assert not out.parent.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert_export_refuses(sd15, "--vae", vae, message, tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------------------------------
