@@ -68,5 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(err, "exit_code", 130)  # 128 + SIGINT; SIGTERM's is 143
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``sd2mnn`` program: ``main`` in a process whose large allocations use huge pages."""
+    from sd2mnn.core.huge_pages import relaunch_with_huge_pages
+
+    relaunch_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,5 +1,3 @@
-import sys
+from sd2mnn.cli import entry
 
-from sd2mnn.cli import main
-
-sys.exit(main())
+entry()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from sd2mnn.core.huge_pages import huge_page_env
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -134,9 +136,9 @@ def run_child(argv: Sequence[str], cwd: Path, log_path: Path, env=None, timeout=
 
 
 def child_env() -> dict[str, str]:
-    """The environment for sd2mnn's Python children: this process's, with the folder that holds
-    this sd2mnn first on PYTHONPATH."""
-    env = dict(os.environ)
+    """The environment for sd2mnn's children: this process's, with the folder that holds this
+    sd2mnn first on PYTHONPATH and large allocations on huge pages (sd2mnn.core.huge_pages)."""
+    env = huge_page_env(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])  # src/, which holds sd2mnn/core/children.py
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     return env
