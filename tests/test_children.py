@@ -39,3 +39,22 @@ def test_runtime_passes_have_a_time_limit(fp32_bundle, tmp_path):
         run_pass("mnn", model, list(spec.inputs), list(spec.outputs), feeds, 1, True, tmp_path, timeout=0.05)
     timing = measure("mnn", "vae_decoder", model, feeds[0], 1, "high", 1, tmp_path, 0, SD15, timeout=0.05)
     assert timing.error == "ran past 0.05s and was killed"
+
+
+def test_runtime_passes_turn_winograd_off_in_the_child_and_in_process(fp32_bundle, tmp_path):
+    # MNN's Winograd 3x3 convolutions round differently from direct ones: the setting reaches MNN
+    # when the outputs differ, and both stay MNN's conversion of the same decoder.
+    rng = np.random.default_rng(0)
+    feeds = [{"latent_sample": rng.standard_normal((1, 4, 64, 64), dtype=np.float32) / 0.18215}]
+    spec = SD15.components["vae_decoder"]
+    model, names = fp32_bundle / spec.mnn_name, (list(spec.inputs), list(spec.outputs))
+    outputs = {}
+    for isolate in (True, False):
+        for winograd in (True, False):
+            got, _ = run_pass("mnn", model, *names, feeds, 1, isolate, tmp_path, winograd=winograd)
+            outputs[isolate, winograd] = got[0]["sample"]
+    for isolate in (True, False):
+        on, off = outputs[isolate, True], outputs[isolate, False]
+        assert not np.array_equal(on, off)
+        assert np.abs(on - off).max() < 1e-3
+    assert np.array_equal(outputs[True, False], outputs[False, False])

@@ -1,7 +1,7 @@
 """Run one model on one runtime over a list of feeds: load, run them all, free.
 
 ``run_pass`` does it in this process or, with ``isolate``, in a child (sd2mnn.core.children.run_module:
-``python -m sd2mnn.verification._pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS``): ONNX
+``python -m sd2mnn.verification._pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS WINOGRAD``): ONNX
 Runtime does not give a multi-GB model's memory back, and a child's ends with it. Feeds and
 outputs travel as .npz files; the child's peak memory comes from wait4.
 """
@@ -32,12 +32,12 @@ class PassError(Exception):
     """A runtime could not load or run a model."""
 
 
-def _load(runtime: str, model: Path, inputs: list[str], outputs: list[str], threads: int):
+def _load(runtime: str, model: Path, inputs: list[str], outputs: list[str], threads: int, winograd: bool):
     from sd2mnn.core.runtime import MnnModel, OrtModel, RuntimeConfig
 
     if runtime == "onnxruntime":
         return OrtModel(model, threads=threads)
-    return MnnModel(model, inputs, outputs, RuntimeConfig(threads=threads, precision="high"))
+    return MnnModel(model, inputs, outputs, RuntimeConfig(threads=threads, precision="high", winograd=winograd))
 
 
 @contextlib.contextmanager
@@ -55,10 +55,10 @@ def _stdout_to_devnull():
         os.close(devnull)
 
 
-def _run_in_process(runtime, model, inputs, outputs, feeds, threads, quiet=True) -> list[dict[str, np.ndarray]]:
+def _run_in_process(runtime, model, inputs, outputs, feeds, threads, winograd, quiet=True) -> list[dict[str, np.ndarray]]:
     try:
         with _stdout_to_devnull() if quiet else contextlib.nullcontext():
-            loaded = _load(runtime, model, inputs, outputs, threads)
+            loaded = _load(runtime, model, inputs, outputs, threads, winograd)
             results = [{k: v for k, v in loaded.run(f).items() if k in outputs} for f in feeds]
     except Sd2MnnError as err:
         raise PassError(err.message) from None
@@ -69,12 +69,12 @@ def _run_in_process(runtime, model, inputs, outputs, feeds, threads, quiet=True)
     return results
 
 
-def _run_in_child(runtime, model, inputs, outputs, feeds, threads, workdir: Path, timeout: float):
+def _run_in_child(runtime, model, inputs, outputs, feeds, threads, winograd, workdir: Path, timeout: float):
     from sd2mnn.core.children import log_tail, run_module
 
     feeds_path, out_path, log = workdir / f"{runtime}-in.npz", workdir / f"{runtime}-out.npz", workdir / f"{runtime}.log"
     np.savez(feeds_path, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
-    args = [runtime, model.resolve(), feeds_path, out_path, ",".join(inputs), ",".join(outputs), threads]
+    args = [runtime, model.resolve(), feeds_path, out_path, ",".join(inputs), ",".join(outputs), threads, int(winograd)]
     result = run_module("sd2mnn.verification._pass", args, workdir, timeout, log)
     if result.timed_out:
         raise PassError(f"{model.name}: ran past {timeout:g}s and was killed")
@@ -93,27 +93,28 @@ PASS_TIMEOUT_S = 3600.0
 
 
 def run_pass(runtime: str, model: Path, inputs: list[str], outputs: list[str], feeds: list[dict],
-             threads: int, isolate: bool, workdir: Path,
-             timeout: float = PASS_TIMEOUT_S) -> tuple[list[dict[str, np.ndarray]], RunStats]:
+             threads: int, isolate: bool, workdir: Path, timeout: float = PASS_TIMEOUT_S,
+             winograd: bool = True) -> tuple[list[dict[str, np.ndarray]], RunStats]:
     """Load ``model`` in ``runtime`` ("onnxruntime" or "mnn"), run every feed, free it.
-    ``timeout``: seconds before an isolated pass's child is killed."""
+    ``timeout``: seconds before an isolated pass's child is killed; ``winograd``: MNN's Winograd
+    3x3 convolutions (sd2mnn.core.runtime.RuntimeConfig)."""
     started = time.monotonic()
     if isolate:
-        results, peak = _run_in_child(runtime, model, inputs, outputs, feeds, threads, workdir, timeout)
+        results, peak = _run_in_child(runtime, model, inputs, outputs, feeds, threads, winograd, workdir, timeout)
     else:
-        results, peak = _run_in_process(runtime, model, inputs, outputs, feeds, threads), None
+        results, peak = _run_in_process(runtime, model, inputs, outputs, feeds, threads, winograd), None
     return results, RunStats(runtime, round(time.monotonic() - started, 3), peak, isolate)
 
 
 def main(argv: list[str]) -> int:
-    """``python -m sd2mnn.verification._pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS``."""
-    runtime, model, feeds_path, out_path, inputs, outputs, threads = argv
+    """``python -m sd2mnn.verification._pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS WINOGRAD``."""
+    runtime, model, feeds_path, out_path, inputs, outputs, threads, winograd = argv
     inputs, outputs = inputs.split(","), outputs.split(",")
     with np.load(feeds_path) as data:
         count = len({k.split("/")[0] for k in data.files})
         feeds = [{n: data[f"{i}/{n}"] for n in inputs} for i in range(count)]
     try:
-        results = _run_in_process(runtime, Path(model), inputs, outputs, feeds, int(threads), quiet=False)
+        results = _run_in_process(runtime, Path(model), inputs, outputs, feeds, int(threads), winograd == "1", quiet=False)
     except PassError as err:
         print(err, file=sys.stderr)
         return 1

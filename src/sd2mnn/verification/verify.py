@@ -21,7 +21,9 @@ A component passes when every output has PSNR >= min_psnr and cosine >= min_cosi
 the ONNX model's). The bundle must also meet the runtime contract (sd2mnn.core.contract).
 
 MNN runs on the CPU at precision "high" (fp32 arithmetic): this checks the conversion, not the
-device's low-precision kernels (MNN's SD runtime itself asks for Precision_Low).
+device's low-precision kernels (MNN's SD runtime itself asks for Precision_Low). Its Winograd
+convolutions are off for models over WINOGRAD_UP_TO_BYTES, where their load costs more than they
+save over verify's few runs.
 
 Memory: one runtime holds one model at a time: load, run all inputs, free. Components whose ONNX
 files exceed ISOLATE_ABOVE_BYTES run each pass in a child process (sd2mnn.verification._pass), because
@@ -54,6 +56,12 @@ from sd2mnn.verification.sources import check_sources
 
 PSNR_CAP = 200.0
 ISOLATE_ABOVE_BYTES = 64 << 20
+# MNN's Winograd 3x3 convolutions transform every such kernel into a larger copy as the model
+# loads. For the few runs verify makes that pays on a small model with large activations (SD1.5's
+# 198 MB VAE decoder at 512x512 here: 2 s of load, then each run 2.3x faster) and not on a large
+# one (its 3.4 GB unet: 28 s of load and 12 GB instead of 6 for runs 1.2x faster). Either way
+# MNN computes the same convolutions; verify checks the conversion.
+WINOGRAD_UP_TO_BYTES = 1 << 30
 DAMAGED = "damaged file"  # a ContractIssue kind: the file differs from manifest.json's record
 
 
@@ -328,7 +336,8 @@ class _Session:
     def run(self, runtime: str, source, model: Path, feeds: list[dict]):
         big = source.total_bytes > ISOLATE_ABOVE_BYTES
         return run_pass(runtime, model, list(source.spec.inputs), list(source.spec.outputs), feeds, self.threads,
-                        big if self.isolate is None else self.isolate, self.workdir)
+                        big if self.isolate is None else self.isolate, self.workdir,
+                        winograd=source.total_bytes <= WINOGRAD_UP_TO_BYTES)
 
     def prepare_text(self, names: tuple[str, ...]) -> None:
         """Token ids for the prompts, per text encoder verified, and, for a unet verified without
