@@ -25,12 +25,13 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measure(argv: list[str], stdout_path: Path | None = None, cwd: Path | None = None, interval: float = 0.02) -> dict:
+def measure(argv: list[str], stdout_path: Path | None = None, cwd: Path | None = None, interval: float = 0.02,
+            env: dict | None = None) -> dict:
     """Run ``argv`` to its end; {returncode, wall_s, tree_peak_bytes, maxrss_bytes}."""
     started = time.monotonic()
     out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL
     try:
-        proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
     finally:
         if stdout_path:
             out.close()
