@@ -50,4 +50,7 @@ def relaunch_with_huge_pages() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
+    try:
+        os.execve(sys.executable, sys.orig_argv, env)
+    except OSError:
+        pass  # the interpreter cannot be started again: go on without huge pages
