@@ -128,8 +128,6 @@ def main() -> int:
     if not (source / "model_index.json").is_file():
         make_diffusers_pipeline(source)
     reference_onnx = ensure_full_size(work)[1] if any(f.startswith("mnn") for f in args.flows.split(",")) else None
-    if reference_onnx is not None and reference_onnx.name != "onnx":
-        raise SystemExit(f"unexpected reference folder {reference_onnx}")
     flows = {"mnn": lambda: mnn_flow(work, source, args.mnn_export.resolve(), reference_onnx),
              "mnn-huge-pages": lambda: mnn_flow(work, source, args.mnn_export.resolve(), reference_onnx, True),
              "sd2mnn": lambda: sd2mnn_flow(work, source),
