@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,3 +50,10 @@ def measure(argv: list[str], stdout_path: Path | None = None, cwd: Path | None =
         "tree_peak_bytes": tree_peak,
         "maxrss_bytes": usage.ru_maxrss * 1024,  # KiB on Linux
     }
+
+
+def raw_converter_argv(onnx: Path, mnn: Path, flags: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """MNN's converter called as MNN's convert_mnn.py calls it (the Python package's, without the
+    telemetry of its console script): one ONNX model, external weights."""
+    return [sys.executable, "-c", "import sys, _tools; _tools.mnnconvert(sys.argv[1:])", "MNNConvert",
+            "-f", "ONNX", "--modelFile", str(onnx), "--MNNModel", str(mnn), "--saveExternalData=1", *flags]

@@ -27,7 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _measure import measure
+from _measure import measure, raw_converter_argv
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
@@ -46,9 +46,7 @@ def direct(onnx_dir: Path, out: Path, flags: list[str]) -> tuple[float, int]:
     out.mkdir(parents=True)
     wall, peak = 0.0, 0
     for name in COMPONENTS:
-        argv = [sys.executable, "-c", "import sys, _tools; _tools.mnnconvert(sys.argv[1:])", "MNNConvert",
-                "-f", "ONNX", "--modelFile", str(onnx_dir / name / "model.onnx"),
-                "--MNNModel", str(out / f"{name}.mnn"), "--saveExternalData=1", *flags]
+        argv = raw_converter_argv(onnx_dir / name / "model.onnx", out / f"{name}.mnn", flags)
         w, p = run(argv, out)
         wall, peak = wall + w, max(peak, p)
         print(f"  direct {name}: {w:.1f}s, {p / 2**30:.2f} GiB", file=sys.stderr)

@@ -36,7 +36,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _measure import measure
+from _measure import measure, raw_converter_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 SD2MNN = [sys.executable, "-m", "sd2mnn.cli"]
@@ -54,11 +54,6 @@ def step(name: str, argv: list[str], logs: Path, env: dict | None = None) -> dic
     return {"wall_s": record["wall_s"], "peak_bytes": record["tree_peak_bytes"]}
 
 
-def raw_converter(onnx: Path, mnn: Path) -> list[str]:
-    return [sys.executable, "-c", "import sys, _tools; _tools.mnnconvert(sys.argv[1:])", "MNNConvert",
-            "-f", "ONNX", "--modelFile", str(onnx), "--MNNModel", str(mnn), "--saveExternalData=1"]
-
-
 def mnn_flow(work: Path, source: Path, exporter: Path, reference_onnx: Path, huge_pages: bool = False) -> dict:
     from sd2mnn.core.huge_pages import huge_page_env
 
@@ -73,11 +68,11 @@ def mnn_flow(work: Path, source: Path, exporter: Path, reference_onnx: Path, hug
                                         "--output_path", str(out / "onnx"), "--opset", "18"], logs, env)}
     for name in COMPONENTS:
         target = out / "mnn" / f"{name}.mnn"
-        phases[f"convert {name}"] = step(f"convert_{name}", raw_converter(out / "onnx" / name / "model.onnx", target),
+        phases[f"convert {name}"] = step(f"convert_{name}", raw_converter_argv(out / "onnx" / name / "model.onnx", target),
                                          logs, env)
         if not target.is_file():  # the converter exits 0 when it fails
             again = step(f"convert_{name}_sd2mnn_onnx",
-                         raw_converter(reference_onnx / name / "model.onnx", target), logs, env)
+                         raw_converter_argv(reference_onnx / name / "model.onnx", target), logs, env)
             phases[f"convert {name}"]["wall_s"] += again["wall_s"]
             phases[f"convert {name}"]["peak_bytes"] = max(phases[f"convert {name}"]["peak_bytes"], again["peak_bytes"])
             phases[f"convert {name}"]["note"] = "its own export failed to convert; converted sd2mnn's"
@@ -121,7 +116,6 @@ def main() -> int:
     parser.add_argument("--flows", default="mnn,sd2mnn,sd2mnn-steps,mnn-huge-pages")
     args = parser.parse_args()
     work = args.work.resolve()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from full_size import ensure_full_size, make_diffusers_pipeline
 
     source = work / "diffusers"
@@ -156,7 +150,7 @@ def main() -> int:
         peak_ratio = f"{statistics.median(peak_vs):.2f}x" if peak_vs else "-"
         print(f"| {name} | {statistics.median(w for w, _ in got):.1f} s | {max(p for _, p in got) / 2**30:.2f} GiB "
               f"| {ratio} | {peak_ratio} |")
-        for phase in rounds[0][name]:
+        for phase in next(r[name] for r in rounds if name in r):
             walls = [r[name][phase]["wall_s"] for r in rounds if name in r]
             print(f"|   {phase} | {statistics.median(walls):.1f} s | "
                   f"{max(r[name][phase]['peak_bytes'] for r in rounds if name in r) / 2**30:.2f} GiB | | |")
