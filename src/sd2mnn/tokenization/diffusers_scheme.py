@@ -116,9 +116,20 @@ def _warn_not_byte_level() -> None:
 # ---------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
+def _by_major_category() -> dict[str, list[str]]:
+    """Every code point but the surrogates, by the first letter of its category, in order
+    (one pass over Unicode for all the categories asked for)."""
+    groups: dict[str, list[str]] = {}
+    for cp in range(0x110000):
+        if not 0xD800 <= cp <= 0xDFFF:
+            groups.setdefault(unicodedata.category(chr(cp))[0], []).append(chr(cp))
+    return groups
+
+
 def _codepoints(*categories: str) -> list[str]:
-    return [chr(cp) for cp in range(0x110000)
-            if unicodedata.category(chr(cp))[0] in categories and not 0xD800 <= cp <= 0xDFFF]
+    """The code points of these major categories, in code point order."""
+    groups = _by_major_category()
+    return sorted(c for category in categories for c in groups.get(category, ()))
 
 
 def _literal(pattern: str, content: str) -> dict:

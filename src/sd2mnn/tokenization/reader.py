@@ -216,6 +216,7 @@ def _fuse_replacements(steps: list) -> list:
     """Runs of one-character Replace steps as one str.translate: the same result as one after
     the other when no content holds a later step's pattern (sd2mnn's .mtok has thousands)."""
     fused, run = [], {}
+    written: set[str] = set()  # every character of the run's contents: a one-character pattern's test
 
     def flush():
         if len(run) > 1:
@@ -224,17 +225,17 @@ def _fuse_replacements(steps: list) -> list:
         else:
             fused.extend(_Replace(p, c) for p, c in run.items())
         run.clear()
+        written.clear()
 
     for step in steps:
         single = isinstance(step, _Replace) and len(step.pattern) == 1
-        if single and step.pattern not in run and not any(step.pattern in c for c in run.values()):
-            run[step.pattern] = step.content
-            continue
-        flush()
-        if single:
-            run[step.pattern] = step.content
-        else:
-            fused.append(step)
+        if not (single and step.pattern not in run and step.pattern not in written):
+            flush()
+            if not single:
+                fused.append(step)
+                continue
+        run[step.pattern] = step.content
+        written.update(step.content)
     flush()
     return fused
 
