@@ -41,18 +41,22 @@ def test_runtime_passes_have_a_time_limit(fp32_bundle, tmp_path):
     assert timing.error == "ran past 0.05s and was killed"
 
 
-def test_runtime_passes_turn_winograd_off_in_the_child_and_in_process(fp32_bundle, tmp_path):
-    # MNN's Winograd 3x3 convolutions round differently from direct ones: the setting reaches MNN
-    # when the outputs differ, and both stay MNN's conversion of the same decoder.
+@pytest.mark.parametrize("runtime", ["mnn", "onnxruntime"])
+def test_runtime_passes_turn_kernel_transforms_off_in_the_child_and_in_process(runtime, fp32_bundle, demo_onnx,
+                                                                              tmp_path):
+    # MNN's Winograd 3x3 convolutions and ONNX Runtime's blocked layouts round differently from
+    # direct convolutions: the setting reaches the runtime when the outputs differ, and both stay
+    # that runtime's result for the same decoder.
     rng = np.random.default_rng(0)
     feeds = [{"latent_sample": rng.standard_normal((1, 4, 64, 64), dtype=np.float32) / 0.18215}]
     spec = SD15.components["vae_decoder"]
-    model, names = fp32_bundle / spec.mnn_name, (list(spec.inputs), list(spec.outputs))
+    model = fp32_bundle / spec.mnn_name if runtime == "mnn" else demo_onnx / "vae_decoder" / "model.onnx"
+    names = (list(spec.inputs), list(spec.outputs))
     outputs = {}
     for isolate in (True, False):
-        for winograd in (True, False):
-            got, _ = run_pass("mnn", model, *names, feeds, 1, isolate, tmp_path, winograd=winograd)
-            outputs[isolate, winograd] = got[0]["sample"]
+        for transforms in (True, False):
+            got, _ = run_pass(runtime, model, *names, feeds, 1, isolate, tmp_path, kernel_transforms=transforms)
+            outputs[isolate, transforms] = got[0]["sample"]
     for isolate in (True, False):
         on, off = outputs[isolate, True], outputs[isolate, False]
         assert not np.array_equal(on, off)

@@ -138,7 +138,7 @@ def ort_run(model: Path, feeds: dict) -> list:
 
 def test_layout_and_contract(sd15_export):
     onnx_dir, report, _ = sd15_export
-    assert sorted(p.name for p in onnx_dir.iterdir()) == ["sd2mnn_family.json", "text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder"]
+    assert sorted(p.name for p in onnx_dir.iterdir()) == [".sd2mnn-references", "sd2mnn_family.json", "text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder"]
     assert {p.name for p in (onnx_dir / "tokenizer").iterdir()} == CLIP_TOKENIZER_FILES
     assert_contract(onnx_dir, 77, 16)
     # No size given: the model's own, unet sample_size 64 x the VAE's factor 8.
@@ -230,7 +230,7 @@ def test_taiyi_detected(taiyi_export):
     assert (onnx_dir / "tokenizer" / "vocab.txt").is_file()
     vocab = (onnx_dir / "tokenizer" / "vocab.txt").read_text(encoding="utf-8").splitlines()
     assert vocab[101] == "[CLS]" and vocab[102] == "[SEP]"
-    assert sorted(p.name for p in onnx_dir.iterdir()) == ["sd2mnn_family.json", "text_encoder", "tokenizer", "unet"]
+    assert sorted(p.name for p in onnx_dir.iterdir()) == [".sd2mnn-references", "sd2mnn_family.json", "text_encoder", "tokenizer", "unet"]
 
 
 # -- errors and atomicity ------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_existing_output(sd15_dir, tmp_path):
         export(sd15_dir, out, ExportOptions(components=("vae_decoder",)))
     assert (out / "keep.txt").read_text() == "mine"
     export(sd15_dir, out, ExportOptions(components=("vae_decoder",), overwrite=True))
-    assert sorted(p.name for p in out.iterdir()) == ["sd2mnn_family.json", "tokenizer", "vae_decoder"]
+    assert sorted(p.name for p in out.iterdir()) == [".sd2mnn-references", "sd2mnn_family.json", "tokenizer", "vae_decoder"]
     _no_leftovers(tmp_path)
 
 
@@ -507,6 +507,33 @@ def test_export_then_convert_then_verify(layout, request, tmp_path):
     assert {c.name for c in report.components} >= {"text_encoder", "unet", "vae_decoder"}
 
 
+def test_verify_takes_the_references_export_kept_for_the_same_files_and_inputs(sd15_export, tmp_path):
+    """export ran verify's inputs through ONNX Runtime and kept the outputs: verify compares MNN
+    with them (the same numbers as a pass of its own) and runs ONNX Runtime itself for another
+    seed, a changed model file, or when told to."""
+    import os
+    import shutil
+
+    from sd2mnn.verification.references import STORED
+
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(sd15_export[0], onnx_dir)  # copystat: the files keep their modification times
+    sd2mnn.convert(onnx_dir, tmp_path / "mnn", components="text_encoder,unet,vae_decoder")
+    kept = verify(onnx_dir, tmp_path / "mnn")
+    fresh = verify(onnx_dir, tmp_path / "mnn", fresh_references=True)
+    assert [c.references for c in kept.components] == [STORED] * 3
+    assert [c.references for c in fresh.components] == ["onnxruntime"] * 3
+    assert all(len(c.runs) == 1 for c in kept.components) and all(len(c.runs) == 2 for c in fresh.components)
+    for mine, theirs in zip(kept.components, fresh.components):
+        for a, b in zip(mine.outputs, theirs.outputs):  # ONNX Runtime repeats itself on the same inputs
+            assert a.psnr == pytest.approx(b.psnr, abs=1e-3) and a.max_abs == pytest.approx(b.max_abs, rel=1e-5)
+    assert [c.references for c in verify(onnx_dir, tmp_path / "mnn", seed=1).components] == ["onnxruntime"] * 3
+    model = onnx_dir / "vae_decoder" / "model.onnx"
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
+    again = verify(onnx_dir, tmp_path / "mnn", components="vae_decoder")
+    assert again.passed and again.components[0].references == "onnxruntime"
+
+
 def test_convert_exports_a_diffusers_folder_first(sd15_dir, tmp_path):
     """`sd2mnn convert MODEL MNN_DIR`: the diffusers folder is exported (what the conversion takes
     and no more: no vae_encoder by default), then converted."""
@@ -516,7 +543,7 @@ def test_convert_exports_a_diffusers_folder_first(sd15_dir, tmp_path):
     code = main(["convert", str(sd15_dir), str(tmp_path / "mnn"), "--keep-onnx", str(keep), "-q"])
     assert code == 0
     assert (tmp_path / "mnn" / "vae_decoder.mnn.weight").stat().st_size > 0
-    assert sorted(p.name for p in keep.iterdir() if p.is_dir()) == ["text_encoder", "tokenizer", "unet", "vae_decoder"]
+    assert sorted(p.name for p in keep.iterdir() if p.is_dir()) == [".sd2mnn-references", "text_encoder", "tokenizer", "unet", "vae_decoder"]
     assert not list(tmp_path.glob(".sd2mnn-export-*"))
     code = main(["convert", str(sd15_dir), str(tmp_path / "mnn-2"), "--keep-onnx", str(tmp_path / "kept-2"),
                  "--components", "text_encoder,vae_encoder", "-q"])

@@ -11,6 +11,7 @@ from sd2mnn.core.files import check_replaceable
 from sd2mnn.core.layout import MANIFEST_NAME, component_choices
 from sd2mnn.core.progress import make_progress
 from sd2mnn.errors import InputError, VerificationError
+from sd2mnn.verification import references
 from sd2mnn.verification.conditioning import read_prompts
 from sd2mnn.verification.verify import DEFAULT_THRESHOLDS, REPORT_FILES, VerificationReport, verify
 
@@ -80,6 +81,9 @@ def register(subparsers) -> None:
                         help="lowest PSNR that passes")
     limits.add_argument("--min-cosine", type=cosine_threshold, action="append", default=[], metavar="[COMPONENT=]X",
                         help="lowest cosine similarity that passes")
+    parser.add_argument("--fresh-references", action="store_true",
+                        help="run ONNX Runtime even where sd2mnn export kept its outputs on these inputs in ONNX_DIR "
+                        "(.sd2mnn-references: used only for the same files and inputs)")
     parser.add_argument("--prompts", metavar="FILE",
                         help="prompts for the conditioning check, one per line (default: sd2mnn's built-in set of 660)")
     out = parser.add_argument_group("output")
@@ -124,6 +128,10 @@ def print_verification(report: VerificationReport) -> None:
     errors = [c for c in report.components if c.error]
     for c in errors:
         print(f"\n{c.name}: {c.error}")
+    stored = [c.name for c in report.components if c.references == references.STORED]
+    if stored:
+        print(f"\nONNX Runtime's outputs for {', '.join(stored)}: {references.STORED} for these files and inputs "
+              "(--fresh-references runs it again)")
     for conditioning in report.conditionings:
         print(f"\n{conditioning.summary()}")
     files = "".join(f"\nwrote {p}" for p in report.report_files)
@@ -162,7 +170,7 @@ def run_command(args: argparse.Namespace) -> int:
     progress = make_progress(quiet=args.quiet or args.json)
     report = verify(args.onnx_dir, args.mnn_dir, components=args.components, seed=args.seed,
                     thresholds=thresholds_from_args(args), report_dir=args.report, progress=progress, threads=args.threads,
-                    prompts=prompts)
+                    prompts=prompts, fresh_references=args.fresh_references)
     progress.close()
     for line in report.warnings:
         print(f"warning: {line}", file=sys.stderr)

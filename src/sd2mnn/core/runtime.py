@@ -193,13 +193,15 @@ class MnnModel:
 class OrtModel:
     """An ONNX Runtime session on one ``model.onnx``, single-threaded by default like MNN's."""
 
-    def __init__(self, path: str | os.PathLike, threads: int = 2):
+    def __init__(self, path: str | os.PathLike, threads: int = 2, layout_transforms: bool = True):
         import onnxruntime as ort
 
         self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if not layout_transforms:  # every optimization but the blocked layouts, which copy each kernel
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])

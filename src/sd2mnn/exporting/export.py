@@ -42,8 +42,11 @@ model_index.json names (only those the family loads: a model's own code never ru
 values export sizes with, the latent channels MNN's runtime draws with, the tokenizer files, and
 links that leave the folder.
 
-One component is loaded, exported, freed, then checked against the PyTorch outputs it produced
-on the same inputs (ONNX Runtime runs in a child process, since it does not give memory back).
+One component is loaded, exported, run in PyTorch, freed, then checked against those outputs in
+ONNX Runtime (in a child process, since it does not give memory back). The inputs are those sd2mnn
+verify will feed it, and ONNX Runtime runs all of verify's cases: what it gives is kept in the
+folder (sd2mnn.verification.references) for verify to compare MNN with, instead of loading and
+running every model in ONNX Runtime once more.
 The folder is written beside ONNX_DIR and renamed into place only when every part passed.
 A single-file checkpoint is first written as a diffusers folder in that scratch space, one model at
 a time (sd2mnn.exporting.checkpoint).
@@ -64,14 +67,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import multiprocessing
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -79,9 +79,11 @@ from typing import Callable
 from sd2mnn import families
 from sd2mnn.core.children import interrupts_deferred
 from sd2mnn.core.files import is_inside, read_json_object
+from sd2mnn.core.layout import load_component
 from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError, os_errors_as_one_line
 from sd2mnn.exporting import checkpoint, diffusers_folder, lora
 from sd2mnn.families import FAMILIES, Family
+from sd2mnn.verification import references
 
 # Every component some family exports.
 KNOWN_COMPONENTS = tuple(dict.fromkeys(n for f in FAMILIES.values() for n in f.components))
@@ -370,7 +372,11 @@ def _build_job(source: _Source, name: str, options: ExportOptions, text_length: 
     import torch
 
     gen = torch.Generator().manual_seed(options.seed)
-    return _exporter(source.family).jobs[name](source, options, text_length, gen)
+    job = _exporter(source.family).jobs[name](source, options, text_length, gen)
+    # A wrapper module starts in training mode, and torch.onnx.export puts that mode back on the
+    # model it wraps after exporting in eval mode: dropout would then run in the reference.
+    job.module.eval()
+    return job
 
 
 def _vae_factor(source: _Source) -> int:
@@ -666,38 +672,35 @@ def describe_io(model_path: Path) -> tuple[dict, dict]:
     return info(inputs), info(model.graph.output)
 
 
-def _ort_max_abs_error(model_path: str, inputs: dict, expected: dict) -> dict:
-    """Run in a child process: ONNX Runtime outputs vs ``expected`` (name -> max abs error)."""
-    import numpy as np
-    import onnxruntime as ort
+def onnx_outputs(model_path: Path, feeds: list[dict], outputs: list[str], in_process: bool = False,
+                 workdir: Path | None = None) -> list[dict]:
+    """ONNX Runtime's ``outputs`` of the model on each feed, in a child process (ONNX Runtime does
+    not give memory back) that writes its files in ``workdir`` (default: a temporary folder)."""
+    from sd2mnn.verification._pass import PassError, kernel_transforms_pay, run_pass
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(os.environ.get("SD2MNN_THREADS", "0") or 0)
-    sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
-    names = list(expected)
-    got = sess.run(names, inputs)
-    errors = {}
-    for name, value in zip(names, got):
-        ref = expected[name]
-        if value.shape != ref.shape:
-            errors[name] = float("inf")
-        else:
-            errors[name] = float(np.max(np.abs(value.astype(np.float64) - ref)))
-    return errors
+    threads = int(os.environ.get("SD2MNN_THREADS", "0") or 0)  # 0: ONNX Runtime's own choice
+    size = sum(p.stat().st_size for p in Path(model_path).parent.iterdir() if p.is_file())
+    with tempfile.TemporaryDirectory(prefix="sd2mnn-check-", dir=workdir) as tmp:
+        try:
+            results, _ = run_pass("onnxruntime", Path(model_path), list(feeds[0]), outputs, feeds, threads,
+                                  not in_process, Path(tmp), kernel_transforms=kernel_transforms_pay(size))
+        except PassError as err:
+            raise Sd2MnnError(f"{model_path}: ONNX Runtime's check was killed or failed ({err}); free memory, or "
+                              "export at a smaller --height/--width") from None
+    return results
+
+
+def max_abs_errors(got: dict, expected: dict) -> dict:
+    """Per output of ``expected``: max |got - expected| (inf for a shape that differs)."""
+    import numpy as np
+
+    return {name: float(np.max(np.abs(got[name].astype(np.float64) - ref))) if got[name].shape == ref.shape
+            else float("inf") for name, ref in expected.items()}
 
 
 def check_onnx(model_path: Path, inputs: dict, expected: dict, in_process: bool = False) -> dict:
     """Max abs error of each ONNX output against ``expected`` numpy arrays, same inputs."""
-    if in_process:
-        return _ort_max_abs_error(str(model_path), inputs, expected)
-    # Not multiprocessing.Pool: a worker killed by the kernel (out of memory) leaves Pool waiting
-    # forever; the executor raises BrokenProcessPool.
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-        try:
-            return child.submit(_ort_max_abs_error, str(model_path), inputs, expected).result()
-        except BrokenProcessPool:
-            raise Sd2MnnError(f"{model_path}: ONNX Runtime's check was killed (out of memory?); free memory, or "
-                              "export at a smaller --height/--width") from None
+    return max_abs_errors(onnx_outputs(model_path, [inputs], list(expected), in_process)[0], expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,12 +888,6 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
     start = time.monotonic()
     say(name, "loading")
     job = _build_job(source, name, options, length)
-    with torch.no_grad():
-        ref = job.module(*job.inputs.values())
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    expected = {n: t.detach().numpy().copy() for n, t in zip(job.outputs, ref)}
-    inputs = {n: t.numpy().copy() for n, t in job.inputs.items()}
-    del ref
     path = staged / name / "model.onnx"
     say(name, "exporting")
     try:
@@ -898,7 +895,17 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
     except Exception as err:
         raise Sd2MnnError(f"{source.folder}: torch.onnx.export failed for {name} "
                           f"({type(err).__name__}: {err}); set SD2MNN_DEBUG=1 for details") from err
-    del job
+    # PyTorch's outputs on verify's first input (on the export's own where verify's cannot be
+    # made), so that ONNX Runtime's outputs on all of verify's inputs both check the ONNX model
+    # and serve verify as its references (sd2mnn.verification.references).
+    feeds = _verify_feeds(staged, name, source.family, options.seed) if options.check else None
+    inputs = feeds[0] if feeds else {n: t.numpy().copy() for n, t in job.inputs.items()}
+    with torch.no_grad():
+        ref = job.module(*(torch.from_numpy(inputs[n]) for n in job.inputs))
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    expected = {n: t.detach().numpy().copy() for n, t in zip(job.outputs, ref)}
+    outputs = job.outputs
+    del ref, job
     gc.collect()
     spec = source.family.components[name]
     if spec.weights_file:
@@ -912,8 +919,9 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
     atol = (options.tolerances or {}).get(name, source.family.components[name].export_atol)
     comp = ComponentReport(name, path, ins, outs, tolerance=atol)
     if options.check:
-        say(name, "checking against PyTorch")
-        comp.max_abs_error = check_onnx(path, inputs, expected)
+        say(name, "checking against PyTorch" + (f", then {len(feeds) - 1} more of verify's inputs" if feeds else ""))
+        got = onnx_outputs(path, feeds or [inputs], outputs, workdir=staged.parent)
+        comp.max_abs_error = max_abs_errors(got[0], expected)
         failures = []
         for out_name, err in comp.max_abs_error.items():
             scale = max(1.0, float(abs(expected[out_name]).max()))
@@ -924,12 +932,26 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
                 f"{path}: ONNX disagrees with PyTorch ({'; '.join(failures)}); "
                 f"try another --opset or report the model"
             )
+        if feeds:
+            references.save(staged, name, load_component(staged, name, source.family).files, feeds, got)
     comp.size_bytes = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
     comp.seconds = time.monotonic() - start
     errs = ", ".join(f"{k} {v:.2g}" for k, v in comp.max_abs_error.items())
     say(name, f"done in {comp.seconds:.1f} s, {comp.size_bytes / 1e6:.1f} MB"
         + (f", max abs error {errs}" if errs else ""))
     return comp
+
+
+def _verify_feeds(staged: Path, name: str, family: Family, seed: int) -> list[dict] | None:
+    """The inputs sd2mnn verify will feed the component just exported (from the folder exported so
+    far: a denoiser's text embeddings come from its text encoder's kept outputs); None where they
+    cannot be made (a denoiser exported without its text encoder)."""
+    from sd2mnn.verification.verify import component_feeds
+
+    try:
+        return component_feeds(staged, name, family, seed)
+    except InputError:
+        return None
 
 
 def _move_into_place(staged: Path, onnx_dir: Path) -> None:

@@ -21,9 +21,9 @@ A component passes when every output has PSNR >= min_psnr and cosine >= min_cosi
 the ONNX model's). The bundle must also meet the runtime contract (sd2mnn.core.contract).
 
 MNN runs on the CPU at precision "high" (fp32 arithmetic): this checks the conversion, not the
-device's low-precision kernels (MNN's SD runtime itself asks for Precision_Low). Its Winograd
-convolutions are off for models over WINOGRAD_UP_TO_BYTES, where their load costs more than they
-save over verify's few runs.
+device's low-precision kernels (MNN's SD runtime itself asks for Precision_Low). MNN's Winograd
+convolutions and ONNX Runtime's blocked layouts are off for models over 1 GiB, where rewriting
+their kernels at load costs more than it saves over verify's few runs (sd2mnn.verification._pass).
 
 Memory: one runtime holds one model at a time: load, run all inputs, free. Components whose ONNX
 files exceed ISOLATE_ABOVE_BYTES run each pass in a child process (sd2mnn.verification._pass), because
@@ -49,19 +49,14 @@ from sd2mnn.core.manifest import read_manifest, write_json_atomic
 from sd2mnn.core.progress import NullProgress, Progress
 from sd2mnn.errors import InputError
 from sd2mnn.families import FAMILIES, Family
-from sd2mnn.verification._pass import PassError, RunStats, run_pass
+from sd2mnn.verification import references
+from sd2mnn.verification._pass import PassError, RunStats, kernel_transforms_pay, run_pass
 from sd2mnn.verification.conditioning import MIN_MATCHING_COSINE, ConditioningReport, check_conditioning
 from sd2mnn.verification.inputs import build_inputs, component_rng, prompt_ids, static_shape
 from sd2mnn.verification.sources import check_sources
 
 PSNR_CAP = 200.0
 ISOLATE_ABOVE_BYTES = 64 << 20
-# MNN's Winograd 3x3 convolutions transform every such kernel into a larger copy as the model
-# loads. For the few runs verify makes that pays on a small model with large activations (SD1.5's
-# 198 MB VAE decoder at 512x512 here: 2 s of load, then each run 2.3x faster) and not on a large
-# one (its 3.4 GB unet: 28 s of load and 12 GB instead of 6 for runs 1.2x faster). Either way
-# MNN computes the same convolutions; verify checks the conversion.
-WINOGRAD_UP_TO_BYTES = 1 << 30
 DAMAGED = "damaged file"  # a ContractIssue kind: the file differs from manifest.json's record
 
 
@@ -141,6 +136,9 @@ class ComponentResult:
     runs: list[RunStats] = field(default_factory=list)
     contract: list[ContractIssue] = field(default_factory=list)
     error: str | None = None  # a runtime that failed to load or run
+    # Where ONNX Runtime's outputs came from: a pass of verify's own, or those export kept
+    # (sd2mnn.verification.references) for the same files and inputs.
+    references: str = "onnxruntime"
 
     @property
     def failures(self) -> list[str]:
@@ -160,7 +158,7 @@ class ComponentResult:
         return {
             "name": self.name, "passed": self.passed, "quantized": self.quantized,
             "precision_basis": self.precision_basis, "thresholds": asdict(self.thresholds),
-            "inputs": self.inputs, "cases": self.cases, "outputs": [o.to_dict() for o in self.outputs],
+            "inputs": self.inputs, "cases": self.cases, "references": self.references, "outputs": [o.to_dict() for o in self.outputs],
             "runs": [asdict(r) for r in self.runs], "contract": [i.to_dict() for i in self.contract],
             "error": self.error, "failures": self.failures,
         }
@@ -321,6 +319,7 @@ class _Session:
     contract: list[ContractIssue]
     manifest: object
     family: Family
+    fresh_references: bool = False  # run ONNX Runtime even where export kept its outputs
     ids: dict[str, list[np.ndarray]] = field(default_factory=dict)  # text encoder -> ids per prompt
     ids_how: dict[str, str] = field(default_factory=dict)
     embeddings: list[np.ndarray] | None = None  # the ONNX text encoder's last_hidden_state per prompt
@@ -337,7 +336,16 @@ class _Session:
         big = source.total_bytes > ISOLATE_ABOVE_BYTES
         return run_pass(runtime, model, list(source.spec.inputs), list(source.spec.outputs), feeds, self.threads,
                         big if self.isolate is None else self.isolate, self.workdir,
-                        winograd=source.total_bytes <= WINOGRAD_UP_TO_BYTES)
+                        kernel_transforms=kernel_transforms_pay(source.total_bytes))
+
+    def references(self, source, feeds: list[dict]) -> tuple[list[dict], RunStats | None]:
+        """ONNX Runtime's outputs on ``feeds``: those export kept for these very files and feeds
+        (stats None), else from a pass of its own."""
+        if not self.fresh_references:
+            kept = references.load(self.onnx_dir, source.spec.name, source.files, feeds, list(source.spec.outputs))
+            if kept is not None:
+                return kept, None
+        return self.run("onnxruntime", source, source.model, feeds)
 
     def prepare_text(self, names: tuple[str, ...]) -> None:
         """Token ids for the prompts, per text encoder verified, and, for a unet verified without
@@ -355,7 +363,7 @@ class _Session:
                 self.mnn_dir, self.onnx_dir, length, onnx_vocabulary(text.model), text.model, self.family, encoder)
             if encoder == self.feeder and conditioned and encoder not in names:
                 self.progress.update(conditioned[0], "embedding", "running the ONNX text encoder for real text embeddings")
-                outputs, _ = self.run("onnxruntime", text, text.model, [{"input_ids": i} for i in self.ids[encoder]])
+                outputs, _ = self.references(text, [{"input_ids": i} for i in self.ids[encoder]])
                 self.embeddings = [o[specs[encoder].conditioning_output] for o in outputs]
 
     def component(self, name: str) -> ComponentResult:
@@ -374,8 +382,11 @@ class _Session:
         result.cases = len(feeds)
         try:
             self.progress.update(name, "onnxruntime", f"{len(feeds)} inputs")
-            references, stats = self.run("onnxruntime", source, source.model, feeds)
-            result.runs.append(stats)
+            expected, stats = self.references(source, feeds)
+            if stats is None:
+                result.references = references.STORED
+            else:
+                result.runs.append(stats)
             self.progress.update(name, "mnn", f"{len(feeds)} inputs")
             candidates, stats = self.run("mnn", source, self.mnn_dir / source.spec.mnn_name, feeds)
             result.runs.append(stats)
@@ -383,14 +394,14 @@ class _Session:
             result.error = f"{'MNN' if result.runs else 'ONNX Runtime'} failed: {err}"
             self.progress.update(name, "failed", result.error)
             return result
-        _check_outputs(source, references, source.model)
+        _check_outputs(source, expected, source.model)
         _check_outputs(source, candidates, self.mnn_dir / source.spec.mnn_name)
         for output in source.spec.outputs:
-            result.outputs.append(_worst_case(output, [r[output] for r in references], [c[output] for c in candidates]))
+            result.outputs.append(_worst_case(output, [r[output] for r in expected], [c[output] for c in candidates]))
         if spec.conditioning_output and name == self.feeder:
-            self.embeddings = [r[spec.conditioning_output] for r in references]
+            self.embeddings = [r[spec.conditioning_output] for r in expected]
         if spec.picture_output:
-            self.decoded = (references[0][spec.picture_output], candidates[0][spec.picture_output])
+            self.decoded = (expected[0][spec.picture_output], candidates[0][spec.picture_output])
         worst = min(o.psnr for o in result.outputs)
         self.progress.update(name, "done" if result.passed else "failed", f"worst PSNR {worst:.1f} dB")
         return result
@@ -441,6 +452,7 @@ def verify(
     isolate: bool | None = None,
     prompts: list[str] | None = None,
     family: Family | None = None,
+    fresh_references: bool = False,
 ) -> VerificationReport:
     """Compare the bundle in ``mnn_dir`` with the ONNX pipeline in ``onnx_dir`` and check the
     runtime contract. A failed check does not raise: see ``report.passed`` and ``.failures``.
@@ -452,7 +464,9 @@ def verify(
     ISOLATE_ABOVE_BYTES). With the text encoder, ``prompts`` (default: the built-in set) go
     through the conditioning check (sd2mnn.verification.conditioning), each with its own tokenizer.
     ``family`` (default: the folders') says which components there are, which are fed prompt
-    ids, condition the denoiser and draw the picture. Raises InputError for missing folders,
+    ids, condition the denoiser and draw the picture. ONNX Runtime's outputs that sd2mnn export
+    kept in ``onnx_dir`` for the same files and inputs stand in for a pass of its own
+    (sd2mnn.verification.references), unless ``fresh_references``. Raises InputError for missing folders,
     folders of two families or unusable ONNX models.
     """
     started = time.monotonic()
@@ -478,7 +492,7 @@ def verify(
     conditionings = []
     with tempfile.TemporaryDirectory(prefix="sd2mnn-verify-") as tmp:
         session = _Session(onnx_dir, mnn_dir, seed, thresholds, threads or min(4, os.cpu_count() or 1), isolate,
-                           Path(tmp), progress, contract, manifest, family)
+                           Path(tmp), progress, contract, manifest, family, fresh_references)
         session.prepare_text(names)
         results = [session.component(name) for name in names]
         for result in results:
