@@ -19,7 +19,9 @@ machine's speed does not always land on the same flow:
                 allocations on transparent huge pages, sd2mnn.core.huge_pages): what MNN's flow would
                 take with that one change. MNN's flow proper runs without it.
   sd2mnn        sd2mnn convert WORK_DIR/diffusers OUT --verify
-  sd2mnn-steps  sd2mnn export, then convert, then verify, three commands (each phase's time)
+  sd2mnn-steps  sd2mnn export, then convert, then verify, three commands (each phase's time); and
+                beside them, not in the total, convert again with --jobs 1 (the one phase --jobs
+                changes: the default must not be the slower)
 
 Each command is measured by benchmarks/_measure.py (wall, peak summed RSS of its process tree).
 Reported: each flow's median wall and worst peak, each phase's median, and the medians of the
@@ -100,11 +102,15 @@ def sd2mnn_steps(work: Path, source: Path) -> dict:
         "export": step("export", [*SD2MNN, "export", str(source), str(onnx), "--components", ",".join(COMPONENTS)], logs),
         "convert": step("convert", [*SD2MNN, "convert", str(onnx), str(mnn), "--json", "--quiet"], logs),
         "verify": step("verify", [*SD2MNN, "verify", str(onnx), str(mnn), "--json", "--quiet"], logs),
+        # Beside the flow, not in its total: the one phase --jobs changes, with one conversion at a time.
+        "convert --jobs 1": {**step("convert_jobs1", [*SD2MNN, "convert", str(onnx), str(out / "mnn-jobs1"), "--jobs", "1",
+                                                      "--json", "--quiet"], logs), "aside": True},
     }
 
 
 def total(phases: dict) -> tuple[float, int]:
-    return sum(p["wall_s"] for p in phases.values()), max(p["peak_bytes"] for p in phases.values())
+    counted = [p for p in phases.values() if not p.get("aside")]
+    return sum(p["wall_s"] for p in counted), max(p["peak_bytes"] for p in counted)
 
 
 def main() -> int:
@@ -152,7 +158,8 @@ def main() -> int:
               f"| {ratio} | {peak_ratio} |")
         for phase in next(r[name] for r in rounds if name in r):
             walls = [r[name][phase]["wall_s"] for r in rounds if name in r]
-            print(f"|   {phase} | {statistics.median(walls):.1f} s | "
+            aside = " (beside the flow)" if next(r[name] for r in rounds if name in r)[phase].get("aside") else ""
+            print(f"|   {phase}{aside} | {statistics.median(walls):.1f} s | "
                   f"{max(r[name][phase]['peak_bytes'] for r in rounds if name in r) / 2**30:.2f} GiB | | |")
     print(f"({len(rounds)} rounds; ratios: median over rounds of the ratio within each round)")
     return 0

@@ -142,7 +142,8 @@ def test_t5_can_be_left_out(sd3_dir, tmp_path):
     report = export(sd3_dir, out, ExportOptions(components=NO_T5))
     assert [c.name for c in report.components] == list(NO_T5)
     # MNN's runtime loads tokenizer_3 with or without T5 (SD35:106-109): it is exported all the same.
-    assert sorted(p.name for p in out.iterdir()) == sorted([*NO_T5, "sd2mnn_family.json", "tokenizer", "tokenizer_2", "tokenizer_3"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*NO_T5, ".sd2mnn-references", "sd2mnn_family.json", "tokenizer",
+                                                             "tokenizer_2", "tokenizer_3"])
     _no_leftovers(tmp_path)
 
 

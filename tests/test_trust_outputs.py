@@ -73,7 +73,8 @@ def test_keep_onnx_replaces_a_folder_with_overwrite(diffusers_model, tmp_path):
     done = run_cli("convert", diffusers_model, tmp_path / "bundle", "--keep-onnx", tmp_path / "onnx",
                    "--components", "vae_decoder", "--overwrite", "-q", timeout=600)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["sd2mnn_family.json", "tokenizer", "vae_decoder"]
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [".sd2mnn-references", "sd2mnn_family.json", "tokenizer",
+                                                                  "vae_decoder"]
     assert (tmp_path / "bundle" / "vae_decoder.mnn").is_file()
 
 

@@ -80,6 +80,7 @@ from sd2mnn import families
 from sd2mnn.core.children import interrupts_deferred
 from sd2mnn.core.files import is_inside, read_json_object
 from sd2mnn.core.layout import load_component
+from sd2mnn.core.onnx_scan import TensorSpec
 from sd2mnn.errors import InputError, MissingExtraError, Sd2MnnError, os_errors_as_one_line
 from sd2mnn.exporting import checkpoint, diffusers_folder, lora
 from sd2mnn.families import FAMILIES, Family
@@ -571,26 +572,25 @@ def consolidate_external_data(model_path: Path, location: str = WEIGHTS_FILE,
             tensor.data_location = onnx.TensorProto.DEFAULT
     tmp = folder / (location + ".tmp")
     offset = 0
-    with open(tmp, "wb") as out:
+    with open(tmp, "wb", buffering=0) as out:  # unbuffered: the kernel copies external data in
         for tensor in model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                data = _read_external(folder, tensor, old_files)
+                source = _external_source(folder, tensor, old_files)
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
-                data = tensor.raw_data
+                source = tensor.raw_data
             else:
                 continue
             pad = (-offset) % 4096  # page-aligned, as onnx's own writer does
-            out.write(b"\0" * pad)
+            _write_all(out, b"\0" * pad)
             offset += pad
-            out.write(data)
+            length = _append(out, source)
             del tensor.external_data[:]
-            for key, value in (("location", location), ("offset", offset), ("length", len(data))):
+            for key, value in (("location", location), ("offset", offset), ("length", length)):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, str(value)
             tensor.data_location = onnx.TensorProto.EXTERNAL
             tensor.ClearField("raw_data")
-            offset += len(data)
-            del data
+            offset += length
     for old in old_files:
         if old.name != location:
             old.unlink(missing_ok=True)
@@ -598,16 +598,63 @@ def consolidate_external_data(model_path: Path, location: str = WEIGHTS_FILE,
     onnx.save(model, str(model_path))
 
 
-def _read_external(folder: Path, tensor, sources: set[Path]) -> bytes:
-    """The bytes of ``tensor``'s external data in ``folder``; its file is added to ``sources``."""
+def _external_source(folder: Path, tensor, sources: set[Path]) -> tuple[Path, int, int]:
+    """(file, offset, length) of ``tensor``'s external data in ``folder``; the file is added to
+    ``sources``."""
     from onnx.external_data_helper import ExternalDataInfo
 
     info = ExternalDataInfo(tensor)
     src = folder / info.location
     sources.add(src)
+    offset = info.offset or 0
+    return src, offset, info.length or src.stat().st_size - offset
+
+
+def _read_external(folder: Path, tensor, sources: set[Path]) -> bytes:
+    """The bytes of ``tensor``'s external data in ``folder``; its file is added to ``sources``."""
+    src, offset, length = _external_source(folder, tensor, sources)
     with open(src, "rb") as f:
-        f.seek(info.offset or 0)
-        return f.read(info.length) if info.length else f.read()
+        f.seek(offset)
+        return f.read(length)
+
+
+def _write_all(out, data: bytes) -> None:
+    """All of ``data`` to the unbuffered ``out`` (a raw write may take part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view):]
+
+
+def _append(out, source) -> int:
+    """Write ``source`` (bytes, or a (file, offset, length) range) at the end of the unbuffered
+    ``out``; returns its length. A range is copied by the kernel where it can (copy_file_range):
+    a full-size unet's 3.4 GB then never pass through Python."""
+    if isinstance(source, bytes):
+        _write_all(out, source)
+        return len(source)
+    path, offset, length = source
+    with open(path, "rb") as stream:
+        done = _kernel_copy(stream, out, offset, length)
+        stream.seek(offset + done)
+        while done < length and (chunk := stream.read(min(64 << 20, length - done))):
+            _write_all(out, chunk)
+            done += len(chunk)
+    if done != length:
+        raise OSError(f"{path}: {done} of the {length} bytes its tensor should hold")
+    return length
+
+
+def _kernel_copy(stream, out, offset: int, length: int) -> int:
+    """Bytes of ``stream`` from ``offset`` copied to ``out`` by copy_file_range (fewer, or none,
+    where the system or the filesystem cannot)."""
+    copy = getattr(os, "copy_file_range", None)
+    done = 0
+    try:
+        while copy and done < length and (copied := copy(stream.fileno(), out.fileno(), length - done, offset + done)):
+            done += copied
+    except OSError:
+        pass
+    return done
 
 
 def _nested_tensors(model):
@@ -883,31 +930,48 @@ def _component_names(source: _Source, wanted: tuple[str, ...] | None, say: Progr
 
 def _export_component(source: _Source, name: str, staged: Path, options: ExportOptions,
                       length: int, say: Progress) -> ComponentReport:
+    import numpy as np
     import torch
 
     start = time.monotonic()
     say(name, "loading")
     job = _build_job(source, name, options, length)
+    spec = source.family.components[name]
     path = staged / name / "model.onnx"
+    # The check's inputs are verify's (sd2mnn.verification.references): ONNX Runtime's outputs on
+    # them check the ONNX model against PyTorch's and serve verify as its references. Where they
+    # can be made before the model exists (all but a text encoder, whose ids are checked against
+    # its model's vocabulary), the trace runs on the first, and its outputs are PyTorch's.
+    feeds = None
+    if options.check and not spec.prompt_ids:
+        feeds = _verify_feeds(staged, name, source.family, options.seed,
+                              tuple(TensorSpec(n, tuple(t.shape), str(t.numpy().dtype)) for n, t in job.inputs.items()))
+        if feeds:
+            job = replace(job, inputs={n: torch.from_numpy(feeds[0][n]) for n in job.inputs})
+    traced = []
+    hook = job.module.register_forward_hook(lambda module, args, result: traced.append(result))
     say(name, "exporting")
     try:
         _torch_export(job, path, options.opset)
     except Exception as err:
         raise Sd2MnnError(f"{source.folder}: torch.onnx.export failed for {name} "
                           f"({type(err).__name__}: {err}); set SD2MNN_DEBUG=1 for details") from err
-    # PyTorch's outputs on verify's first input (on the export's own where verify's cannot be
-    # made), so that ONNX Runtime's outputs on all of verify's inputs both check the ONNX model
-    # and serve verify as its references (sd2mnn.verification.references).
-    feeds = _verify_feeds(staged, name, source.family, options.seed) if options.check else None
+    finally:
+        hook.remove()
+    if options.check and feeds is None:
+        feeds = _verify_feeds(staged, name, source.family, options.seed)
     inputs = feeds[0] if feeds else {n: t.numpy().copy() for n, t in job.inputs.items()}
-    with torch.no_grad():
-        ref = job.module(*(torch.from_numpy(inputs[n]) for n in job.inputs))
+    if traced and all(np.array_equal(inputs[n], t.numpy()) for n, t in job.inputs.items()):
+        ref = traced[-1]
+    else:
+        with torch.no_grad():
+            ref = job.module(*(torch.from_numpy(inputs[n]) for n in job.inputs))
     ref = ref if isinstance(ref, tuple) else (ref,)
     expected = {n: t.detach().numpy().copy() for n, t in zip(job.outputs, ref)}
     outputs = job.outputs
+    traced.clear()
     del ref, job
     gc.collect()
-    spec = source.family.components[name]
     if spec.weights_file:
         consolidate_external_data(path, spec.weights_file)
     elif any(p.name != "model.onnx" for p in path.parent.iterdir()):
@@ -942,14 +1006,15 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
     return comp
 
 
-def _verify_feeds(staged: Path, name: str, family: Family, seed: int) -> list[dict] | None:
-    """The inputs sd2mnn verify will feed the component just exported (from the folder exported so
-    far: a denoiser's text embeddings come from its text encoder's kept outputs); None where they
-    cannot be made (a denoiser exported without its text encoder)."""
+def _verify_feeds(staged: Path, name: str, family: Family, seed: int, inputs=None) -> list[dict] | None:
+    """The inputs sd2mnn verify will feed the component ``name`` (from the folder exported so far:
+    a denoiser's text embeddings come from its text encoder's kept outputs; ``inputs``: its
+    model's, before the model exists); None where they cannot be made (a denoiser exported
+    without its text encoder)."""
     from sd2mnn.verification.verify import component_feeds
 
     try:
-        return component_feeds(staged, name, family, seed)
+        return component_feeds(staged, name, family, seed, inputs=inputs)
     except InputError:
         return None
 

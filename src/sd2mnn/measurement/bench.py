@@ -170,7 +170,7 @@ def _feeds(names, bundle: Path, onnx_dir: Path | None, seed: int, family: Family
             vocabulary = onnx_vocabulary(model) if model is not None else None
             ids, _ = prompt_ids(bundle, onnx_dir or bundle, length, vocabulary, model, family, name)
         rng = component_rng(seed, name)
-        feed = build_inputs(name, source, rng, ids, None, family)[0][0]
+        feed = build_inputs(name, source.summary.inputs, rng, ids, None, family)[0][0]
         feeds[name] = (feed, "verify's first input: " + " ".join(f"{k}{list(v.shape)}" for k, v in feed.items()))
     return feeds
 

@@ -73,10 +73,11 @@ def prompt_ids(mnn_dir: Path, onnx_dir: Path, length: int, vocabulary: int | Non
     return ids, how
 
 
-def build_inputs(name: str, source, rng: np.random.Generator, ids: list[np.ndarray],
+def build_inputs(name: str, inputs, rng: np.random.Generator, ids: list[np.ndarray],
                  embeddings: list[np.ndarray] | None, family: Family) -> tuple[list[dict[str, np.ndarray]], str]:
-    """The feeds for one component's cases (made as its family's spec says), and a line saying what they are."""
-    specs = {t.name: t for t in source.summary.inputs}
+    """The feeds for one component's cases (made as its family's spec says) from its model's
+    ``inputs`` (TensorSpecs), and a line saying what they are."""
+    specs = {t.name: t for t in inputs}
     shape = {n: static_shape(name, t, family) for n, t in specs.items()}
     dtype = {n: np.dtype(t.dtype) for n, t in specs.items()}
     spec = family.components[name]

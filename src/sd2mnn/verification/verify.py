@@ -375,7 +375,8 @@ class _Session:
             self.progress.update(name, "failed", "the bundle breaks the runtime contract")
             return result
         rng = component_rng(self.seed, name)
-        feeds, result.inputs = build_inputs(name, source, rng, self.ids.get(name, []), self.embeddings, self.family)
+        feeds, result.inputs = build_inputs(name, source.summary.inputs, rng, self.ids.get(name, []), self.embeddings,
+                                            self.family)
         spec = self.family.components[name]
         if spec.prompt_ids:
             result.inputs += f", ids from {self.ids_how.get(name, '-')}"
@@ -407,15 +408,19 @@ class _Session:
         return result
 
 
-def component_feeds(onnx_dir: Path, name: str, family: Family, seed: int = 0, threads: int = 2) -> list[dict]:
+def component_feeds(onnx_dir: Path, name: str, family: Family, seed: int = 0, threads: int = 2,
+                    inputs=None) -> list[dict]:
     """The inputs verify feeds ``name`` (its cases, in order), made from the ONNX folder alone:
-    ids from its tokenizer, a denoiser's text embeddings from its ONNX text encoder."""
+    ids from its tokenizer, a denoiser's text embeddings from its ONNX text encoder. ``inputs``
+    (TensorSpecs) stand for those of the component's model, which need not exist then (not for a
+    text encoder, whose ids are checked against its model's vocabulary)."""
     with tempfile.TemporaryDirectory(prefix="sd2mnn-feeds-") as tmp:
         session = _Session(Path(onnx_dir), Path(onnx_dir), seed, None, threads, None, Path(tmp), NullProgress(), [],
                            None, family)
         session.prepare_text((name,))
-        source = load_component(Path(onnx_dir), name, family)
-        feeds, _ = build_inputs(name, source, component_rng(seed, name), session.ids.get(name, []),
+        if inputs is None:
+            inputs = load_component(Path(onnx_dir), name, family).summary.inputs
+        feeds, _ = build_inputs(name, inputs, component_rng(seed, name), session.ids.get(name, []),
                                 session.embeddings, family)
     return feeds
 
