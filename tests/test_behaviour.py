@@ -34,6 +34,8 @@ def test_demo_behaviour_is_unchanged(tmp_path):
     assert verification["conditioning"].pop("component") == "text_encoder"
     # New: the states past the prompt, checked where diffusers zeroes them (Wan); not SD1.5's.
     assert verification["conditioning"].pop("padding_max") is None
+    # New: where ONNX Runtime's outputs came from (the demo's ONNX folder keeps none from an export).
+    assert [c.pop("references") for c in verification["components"]] == ["onnxruntime"] * 3
     assert_same_report(now["verification"], recorded["verification"])
 
 

@@ -15,6 +15,10 @@ The inputs (sd2mnn.verification.inputs; ``seed`` picks the random ones) look lik
 prompts through the pipeline's tokenizer, unet latents ~N(0,1) at timesteps over 999..1 with the
 ONNX text encoder's real embeddings, decoder latents ~N(0,1) / 0.18215, images in [-1, 1].
 
+ONNX Runtime's outputs are those sd2mnn export kept in the ONNX folder for the very same files
+and inputs (sd2mnn.verification.references: export runs verify's inputs in its own check), else,
+or with ``fresh_references``, a pass of verify's own; each component's result says which.
+
 A component passes when every output has PSNR >= min_psnr and cosine >= min_cosine. The defaults
 (DEFAULT_THRESHOLDS) are stricter for fp32 bundles than for quantized ones (flags
 --weightQuantBits, --fp16 or --hqq in the manifest; without a manifest, weights smaller than 3/4 of
@@ -338,13 +342,15 @@ class _Session:
                         big if self.isolate is None else self.isolate, self.workdir,
                         kernel_transforms=kernel_transforms_pay(source.total_bytes))
 
-    def references(self, source, feeds: list[dict]) -> tuple[list[dict], RunStats | None]:
+    def references(self, source, feeds: list[dict], progress: bool = True) -> tuple[list[dict], RunStats | None]:
         """ONNX Runtime's outputs on ``feeds``: those export kept for these very files and feeds
-        (stats None), else from a pass of its own."""
+        (stats None), else from a pass of its own (shown in the component's progress row)."""
         if not self.fresh_references:
             kept = references.load(self.onnx_dir, source.spec.name, source.files, feeds, list(source.spec.outputs))
             if kept is not None:
                 return kept, None
+        if progress:
+            self.progress.update(source.spec.name, "onnxruntime", f"{len(feeds)} inputs")
         return self.run("onnxruntime", source, source.model, feeds)
 
     def prepare_text(self, names: tuple[str, ...]) -> None:
@@ -363,7 +369,7 @@ class _Session:
                 self.mnn_dir, self.onnx_dir, length, onnx_vocabulary(text.model), text.model, self.family, encoder)
             if encoder == self.feeder and conditioned and encoder not in names:
                 self.progress.update(conditioned[0], "embedding", "running the ONNX text encoder for real text embeddings")
-                outputs, _ = self.references(text, [{"input_ids": i} for i in self.ids[encoder]])
+                outputs, _ = self.references(text, [{"input_ids": i} for i in self.ids[encoder]], progress=False)
                 self.embeddings = [o[specs[encoder].conditioning_output] for o in outputs]
 
     def component(self, name: str) -> ComponentResult:
@@ -382,7 +388,6 @@ class _Session:
             result.inputs += f", ids from {self.ids_how.get(name, '-')}"
         result.cases = len(feeds)
         try:
-            self.progress.update(name, "onnxruntime", f"{len(feeds)} inputs")
             expected, stats = self.references(source, feeds)
             if stats is None:
                 result.references = references.STORED
