@@ -534,6 +534,14 @@ def test_verify_takes_the_references_export_kept_for_the_same_files_and_inputs(s
     os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
     again = verify(onnx_dir, tmp_path / "mnn", components="vae_decoder")
     assert again.passed and again.components[0].references == "onnxruntime"
+    # A record is read only inside the ONNX folder: a link out of it is refused, in one line.
+    from sd2mnn.errors import UnsafeModelError
+
+    shutil.move(onnx_dir / ".sd2mnn-references", tmp_path / "elsewhere")
+    (onnx_dir / ".sd2mnn-references").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafeModelError, match="leaves .*--fresh-references$"):
+        verify(onnx_dir, tmp_path / "mnn", components="text_encoder")
+    assert verify(onnx_dir, tmp_path / "mnn", components="text_encoder", fresh_references=True).passed
 
 
 def test_convert_exports_a_diffusers_folder_first(sd15_dir, tmp_path):

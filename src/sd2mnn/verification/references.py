@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sd2mnn.core.files import confined
 from sd2mnn.core.manifest import write_json_atomic
 
 REFERENCES_DIR = ".sd2mnn-references"
@@ -54,8 +55,9 @@ def _identity(onnx_dir: Path, files: tuple[Path, ...]) -> list[list]:
 
 
 def _paths(onnx_dir: Path, name: str) -> tuple[Path, Path]:
-    folder = Path(onnx_dir) / REFERENCES_DIR
-    return folder / f"{name}.npz", folder / f"{name}.json"
+    """The component's two files; refused (UnsafeModelError) where a link leads out of ``onnx_dir``."""
+    fix = f"delete {Path(onnx_dir) / REFERENCES_DIR} (export writes it again) or pass --fresh-references"
+    return tuple(confined(onnx_dir, f"{REFERENCES_DIR}/{name}{suffix}", fix) for suffix in (".npz", ".json"))
 
 
 def save(onnx_dir: Path, name: str, files: tuple[Path, ...], feeds: list[dict], outputs: list[dict]) -> None:
@@ -75,6 +77,8 @@ def load(onnx_dir: Path, name: str, files: tuple[Path, ...], feeds: list[dict],
     """The outputs kept for the component ``name`` on exactly these ``feeds``, if its ONNX
     ``files`` are the ones they were computed from; else None."""
     arrays, meta = _paths(onnx_dir, name)
+    if not (arrays.is_file() and meta.is_file()):  # absent, or not a regular file to read (a FIFO)
+        return None
     try:
         record = json.loads(meta.read_text(encoding="utf-8"))
         if (record["key"] != _key(feeds) or record["cases"] != len(feeds)
@@ -82,5 +86,5 @@ def load(onnx_dir: Path, name: str, files: tuple[Path, ...], feeds: list[dict],
             return None
         with np.load(arrays, allow_pickle=False) as data:
             return [{k: data[f"{i}/{k}"] for k in outputs} for i in range(len(feeds))]
-    except (OSError, ValueError, KeyError, TypeError):  # absent, unreadable or not what save wrote
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, or not what save wrote
         return None
