@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +61,11 @@ def _paths(onnx_dir: Path, name: str) -> tuple[Path, Path]:
 
 def save(onnx_dir: Path, name: str, files: tuple[Path, ...], feeds: list[dict], outputs: list[dict]) -> None:
     """Keep ``outputs`` (ONNX Runtime's, one dict per feed) of the component ``name`` whose ONNX
-    ``files`` lie in ``onnx_dir``."""
+    ``files`` lie in ``onnx_dir``: export's staging folder, renamed into place only when every
+    part passed, so a half-written record never reaches a user's folder."""
     arrays, meta = _paths(onnx_dir, name)
     arrays.parent.mkdir(exist_ok=True)
-    partial = arrays.with_name(f".{arrays.name}.partial")
-    with open(partial, "wb") as stream:
-        np.savez(stream, **{f"{i}/{k}": v for i, case in enumerate(outputs) for k, v in case.items()})
-    os.replace(partial, arrays)
+    np.savez(arrays, **{f"{i}/{k}": v for i, case in enumerate(outputs) for k, v in case.items()})
     write_json_atomic(meta, {"key": _key(feeds), "sources": _identity(Path(onnx_dir), files), "cases": len(outputs)})
 
 
