@@ -163,45 +163,6 @@ def test_every_part_checked_against_pytorch(sd15_export):
     started = [c for c, m in events if m == "loading"]
     assert started == list(EXPORT_ORDER)
     assert [c for c, m in events if m.startswith("done")] == list(EXPORT_ORDER)
-    # Each check runs on beside the next component's export (memory allows it here), but the
-    # unet's inputs are made from the text encoder's checked outputs: it waits for them.
-    at = {event: i for i, event in enumerate(events)}
-
-    def when(component, state):
-        return next(i for (c, m), i in at.items() if c == component and m.startswith(state))
-
-    assert when("text_encoder", "done") < when("unet", "loading")
-    for checked, following in zip(EXPORT_ORDER[1:], EXPORT_ORDER[2:]):
-        assert when(checked, "checking") < when(following, "loading") < when(checked, "done"), (checked, following)
-
-
-def test_a_check_runs_beside_the_next_export_only_where_both_fit(sd15_dir):
-    """The unet's check beside the VAE decoder's export, judged on their estimates (a tiny
-    pipeline's never outgrow one component's largest phase, so an export cannot show it)."""
-    from sd2mnn.exporting.export import EXPORTER_BYTES, fits_beside, image_size, phase_bytes
-
-    height, width = image_size(sd15_dir, None, None, SD15)
-    unet_check = phase_bytes(sd15_dir, "unet", height, width, 77, SD15)[1]
-    decoder_export = phase_bytes(sd15_dir, "vae_decoder", height, width, 77, SD15)[0]
-    both = EXPORTER_BYTES + unet_check + decoder_export
-    assert fits_beside(decoder_export, [unet_check], both)
-    assert not fits_beside(decoder_export, [unet_check], both - 1)
-    assert fits_beside(decoder_export, [], both - unet_check)
-
-
-def test_a_check_that_fails_beside_the_next_export_fails_it_and_leaves_nothing(sd15_dir, tmp_path):
-    import psutil
-
-    before = {c.pid for c in psutil.Process().children(recursive=True)}
-    events = []
-    with pytest.raises(ExportCheckError, match="text_encoder.*max abs error"):
-        export(sd15_dir, tmp_path / "onnx", ExportOptions(components=("text_encoder", "vae_decoder"),
-                                                          tolerances={"text_encoder": 0.0}),
-               progress=lambda c, m: events.append((c, m)))
-    assert ("vae_decoder", "loading") in events  # the failure came while the next part exported
-    assert not (tmp_path / "onnx").exists()
-    _no_leftovers(tmp_path)
-    assert {c.pid for c in psutil.Process().children(recursive=True)} - before == set()
 
 
 def test_text_encoder_matches_pytorch_on_a_real_prompt(sd15_dir, sd15_export):

@@ -1,10 +1,9 @@
 """Child processes: output captured to a log at the file-descriptor level, peak memory measured
 per child (wait4's rusage), a timeout, and death with the parent so nothing outlives sd2mnn.
 
-``run_module`` (or ``start_module``, which does not wait) is the one way sd2mnn starts its own
-Python children (verify's, export's and bench's runtime passes, the contract's model reader):
-``python -m <module> ARGS`` with ``child_env()``, so they import this sd2mnn even from a source
-checkout that is not installed.
+``run_module`` is the one way sd2mnn starts its own Python children (verify's and bench's runtime
+passes, the contract's model reader): ``python -m <module> ARGS`` with ``child_env()``, so they
+import this sd2mnn even from a source checkout that is not installed.
 """
 from __future__ import annotations
 
@@ -145,19 +144,13 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def start_module(module: str, args: Sequence[str], cwd: Path, timeout: float | None,
-                 log_path: Path | None = None) -> Child:
-    """Start ``python -m module args`` in ``cwd``, its output in ``log_path`` (default
-    cwd/<module>.log), killed after ``timeout`` seconds (None: no limit; callers give one)."""
-    log_path = log_path or Path(cwd) / f"{module.rsplit('.', 1)[-1]}.log"
-    return Child([sys.executable, "-m", module, *map(str, args)], Path(cwd), log_path, env=child_env(),
-                 timeout=timeout)
-
-
 def run_module(module: str, args: Sequence[str], cwd: Path, timeout: float | None,
                log_path: Path | None = None) -> ChildResult:
-    """``start_module``, waited for."""
-    return start_module(module, args, cwd, timeout, log_path).wait()
+    """``python -m module args`` in ``cwd``, its output in ``log_path`` (default cwd/<module>.log),
+    killed after ``timeout`` seconds (None: no limit; callers give one)."""
+    log_path = log_path or Path(cwd) / f"{module.rsplit('.', 1)[-1]}.log"
+    return run_child([sys.executable, "-m", module, *map(str, args)], Path(cwd), log_path, env=child_env(),
+                     timeout=timeout)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

@@ -43,9 +43,7 @@ values export sizes with, the latent channels MNN's runtime draws with, the toke
 links that leave the folder.
 
 One component is loaded, exported, run in PyTorch, freed, then checked against those outputs in
-ONNX Runtime (in a child process, since it does not give memory back), which runs on while the
-next component loads and exports where the estimates of both fit in memory (a denoiser waits for
-its text encoder's check: its inputs are made from those outputs). The inputs are those sd2mnn
+ONNX Runtime (in a child process, since it does not give memory back). The inputs are those sd2mnn
 verify will feed it, and ONNX Runtime runs all of verify's cases: what it gives is kept in the
 folder (sd2mnn.verification.references) for verify to compare MNN with, instead of loading and
 running every model in ONNX Runtime once more.
@@ -459,17 +457,21 @@ def weights_bytes(folder: Path, name: str, family: Family) -> int:
     return sum(p.stat().st_size for p in weights_dir.glob("*") if p.suffix in (".safetensors", ".bin"))
 
 
-def phase_bytes(folder: Path, name: str, height: int, width: int, text_length: int, family: Family,
-                frames: int | None = None) -> tuple[int, int]:
-    """The peak memory of one component's two export phases, in bytes, without the exporting
-    process itself: (loading and torch.onnx.export, ONNX Runtime's check).
+def check_bytes(folder: Path, name: str, height: int, width: int, text_length: int, family: Family,
+                frames: int | None = None) -> int:
+    """An estimate of the peak memory of one component's export, in bytes: the larger of its two
+    phases, which never overlap (the PyTorch module is freed before ONNX Runtime's check starts).
 
     - Loading and torch.onnx.export: below torch's 2 GiB switch, the weights, the model proto
       holding them all inline and its serialized copy (3x the weights); above it, where the
       exporter writes tensor by tensor to files, the weights and half as much again (measured).
     - The check: ONNX Runtime's weights, each attention's score matrix (batch x heads x tokens x
       tokens, float32) and its softmax (the family's exporter's MemoryTerms).
-    Both keep eight feature maps of the widest level.
+    Both keep eight feature maps of the widest level, and the exporting process itself.
+
+    Measured on a 2-core, 24 GiB machine (the tests pin these): SD3.5 Medium's transformer peaks at
+    12.85 GiB at 256x256 (export phase) and 17.04 GiB at 1024x1024 (check phase); a 4-layer one of
+    its widths, below the switch, 6.95 GiB at 512x512; the estimate is 8-13% above each.
     """
     weights = weights_bytes(folder, name, family)
     factor = _scale_factor(_config(folder, "vae"))
@@ -480,19 +482,7 @@ def phase_bytes(folder: Path, name: str, height: int, width: int, text_length: i
     export_phase = weights + (weights // 2 if weights - folded > TORCH_EXTERNAL_DATA_SWITCH else 2 * weights)
     export_phase += terms.export_extra
     check_phase = weights + 2 * attention + terms.check_extra
-    return 8 * activation + export_phase, 8 * activation + check_phase
-
-
-def check_bytes(folder: Path, name: str, height: int, width: int, text_length: int, family: Family,
-                frames: int | None = None) -> int:
-    """An estimate of the peak memory of one component's export, in bytes: the exporting process
-    and the larger of its two phases (``phase_bytes``), which never overlap for one component.
-
-    Measured on a 2-core, 24 GiB machine (the tests pin these): SD3.5 Medium's transformer peaks at
-    12.85 GiB at 256x256 (export phase) and 17.04 GiB at 1024x1024 (check phase); a 4-layer one of
-    its widths, below the switch, 6.95 GiB at 512x512; the estimate is 8-13% above each.
-    """
-    return EXPORTER_BYTES + max(phase_bytes(folder, name, height, width, text_length, family, frames))
+    return EXPORTER_BYTES + 8 * activation + max(export_phase, check_phase)
 
 
 def check_memory(folder: Path, names: list[str], height: int, width: int, text_length: int, family: Family,
@@ -729,65 +719,22 @@ def describe_io(model_path: Path) -> tuple[dict, dict]:
     return info(inputs), info(model.graph.output)
 
 
-class OnnxRun:
-    """ONNX Runtime's ``outputs`` of a model on each feed, computed in a child process (ONNX
-    Runtime does not give memory back) that may run beside other work: ``result()`` waits for
-    them, ``kill()`` ends it. Its files are written in a temporary folder in ``workdir``."""
-
-    def __init__(self, model_path: Path, feeds: list[dict], outputs: list[str], workdir: Path | None = None):
-        from sd2mnn.verification._pass import ChildPass, kernel_transforms_pay
-
-        self.model_path = Path(model_path)
-        self._tmp = Path(tempfile.mkdtemp(prefix="sd2mnn-check-", dir=workdir))
-        try:
-            self._pass = ChildPass("onnxruntime", self.model_path, list(feeds[0]), outputs, feeds, _check_threads(),
-                                   kernel_transforms_pay(_folder_bytes(self.model_path)), self._tmp)
-        except BaseException:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            raise
-
-    def result(self) -> list[dict]:
-        from sd2mnn.verification._pass import PassError
-
-        try:
-            return self._pass.result()[0]
-        except PassError as err:
-            raise _check_failed(self.model_path, err) from None
-        finally:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def kill(self) -> None:
-        self._pass.kill()
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-
 def onnx_outputs(model_path: Path, feeds: list[dict], outputs: list[str], in_process: bool = False,
                  workdir: Path | None = None) -> list[dict]:
-    """ONNX Runtime's ``outputs`` of the model on each feed: an ``OnnxRun`` waited for, or, with
-    ``in_process``, computed here."""
+    """ONNX Runtime's ``outputs`` of the model on each feed, in a child process (ONNX Runtime does
+    not give memory back) that writes its files in ``workdir`` (default: a temporary folder)."""
     from sd2mnn.verification._pass import PassError, kernel_transforms_pay, run_pass
 
-    if not in_process:
-        return OnnxRun(model_path, feeds, outputs, workdir).result()
-    try:
-        return run_pass("onnxruntime", Path(model_path), list(feeds[0]), outputs, feeds, _check_threads(), False,
-                        Path("."), kernel_transforms=kernel_transforms_pay(_folder_bytes(Path(model_path))))[0]
-    except PassError as err:
-        raise _check_failed(model_path, err) from None
-
-
-def _check_threads() -> int:
-    return int(os.environ.get("SD2MNN_THREADS", "0") or 0)  # 0: ONNX Runtime's own choice
-
-
-def _folder_bytes(model_path: Path) -> int:
-    """A model's files together (the model and its external weights)."""
-    return sum(p.stat().st_size for p in model_path.parent.iterdir() if p.is_file())
-
-
-def _check_failed(model_path: Path, err: Exception) -> Sd2MnnError:
-    return Sd2MnnError(f"{model_path}: ONNX Runtime's check was killed or failed ({err}); free memory, or "
-                       "export at a smaller --height/--width")
+    threads = int(os.environ.get("SD2MNN_THREADS", "0") or 0)  # 0: ONNX Runtime's own choice
+    size = sum(p.stat().st_size for p in Path(model_path).parent.iterdir() if p.is_file())
+    with tempfile.TemporaryDirectory(prefix="sd2mnn-check-", dir=workdir) as tmp:
+        try:
+            results, _ = run_pass("onnxruntime", Path(model_path), list(feeds[0]), outputs, feeds, threads,
+                                  not in_process, Path(tmp), kernel_transforms=kernel_transforms_pay(size))
+        except PassError as err:
+            raise Sd2MnnError(f"{model_path}: ONNX Runtime's check was killed or failed ({err}); free memory, or "
+                              "export at a smaller --height/--width") from None
+    return results
 
 
 def max_abs_errors(got: dict, expected: dict) -> dict:
@@ -937,47 +884,9 @@ def _export_staged(model: Path, work: Path, onnx_dir: Path, options: ExportOptio
     families.write_marker(staged, family, [r.to_dict() for r in loras], vae)
     for record in loras:
         say("lora", f"{record.file} at scale {record.scale:g} into {', '.join(record.components) or 'nothing exported'}")
-    phases = {n: phase_bytes(source.folder, n, options.height, options.width, lengths.get(n, length), family,
-                             options.frames) for n in names}
-    pending: list[tuple[_PendingCheck, int]] = []  # with its check phase's estimate
-    try:
-        for name in names:
-            # A component's check (ONNX Runtime, in a child) runs on beside the next component's
-            # export where both fit in memory (the cores are half idle while torch writes a
-            # model). A denoiser's inputs are made from its text encoder's checked outputs: it waits.
-            if pending and (family.components[name].conditioned
-                            or not fits_beside(phases[name][0], [b for _, b in pending], _memory_budget(options))):
-                _finish(pending, staged, say)
-            comp, check = _export_component(source, name, staged, options, length, say)
-            report.components.append(comp)
-            if check is not None:
-                pending.append((check, phases[name][1]))
-        _finish(pending, staged, say)
-    finally:
-        for check, _ in pending:  # left only by an error: their children must not outlive it
-            check.run.kill()
+    for name in names:
+        report.components.append(_export_component(source, name, staged, options, length, say))
     return report
-
-
-def fits_beside(export_phase: int, running_checks: list[int], budget: int) -> bool:
-    """Whether a component's export (its ``phase_bytes``' first) fits in ``budget`` beside the
-    checks still running (their second), with the exporting process."""
-    return EXPORTER_BYTES + export_phase + sum(running_checks) <= budget
-
-
-def _memory_budget(options: ExportOptions) -> int:
-    if options.memory_budget is not None:
-        return options.memory_budget
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
-def _finish(pending: list, staged: Path, say: Progress) -> None:
-    while pending:
-        check, _ = pending[0]
-        check.finish(staged, say)
-        pending.pop(0)
 
 
 def _with_vae(folder: Path, vae: Path, view: Path, entry: str) -> Path:
@@ -1020,8 +929,7 @@ def _component_names(source: _Source, wanted: tuple[str, ...] | None, say: Progr
 
 
 def _export_component(source: _Source, name: str, staged: Path, options: ExportOptions,
-                      length: int, say: Progress) -> tuple[ComponentReport, _PendingCheck | None]:
-    """Load, trace and write one component; its check, started, for the caller to finish."""
+                      length: int, say: Progress) -> ComponentReport:
     import numpy as np
     import torch
 
@@ -1074,30 +982,9 @@ def _export_component(source: _Source, name: str, staged: Path, options: ExportO
     ins, outs = describe_io(path)
     atol = (options.tolerances or {}).get(name, source.family.components[name].export_atol)
     comp = ComponentReport(name, path, ins, outs, tolerance=atol)
-    if not options.check:
-        _done(comp, start, say)
-        return comp, None
-    say(name, "checking against PyTorch" + (f", then {len(feeds) - 1} more of verify's inputs" if feeds else ""))
-    return comp, _PendingCheck(comp, source.family, expected, feeds, start,
-                               OnnxRun(path, feeds or [inputs], outputs, workdir=staged.parent))
-
-
-@dataclass
-class _PendingCheck:
-    """An exported component whose ONNX Runtime check runs in a child, maybe beside the next
-    component's export."""
-
-    comp: ComponentReport
-    family: Family
-    expected: dict  # PyTorch's outputs on the first feed
-    feeds: list[dict] | None  # verify's, whose outputs are kept as its references
-    start: float
-    run: OnnxRun
-
-    def finish(self, staged: Path, say: Progress) -> None:
-        """Wait for ONNX Runtime's outputs, hold them to PyTorch's and keep them for verify."""
-        comp, expected = self.comp, self.expected
-        got = self.run.result()
+    if options.check:
+        say(name, "checking against PyTorch" + (f", then {len(feeds) - 1} more of verify's inputs" if feeds else ""))
+        got = onnx_outputs(path, feeds or [inputs], outputs, workdir=staged.parent)
         comp.max_abs_error = max_abs_errors(got[0], expected)
         failures = []
         for out_name, err in comp.max_abs_error.items():
@@ -1106,20 +993,17 @@ class _PendingCheck:
                 failures.append(f"{out_name}: max abs error {err:.3g} > {comp.tolerance * scale:.3g}")
         if failures:
             raise ExportCheckError(
-                f"{comp.path}: ONNX disagrees with PyTorch ({'; '.join(failures)}); "
+                f"{path}: ONNX disagrees with PyTorch ({'; '.join(failures)}); "
                 f"try another --opset or report the model"
             )
-        if self.feeds:
-            references.save(staged, comp.name, load_component(staged, comp.name, self.family).files, self.feeds, got)
-        _done(comp, self.start, say)
-
-
-def _done(comp: ComponentReport, start: float, say: Progress) -> None:
-    comp.size_bytes = _folder_bytes(comp.path)
+        if feeds:
+            references.save(staged, name, load_component(staged, name, source.family).files, feeds, got)
+    comp.size_bytes = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
     comp.seconds = time.monotonic() - start
     errs = ", ".join(f"{k} {v:.2g}" for k, v in comp.max_abs_error.items())
-    say(comp.name, f"done in {comp.seconds:.1f} s, {comp.size_bytes / 1e6:.1f} MB"
+    say(name, f"done in {comp.seconds:.1f} s, {comp.size_bytes / 1e6:.1f} MB"
         + (f", max abs error {errs}" if errs else ""))
+    return comp
 
 
 def _verify_feeds(staged: Path, name: str, family: Family, seed: int, inputs=None) -> list[dict] | None:

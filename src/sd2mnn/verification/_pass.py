@@ -1,6 +1,6 @@
 """Run one model on one runtime over a list of feeds: load, run them all, free.
 
-``run_pass`` does it in this process or, with ``isolate``, in a child (sd2mnn.core.children.start_module:
+``run_pass`` does it in this process or, with ``isolate``, in a child (sd2mnn.core.children.run_module:
 ``python -m sd2mnn.verification._pass RUNTIME MODEL FEEDS.npz OUT.npz INPUTS OUTPUTS THREADS KERNEL_TRANSFORMS``): ONNX
 Runtime does not give a multi-GB model's memory back, and a child's ends with it. Feeds and
 outputs travel as .npz files; the child's peak memory comes from wait4.
@@ -70,45 +70,23 @@ def _run_in_process(runtime, model, inputs, outputs, feeds, threads, kernel_tran
     return results
 
 
-class ChildPass:
-    """A pass running in a child process (``run_pass`` with ``isolate``, or started to run beside
-    other work): ``result()`` waits for its outputs and peak memory, ``kill()`` ends it."""
+def _run_in_child(runtime, model, inputs, outputs, feeds, threads, kernel_transforms, workdir: Path, timeout: float):
+    from sd2mnn.core.children import log_tail, run_module
 
-    def __init__(self, runtime, model: Path, inputs, outputs, feeds, threads, kernel_transforms, workdir: Path,
-                 timeout: float | None = None):
-        from sd2mnn.core.children import start_module
-
-        self.model, self.outputs, self.count = model, list(outputs), len(feeds)
-        self.feeds_path, self.out_path = workdir / f"{runtime}-in.npz", workdir / f"{runtime}-out.npz"
-        self.log = workdir / f"{runtime}.log"
-        np.savez(self.feeds_path, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
-        args = [runtime, model.resolve(), self.feeds_path, self.out_path, ",".join(inputs), ",".join(outputs), threads,
-                int(kernel_transforms)]
-        self.timeout = PASS_TIMEOUT_S if timeout is None else timeout
-        self.child = start_module("sd2mnn.verification._pass", args, workdir, self.timeout, self.log)
-
-    def result(self) -> tuple[list[dict[str, np.ndarray]], int]:
-        from sd2mnn.core.children import log_tail
-
-        try:
-            result = self.child.wait()
-        except BaseException:  # interrupted while waiting: the child must not outlive the run
-            self.kill()
-            raise
-        if result.timed_out:
-            raise PassError(f"{self.model.name}: ran past {self.timeout:g}s and was killed")
-        if result.returncode != 0 or not self.out_path.is_file():
-            tail = log_tail(self.log, 4).strip() or f"exit status {result.returncode}"
-            raise PassError(f"{self.model.name}: {tail}")
-        with np.load(self.out_path) as data:
-            outs = [{k: data[f"{i}/{k}"] for k in self.outputs} for i in range(self.count)]
-        self.feeds_path.unlink()
-        self.out_path.unlink()
-        return outs, result.peak_rss_bytes
-
-    def kill(self) -> None:
-        self.child.kill()
-        self.child.wait()
+    feeds_path, out_path, log = workdir / f"{runtime}-in.npz", workdir / f"{runtime}-out.npz", workdir / f"{runtime}.log"
+    np.savez(feeds_path, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
+    args = [runtime, model.resolve(), feeds_path, out_path, ",".join(inputs), ",".join(outputs), threads, int(kernel_transforms)]
+    result = run_module("sd2mnn.verification._pass", args, workdir, timeout, log)
+    if result.timed_out:
+        raise PassError(f"{model.name}: ran past {timeout:g}s and was killed")
+    if result.returncode != 0 or not out_path.is_file():
+        tail = log_tail(log, 4).strip() or f"exit status {result.returncode}"
+        raise PassError(f"{model.name}: {tail}")
+    with np.load(out_path) as data:
+        outs = [{k: data[f"{i}/{k}"] for k in outputs} for i in range(len(feeds))]
+    feeds_path.unlink()
+    out_path.unlink()
+    return outs, result.peak_rss_bytes
 
 
 # MNN's Winograd 3x3 convolutions and ONNX Runtime's blocked (NCHWc) layouts rewrite every
@@ -138,8 +116,7 @@ def run_pass(runtime: str, model: Path, inputs: list[str], outputs: list[str], f
     (``kernel_transforms_pay`` says when they do)."""
     started = time.monotonic()
     if isolate:
-        results, peak = ChildPass(runtime, model, inputs, outputs, feeds, threads, kernel_transforms, workdir,
-                                  timeout).result()
+        results, peak = _run_in_child(runtime, model, inputs, outputs, feeds, threads, kernel_transforms, workdir, timeout)
     else:
         results, peak = _run_in_process(runtime, model, inputs, outputs, feeds, threads, kernel_transforms), None
     return results, RunStats(runtime, round(time.monotonic() - started, 3), peak, isolate)
