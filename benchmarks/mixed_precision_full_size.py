@@ -42,6 +42,7 @@ from _measure import measure  # noqa: E402
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 BLOCKS = (0, 32, 64, 128)
+KEPT = ("fp32", "w8", "w4")  # the uniform bundles the images and speed stages use
 
 
 def uniform_variants() -> dict[str, dict]:
@@ -91,6 +92,8 @@ def run_uniform(onnx: Path, out: Path, results: Results, threads: int, names: li
         results.put("uniform", name, {"flags": flags, "bytes": sizes(bundle), "psnr": psnr,
                                       "convert_s": round(converted, 1)})
         print(f"uniform {name}: {sizes(bundle) / 2**20:.1f} MiB, {psnr}", file=sys.stderr, flush=True)
+        if name not in KEPT:  # 24 bundles of up to 1.1 GB each; the later stages read only these
+            shutil.rmtree(bundle)
 
 
 def run_mixed(onnx: Path, out: Path, results: Results, floors: list[float], threads: int) -> list[str]:
@@ -229,7 +232,7 @@ def summary(results: Results, floors: list[float], mixed: list[str], args) -> st
     for floor, name in zip(floors, mixed):
         r = results.get("mixed", name)
         if not r or "bytes" not in r:
-            lines.append(f"| {floor:g} | {name}: failed | | | | | |")
+            lines.append(f"| {floor:g} | {name}: not measured | | | | | |")
             continue
         meeting = [(n, u) for n, u in uniform.items() if min(u["psnr"].values()) >= floor]
         best = min(meeting, key=lambda item: item[1]["bytes"]) if meeting else None
