@@ -8,7 +8,8 @@ result kept in OUT_DIR/results.json so a rerun goes on where it stopped:
  1. uniform  bits 8 down to 3, per output channel and in blocks of 32/64/128 input channels
              (MNNConvert --weightQuantBits/--weightQuantBlock; a layer whose channels a block does
              not divide stays per channel, as MNN does): convert into OUT_DIR/uniform/<name>,
-             verify (each component's worst output PSNR against ONNX Runtime, verify's inputs)
+             verify (each component's worst output PSNR against ONNX Runtime, verify's inputs);
+             all but fp32, w8 and w4 are deleted once measured
  2. mixed    `sd2mnn quantize --min-psnr F` for each floor F in --floors and for uniform w8's
              worst PSNR minus 3 dB, into OUT_DIR/mixed-<F>; wall time and the process tree's
              peak RSS of the whole command, and the sensitivity analysis's own time and peak
@@ -42,7 +43,8 @@ from _measure import measure  # noqa: E402
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 BLOCKS = (0, 32, 64, 128)
-KEPT = ("fp32", "w8", "w4")  # the uniform bundles the images and speed stages use
+# The uniform bundles kept for the later stages (the floors, images and speed), made first.
+KEPT = ("w8", "w4", "fp32")
 
 
 def uniform_variants() -> dict[str, dict]:
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = args.stages.split(",")
     floors = [float(f) for f in args.floors.split(",")]
     # The baselines the floors and the images need first; the rest of the grid last (the longest part).
-    first = ["w8", "w4", "fp32"]
+    first = list(KEPT)
     if "uniform" in stages:
         run_uniform(args.onnx_dir, args.out_dir, results, args.threads, first)
     w8 = results.get("uniform", "w8")
